@@ -1,0 +1,12 @@
+//! smtp-oauth-relay: accepts plain SMTP on loopback, spools every message durably, and
+//! forwards the spool to Microsoft 365 with SASL XOAUTH2.
+//!
+//! # Layout
+//! - [`config`]: the `relay.toml` schema, figment loading (defaults, file, `RELAY_*` env), validation.
+//! - [`inbound`]: the local SMTP listener and the per-connection session state machine.
+//! - [`spool`]: the durable on-disk queue (commit protocol, recovery, operator commands).
+//! - [`sim`]: a stand-in for Entra ID and Exchange Online, used by tests, `simulate` and `serve --simulate`.
+//!   It shares no code with the relay's upstream side on purpose: it is the independent party.
+
+pub mod sim;
+pub mod spool;

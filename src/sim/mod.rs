@@ -1,0 +1,1 @@
+//! Entra ID + Exchange Online simulator (see issue 3).

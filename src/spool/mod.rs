@@ -1,0 +1,1 @@
+//! Durable on-disk queue (see DESIGN.md, "Spool on disk").
