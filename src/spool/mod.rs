@@ -1,1 +1,514 @@
 //! Durable on-disk queue (see DESIGN.md, "Spool on disk").
+//!
+//! # Layout
+//! One directory with `tmp/`, `queue/`, `held/`, `failed/`, `corrupt/` and `state/` (all on one
+//! filesystem) and a `lock` file held by the running daemon.
+//! - A message is one immutable file `<ID>.msg`: a versioned envelope header, a blank line, the
+//!   exact message bytes (see [`format`]). Its directory is its state: `queue/` (queued),
+//!   `held/`, `failed/`.
+//! - Mutable delivery state lives in `state/<ID>.json` ([`DeliveryState`]), absent = fresh.
+//!
+//! # Commit protocol (see [`IncomingMessage::commit`])
+//! `tmp/<ID>.msg` (O_EXCL, 0600) → header → body (≤ 256 KiB buffered) → patch Body-Length →
+//! `fsync(file)` → `rename` to `queue/<ID>.msg` (the commit point) → `fsync(queue/)`, shared by
+//! concurrent commits (group commit). Two fsyncs per message at most; the directory fsync is
+//! amortised over every commit that renamed before it started.
+//!
+//! If the directory fsync fails, durability cannot be promised: the renamed file is unlinked
+//! (best effort) and the caller gets an error (451). Should the unlink itself not survive a
+//! crash, the message reappears and is delivered although the client was told to retry: a
+//! duplicate, which at-least-once delivery allows; a lost acknowledged message cannot happen.
+//!
+//! # Concurrency
+//! The async methods run blocking filesystem calls on tokio's blocking pool. The synchronous
+//! methods (`list`, `show`, `hold`, ..., `read_state`, `write_state`) block: async callers should
+//! wrap them in `spawn_blocking`. Operator commands ([`admin`]) are safe while the daemon
+//! runs: they never touch `tmp/`, they move files with atomic no-replace renames, and a file
+//! that vanishes concurrently is reported as [`SpoolError::NotFound`].
+
+pub mod admin;
+mod error;
+pub mod format;
+mod fsutil;
+mod id;
+mod incoming;
+mod recovery;
+mod state;
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+pub use error::SpoolError;
+pub use format::{BodyType, Envelope, MailParams, Recipient};
+pub use fsutil::{Fault, FaultPoint, SpoolStats};
+pub use id::{is_valid_id, normalize_id};
+pub use incoming::IncomingMessage;
+pub use recovery::RecoveryReport;
+pub use state::{DeliveryState, RecipientState, RecipientStatus, STATE_VERSION};
+
+use fsutil::{Counters, Faults};
+use incoming::GroupCommit;
+
+/// Where a message is: the name of its directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum EntryState {
+    Queued,
+    Held,
+    Failed,
+}
+
+impl EntryState {
+    pub const ALL: [EntryState; 3] = [EntryState::Queued, EntryState::Held, EntryState::Failed];
+
+    /// The state word shown to operators.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryState::Queued => "queued",
+            EntryState::Held => "held",
+            EntryState::Failed => "failed",
+        }
+    }
+
+    fn dir_name(self) -> &'static str {
+        match self {
+            EntryState::Queued => "queue",
+            EntryState::Held => "held",
+            EntryState::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for EntryState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One message as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueEntry {
+    pub id: String,
+    pub state: EntryState,
+    pub received_at: SystemTime,
+    /// Envelope sender; empty for the null sender.
+    pub mail_from: String,
+    pub recipients: Vec<String>,
+    /// Message size in bytes (the body after the envelope header).
+    pub size: u64,
+    /// Delivery state, if the message was ever attempted.
+    pub delivery: Option<DeliveryState>,
+}
+
+/// One message with its envelope and its header section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShownMessage {
+    pub entry: QueueEntry,
+    pub envelope: Envelope,
+    /// The message's header section (up to, not including, the blank line; at most 1 MiB).
+    pub headers: Vec<u8>,
+}
+
+const SUBDIRS: [&str; 6] = ["tmp", "queue", "held", "failed", "corrupt", "state"];
+/// Subdirectories `open_for_admin` requires (`corrupt/` is created on demand by recovery).
+const REQUIRED_SUBDIRS: [&str; 5] = ["tmp", "queue", "held", "failed", "state"];
+const MAX_SHOWN_HEADERS: u64 = 1 << 20;
+
+pub(crate) struct Inner {
+    dir: PathBuf,
+    ids: id::IdGenerator,
+    faults: Faults,
+    counters: Counters,
+    group: GroupCommit,
+    state_tmp_seq: AtomicU64,
+    _lock: Option<File>,
+}
+
+impl Inner {
+    pub(crate) fn sub(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    pub(crate) fn tmp_dir(&self) -> PathBuf {
+        self.sub("tmp")
+    }
+
+    pub(crate) fn state_dir_of(&self, s: EntryState) -> PathBuf {
+        self.sub(s.dir_name())
+    }
+
+    pub(crate) fn msg_path(&self, s: EntryState, id: &str) -> PathBuf {
+        self.state_dir_of(s).join(format!("{id}.msg"))
+    }
+
+    pub(crate) fn state_path(&self, id: &str) -> PathBuf {
+        self.sub("state").join(format!("{id}.json"))
+    }
+}
+
+/// The durable spool. Cheap to clone; all clones share one group-commit state.
+#[derive(Clone)]
+pub struct Spool {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Spool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spool")
+            .field("dir", &self.inner.dir)
+            .finish()
+    }
+}
+
+fn new_inner(dir: &Path, lock: Option<File>) -> Inner {
+    Inner {
+        dir: dir.to_path_buf(),
+        ids: id::IdGenerator::new(),
+        faults: Faults::default(),
+        counters: Counters::default(),
+        group: GroupCommit::new(),
+        state_tmp_seq: AtomicU64::new(0),
+        _lock: lock,
+    }
+}
+
+impl Spool {
+    /// Open the spool for the daemon: create missing directories, take the spool lock (one
+    /// daemon per spool), then recover: clear `tmp/`, quarantine unreadable or truncated
+    /// messages in `corrupt/`, drop state files without a message.
+    pub fn open(dir: &Path) -> Result<(Spool, RecoveryReport), SpoolError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let mut created = false;
+        if !dir.is_dir() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| SpoolError::io("create directory", dir, e))?;
+            created = true;
+        }
+        for s in SUBDIRS {
+            let p = dir.join(s);
+            match fs::DirBuilder::new().mode(0o700).create(&p) {
+                Ok(()) => created = true,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && p.is_dir() => {}
+                Err(e) => return Err(SpoolError::io("create directory", &p, e)),
+            }
+        }
+        if created {
+            fsutil::fsync_dir(dir)?;
+        }
+        let lock_path = dir.join("lock");
+        let lock = fsutil::lock_file(&lock_path)?.ok_or_else(|| SpoolError::Locked(dir.into()))?;
+        let inner = Arc::new(new_inner(dir, Some(lock)));
+        let report = recovery::recover(&inner)?;
+        Ok((Spool { inner }, report))
+    }
+
+    /// Open an existing spool for operator commands: no recovery, no lock, `tmp/` untouched.
+    pub fn open_for_admin(dir: &Path) -> Result<Spool, SpoolError> {
+        if !REQUIRED_SUBDIRS.iter().all(|s| dir.join(s).is_dir()) {
+            return Err(SpoolError::NotASpool(dir.to_path_buf()));
+        }
+        Ok(Spool {
+            inner: Arc::new(new_inner(dir, None)),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Bytes available on the spool's filesystem (`f_bavail * f_frsize`).
+    pub fn free_space(&self) -> Result<u64, SpoolError> {
+        fsutil::free_space(&self.inner.dir)
+    }
+
+    /// Start a new message: creates `tmp/<ID>.msg`. Write the body with
+    /// [`IncomingMessage::write_all`], then [`IncomingMessage::commit`].
+    pub async fn create(&self, envelope: &Envelope) -> Result<IncomingMessage, SpoolError> {
+        IncomingMessage::create(self.inner.clone(), envelope).await
+    }
+
+    /// Every message in `queue/`, `held/` and `failed/`, sorted by id (= arrival order).
+    /// Files that vanish while listing are skipped; undecodable ones are skipped with a warning
+    /// (recovery moves them to `corrupt/` at the next start).
+    pub fn list(&self) -> Result<Vec<QueueEntry>, SpoolError> {
+        let mut out = Vec::new();
+        for st in EntryState::ALL {
+            for id in self.ids_in(st)? {
+                let path = self.inner.msg_path(st, &id);
+                match self.read_entry(&id, st, &path) {
+                    Ok((entry, _)) => out.push(entry),
+                    Err(e) if e.is_io_not_found() => {}
+                    Err(e @ SpoolError::Corrupt { .. }) => {
+                        tracing::warn!(error = %e, "skipping unreadable spool file")
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id).then(a.state.cmp(&b.state)));
+        Ok(out)
+    }
+
+    /// Message ids (file names `<ID>.msg`) in one state directory.
+    pub(crate) fn ids_in(&self, st: EntryState) -> Result<Vec<String>, SpoolError> {
+        let dir = self.inner.state_dir_of(st);
+        let rd = fs::read_dir(&dir).map_err(|e| SpoolError::io("read directory", &dir, e))?;
+        let mut ids = Vec::new();
+        for ent in rd {
+            let ent = ent.map_err(|e| SpoolError::io("read directory", &dir, e))?;
+            let name = ent.file_name();
+            if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".msg"))
+                && is_valid_id(id)
+            {
+                ids.push(id.to_string());
+            }
+        }
+        Ok(ids)
+    }
+
+    fn read_entry(
+        &self,
+        id: &str,
+        st: EntryState,
+        path: &Path,
+    ) -> Result<(QueueEntry, fsutil::OpenedMessage), SpoolError> {
+        let m = fsutil::open_message(path)?;
+        if m.header.id != id {
+            return Err(SpoolError::Corrupt {
+                path: path.to_path_buf(),
+                reason: format!("header Id {} does not match the file name", m.header.id),
+            });
+        }
+        let delivery = self.read_state(id)?;
+        let env = &m.header.envelope;
+        let entry = QueueEntry {
+            id: id.to_string(),
+            state: st,
+            received_at: env.received_at,
+            mail_from: env.mail_from.clone(),
+            recipients: env.recipients.iter().map(|r| r.address.clone()).collect(),
+            size: m.header.body_length,
+            delivery,
+        };
+        Ok((entry, m))
+    }
+
+    /// Find a message: its state and path.
+    fn locate(&self, id: &str) -> Result<Option<(EntryState, PathBuf)>, SpoolError> {
+        for st in EntryState::ALL {
+            let p = self.inner.msg_path(st, id);
+            match fs::symlink_metadata(&p) {
+                Ok(_) => return Ok(Some((st, p))),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(SpoolError::io("stat", &p, e)),
+            }
+        }
+        Ok(None)
+    }
+
+    fn check_id(id: &str) -> Result<String, SpoolError> {
+        normalize_id(id).ok_or_else(|| SpoolError::InvalidId(id.to_string()))
+    }
+
+    /// The message's state (`queued`, `held`, `failed`), or NotFound.
+    pub fn state_of(&self, id: &str) -> Result<EntryState, SpoolError> {
+        let id = Self::check_id(id)?;
+        self.locate(&id)?
+            .map(|(s, _)| s)
+            .ok_or(SpoolError::NotFound(id))
+    }
+
+    /// Envelope, state and the message's header section.
+    pub fn show(&self, id: &str) -> Result<ShownMessage, SpoolError> {
+        let id = Self::check_id(id)?;
+        // A concurrent hold/release may move the file between locate and open: retry.
+        for _ in 0..5 {
+            let Some((st, path)) = self.locate(&id)? else {
+                break;
+            };
+            let (entry, mut m) = match self.read_entry(&id, st, &path) {
+                Ok(x) => x,
+                Err(e) if e.is_io_not_found() => continue,
+                Err(e) => return Err(e),
+            };
+            let limit = m.header.body_length.min(MAX_SHOWN_HEADERS) as usize;
+            let mut body = std::mem::take(&mut m.body_prefix);
+            if body.len() < limit {
+                let mut rest = Vec::new();
+                (&mut m.file)
+                    .take((limit - body.len()) as u64)
+                    .read_to_end(&mut rest)
+                    .map_err(|e| SpoolError::io("read", &path, e))?;
+                body.extend_from_slice(&rest);
+            }
+            body.truncate(limit);
+            let headers = header_section(&body).to_vec();
+            return Ok(ShownMessage {
+                entry,
+                envelope: m.header.envelope,
+                headers,
+            });
+        }
+        Err(SpoolError::NotFound(id))
+    }
+
+    /// Move a message to `to` (atomic no-replace rename, then both directories fsync'd).
+    /// Returns the state it was in; equal to `to` means it was already there.
+    pub fn move_to(&self, id: &str, to: EntryState) -> Result<EntryState, SpoolError> {
+        let id = Self::check_id(id)?;
+        for _ in 0..5 {
+            let Some((from, src)) = self.locate(&id)? else {
+                break;
+            };
+            if from == to {
+                return Ok(from);
+            }
+            let dst = self.inner.msg_path(to, &id);
+            match fsutil::rename_noreplace(&src, &dst) {
+                Ok(()) => {
+                    fsutil::fsync_dir(&self.inner.state_dir_of(to))?;
+                    fsutil::fsync_dir(&self.inner.state_dir_of(from))?;
+                    tracing::info!(id = %id, from = %from, to = %to, "spool message moved");
+                    return Ok(from);
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(SpoolError::io("rename", &src, e)),
+            }
+        }
+        Err(SpoolError::NotFound(id))
+    }
+
+    /// Hold a message (from `queue/` or `failed/`); holding a held message is a no-op.
+    pub fn hold(&self, id: &str) -> Result<(), SpoolError> {
+        self.move_to(id, EntryState::Held).map(|_| ())
+    }
+
+    /// Release a message back to `queue/` (from `held/` or `failed/`); a no-op if queued.
+    pub fn release(&self, id: &str) -> Result<(), SpoolError> {
+        self.move_to(id, EntryState::Queued).map(|_| ())
+    }
+
+    /// Remove a message and its state. The message file goes first, so a crash in between
+    /// leaves an orphan state file (removed by recovery), never a message with reset state.
+    pub fn delete(&self, id: &str) -> Result<(), SpoolError> {
+        let id = Self::check_id(id)?;
+        let mut deleted = false;
+        for _ in 0..5 {
+            let Some((st, path)) = self.locate(&id)? else {
+                break;
+            };
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    fsutil::fsync_dir(&self.inner.state_dir_of(st))?;
+                    deleted = true;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(SpoolError::io("unlink", &path, e)),
+            }
+        }
+        if !deleted {
+            return Err(SpoolError::NotFound(id));
+        }
+        let sp = self.inner.state_path(&id);
+        match fs::remove_file(&sp) {
+            Ok(()) => fsutil::fsync_dir(&self.inner.sub("state"))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(SpoolError::io("unlink", &sp, e)),
+        }
+        tracing::info!(id = %id, "spool message deleted");
+        Ok(())
+    }
+
+    /// The delivery state of a message; `None` if it was never attempted.
+    pub fn read_state(&self, id: &str) -> Result<Option<DeliveryState>, SpoolError> {
+        let id = Self::check_id(id)?;
+        let p = self.inner.state_path(&id);
+        let bytes = match fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(SpoolError::io("read", &p, e)),
+        };
+        state::decode(&bytes)
+            .map(Some)
+            .map_err(|reason| SpoolError::Corrupt { path: p, reason })
+    }
+
+    /// Durably replace the delivery state of a message (tmp + fsync + rename + fsync `state/`).
+    pub fn write_state(&self, id: &str, st: &DeliveryState) -> Result<(), SpoolError> {
+        let id = Self::check_id(id)?;
+        let seq = self.inner.state_tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .inner
+            .tmp_dir()
+            .join(format!("{id}.{}.{seq}.json", std::process::id()));
+        let dst = self.inner.state_path(&id);
+        let bytes = state::encode(st);
+        let res = (|| {
+            use std::io::Write;
+            let mut f =
+                fsutil::create_exclusive(&tmp).map_err(|e| SpoolError::io("create", &tmp, e))?;
+            f.write_all(&bytes)
+                .map_err(|e| SpoolError::io("write", &tmp, e))?;
+            f.sync_all().map_err(|e| SpoolError::io("fsync", &tmp, e))?;
+            drop(f);
+            fs::rename(&tmp, &dst).map_err(|e| SpoolError::io("rename", &tmp, e))?;
+            fsutil::fsync_dir(&self.inner.sub("state"))
+        })();
+        if res.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        res
+    }
+
+    /// Arm (or clear) a one-shot fault for tests.
+    #[doc(hidden)]
+    pub fn inject_fault(&self, fault: Option<Fault>) {
+        self.inner.faults.set(fault);
+    }
+
+    /// Counters (commits, file fsyncs, directory fsyncs) for tests and metrics.
+    #[doc(hidden)]
+    pub fn stats(&self) -> SpoolStats {
+        self.inner.counters.snapshot()
+    }
+}
+
+/// The header section of a message: every line up to (not including) the first empty line.
+fn header_section(body: &[u8]) -> &[u8] {
+    let mut pos = 0;
+    while pos < body.len() {
+        let Some(i) = body[pos..].iter().position(|&b| b == b'\n') else {
+            break;
+        };
+        let line = &body[pos..pos + i + 1];
+        if line == b"\n" || line == b"\r\n" {
+            return &body[..pos];
+        }
+        pos += i + 1;
+    }
+    body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::header_section;
+
+    #[test]
+    fn header_sections() {
+        assert_eq!(
+            header_section(b"A: 1\r\nB: 2\r\n\r\nbody\r\n"),
+            b"A: 1\r\nB: 2\r\n"
+        );
+        assert_eq!(header_section(b"A: 1\n\nbody"), b"A: 1\n");
+        assert_eq!(header_section(b"\r\nbody"), b"");
+        assert_eq!(header_section(b"A: 1\r\nB: 2"), b"A: 1\r\nB: 2");
+        assert_eq!(header_section(b""), b"");
+    }
+}

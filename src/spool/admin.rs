@@ -1,0 +1,271 @@
+//! Operator commands (`smtp-oauth-relay queue ...`), safe while the daemon runs.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use super::{DeliveryState, EntryState, QueueEntry, Spool, SpoolError};
+
+/// A `queue` subcommand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueCommand {
+    List,
+    Show(String),
+    Hold(String),
+    Release(String),
+    Delete(String),
+}
+
+/// Run one operator command against the spool at `spool_dir`, printing to `out`.
+///
+/// `list` prints `queue is empty` for an empty spool; otherwise a header line and one
+/// tab-separated line per message, oldest first:
+///
+/// ```text
+/// ID<TAB>AGE<TAB>FROM<TAB>RECIPIENTS<TAB>SIZE<TAB>STATE<TAB>DELIVERY
+/// 01JDQ6Z8X1V3K5M7N9P0R2S4T6  5m  app@example.com  a@x,b@x,c@x,+2  1234  queued  attempts=2 next=2025-11-29T18:40:00Z last="451 4.7.500 Server busy"
+/// ```
+/// The sender is `<>` for the null sender; recipients beyond three are counted as `+N`; the
+/// delivery column is empty until a delivery was attempted.
+pub fn run_queue_command(
+    spool_dir: &Path,
+    cmd: &QueueCommand,
+    out: &mut dyn Write,
+) -> Result<(), SpoolError> {
+    let spool = Spool::open_for_admin(spool_dir)?;
+    let w = |r: std::io::Result<()>| {
+        r.map_err(|e| SpoolError::Io {
+            op: "write output",
+            path: "-".into(),
+            source: e,
+        })
+    };
+    match cmd {
+        QueueCommand::List => {
+            let entries = spool.list()?;
+            let now = SystemTime::now();
+            w(write_list(&entries, now, out))?;
+        }
+        QueueCommand::Show(id) => {
+            let m = spool.show(id)?;
+            w(write_show(&m, SystemTime::now(), out))?;
+        }
+        QueueCommand::Hold(id) => {
+            let was = spool.move_to(id, EntryState::Held)?;
+            let id = id.to_ascii_uppercase();
+            w(if was == EntryState::Held {
+                writeln!(out, "{id} is already held")
+            } else {
+                writeln!(out, "held {id} (was {was})")
+            })?;
+        }
+        QueueCommand::Release(id) => {
+            let was = spool.move_to(id, EntryState::Queued)?;
+            let id = id.to_ascii_uppercase();
+            w(if was == EntryState::Queued {
+                writeln!(out, "{id} is already queued")
+            } else {
+                writeln!(out, "released {id} (was {was})")
+            })?;
+        }
+        QueueCommand::Delete(id) => {
+            spool.delete(id)?;
+            w(writeln!(out, "deleted {}", id.to_ascii_uppercase()))?;
+        }
+    }
+    w(out.flush())
+}
+
+/// Humanised age: `42s`, `5m`, `3h`, `2d` (truncated; a future time shows `0s`).
+pub fn format_age(age: Duration) -> String {
+    let s = age.as_secs();
+    if s < 60 {
+        format!("{s}s")
+    } else if s < 3600 {
+        format!("{}m", s / 60)
+    } else if s < 86_400 {
+        format!("{}h", s / 3600)
+    } else {
+        format!("{}d", s / 86_400)
+    }
+}
+
+fn age_of(t: SystemTime, now: SystemTime) -> String {
+    format_age(now.duration_since(t).unwrap_or_default())
+}
+
+fn sender(s: &str) -> &str {
+    if s.is_empty() { "<>" } else { s }
+}
+
+fn recipients_summary(r: &[String]) -> String {
+    if r.len() <= 3 {
+        r.join(",")
+    } else {
+        format!("{},+{}", r[..3].join(","), r.len() - 3)
+    }
+}
+
+/// Quote a reply for one line: `"..."` with control characters and quotes escaped.
+fn quoted(s: &str) -> String {
+    format!("\"{}\"", s.escape_debug())
+}
+
+fn delivery_summary(d: &DeliveryState) -> String {
+    let mut s = format!("attempts={}", d.attempts);
+    if let Some(t) = d.next_attempt {
+        s.push_str(&format!(" next={}", humantime::format_rfc3339_seconds(t)));
+    }
+    if let Some(r) = &d.last_reply {
+        s.push_str(&format!(" last={}", quoted(r)));
+    }
+    if let Some(r) = &d.hold_reason {
+        s.push_str(&format!(" hold={}", quoted(r)));
+    }
+    if let Some(r) = &d.fail_reason {
+        s.push_str(&format!(" fail={}", quoted(r)));
+    }
+    s
+}
+
+/// Remove characters that would break a tab-separated line.
+fn cell(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+fn write_list(entries: &[QueueEntry], now: SystemTime, out: &mut dyn Write) -> std::io::Result<()> {
+    if entries.is_empty() {
+        return writeln!(out, "queue is empty");
+    }
+    writeln!(out, "ID\tAGE\tFROM\tRECIPIENTS\tSIZE\tSTATE\tDELIVERY")?;
+    for e in entries {
+        writeln!(
+            out,
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            e.id,
+            age_of(e.received_at, now),
+            cell(sender(&e.mail_from)),
+            cell(&recipients_summary(&e.recipients)),
+            e.size,
+            e.state,
+            e.delivery
+                .as_ref()
+                .map(delivery_summary)
+                .unwrap_or_default()
+        )?;
+    }
+    Ok(())
+}
+
+fn write_show(
+    m: &super::ShownMessage,
+    now: SystemTime,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
+    let e = &m.entry;
+    let env = &m.envelope;
+    writeln!(out, "id: {}", e.id)?;
+    writeln!(out, "state: {}", e.state)?;
+    writeln!(
+        out,
+        "received-at: {} ({} ago)",
+        humantime::format_rfc3339_seconds(env.received_at),
+        age_of(env.received_at, now)
+    )?;
+    writeln!(out, "client: {}", env.client)?;
+    writeln!(out, "helo: {}", env.helo)?;
+    if let Some(u) = &env.auth_user {
+        writeln!(out, "auth-user: {u}")?;
+    }
+    writeln!(out, "mail-from: <{}>", env.mail_from)?;
+    writeln!(out, "body: {}", env.mail_params.body)?;
+    writeln!(
+        out,
+        "smtputf8: {}",
+        if env.mail_params.smtputf8 {
+            "yes"
+        } else {
+            "no"
+        }
+    )?;
+    if let Some(v) = &env.mail_params.envid {
+        writeln!(out, "envid: {v}")?;
+    }
+    if let Some(v) = &env.mail_params.ret {
+        writeln!(out, "ret: {v}")?;
+    }
+    for r in &env.recipients {
+        let mut line = format!("rcpt-to: <{}>", r.address);
+        if let Some(n) = &r.notify {
+            line.push_str(&format!(" NOTIFY={n}"));
+        }
+        if let Some(o) = &r.orcpt {
+            line.push_str(&format!(" ORCPT={o}"));
+        }
+        writeln!(out, "{line}")?;
+    }
+    writeln!(out, "size: {}", e.size)?;
+    match &e.delivery {
+        None => writeln!(out, "delivery: never attempted")?,
+        Some(d) => {
+            writeln!(out, "attempts: {}", d.attempts)?;
+            if let Some(t) = d.next_attempt {
+                writeln!(
+                    out,
+                    "next-attempt: {}",
+                    humantime::format_rfc3339_seconds(t)
+                )?;
+            }
+            if let Some(r) = &d.last_reply {
+                writeln!(out, "last-reply: {}", quoted(r))?;
+            }
+            if let Some(r) = &d.hold_reason {
+                writeln!(out, "hold-reason: {}", quoted(r))?;
+            }
+            if let Some(r) = &d.fail_reason {
+                writeln!(out, "fail-reason: {}", quoted(r))?;
+            }
+            for r in &d.recipients {
+                let status = match r.status {
+                    super::RecipientStatus::Pending => "pending",
+                    super::RecipientStatus::Delivered => "delivered",
+                    super::RecipientStatus::Failed => "failed",
+                };
+                match &r.reply {
+                    Some(reply) => {
+                        writeln!(out, "recipient: <{}> {status} {}", r.address, quoted(reply))?
+                    }
+                    None => writeln!(out, "recipient: <{}> {status}", r.address)?,
+                }
+            }
+        }
+    }
+    writeln!(out)?;
+    out.write_all(&m.headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages() {
+        assert_eq!(format_age(Duration::from_secs(0)), "0s");
+        assert_eq!(format_age(Duration::from_secs(42)), "42s");
+        assert_eq!(format_age(Duration::from_secs(5 * 60 + 59)), "5m");
+        assert_eq!(format_age(Duration::from_secs(3 * 3600 + 1)), "3h");
+        assert_eq!(format_age(Duration::from_secs(2 * 86_400 + 7)), "2d");
+    }
+
+    #[test]
+    fn recipients() {
+        let r = |n: usize| (0..n).map(|i| format!("r{i}@x")).collect::<Vec<_>>();
+        assert_eq!(recipients_summary(&r(1)), "r0@x");
+        assert_eq!(recipients_summary(&r(3)), "r0@x,r1@x,r2@x");
+        assert_eq!(recipients_summary(&r(5)), "r0@x,r1@x,r2@x,+2");
+        assert_eq!(sender(""), "<>");
+        assert_eq!(quoted("451 \"busy\"\r\n"), "\"451 \\\"busy\\\"\\r\\n\"");
+    }
+}

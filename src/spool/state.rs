@@ -1,0 +1,116 @@
+//! Mutable delivery state: `state/<ID>.json`, rewritten (tmp + fsync + rename) only when it
+//! changes. Absent means "fresh, never attempted".
+
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the state file format.
+pub const STATE_VERSION: u32 = 1;
+
+/// Per-recipient delivery status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecipientStatus {
+    #[default]
+    Pending,
+    Delivered,
+    Failed,
+}
+
+/// Delivery status of one recipient.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RecipientState {
+    pub address: String,
+    pub status: RecipientStatus,
+    /// Last upstream reply for this recipient (e.g. `550 5.1.10 ...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<String>,
+}
+
+/// The mutable delivery state of one message.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DeliveryState {
+    pub attempts: u32,
+    #[serde(default, with = "humantime_serde")]
+    pub next_attempt: Option<SystemTime>,
+    #[serde(default)]
+    pub last_reply: Option<String>,
+    #[serde(default)]
+    pub hold_reason: Option<String>,
+    #[serde(default)]
+    pub fail_reason: Option<String>,
+    #[serde(default)]
+    pub recipients: Vec<RecipientState>,
+}
+
+/// On-disk wrapper carrying the version.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct StateFile {
+    pub(crate) version: u32,
+    #[serde(flatten)]
+    pub(crate) state: DeliveryState,
+}
+
+pub(crate) fn encode(st: &DeliveryState) -> Vec<u8> {
+    let mut v = serde_json::to_vec_pretty(&StateFile {
+        version: STATE_VERSION,
+        state: st.clone(),
+    })
+    .expect("DeliveryState serialises");
+    v.push(b'\n');
+    v
+}
+
+pub(crate) fn decode(bytes: &[u8]) -> Result<DeliveryState, String> {
+    let f: StateFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if f.version != STATE_VERSION {
+        return Err(format!("unsupported state version {}", f.version));
+    }
+    Ok(f.state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn round_trip_and_version() {
+        let st = DeliveryState {
+            attempts: 3,
+            next_attempt: Some(UNIX_EPOCH + Duration::from_secs(1_764_441_240)),
+            last_reply: Some("451 4.7.500 Server busy".into()),
+            hold_reason: None,
+            fail_reason: None,
+            recipients: vec![
+                RecipientState {
+                    address: "a@example.com".into(),
+                    status: RecipientStatus::Delivered,
+                    reply: Some("250 2.0.0 OK".into()),
+                },
+                RecipientState {
+                    address: "b@example.com".into(),
+                    status: RecipientStatus::Pending,
+                    reply: None,
+                },
+            ],
+        };
+        let bytes = encode(&st);
+        let text = std::str::from_utf8(&bytes).unwrap();
+        assert!(text.contains("\"version\": 1"), "{text}");
+        assert!(
+            text.contains("\"next_attempt\": \"2025-11-29T18:34:00Z\""),
+            "{text}"
+        );
+        assert!(text.contains("\"status\": \"delivered\""), "{text}");
+        assert_eq!(decode(&bytes).unwrap(), st);
+        let v2 = text.replace("\"version\": 1", "\"version\": 2");
+        assert!(decode(v2.as_bytes()).unwrap_err().contains("version"));
+        assert!(decode(b"{\"attempts\": 1}").is_err(), "version is required");
+        assert_eq!(
+            decode(b"{\"version\": 1, \"attempts\": 0}").unwrap(),
+            DeliveryState::default()
+        );
+    }
+}
