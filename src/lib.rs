@@ -8,5 +8,8 @@
 //! - [`sim`]: a stand-in for Entra ID and Exchange Online, used by tests, `simulate` and `serve --simulate`.
 //!   It shares no code with the relay's upstream side on purpose: it is the independent party.
 
+pub mod config;
+pub mod daemon;
+pub mod inbound;
 pub mod sim;
 pub mod spool;

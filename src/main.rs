@@ -1,1 +1,163 @@
-fn main() {}
+//! Command line of smtp-oauth-relay: parses arguments, loads the configuration and calls into
+//! the library. Exit codes: 0 ok, 1 runtime failure, 2 invalid configuration or usage.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use smtp_oauth_relay::config::{self, Config, LogFormat};
+use smtp_oauth_relay::spool::admin::{QueueCommand, run_queue_command};
+use tokio_util::sync::CancellationToken;
+
+const EXIT_RUNTIME: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "smtp-oauth-relay",
+    version,
+    about = "Local SMTP relay to Microsoft 365 with OAuth2 (XOAUTH2)"
+)]
+struct Cli {
+    /// Configuration file (default: $RELAY_CONFIG, ./relay.toml, /etc/smtp-oauth-relay/relay.toml)
+    #[arg(long, short, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay
+    Serve,
+    /// Print the effective configuration (secrets redacted); exit 2 if it is invalid
+    Config,
+    /// Inspect and manage the spool (safe while `serve` runs)
+    #[command(subcommand)]
+    Queue(QueueArgs),
+}
+
+#[derive(Subcommand)]
+enum QueueArgs {
+    /// One line per message: id, age, sender, recipients, size, state
+    List,
+    /// Envelope, delivery state and headers of one message
+    Show { id: String },
+    /// Keep a message in the spool without delivering it
+    Hold { id: String },
+    /// Return a held message to the queue
+    Release { id: String },
+    /// Remove a message from the spool for good
+    Delete { id: String },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_CONFIG } else { 0 });
+        }
+    };
+    let config = match config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("smtp-oauth-relay: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match cli.command {
+        Command::Config => {
+            print!("{}", config.to_redacted_toml());
+            ExitCode::SUCCESS
+        }
+        Command::Queue(args) => queue(&config, args),
+        Command::Serve => serve(&config),
+    }
+}
+
+fn queue(config: &Config, args: QueueArgs) -> ExitCode {
+    let cmd = match args {
+        QueueArgs::List => QueueCommand::List,
+        QueueArgs::Show { id } => QueueCommand::Show(id),
+        QueueArgs::Hold { id } => QueueCommand::Hold(id),
+        QueueArgs::Release { id } => QueueCommand::Release(id),
+        QueueArgs::Delete { id } => QueueCommand::Delete(id),
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match run_queue_command(&config.queue.dir, &cmd, &mut out) {
+        Ok(()) => {
+            let _ = out.flush();
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("smtp-oauth-relay: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+fn serve(config: &Config) -> ExitCode {
+    init_logging(config);
+    // One process-wide rustls provider, chosen explicitly (aws-lc-rs, no OpenSSL).
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("smtp-oauth-relay: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        smtp_oauth_relay::daemon::serve(config, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "relay stopped");
+            eprintln!("smtp-oauth-relay: {e}");
+            ExitCode::from(if e.is_config_error() {
+                EXIT_CONFIG
+            } else {
+                EXIT_RUNTIME
+            })
+        }
+    }
+}
+
+/// SIGTERM (systemd, container runtimes) and SIGINT (Ctrl-C) start a graceful stop.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+    shutdown.cancel();
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

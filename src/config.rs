@@ -1,0 +1,1038 @@
+//! `relay.toml`: the schema, its defaults, loading (defaults → file → `RELAY_*` environment) and
+//! validation that reports every problem at once, each naming its key.
+//!
+//! The annotated `relay.toml` at the repository root documents every key; keep the two in step.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Where `serve`, `config`, `queue` and `check` look for the configuration when `--config` is absent.
+pub const CONFIG_ENV: &str = "RELAY_CONFIG";
+pub const SYSTEM_CONFIG: &str = "/etc/smtp-oauth-relay/relay.toml";
+/// Prefix of environment overrides: `RELAY_SMTP__MAX_RECIPIENTS=100` sets `smtp.max_recipients`.
+pub const ENV_PREFIX: &str = "RELAY_";
+
+const MIB: u64 = 1024 * 1024;
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub smtp: SmtpConfig,
+    pub queue: QueueConfig,
+    pub upstream: UpstreamConfig,
+    pub oauth: OAuthConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+}
+
+/// The local listener that legacy applications talk to.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpConfig {
+    pub listen: Vec<SocketAddr>,
+    /// Name used in the greeting, the EHLO reply and the Received header.
+    pub hostname: String,
+    pub max_message_size: ByteSize,
+    pub max_recipients: usize,
+    pub max_connections: usize,
+    /// Clients allowed to connect. `None` means loopback only; see `Config::allowed_networks`.
+    pub allow_networks: Option<Vec<IpNet>>,
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub data_timeout: Duration,
+    /// Replies of class 4xx/5xx a client may provoke before it is disconnected with 421.
+    pub max_errors: u32,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// `"off"`, `"accept-any"`, or the path of a users file (`user:password` per line).
+    pub auth: String,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 2525))],
+            hostname: default_hostname(),
+            // Exchange Online's default maximum send size for a mailbox.
+            max_message_size: ByteSize(35 * MIB),
+            max_recipients: 500,
+            max_connections: 100,
+            allow_networks: None,
+            // RFC 5321 §4.5.3.2.7: a server SHOULD wait at least 5 minutes for the next command.
+            command_timeout: Duration::from_secs(300),
+            // RFC 5321 §4.5.3.2.5: 3 minutes per data block.
+            data_timeout: Duration::from_secs(180),
+            max_errors: 10,
+            tls_cert_file: None,
+            tls_key_file: None,
+            auth: "off".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    pub dir: PathBuf,
+    /// A message still undelivered after this long is failed (RFC 5321 §4.5.4.1: 4-5 days).
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// Refuse new mail with `452 4.3.1` when the spool's filesystem has less free space than this.
+    /// `0` means automatic: twice `smtp.max_message_size`.
+    pub min_free_space: ByteSize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            dir: default_queue_dir(),
+            max_age: Duration::from_secs(5 * 24 * 3600),
+            retry_min: Duration::from_secs(60),
+            retry_max: Duration::from_secs(3600),
+            min_free_space: ByteSize(0),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Cloud {
+    Global,
+    GccHigh,
+    Dod,
+    China,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTls {
+    Starttls,
+    Implicit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RewriteFrom {
+    /// Replace a header From the mailbox may not send as with `from`, keeping the original in Reply-To.
+    WhenDifferent,
+    /// Always replace the header From with `from`.
+    Always,
+    /// Never touch the header From (Exchange refuses mail the mailbox may not send as).
+    Never,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    pub provider: String,
+    pub cloud: Cloud,
+    /// Derived from `cloud` when unset.
+    pub host: Option<String>,
+    pub port: u16,
+    pub tls: UpstreamTls,
+    /// Extra PEM roots trusted in addition to the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Name the server certificate must carry when `host` is an address (tests, simulators).
+    pub tls_server_name: Option<String>,
+    pub mail_account: Option<String>,
+    pub from: Option<String>,
+    pub rewrite_from: RewriteFrom,
+    pub connections: usize,
+    pub rate: Rate,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            provider: "microsoft365".into(),
+            cloud: Cloud::Global,
+            host: None,
+            port: 587,
+            tls: UpstreamTls::Starttls,
+            ca_file: None,
+            tls_server_name: None,
+            mail_account: None,
+            from: None,
+            rewrite_from: RewriteFrom::WhenDifferent,
+            // Exchange Online allows 3 concurrent SMTP connections per mailbox.
+            connections: 3,
+            // Exchange Online allows 30 messages per minute per mailbox.
+            rate: Rate {
+                messages: 30,
+                per: Duration::from_secs(60),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum AssertionAlg {
+    PS256,
+    RS256,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OAuthConfig {
+    pub tenant_id: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<Secret>,
+    pub client_secret_file: Option<PathBuf>,
+    pub certificate_file: Option<PathBuf>,
+    pub private_key_file: Option<PathBuf>,
+    pub assertion_alg: AssertionAlg,
+    /// A federated token (e.g. `AZURE_FEDERATED_TOKEN_FILE`), re-read on every request.
+    pub assertion_file: Option<PathBuf>,
+    /// Derived from `upstream.cloud` and `tenant_id` when unset.
+    pub token_url: Option<String>,
+    pub scope: Option<String>,
+    /// Refresh the token at the latest this long before it expires.
+    #[serde(with = "humantime_serde")]
+    pub refresh_before: Duration,
+}
+
+impl Default for OAuthConfig {
+    fn default() -> Self {
+        OAuthConfig {
+            tenant_id: None,
+            client_id: None,
+            client_secret: None,
+            client_secret_file: None,
+            certificate_file: None,
+            private_key_file: None,
+            assertion_alg: AssertionAlg::PS256,
+            assertion_file: None,
+            token_url: None,
+            scope: None,
+            // Some Microsoft endpoints refuse tokens in their last 10 minutes.
+            refresh_before: Duration::from_secs(600),
+        }
+    }
+}
+
+impl OAuthConfig {
+    /// True when any identity key is set: the relay is then expected to deliver, and every
+    /// required key must be present.
+    pub fn is_configured(&self) -> bool {
+        self.tenant_id.is_some()
+            || self.client_id.is_some()
+            || self.client_secret.is_some()
+            || self.client_secret_file.is_some()
+            || self.certificate_file.is_some()
+            || self.assertion_file.is_some()
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter: `info`, `debug`, or per module (`info,smtp_oauth_relay::inbound=debug`).
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Value types
+
+/// A secret (client secret). Never printed: `Debug`, `Display` and `Serialize` all redact it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The only way to read the value; grep for it when auditing where secrets go.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // figment types environment values: a numeric secret arrives as a number.
+        Ok(Secret(ScalarString::deserialize(d)?.0))
+    }
+}
+
+/// Accepts any scalar (string, integer, float, bool) as its text.
+struct ScalarString(String);
+
+impl<'de> Deserialize<'de> for ScalarString {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ScalarString;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ScalarString, E> {
+                Ok(ScalarString(v.to_owned()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ScalarString, E> {
+                Ok(ScalarString(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ScalarString, E> {
+                Ok(ScalarString(v.to_string()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<ScalarString, E> {
+                Ok(ScalarString(v.to_string()))
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<ScalarString, E> {
+                Ok(ScalarString(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A size in bytes: an integer, or a string such as `"35MiB"`, `"10 MB"`, `"512k"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(text: &str) -> Result<ByteSize, String> {
+        let t = text.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("`{text}` is not a size (e.g. 35MiB, 10MB, 1048576)"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1000,
+            "kib" => 1024,
+            "m" | "mb" => 1_000_000,
+            "mib" => MIB,
+            "g" | "gb" => 1_000_000_000,
+            "gib" => 1024 * MIB,
+            other => return Err(format!("unknown size unit `{other}` in `{text}`")),
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("`{text}` is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0 != 0 && self.0.is_multiple_of(MIB) {
+            write!(f, "{}MiB", self.0 / MIB)
+        } else {
+            write!(f, "{}", self.0)
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = ScalarString::deserialize(d)?.0;
+        ByteSize::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A delivery rate such as `"30/min"`, `"2/s"` or `"1000/h"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub messages: u32,
+    pub per: Duration,
+}
+
+impl Rate {
+    pub fn parse(text: &str) -> Result<Rate, String> {
+        let bad = || format!("`{text}` is not a rate (e.g. 30/min, 2/s, 1000/h)");
+        let (n, unit) = text.split_once('/').ok_or_else(bad)?;
+        let messages: u32 = n.trim().parse().map_err(|_| bad())?;
+        let per = match unit.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            _ => return Err(bad()),
+        };
+        Ok(Rate { messages, per })
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.per.as_secs() {
+            1 => "s",
+            3600 => "h",
+            _ => "min",
+        };
+        write!(f, "{}/{}", self.messages, unit)
+    }
+}
+
+impl Serialize for Rate {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Rate::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading
+
+/// One problem with the configuration, naming the key it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {0} does not exist")]
+    Missing(PathBuf),
+    #[error("invalid configuration{}:\n{}", source_suffix(.file), join_issues(.issues))]
+    Invalid {
+        file: Option<PathBuf>,
+        issues: Vec<ConfigIssue>,
+    },
+}
+
+impl ConfigError {
+    pub fn issues(&self) -> &[ConfigIssue] {
+        match self {
+            ConfigError::Missing(_) => &[],
+            ConfigError::Invalid { issues, .. } => issues,
+        }
+    }
+}
+
+fn source_suffix(source: &Option<PathBuf>) -> String {
+    source
+        .as_ref()
+        .map(|p| format!(" in {}", p.display()))
+        .unwrap_or_default()
+}
+
+fn join_issues(issues: &[ConfigIssue]) -> String {
+    issues
+        .iter()
+        .map(|i| format!("  - {i}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Which file to read, following the lookup order of DESIGN.md: `--config`, `$RELAY_CONFIG`,
+/// `./relay.toml`, `/etc/smtp-oauth-relay/relay.toml`. An explicit file must exist; the implicit
+/// ones are used only when present (otherwise defaults and environment apply).
+pub fn locate(explicit: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
+    let named = explicit
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os(CONFIG_ENV).map(PathBuf::from));
+    if let Some(path) = named {
+        return if path.is_file() {
+            Ok(Some(path))
+        } else {
+            Err(ConfigError::Missing(path))
+        };
+    }
+    Ok(["relay.toml", SYSTEM_CONFIG]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file()))
+}
+
+/// Loads and validates the configuration. Secrets named by `*_file` keys or provided as systemd
+/// credentials are read here, so a bad path is reported at start-up rather than at first delivery.
+pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+    let path = locate(explicit)?;
+    let mut figment = Figment::new();
+    if let Some(p) = &path {
+        figment = figment.merge(Toml::file_exact(p));
+    }
+    figment = figment.merge(env_provider());
+    let invalid = |issues| ConfigError::Invalid {
+        file: path.clone(),
+        issues,
+    };
+    let mut config: Config = figment.extract().map_err(|e| invalid(figment_issues(e)))?;
+    let mut issues = Vec::new();
+    config.resolve_secrets(&mut issues);
+    config.validate_into(&mut issues);
+    if issues.is_empty() {
+        Ok(config)
+    } else {
+        Err(invalid(issues))
+    }
+}
+
+fn env_provider() -> Env {
+    // `RELAY_CONFIG` names the file; it is not a key.
+    Env::prefixed(ENV_PREFIX).ignore(&["CONFIG"]).split("__")
+}
+
+fn figment_issues(error: figment::Error) -> Vec<ConfigIssue> {
+    error
+        .into_iter()
+        .map(|e| {
+            let key = if e.path.is_empty() {
+                "(file)".to_string()
+            } else {
+                e.path.join(".")
+            };
+            let origin = e
+                .metadata
+                .as_ref()
+                .map(|m| format!(" (from {})", m.name))
+                .unwrap_or_default();
+            ConfigIssue {
+                key,
+                message: format!("{}{origin}", e.kind),
+            }
+        })
+        .collect()
+}
+
+impl Config {
+    /// Parses a configuration from TOML text without touching the environment (tests, fuzzing).
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        let invalid = |issues| ConfigError::Invalid { file: None, issues };
+        let mut config: Config = Figment::from(Toml::string(text))
+            .extract()
+            .map_err(|e| invalid(figment_issues(e)))?;
+        let mut issues = Vec::new();
+        config.resolve_secrets(&mut issues);
+        config.validate_into(&mut issues);
+        if issues.is_empty() {
+            Ok(config)
+        } else {
+            Err(invalid(issues))
+        }
+    }
+
+    /// The networks allowed to connect: the configured list, or loopback only.
+    pub fn allowed_networks(&self) -> Vec<IpNet> {
+        match &self.smtp.allow_networks {
+            Some(nets) => nets.clone(),
+            None => loopback_networks(),
+        }
+    }
+
+    /// Free space below which new mail is refused with 452 4.3.1.
+    pub fn min_free_space(&self) -> u64 {
+        if self.queue.min_free_space.0 == 0 {
+            self.smtp.max_message_size.0.saturating_mul(2)
+        } else {
+            self.queue.min_free_space.0
+        }
+    }
+
+    /// Reads `client_secret_file`, or the systemd credential `client_secret`, into `client_secret`.
+    fn resolve_secrets(&mut self, issues: &mut Vec<ConfigIssue>) {
+        let oauth = &mut self.oauth;
+        if oauth.client_secret.is_some() && oauth.client_secret_file.is_some() {
+            issues.push(issue(
+                "oauth.client_secret_file",
+                "set either oauth.client_secret or oauth.client_secret_file, not both",
+            ));
+            return;
+        }
+        let file = oauth.client_secret_file.clone().or_else(|| {
+            // systemd's LoadCredential=client_secret:... (only when nothing else provides a credential)
+            let no_other = oauth.client_secret.is_none()
+                && oauth.certificate_file.is_none()
+                && oauth.assertion_file.is_none();
+            std::env::var_os("CREDENTIALS_DIRECTORY")
+                .map(|d| PathBuf::from(d).join("client_secret"))
+                .filter(|p| no_other && p.is_file())
+        });
+        if let Some(path) = file {
+            match std::fs::read_to_string(&path) {
+                Ok(text) => {
+                    let value = text.trim_end_matches(['\r', '\n']);
+                    if value.is_empty() {
+                        issues.push(issue(
+                            "oauth.client_secret_file",
+                            format!("{} is empty", path.display()),
+                        ));
+                    } else {
+                        oauth.client_secret = Some(Secret::new(value));
+                    }
+                }
+                Err(e) => issues.push(issue(
+                    "oauth.client_secret_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )),
+            }
+        }
+    }
+
+    /// Every rule in one pass, so the admin sees all problems at once.
+    fn validate_into(&self, issues: &mut Vec<ConfigIssue>) {
+        let smtp = &self.smtp;
+        if smtp.listen.is_empty() {
+            issues.push(issue("smtp.listen", "at least one address is required"));
+        }
+        // No accidental open relay: anything but loopback needs an explicit allow-list.
+        if smtp.allow_networks.is_none() {
+            for addr in smtp.listen.iter().filter(|a| !a.ip().is_loopback()) {
+                issues.push(issue(
+                    "smtp.allow_networks",
+                    format!(
+                        "smtp.listen includes the non-loopback address {addr}; set smtp.allow_networks \
+                         to the networks that may send mail (the default allows loopback only)"
+                    ),
+                ));
+            }
+        }
+        if let Some(nets) = &smtp.allow_networks
+            && nets.is_empty()
+        {
+            issues.push(issue(
+                "smtp.allow_networks",
+                "an empty list would refuse every client",
+            ));
+        }
+        if smtp.hostname.trim().is_empty() || smtp.hostname.contains(char::is_whitespace) {
+            issues.push(issue("smtp.hostname", "must be a host name without spaces"));
+        }
+        // RFC 5321 §4.5.3.1.7: a server must accept messages of at least 64K octets.
+        if smtp.max_message_size.0 < 65536 {
+            issues.push(issue(
+                "smtp.max_message_size",
+                format!(
+                    "{} is below the 64 KiB minimum of RFC 5321 §4.5.3.1.7",
+                    smtp.max_message_size
+                ),
+            ));
+        }
+        // RFC 5321 §4.5.3.1.8: refusing fewer than 100 recipients is a violation.
+        if smtp.max_recipients < 100 {
+            issues.push(issue(
+                "smtp.max_recipients",
+                format!(
+                    "{} is below the 100 recipients RFC 5321 §4.5.3.1.8 requires",
+                    smtp.max_recipients
+                ),
+            ));
+        }
+        if smtp.max_connections == 0 {
+            issues.push(issue("smtp.max_connections", "must be at least 1"));
+        }
+        if smtp.command_timeout < Duration::from_secs(1) {
+            issues.push(issue("smtp.command_timeout", "must be at least 1s"));
+        }
+        if smtp.data_timeout < Duration::from_secs(1) {
+            issues.push(issue("smtp.data_timeout", "must be at least 1s"));
+        }
+        if smtp.max_errors == 0 {
+            issues.push(issue("smtp.max_errors", "must be at least 1"));
+        }
+        match (&smtp.tls_cert_file, &smtp.tls_key_file) {
+            (Some(cert), Some(key)) => {
+                readable_file(issues, "smtp.tls_cert_file", cert);
+                readable_file(issues, "smtp.tls_key_file", key);
+            }
+            (Some(_), None) => issues.push(issue(
+                "smtp.tls_key_file",
+                "required when smtp.tls_cert_file is set",
+            )),
+            (None, Some(_)) => issues.push(issue(
+                "smtp.tls_cert_file",
+                "required when smtp.tls_key_file is set",
+            )),
+            (None, None) => {}
+        }
+        match smtp.auth.as_str() {
+            "off" | "accept-any" => {}
+            path => readable_file(issues, "smtp.auth", Path::new(path)),
+        }
+
+        let queue = &self.queue;
+        if queue.dir.as_os_str().is_empty() {
+            issues.push(issue("queue.dir", "must not be empty"));
+        }
+        if queue.retry_min.is_zero() {
+            issues.push(issue("queue.retry_min", "must be greater than 0"));
+        }
+        if queue.retry_max < queue.retry_min {
+            issues.push(issue(
+                "queue.retry_max",
+                "must not be shorter than queue.retry_min",
+            ));
+        }
+        if queue.max_age < queue.retry_min {
+            issues.push(issue(
+                "queue.max_age",
+                "must not be shorter than queue.retry_min",
+            ));
+        }
+
+        let up = &self.upstream;
+        if up.provider != "microsoft365" {
+            issues.push(issue(
+                "upstream.provider",
+                format!(
+                    "unknown provider `{}` (supported: microsoft365)",
+                    up.provider
+                ),
+            ));
+        }
+        if up.port == 0 {
+            issues.push(issue("upstream.port", "must not be 0"));
+        }
+        if let Some(ca) = &up.ca_file {
+            readable_file(issues, "upstream.ca_file", ca);
+        }
+        for (key, value) in [
+            ("upstream.mail_account", &up.mail_account),
+            ("upstream.from", &up.from),
+        ] {
+            if let Some(v) = value
+                && !looks_like_address(v)
+            {
+                issues.push(issue(key, format!("`{v}` is not an e-mail address")));
+            }
+        }
+        if up.connections == 0 {
+            issues.push(issue("upstream.connections", "must be at least 1"));
+        }
+        if up.rate.messages == 0 {
+            issues.push(issue("upstream.rate", "must allow at least 1 message"));
+        }
+
+        let oauth = &self.oauth;
+        if oauth.is_configured() {
+            if oauth.tenant_id.is_none() {
+                issues.push(issue(
+                    "oauth.tenant_id",
+                    "required: the Directory (tenant) ID of the app registration",
+                ));
+            }
+            if oauth.client_id.is_none() {
+                issues.push(issue(
+                    "oauth.client_id",
+                    "required: the Application (client) ID of the app registration",
+                ));
+            }
+            if up.mail_account.is_none() {
+                issues.push(issue(
+                    "upstream.mail_account",
+                    "required: the mailbox the relay authenticates as",
+                ));
+            }
+            let credentials = [
+                oauth.client_secret.is_some(),
+                oauth.certificate_file.is_some() || oauth.private_key_file.is_some(),
+                oauth.assertion_file.is_some(),
+            ];
+            match credentials.iter().filter(|c| **c).count() {
+                0 => issues.push(issue(
+                    "oauth.client_secret",
+                    "required: a client secret (client_secret or client_secret_file), a certificate \
+                     (certificate_file + private_key_file) or a federated assertion_file",
+                )),
+                1 => {}
+                _ => issues.push(issue(
+                    "oauth.client_secret",
+                    "set exactly one credential: client secret, certificate or assertion_file",
+                )),
+            }
+            match (&oauth.certificate_file, &oauth.private_key_file) {
+                (Some(c), Some(k)) => {
+                    readable_file(issues, "oauth.certificate_file", c);
+                    readable_file(issues, "oauth.private_key_file", k);
+                }
+                (Some(_), None) => issues.push(issue(
+                    "oauth.private_key_file",
+                    "required when oauth.certificate_file is set",
+                )),
+                (None, Some(_)) => issues.push(issue(
+                    "oauth.certificate_file",
+                    "required when oauth.private_key_file is set",
+                )),
+                (None, None) => {}
+            }
+            if let Some(a) = &oauth.assertion_file {
+                readable_file(issues, "oauth.assertion_file", a);
+            }
+        }
+        if let Some(url) = &oauth.token_url
+            && let Err(e) = check_token_url(url)
+        {
+            issues.push(issue("oauth.token_url", e));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            issues.push(issue(
+                "log.level",
+                format!("`{}` is not a log filter: {e}", self.log.level),
+            ));
+        }
+    }
+
+    /// The effective configuration as TOML, secrets redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// `https://` always; plain `http://` only for a loopback host (simulators, tests).
+pub fn check_token_url(url: &str) -> Result<(), String> {
+    if url.starts_with("https://") {
+        return Ok(());
+    }
+    if let Some(rest) = url.strip_prefix("http://") {
+        let authority = rest.split('/').next().unwrap_or("");
+        let host = if let Some(v6) = authority.strip_prefix('[') {
+            v6.split(']').next().unwrap_or("")
+        } else {
+            authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+        };
+        let loopback = host == "localhost"
+            || host
+                .parse::<IpAddr>()
+                .map(|ip| ip.is_loopback())
+                .unwrap_or(false);
+        if loopback {
+            return Ok(());
+        }
+        return Err(format!(
+            "`{url}` must use https:// (plain http is allowed only for a loopback host)"
+        ));
+    }
+    Err(format!("`{url}` is not an http(s) URL"))
+}
+
+fn issue(key: &str, message: impl Into<String>) -> ConfigIssue {
+    ConfigIssue {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+fn readable_file(issues: &mut Vec<ConfigIssue>, key: &str, path: &Path) {
+    if let Err(e) = std::fs::File::open(path) {
+        issues.push(issue(key, format!("cannot read {}: {e}", path.display())));
+    }
+}
+
+fn looks_like_address(v: &str) -> bool {
+    match v.rsplit_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty()
+                && domain.contains('.')
+                && !v.contains(|c: char| c.is_whitespace() || c == '<' || c == '>')
+        }
+        None => false,
+    }
+}
+
+pub fn loopback_networks() -> Vec<IpNet> {
+    vec![
+        IpNet::from(ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(127, 0, 0, 0), 8).expect("valid")),
+        IpNet::from(ipnet::Ipv6Net::new(std::net::Ipv6Addr::LOCALHOST, 128).expect("valid")),
+    ]
+}
+
+fn default_queue_dir() -> PathBuf {
+    // systemd's StateDirectory= may list several directories separated by ':'; the first is ours.
+    match std::env::var("STATE_DIRECTORY") {
+        Ok(v) if !v.is_empty() => PathBuf::from(v.split(':').next().unwrap_or(&v)),
+        _ => PathBuf::from("spool"),
+    }
+}
+
+fn default_hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into a buffer we own.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc == 0 {
+        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+        if let Ok(name) = std::str::from_utf8(&buf[..end])
+            && !name.is_empty()
+        {
+            return name.to_string();
+        }
+    }
+    "localhost".to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(text: &str) -> Vec<String> {
+        match Config::from_toml_str(text) {
+            Ok(_) => vec![],
+            Err(e) => e.issues().iter().map(|i| i.key.clone()).collect(),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid_and_loopback_only() {
+        let c = Config::from_toml_str("").expect("defaults valid");
+        assert_eq!(c.smtp.listen, vec!["127.0.0.1:2525".parse().unwrap()]);
+        assert_eq!(c.smtp.max_message_size, ByteSize(35 * MIB));
+        assert_eq!(c.smtp.max_recipients, 500);
+        assert!(!c.oauth.is_configured());
+        assert!(c.allowed_networks().iter().all(|n| n.addr().is_loopback()));
+    }
+
+    #[test]
+    fn shipped_relay_toml_is_valid_and_matches_the_defaults() {
+        let shipped =
+            Config::from_toml_str(include_str!("../relay.toml")).expect("relay.toml valid");
+        let defaults = Config::from_toml_str("").expect("defaults valid");
+        assert_eq!(shipped.to_redacted_toml(), defaults.to_redacted_toml());
+    }
+
+    #[test]
+    fn sizes_and_rates_parse() {
+        assert_eq!(ByteSize::parse("35MiB").unwrap(), ByteSize(35 * MIB));
+        assert_eq!(ByteSize::parse("10 MB").unwrap(), ByteSize(10_000_000));
+        assert_eq!(ByteSize::parse("1048576").unwrap(), ByteSize(MIB));
+        assert!(ByteSize::parse("ten").is_err());
+        assert!(ByteSize::parse("5 parsecs").is_err());
+        assert_eq!(
+            Rate::parse("30/min").unwrap(),
+            Rate {
+                messages: 30,
+                per: Duration::from_secs(60)
+            }
+        );
+        assert!(Rate::parse("30 per minute").is_err());
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let k = keys(
+            "[smtp]\nmax_recipients = 5\nmax_message_size = 100\n[queue]\nretry_min = \"1h\"\nretry_max = \"1m\"\n",
+        );
+        assert_eq!(
+            k,
+            vec![
+                "smtp.max_message_size",
+                "smtp.max_recipients",
+                "queue.retry_max"
+            ]
+        );
+    }
+
+    #[test]
+    fn non_loopback_bind_needs_allow_networks() {
+        assert_eq!(
+            keys("[smtp]\nlisten = [\"0.0.0.0:2525\"]\n"),
+            vec!["smtp.allow_networks"]
+        );
+        assert!(
+            keys("[smtp]\nlisten = [\"0.0.0.0:2525\"]\nallow_networks = [\"10.0.0.0/8\"]\n")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn partial_oauth_names_each_missing_key() {
+        let k = keys("[oauth]\ntenant_id = \"contoso.onmicrosoft.com\"\n");
+        assert_eq!(
+            k,
+            vec![
+                "oauth.client_id",
+                "upstream.mail_account",
+                "oauth.client_secret"
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_types_are_named() {
+        assert_eq!(keys("[smtp]\nlisen = []\n"), vec!["smtp.lisen"]);
+        assert_eq!(
+            keys("[smtp]\nmax_recipients = \"many\"\n"),
+            vec!["smtp.max_recipients"]
+        );
+        assert_eq!(
+            keys("[smtp]\nallow_networks = [\"10.0.0.300/8\"]\n"),
+            vec!["smtp.allow_networks.0"]
+        );
+    }
+
+    #[test]
+    fn token_url_must_be_https_unless_loopback() {
+        assert!(check_token_url("https://login.microsoftonline.com/x/oauth2/v2.0/token").is_ok());
+        assert!(check_token_url("http://127.0.0.1:8080/t/oauth2/v2.0/token").is_ok());
+        assert!(check_token_url("http://[::1]:8080/t").is_ok());
+        assert!(check_token_url("http://localhost/t").is_ok());
+        assert!(check_token_url("http://login.example.com/t").is_err());
+        assert!(check_token_url("ftp://x").is_err());
+    }
+
+    #[test]
+    fn secrets_never_render() {
+        let c = Config::from_toml_str(
+            "[oauth]\ntenant_id = \"t.example\"\nclient_id = \"c\"\nclient_secret = \"s3cr3t-value\"\n[upstream]\nmail_account = \"relay@contoso.example\"\n",
+        )
+        .expect("valid");
+        let shown = c.to_redacted_toml();
+        assert!(!shown.contains("s3cr3t-value"), "{shown}");
+        assert!(shown.contains("<redacted>"));
+        assert!(!format!("{c:?}").contains("s3cr3t-value"));
+    }
+}

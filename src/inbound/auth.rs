@@ -1,0 +1,180 @@
+//! Optional inbound AUTH PLAIN / LOGIN (RFC 4954, RFC 4616), for devices that refuse to send
+//! without authenticating. The relay's upstream identity is separate: these credentials only
+//! decide who may hand mail to the relay.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use smtp_proto::request::receiver::LineReceiver;
+use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN};
+
+use super::reply;
+use super::session::{Session, State};
+
+/// Wrong credentials are answered only after this pause, to slow down guessing.
+const FAILED_AUTH_DELAY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthPolicy {
+    /// AUTH is not offered; mail is accepted from allowed networks without it.
+    Off,
+    /// AUTH is offered and any credentials succeed; mail without AUTH is accepted too.
+    AcceptAny,
+    /// AUTH is required before MAIL and checked against a users file.
+    Users(HashMap<String, String>),
+}
+
+impl AuthPolicy {
+    /// `"off"`, `"accept-any"`, or the path of a users file with `user:password` lines
+    /// (`#` starts a comment).
+    pub fn from_setting(setting: &str) -> Result<AuthPolicy, String> {
+        match setting {
+            "off" => Ok(AuthPolicy::Off),
+            "accept-any" => Ok(AuthPolicy::AcceptAny),
+            path => {
+                let text = std::fs::read_to_string(Path::new(path))
+                    .map_err(|e| format!("cannot read users file {path}: {e}"))?;
+                let mut users = HashMap::new();
+                for (n, line) in text.lines().enumerate() {
+                    let line = line.trim();
+                    if line.is_empty() || line.starts_with('#') {
+                        continue;
+                    }
+                    let (user, password) = line.split_once(':').ok_or_else(|| {
+                        format!("users file {path} line {}: expected user:password", n + 1)
+                    })?;
+                    users.insert(user.to_string(), password.to_string());
+                }
+                if users.is_empty() {
+                    return Err(format!("users file {path} lists no users"));
+                }
+                Ok(AuthPolicy::Users(users))
+            }
+        }
+    }
+
+    pub fn is_required(&self) -> bool {
+        matches!(self, AuthPolicy::Users(_))
+    }
+
+    fn verify(&self, user: &str, password: &str) -> bool {
+        match self {
+            AuthPolicy::Off => false,
+            AuthPolicy::AcceptAny => true,
+            AuthPolicy::Users(users) => users
+                .get(user)
+                .is_some_and(|expected| constant_time_eq(expected.as_bytes(), password.as_bytes())),
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// What the next SASL line from the client is.
+#[derive(Debug, Default)]
+pub enum SaslStep {
+    PlainResponse,
+    LoginUser,
+    LoginPassword(String),
+    #[default]
+    Done,
+}
+
+impl Session {
+    pub(super) async fn handle_auth(&mut self, mechanism: u64, initial_response: String) {
+        if self.shared.settings.auth == AuthPolicy::Off {
+            return self.reply(reply::NOT_IMPLEMENTED);
+        }
+        if self.auth_user.is_some() {
+            return self.reply(reply::ALREADY_AUTHENTICATED);
+        }
+        if self.tx.is_some() {
+            return self.reply(reply::BAD_SEQUENCE);
+        }
+        let initial = (!initial_response.is_empty()).then_some(initial_response);
+        match mechanism {
+            AUTH_PLAIN => match initial {
+                Some(ir) => {
+                    self.handle_sasl_line(SaslStep::PlainResponse, ir.into_bytes())
+                        .await
+                }
+                None => self.ask(SaslStep::PlainResponse, ""),
+            },
+            AUTH_LOGIN => match initial {
+                Some(ir) => {
+                    self.handle_sasl_line(SaslStep::LoginUser, ir.into_bytes())
+                        .await
+                }
+                // base64("Username:")
+                None => self.ask(SaslStep::LoginUser, "VXNlcm5hbWU6"),
+            },
+            _ => self.reply(reply::AUTH_MECHANISM_UNKNOWN),
+        }
+    }
+
+    fn ask(&mut self, step: SaslStep, challenge: &str) {
+        self.reply_raw(format!("334 {challenge}\r\n").as_bytes());
+        self.state = State::Sasl(LineReceiver::new(step));
+    }
+
+    pub(super) async fn handle_sasl_line(&mut self, step: SaslStep, line: Vec<u8>) {
+        let line = String::from_utf8_lossy(&line).trim().to_string();
+        if line == "*" {
+            return self.reply(reply::AUTH_CANCELLED);
+        }
+        // RFC 4954 §4: "=" is an empty initial response.
+        let decoded = if line == "=" {
+            Ok(Vec::new())
+        } else {
+            STANDARD.decode(line.as_bytes())
+        };
+        let Ok(decoded) = decoded else {
+            return self.reply(reply::AUTH_BAD_BASE64);
+        };
+        match step {
+            SaslStep::PlainResponse => {
+                // RFC 4616: [authzid] NUL authcid NUL passwd
+                let mut parts = decoded.split(|b| *b == 0);
+                let (_authz, user, password) = (parts.next(), parts.next(), parts.next());
+                match (user, password, parts.next()) {
+                    (Some(user), Some(password), None) => {
+                        let user = String::from_utf8_lossy(user).into_owned();
+                        let password = String::from_utf8_lossy(password).into_owned();
+                        self.finish_auth(user, password).await;
+                    }
+                    _ => self.reply(reply::AUTH_BAD_BASE64),
+                }
+            }
+            SaslStep::LoginUser => {
+                let user = String::from_utf8_lossy(&decoded).into_owned();
+                // base64("Password:")
+                self.ask(SaslStep::LoginPassword(user), "UGFzc3dvcmQ6");
+            }
+            SaslStep::LoginPassword(user) => {
+                let password = String::from_utf8_lossy(&decoded).into_owned();
+                self.finish_auth(user, password).await;
+            }
+            SaslStep::Done => self.reply(reply::AUTH_TEMP_FAILURE),
+        }
+    }
+
+    async fn finish_auth(&mut self, user: String, password: String) {
+        if self.shared.settings.auth.verify(&user, &password) {
+            tracing::info!(client = %self.peer, user = %user, "client authenticated");
+            self.auth_user = Some(user);
+            self.reply(reply::AUTH_OK);
+        } else {
+            tracing::warn!(client = %self.peer, user = %user, "client authentication failed");
+            tokio::time::sleep(FAILED_AUTH_DELAY).await;
+            self.reply(reply::AUTH_INVALID);
+        }
+    }
+}

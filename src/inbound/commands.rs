@@ -1,0 +1,187 @@
+//! One handler per SMTP verb (except DATA/BDAT in `data.rs` and AUTH in `auth.rs`).
+
+use smtp_proto::{
+    EXT_8BIT_MIME, EXT_AUTH, EXT_CHUNKING, EXT_ENHANCED_STATUS_CODES, EXT_PIPELINING, EXT_SIZE,
+    EXT_SMTP_UTF8, EXT_START_TLS, EhloResponse, MAIL_BODY_BINARYMIME, MAIL_SMTPUTF8, MailFrom,
+    RCPT_NOTIFY_DELAY, RCPT_NOTIFY_FAILURE, RCPT_NOTIFY_NEVER, RCPT_NOTIFY_SUCCESS, RcptTo,
+    Request,
+};
+
+use super::auth::AuthPolicy;
+use super::reply::{self, Reply};
+use super::session::{Session, Transaction};
+
+impl Session {
+    pub(super) async fn handle_command(&mut self, request: Request<String>) {
+        match request {
+            Request::Ehlo { host } => self.handle_ehlo(host),
+            Request::Helo { host } => self.handle_helo(host),
+            Request::Mail { from } => self.handle_mail(from),
+            Request::Rcpt { to } => self.handle_rcpt(to),
+            Request::Data => self.handle_data().await,
+            Request::Bdat {
+                chunk_size,
+                is_last,
+            } => self.handle_bdat(chunk_size, is_last).await,
+            Request::Rset => self.handle_rset().await,
+            Request::Noop { .. } => self.reply(reply::OK),
+            Request::Quit => {
+                self.reply(reply::BYE);
+                self.close_after_reply();
+            }
+            Request::Vrfy { .. } => self.reply(reply::CANNOT_VRFY),
+            Request::Help { .. } => self.handle_help(),
+            Request::StartTls => self.handle_starttls(),
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => self.handle_auth(mechanism, initial_response).await,
+            Request::Expn { .. }
+            | Request::Lhlo { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. } => self.reply(reply::NOT_IMPLEMENTED),
+        }
+    }
+
+    /// RFC 5321 §4.1.1.1: EHLO resets the transaction and lists the extensions.
+    fn handle_ehlo(&mut self, host: String) {
+        self.start_over(host, true);
+        let settings = &self.shared.settings;
+        let mut ehlo = EhloResponse::new(settings.hostname.as_str());
+        ehlo.capabilities = EXT_PIPELINING
+            | EXT_SIZE
+            | EXT_8BIT_MIME
+            | EXT_SMTP_UTF8
+            | EXT_ENHANCED_STATUS_CODES
+            | EXT_CHUNKING;
+        ehlo.size = usize::try_from(settings.max_message_size).unwrap_or(usize::MAX);
+        if settings.tls.is_some() && !self.tls {
+            ehlo.capabilities |= EXT_START_TLS;
+        }
+        if settings.auth != AuthPolicy::Off && self.auth_user.is_none() {
+            ehlo.capabilities |= EXT_AUTH;
+            ehlo.auth_mechanisms = smtp_proto::AUTH_PLAIN | smtp_proto::AUTH_LOGIN;
+        }
+        let mut out = Vec::with_capacity(256);
+        // smtp-proto writes "250-<host> you had me at EHLO" then one line per capability.
+        if ehlo.write(&mut out).is_ok() {
+            self.reply_raw(&out);
+        } else {
+            self.reply(reply::LOCAL_ERROR);
+        }
+    }
+
+    fn handle_helo(&mut self, host: String) {
+        self.start_over(host, false);
+        let text = format!("{} Hello", self.shared.settings.hostname);
+        self.reply(Reply::with_text(250, "2.0.0", text));
+    }
+
+    fn start_over(&mut self, host: String, esmtp: bool) {
+        self.tx = None;
+        self.helo = Some(host);
+        self.esmtp = esmtp;
+    }
+
+    fn handle_mail(&mut self, from: MailFrom<String>) {
+        if self.tx.is_some() {
+            return self.reply(reply::NESTED_MAIL);
+        }
+        if self.shared.settings.auth.is_required() && self.auth_user.is_none() {
+            return self.reply(reply::AUTH_REQUIRED);
+        }
+        if from.flags & MAIL_BODY_BINARYMIME != 0 {
+            return self.reply(reply::BINARYMIME_UNSUPPORTED);
+        }
+        if !from.address.is_ascii() && from.flags & MAIL_SMTPUTF8 == 0 {
+            return self.reply(reply::NEEDS_SMTPUTF8);
+        }
+        // RFC 1870 §6.1: refuse a declared size above the limit before any data is sent.
+        let declared = from.size as u64;
+        if declared > self.shared.settings.max_message_size {
+            return self.reply(reply::MESSAGE_TOO_BIG);
+        }
+        if let Err(reply) = self.shared.check_free_space(declared) {
+            return self.reply(reply);
+        }
+        self.tx = Some(Transaction {
+            mail_from: from.address,
+            mail_flags: from.flags,
+            env_id: from.env_id,
+            recipients: Vec::new(),
+            bdat: None,
+        });
+        self.reply(reply::SENDER_OK);
+    }
+
+    fn handle_rcpt(&mut self, to: RcptTo<String>) {
+        let max = self.shared.settings.max_recipients;
+        let Some(tx) = self.tx.as_mut() else {
+            return self.reply(reply::NEED_MAIL);
+        };
+        if to.address.is_empty() {
+            return self.reply(Reply::new(501, "5.1.3", "Invalid recipient address"));
+        }
+        if !to.address.is_ascii() && tx.mail_flags & MAIL_SMTPUTF8 == 0 {
+            return self.reply(reply::NEEDS_SMTPUTF8);
+        }
+        if tx.recipients.len() >= max {
+            return self.reply(reply::TOO_MANY_RECIPIENTS);
+        }
+        tx.recipients.push(crate::spool::Recipient {
+            address: to.address,
+            notify: notify_text(to.flags),
+            orcpt: to.orcpt,
+        });
+        self.reply(reply::RECIPIENT_OK);
+    }
+
+    async fn handle_rset(&mut self) {
+        self.abort_bdat().await;
+        self.reply(reply::RESET);
+    }
+
+    fn handle_help(&mut self) {
+        let mut verbs = String::from("EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP");
+        if self.shared.settings.tls.is_some() {
+            verbs.push_str(" STARTTLS");
+        }
+        if self.shared.settings.auth != AuthPolicy::Off {
+            verbs.push_str(" AUTH");
+        }
+        self.reply(Reply::with_text(
+            214,
+            "2.0.0",
+            format!("smtp-oauth-relay; commands: {verbs}"),
+        ));
+    }
+
+    fn handle_starttls(&mut self) {
+        if self.shared.settings.tls.is_none() {
+            return self.reply(reply::NOT_IMPLEMENTED);
+        }
+        if self.tls {
+            return self.reply(reply::ALREADY_TLS);
+        }
+        self.reply(reply::START_TLS);
+        self.start_tls_after_reply();
+    }
+}
+
+/// RFC 3461 NOTIFY as stored in the spool (`SUCCESS,FAILURE`), `None` when not given.
+fn notify_text(flags: u64) -> Option<String> {
+    if flags & RCPT_NOTIFY_NEVER != 0 {
+        return Some("NEVER".into());
+    }
+    let words: Vec<&str> = [
+        (RCPT_NOTIFY_SUCCESS, "SUCCESS"),
+        (RCPT_NOTIFY_FAILURE, "FAILURE"),
+        (RCPT_NOTIFY_DELAY, "DELAY"),
+    ]
+    .iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, w)| *w)
+    .collect();
+    (!words.is_empty()).then(|| words.join(","))
+}

@@ -1,0 +1,306 @@
+//! The local SMTP server that legacy applications talk to.
+//!
+//! Following mini-redis, [`Server::run`] takes bound listeners and a shutdown token, so tests
+//! drive it on ephemeral ports. Each connection is checked against `allow_networks`, counted
+//! against `max_connections`, and handed to a [`session::Session`].
+//!
+//! Limits and their reasons:
+//! - command line: 4096 octets (smtp-proto's buffer; RFC 5321 §4.5.3.1.4 requires 512, RFC 4954
+//!   raises it for AUTH) → `500 5.5.2`;
+//! - message size: `smtp.max_message_size`, refused early on `SIZE=` (RFC 1870) and while
+//!   receiving → `552 5.3.4`;
+//! - recipients: `smtp.max_recipients` (RFC 5321 §4.5.3.1.8: at least 100) → `452 4.5.3`;
+//! - connections: `smtp.max_connections` → `421 4.3.2` at connect;
+//! - timeouts: `smtp.command_timeout` (RFC 5321 §4.5.3.2.7: at least 5 minutes) and
+//!   `smtp.data_timeout` per read during DATA (§4.5.3.2.5: 3 minutes) → `421 4.4.2`;
+//! - errors: `smtp.max_errors` replies of class 4/5 → `421 4.7.0` and disconnect.
+
+mod auth;
+mod commands;
+mod data;
+pub mod message;
+pub mod reply;
+mod session;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use auth::AuthPolicy;
+use reply::Reply;
+use session::{Next, Session};
+
+use crate::config::Config;
+use crate::spool::Spool;
+
+/// How long sessions get to finish after shutdown starts before they are cut off.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum InboundError {
+    #[error("smtp.tls_cert_file / smtp.tls_key_file: {0}")]
+    Tls(String),
+    #[error("smtp.auth: {0}")]
+    Auth(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The listener's settings, resolved from [`Config`] once at start.
+pub struct InboundSettings {
+    pub hostname: String,
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    pub max_connections: usize,
+    pub allow_networks: Vec<IpNet>,
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+    pub max_errors: u32,
+    pub min_free_space: u64,
+    pub tls: Option<TlsAcceptor>,
+    pub auth: AuthPolicy,
+}
+
+impl InboundSettings {
+    pub fn from_config(config: &Config) -> Result<InboundSettings, InboundError> {
+        let smtp = &config.smtp;
+        let tls = match (&smtp.tls_cert_file, &smtp.tls_key_file) {
+            (Some(cert), Some(key)) => Some(load_tls(cert, key)?),
+            _ => None,
+        };
+        Ok(InboundSettings {
+            hostname: smtp.hostname.clone(),
+            max_message_size: smtp.max_message_size.0,
+            max_recipients: smtp.max_recipients,
+            max_connections: smtp.max_connections,
+            allow_networks: config.allowed_networks(),
+            command_timeout: smtp.command_timeout,
+            data_timeout: smtp.data_timeout,
+            max_errors: smtp.max_errors,
+            min_free_space: config.min_free_space(),
+            tls,
+            auth: AuthPolicy::from_setting(&smtp.auth).map_err(InboundError::Auth)?,
+        })
+    }
+}
+
+fn load_tls(cert: &Path, key: &Path) -> Result<TlsAcceptor, InboundError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| InboundError::Tls(format!("{}: {e}", cert.display())))?;
+    if certs.is_empty() {
+        return Err(InboundError::Tls(format!(
+            "{}: no certificate",
+            cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| InboundError::Tls(format!("{}: {e}", key.display())))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
+        .map_err(|e| InboundError::Tls(e.to_string()))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// State shared by all sessions.
+pub struct Shared {
+    pub settings: InboundSettings,
+    pub spool: Spool,
+    /// Messages accepted since start (for logs and, later, metrics).
+    pub accepted: AtomicU64,
+}
+
+impl Shared {
+    /// RFC 5321 §4.5.3.1.10 / Postfix `smtpd_check_queue`: refuse with a temporary 452 before
+    /// taking data the disk cannot hold.
+    pub fn check_free_space(&self, declared_size: u64) -> Result<(), Reply> {
+        match self.spool.free_space() {
+            Ok(free) if free >= self.settings.min_free_space.saturating_add(declared_size) => {
+                Ok(())
+            }
+            Ok(free) => {
+                tracing::warn!(
+                    free,
+                    needed = self.settings.min_free_space,
+                    "spool disk nearly full: refusing mail"
+                );
+                Err(reply::NO_SPACE)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read free space of the spool");
+                Err(reply::LOCAL_ERROR)
+            }
+        }
+    }
+}
+
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    pub fn new(settings: InboundSettings, spool: Spool) -> Server {
+        Server {
+            shared: Arc::new(Shared {
+                settings,
+                spool,
+                accepted: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Binds every `smtp.listen` address.
+    pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, InboundError> {
+        let mut listeners = Vec::with_capacity(addrs.len());
+        for addr in addrs {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| InboundError::Bind {
+                    addr: *addr,
+                    source,
+                })?;
+            listeners.push(listener);
+        }
+        Ok(listeners)
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops accepting, lets sessions finish for up
+    /// to [`DRAIN_TIMEOUT`], and returns.
+    pub async fn run(self, listeners: Vec<TcpListener>, shutdown: CancellationToken) {
+        let sessions = TaskTracker::new();
+        let limit = Arc::new(Semaphore::new(self.shared.settings.max_connections));
+        let mut accept_loops = Vec::new();
+        for listener in listeners {
+            let shared = self.shared.clone();
+            let shutdown = shutdown.clone();
+            let sessions = sessions.clone();
+            let limit = limit.clone();
+            accept_loops.push(tokio::spawn(async move {
+                accept_loop(listener, shared, limit, sessions, shutdown).await
+            }));
+        }
+        for handle in accept_loops {
+            let _ = handle.await;
+        }
+        sessions.close();
+        if tokio::time::timeout(DRAIN_TIMEOUT, sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = sessions.len(),
+                "sessions still open after the drain timeout; closing them"
+            );
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    limit: Arc<Semaphore>,
+    sessions: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => {
+                backoff = Duration::from_millis(10);
+                pair
+            }
+            Err(e) => {
+                // EMFILE and friends: wait rather than spin (mini-redis does the same).
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        let permit = limit.clone().try_acquire_owned().ok();
+        sessions.spawn(async move {
+            let Some(_permit) = permit else {
+                tracing::warn!(client = %peer, "refusing connection: smtp.max_connections reached");
+                return refuse(stream, reply::TOO_MANY_CONNECTIONS).await;
+            };
+            let ip = peer.ip().to_canonical();
+            if !shared
+                .settings
+                .allow_networks
+                .iter()
+                .any(|n| n.contains(&ip))
+            {
+                tracing::warn!(client = %peer, "refusing connection: not in smtp.allow_networks");
+                return refuse(stream, reply::NOT_ALLOWED).await;
+            }
+            serve_connection(stream, peer, shared, shutdown).await;
+        });
+    }
+}
+
+async fn refuse(mut stream: TcpStream, reply: Reply) {
+    let mut out = Vec::new();
+    reply.write_to(&mut out);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = stream.write_all(&out).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+async fn serve_connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    tracing::debug!(client = %peer, "connection opened");
+    let tls = shared.settings.tls.clone();
+    let mut session = Session::new(shared, peer);
+    session.greeting();
+    match session.drive(&mut stream, &shutdown).await {
+        Ok(Next::StartTls) => {
+            let Some(acceptor) = tls else { return };
+            match acceptor.accept(stream).await {
+                Ok(mut tls_stream) => {
+                    session.tls_established();
+                    let result = session.drive(&mut tls_stream, &shutdown).await;
+                    if let Err(e) = result {
+                        tracing::debug!(client = %peer, error = %e, "connection error");
+                    }
+                    let _ = tls_stream.shutdown().await;
+                }
+                Err(e) => tracing::info!(client = %peer, error = %e, "TLS handshake failed"),
+            }
+        }
+        Ok(Next::Close) => {
+            let _ = stream.shutdown().await;
+        }
+        Err(e) => tracing::debug!(client = %peer, error = %e, "connection error"),
+    }
+    tracing::debug!(client = %peer, "connection closed");
+}

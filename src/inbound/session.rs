@@ -1,0 +1,328 @@
+//! One SMTP session: reads the client's bytes, feeds them to the receiver of the current state
+//! (command line, DATA, BDAT chunk, SASL line), and writes the replies. Verb handlers live in
+//! `commands.rs`, `data.rs` and `auth.rs`; they only append replies and change state.
+//!
+//! Replies are batched per read and flushed before the next read, which is what PIPELINING
+//! (RFC 2920) needs: commands are handled in order, none is discarded, replies go out together.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use smtp_proto::request::receiver::{
+    BdatReceiver, DataReceiver, DummyDataReceiver, DummyLineReceiver, LineReceiver, RequestReceiver,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use super::auth::SaslStep;
+use super::message::MessageWriter;
+use super::reply::{self, Reply};
+
+/// What the connection loop does after a call to [`Session::drive`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    Close,
+    /// Upgrade the stream to TLS, then drive the session again (RFC 3207).
+    StartTls,
+}
+
+/// The envelope being collected between MAIL and the end of DATA/BDAT.
+#[derive(Debug, Default)]
+pub struct Transaction {
+    pub mail_from: String,
+    pub mail_flags: u64,
+    pub env_id: Option<String>,
+    pub recipients: Vec<crate::spool::Recipient>,
+    /// Set once BDAT started: the message being received chunk by chunk.
+    pub bdat: Option<BdatTransfer>,
+}
+
+#[derive(Default)]
+pub struct BdatTransfer {
+    /// `None` once the transfer failed; the reply to give at `LAST`.
+    pub writer: Option<MessageWriter>,
+    pub failure: Option<Reply>,
+}
+
+impl std::fmt::Debug for BdatTransfer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BdatTransfer")
+            .field("failure", &self.failure)
+            .finish()
+    }
+}
+
+pub enum State {
+    Command(RequestReceiver),
+    /// Skipping the rest of a command line longer than smtp-proto's 4096-byte buffer.
+    LineTooLong(DummyLineReceiver),
+    Data {
+        receiver: DataReceiver,
+        writer: Box<MessageWriter>,
+    },
+    /// Reading to the end of DATA whose content will be refused with `reply`.
+    SkipData {
+        receiver: DummyDataReceiver,
+        reply: Reply,
+    },
+    Bdat {
+        receiver: BdatReceiver,
+    },
+    Sasl(LineReceiver<SaslStep>),
+}
+
+pub struct Session {
+    pub(super) shared: Arc<Shared>,
+    pub(super) peer: SocketAddr,
+    pub(super) helo: Option<String>,
+    pub(super) esmtp: bool,
+    pub(super) tls: bool,
+    pub(super) auth_user: Option<String>,
+    pub(super) tx: Option<Transaction>,
+    pub(super) state: State,
+    errors: u32,
+    out: Vec<u8>,
+    next: Option<Next>,
+}
+
+impl Session {
+    pub fn new(shared: Arc<Shared>, peer: SocketAddr) -> Session {
+        Session {
+            shared,
+            peer,
+            helo: None,
+            esmtp: false,
+            tls: false,
+            auth_user: None,
+            tx: None,
+            state: State::Command(RequestReceiver::default()),
+            errors: 0,
+            out: Vec::with_capacity(1024),
+            next: None,
+        }
+    }
+
+    pub fn greeting(&mut self) {
+        let text = format!(
+            "{} ESMTP smtp-oauth-relay ready",
+            self.shared.settings.hostname
+        );
+        self.out
+            .extend_from_slice(format!("220 {text}\r\n").as_bytes());
+    }
+
+    /// After the TLS handshake: forget everything learnt before it (RFC 3207 §4.2).
+    pub fn tls_established(&mut self) {
+        self.tls = true;
+        self.helo = None;
+        self.esmtp = false;
+        self.auth_user = None;
+        self.tx = None;
+        self.state = State::Command(RequestReceiver::default());
+        self.next = None;
+    }
+
+    pub fn reply(&mut self, reply: Reply) {
+        reply.write_to(&mut self.out);
+        if reply.is_error() {
+            self.errors += 1;
+            if self.errors >= self.shared.settings.max_errors && self.next.is_none() {
+                tracing::info!(client = %self.peer, errors = self.errors, "disconnecting client after too many errors");
+                reply::TOO_MANY_ERRORS.write_to(&mut self.out);
+                self.next = Some(Next::Close);
+            }
+        }
+    }
+
+    pub(super) fn reply_raw(&mut self, bytes: &[u8]) {
+        self.out.extend_from_slice(bytes);
+    }
+
+    pub(super) fn close_after_reply(&mut self) {
+        self.next = Some(Next::Close);
+    }
+
+    pub(super) fn start_tls_after_reply(&mut self) {
+        self.next = Some(Next::StartTls);
+    }
+
+    /// Between commands with no message transfer under way: safe to close on shutdown.
+    fn at_command_boundary(&self) -> bool {
+        matches!(self.state, State::Command(_) | State::LineTooLong(_))
+            && self.tx.as_ref().is_none_or(|tx| tx.bdat.is_none())
+    }
+
+    fn in_message_transfer(&self) -> bool {
+        matches!(
+            self.state,
+            State::Data { .. } | State::SkipData { .. } | State::Bdat { .. }
+        )
+    }
+
+    /// Runs the session on `stream` until it ends or asks for STARTTLS.
+    pub async fn drive<S>(
+        &mut self,
+        stream: &mut S,
+        shutdown: &CancellationToken,
+    ) -> std::io::Result<Next>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            if !self.out.is_empty() {
+                stream.write_all(&self.out).await?;
+                stream.flush().await?;
+                self.out.clear();
+            }
+            if let Some(next) = self.next.take() {
+                return Ok(next);
+            }
+            let limit = if self.in_message_transfer() {
+                self.shared.settings.data_timeout
+            } else {
+                self.shared.settings.command_timeout
+            };
+            let idle = self.at_command_boundary();
+            let n = tokio::select! {
+                read = tokio::time::timeout(limit, stream.read(&mut buf)) => match read {
+                    Err(_) => {
+                        tracing::info!(client = %self.peer, "closing idle connection: timeout");
+                        self.abort_transfer().await;
+                        self.reply(reply::TIMEOUT);
+                        self.next = Some(Next::Close);
+                        continue;
+                    }
+                    Ok(Ok(0)) => {
+                        self.abort_transfer().await;
+                        return Ok(Next::Close);
+                    }
+                    Ok(Ok(n)) => n,
+                    Ok(Err(e)) => {
+                        self.abort_transfer().await;
+                        return Err(e);
+                    }
+                },
+                _ = shutdown.cancelled(), if idle => {
+                    self.abort_transfer().await;
+                    self.reply(reply::SHUTTING_DOWN);
+                    self.next = Some(Next::Close);
+                    continue;
+                }
+            };
+            self.ingest(&buf[..n]).await;
+        }
+    }
+
+    /// Drops a partly received message: its temporary file goes, nothing reaches the queue.
+    async fn abort_transfer(&mut self) {
+        let state = std::mem::replace(&mut self.state, State::Command(RequestReceiver::default()));
+        if let State::Data { writer, .. } = state {
+            writer.abort().await;
+        }
+        self.abort_bdat().await;
+    }
+
+    /// Feeds one read's worth of bytes through the state machine.
+    pub async fn ingest(&mut self, bytes: &[u8]) {
+        let mut it = bytes.iter();
+        while self.next.is_none() {
+            match &mut self.state {
+                State::Command(receiver) => {
+                    if it.len() == 0 {
+                        break;
+                    }
+                    if receiver.buf().is_empty() && looks_like_http(it.as_slice()) {
+                        self.reply(reply::NOT_HTTP);
+                        self.close_after_reply();
+                        break;
+                    }
+                    match receiver.ingest(&mut it) {
+                        Ok(request) => {
+                            let request = request.into_owned();
+                            self.handle_command(request).await;
+                            if self.next == Some(Next::StartTls) {
+                                // RFC 3207 §5: nothing pipelined after STARTTLS may be acted on.
+                                return;
+                            }
+                        }
+                        Err(smtp_proto::Error::NeedsMoreData { .. }) => break,
+                        Err(smtp_proto::Error::ResponseTooLong) => {
+                            self.reply(reply::LINE_TOO_LONG);
+                            self.state = State::LineTooLong(DummyLineReceiver::default());
+                        }
+                        Err(e) => {
+                            let reply = command_error_reply(&e);
+                            self.reply(reply);
+                        }
+                    }
+                }
+                State::LineTooLong(receiver) => {
+                    if receiver.ingest(&mut it) {
+                        self.state = State::Command(RequestReceiver::default());
+                    } else {
+                        break;
+                    }
+                }
+                State::Data { .. } | State::SkipData { .. } => {
+                    if !self.ingest_data(&mut it).await {
+                        break;
+                    }
+                }
+                State::Bdat { .. } => {
+                    if !self.ingest_bdat(&mut it).await {
+                        break;
+                    }
+                }
+                State::Sasl(receiver) => {
+                    if receiver.ingest(&mut it) {
+                        let line = std::mem::take(&mut receiver.buf);
+                        let step = std::mem::replace(&mut receiver.state, SaslStep::Done);
+                        self.state = State::Command(RequestReceiver::default());
+                        self.handle_sasl_line(step, line).await;
+                    } else {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Browsers and HTTP clients pointed at the SMTP port get one reply and a closed connection,
+/// instead of a reply per header line (cross-protocol attacks; chasquid does the same).
+fn looks_like_http(bytes: &[u8]) -> bool {
+    const VERBS: [&[u8]; 6] = [
+        b"GET ",
+        b"POST ",
+        b"HEAD ",
+        b"PUT ",
+        b"CONNECT ",
+        b"OPTIONS ",
+    ];
+    VERBS
+        .iter()
+        .any(|v| bytes.len() >= v.len() && bytes[..v.len()].eq_ignore_ascii_case(v))
+}
+
+fn command_error_reply(error: &smtp_proto::Error) -> Reply {
+    use smtp_proto::Error as E;
+    match error {
+        E::UnknownCommand => reply::UNKNOWN_COMMAND,
+        E::InvalidSenderAddress => Reply::new(501, "5.1.7", "Invalid sender address"),
+        E::InvalidRecipientAddress => Reply::new(501, "5.1.3", "Invalid recipient address"),
+        E::SyntaxError { syntax } => {
+            Reply::with_text(501, "5.5.2", format!("Syntax error, expected: {syntax}"))
+        }
+        E::InvalidParameter { param } => {
+            Reply::with_text(501, "5.5.4", format!("Invalid value for parameter {param}"))
+        }
+        E::UnsupportedParameter { param } => {
+            let param: String = param.chars().filter(|c| !c.is_control()).take(64).collect();
+            Reply::with_text(555, "5.5.4", format!("Unsupported parameter {param}"))
+        }
+        E::ResponseTooLong => reply::LINE_TOO_LONG,
+        E::NeedsMoreData { .. } | E::InvalidResponse { .. } => reply::UNKNOWN_COMMAND,
+    }
+}
