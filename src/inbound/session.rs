@@ -19,6 +19,11 @@ use super::auth::SaslStep;
 use super::message::MessageWriter;
 use super::reply::{self, Reply};
 
+/// Longest command line accepted, CRLF included. RFC 5321 §4.5.3.1.4 sets 512 octets as the
+/// minimum and lets extensions raise it; AUTH initial responses (RFC 4954 §4) need more.
+/// This is also smtp-proto's buffer size.
+pub const MAX_COMMAND_LINE: usize = smtp_proto::request::receiver::MAX_LINE_LENGTH;
+
 /// What the connection loop does after a call to [`Session::drive`].
 #[derive(Debug, PartialEq, Eq)]
 pub enum Next {
@@ -82,6 +87,8 @@ pub struct Session {
     pub(super) tx: Option<Transaction>,
     pub(super) state: State,
     errors: u32,
+    /// Bytes of the command line being received (for [`MAX_COMMAND_LINE`]).
+    line_len: usize,
     out: Vec<u8>,
     next: Option<Next>,
 }
@@ -98,6 +105,7 @@ impl Session {
             tx: None,
             state: State::Command(RequestReceiver::default()),
             errors: 0,
+            line_len: 0,
             out: Vec::with_capacity(1024),
             next: None,
         }
@@ -238,7 +246,22 @@ impl Session {
                         self.close_after_reply();
                         break;
                     }
-                    match receiver.ingest(&mut it) {
+                    let before = it.len();
+                    let result = receiver.ingest(&mut it);
+                    self.line_len += before - it.len();
+                    if !matches!(
+                        result,
+                        Err(smtp_proto::Error::NeedsMoreData { .. }
+                            | smtp_proto::Error::ResponseTooLong)
+                    ) {
+                        let line_len = std::mem::take(&mut self.line_len);
+                        // A complete line in one read never hits smtp-proto's buffer limit.
+                        if line_len > MAX_COMMAND_LINE {
+                            self.reply(reply::LINE_TOO_LONG);
+                            continue;
+                        }
+                    }
+                    match result {
                         Ok(request) => {
                             let request = request.into_owned();
                             self.handle_command(request).await;
@@ -250,6 +273,7 @@ impl Session {
                         Err(smtp_proto::Error::NeedsMoreData { .. }) => break,
                         Err(smtp_proto::Error::ResponseTooLong) => {
                             self.reply(reply::LINE_TOO_LONG);
+                            self.line_len = 0;
                             self.state = State::LineTooLong(DummyLineReceiver::default());
                         }
                         Err(e) => {
