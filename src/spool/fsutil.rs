@@ -78,7 +78,8 @@ pub struct SpoolStats {
     pub commits: u64,
     /// `fsync` calls on message files.
     pub file_fsyncs: u64,
-    /// `fsync` calls on `queue/` made by the commit path (shared by a group of commits).
+    /// `fsync` rounds on `queue/` by the commit path (each shared by a group of commits;
+    /// failed attempts included).
     pub dir_fsyncs: u64,
 }
 

@@ -122,7 +122,7 @@ pub(crate) struct Inner {
     ids: id::IdGenerator,
     faults: Faults,
     counters: Counters,
-    group: GroupCommit,
+    group: Arc<GroupCommit>,
     state_tmp_seq: AtomicU64,
     _lock: Option<File>,
 }
@@ -163,13 +163,13 @@ impl std::fmt::Debug for Spool {
     }
 }
 
-fn new_inner(dir: &Path, lock: Option<File>) -> Inner {
+pub(crate) fn new_inner(dir: &Path, lock: Option<File>) -> Inner {
     Inner {
         dir: dir.to_path_buf(),
         ids: id::IdGenerator::new(),
         faults: Faults::default(),
         counters: Counters::default(),
-        group: GroupCommit::new(),
+        group: Arc::new(GroupCommit::new()),
         state_tmp_seq: AtomicU64::new(0),
         _lock: lock,
     }
