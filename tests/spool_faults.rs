@@ -160,3 +160,50 @@ async fn cancelled_commits_do_not_wedge_others() {
     let (_spool, report) = Spool::open(tmp.path()).unwrap();
     assert_eq!(report.corrupt, 0, "{report}");
 }
+
+/// A real full filesystem (a 1 MiB tmpfs). Needs CAP_SYS_ADMIN; skipped (with a note) without.
+#[tokio::test]
+async fn real_disk_full_on_tmpfs() {
+    struct Unmount(std::ffi::CString);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            // SAFETY: valid NUL-terminated path.
+            unsafe { libc::umount2(self.0.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+    let base = tempfile::tempdir().unwrap();
+    let mnt = base.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let c = |s: &str| std::ffi::CString::new(s).unwrap();
+    let target = c(mnt.to_str().unwrap());
+    // SAFETY: all pointers are valid NUL-terminated strings.
+    let rc = unsafe {
+        libc::mount(
+            c("tmpfs").as_ptr(),
+            target.as_ptr(),
+            c("tmpfs").as_ptr(),
+            0,
+            c("size=1m,mode=0700").as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        eprintln!(
+            "skipping real disk-full test: cannot mount tmpfs: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    let _unmount = Unmount(target);
+    let (spool, _) = Spool::open(&mnt.join("spool")).unwrap();
+    let first = attempt(&spool, 1000).await.unwrap();
+    assert!(spool.free_space().unwrap() < 1024 * 1024);
+    let err = attempt(&spool, 2 * 1024 * 1024).await.unwrap_err();
+    assert!(err.is_no_space(), "{err}");
+    assert_eq!(count(&mnt.join("spool/tmp")), 0);
+    assert_eq!(count(&mnt.join("spool/queue")), 1);
+    // The space of the failed message is back: the next message fits.
+    let second = attempt(&spool, 100 * 1024).await.unwrap();
+    let ids: Vec<String> = spool.list().unwrap().into_iter().map(|e| e.id).collect();
+    assert_eq!(ids, vec![first, second]);
+    drop(spool);
+}
