@@ -365,3 +365,27 @@ async fn second_daemon_is_locked_out() {
     Spool::open(tmp.path()).unwrap();
     assert!(Spool::open(tmp.path()).unwrap().0.free_space().unwrap() > 0);
 }
+
+#[tokio::test]
+async fn many_recipients_large_header() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (spool, _) = Spool::open(tmp.path()).unwrap();
+    let mut env = envelope(10);
+    env.recipients = (0..500)
+        .map(|i| Recipient {
+            address: format!("recipient-number-{i:04}@a-rather-long-domain-name.example"),
+            notify: Some("SUCCESS,FAILURE,DELAY".into()),
+            orcpt: Some(format!(
+                "rfc822;recipient-number-{i:04}@a-rather-long-domain-name.example"
+            )),
+        })
+        .collect();
+    let id = store(&spool, &env, b"Subject: many\r\n\r\nx\r\n", 7).await;
+    let file = fs::read(tmp.path().join("queue").join(format!("{id}.msg"))).unwrap();
+    assert!(format::decode(&file).unwrap().header_len > 256 * 1024 / 4);
+    assert_eq!(spool.show(&id).unwrap().envelope, env);
+    assert_eq!(spool.list().unwrap()[0].recipients.len(), 500);
+    drop(spool);
+    let (_s, report) = Spool::open(tmp.path()).unwrap();
+    assert_eq!((report.queued, report.corrupt), (1, 0));
+}
