@@ -78,7 +78,8 @@ pub struct SpoolStats {
     pub commits: u64,
     /// `fsync` calls on message files.
     pub file_fsyncs: u64,
-    /// `fsync` calls on `queue/` made by the commit path (shared by a group of commits).
+    /// `fsync` rounds on `queue/` by the commit path (each shared by a group of commits;
+    /// failed attempts included).
     pub dir_fsyncs: u64,
 }
 
@@ -211,8 +212,10 @@ pub(crate) fn open_message(path: &Path) -> Result<OpenedMessage, SpoolError> {
         path: path.to_path_buf(),
         reason,
     };
+    // Headers are small: read 8 KiB first and grow, so listing or recovering a large spool
+    // does not read much of each body.
     let mut buf = Vec::with_capacity(8192);
-    let mut chunk = vec![0u8; 64 * 1024];
+    let mut chunk = vec![0u8; 8192];
     loop {
         match format::decode(&buf) {
             Ok(header) => {
@@ -245,5 +248,8 @@ pub(crate) fn open_message(path: &Path) -> Result<OpenedMessage, SpoolError> {
             )));
         }
         buf.extend_from_slice(&chunk[..n]);
+        if chunk.len() < 1 << 20 && buf.len() >= chunk.len() {
+            chunk.resize(chunk.len() * 2, 0);
+        }
     }
 }

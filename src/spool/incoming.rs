@@ -211,7 +211,7 @@ impl IncomingMessage {
             .await?;
         }
         // Committed (renamed) but not yet durable.
-        if let Err(e) = self.inner.group.sync(&self.inner).await {
+        if let Err(e) = GroupCommit::sync(&self.inner).await {
             // Durability cannot be promised: withdraw the message so the client's retry does
             // not create a duplicate (see the module docs for the crash case).
             let _ = blocking(move || {
@@ -296,22 +296,54 @@ pub(crate) struct GroupCommit {
     done: Notify,
 }
 
-/// Finishes a round even if the blocking task never runs (runtime shutting down).
+/// Runs one round's fsync on the blocking pool and finishes the round, also if the task never
+/// runs (runtime shutting down). The spool handle is released *before* the round is marked
+/// done, so a committer that sees its round finish never races with a lingering reference
+/// (which would keep the spool lock).
 struct RoundGuard {
-    inner: Arc<Inner>,
+    group: Arc<GroupCommit>,
     round: Arc<Round>,
+    inner: Option<Arc<Inner>>,
+    dir: PathBuf,
+    finished: bool,
+}
+
+impl RoundGuard {
+    fn run(mut self) {
+        let inner = self.inner.take().expect("round guard holds the spool");
+        let r = inner
+            .faults
+            .check(FaultPoint::DirFsync)
+            .and_then(|()| File::open(&self.dir)?.sync_all());
+        inner.counters.dir_fsyncs.fetch_add(1, Ordering::Relaxed);
+        drop(inner);
+        let dir = self.dir.clone();
+        self.finish(r.map_err(|e| ("fsync directory", dir, e)));
+    }
+
+    fn finish(&mut self, r: RoundResult) {
+        self.finished = true;
+        self.inner = None;
+        let _ = self.round.result.set(r);
+        self.group
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .busy = false;
+        self.group.done.notify_waiters();
+    }
 }
 
 impl Drop for RoundGuard {
     fn drop(&mut self) {
-        let _ = self.round.result.set(Err((
-            "fsync directory",
-            self.inner.state_dir_of(EntryState::Queued),
-            io::Error::other("directory fsync was not run"),
-        )));
-        let g = &self.inner.group;
-        g.state.lock().unwrap_or_else(|e| e.into_inner()).busy = false;
-        g.done.notify_waiters();
+        if !self.finished {
+            let dir = self.dir.clone();
+            self.finish(Err((
+                "fsync directory",
+                dir,
+                io::Error::other("directory fsync was not run"),
+            )));
+        }
     }
 }
 
@@ -327,15 +359,16 @@ impl GroupCommit {
     }
 
     /// Wait until a `fsync(queue/)` that started after the caller's rename has completed.
-    pub(crate) async fn sync(&self, inner: &Arc<Inner>) -> Result<(), SpoolError> {
-        let round = self
+    pub(crate) async fn sync(inner: &Arc<Inner>) -> Result<(), SpoolError> {
+        let group = &inner.group;
+        let round = group
             .state
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .open
             .clone();
         loop {
-            let notified = self.done.notified();
+            let notified = group.done.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if let Some(r) = round.result.get() {
@@ -345,7 +378,7 @@ impl GroupCommit {
                 };
             }
             let lead = {
-                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                let mut st = group.state.lock().unwrap_or_else(|e| e.into_inner());
                 if !st.busy && Arc::ptr_eq(&st.open, &round) {
                     st.busy = true;
                     st.open = Arc::new(Round::default());
@@ -356,29 +389,87 @@ impl GroupCommit {
             };
             if lead {
                 let guard = RoundGuard {
-                    inner: inner.clone(),
+                    group: group.clone(),
                     round: round.clone(),
+                    inner: Some(inner.clone()),
+                    dir: inner.state_dir_of(EntryState::Queued),
+                    finished: false,
                 };
-                tokio::task::spawn_blocking(move || {
-                    let dir = guard.inner.state_dir_of(EntryState::Queued);
-                    let r = guard
-                        .inner
-                        .faults
-                        .check(FaultPoint::DirFsync)
-                        .and_then(|()| File::open(&dir)?.sync_all());
-                    guard
-                        .inner
-                        .counters
-                        .dir_fsyncs
-                        .fetch_add(1, Ordering::Relaxed);
-                    let _ = guard
-                        .round
-                        .result
-                        .set(r.map_err(|e| ("fsync directory", dir, e)));
-                    drop(guard);
-                });
+                tokio::task::spawn_blocking(move || guard.run());
             }
             notified.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic group commit: while one fsync is in flight, every committer that arrives
+    /// joins the next round, and that round is a single fsync for all of them.
+    #[test]
+    fn waiters_share_one_fsync() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("queue")).unwrap();
+        let inner = Arc::new(super::super::new_inner(tmp.path(), None));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // Pretend an fsync is running.
+            inner.group.state.lock().unwrap().busy = true;
+            let mut tasks = Vec::new();
+            for _ in 0..16 {
+                let inner = inner.clone();
+                tasks.push(tokio::spawn(async move { GroupCommit::sync(&inner).await }));
+            }
+            // Let every task register as a waiter (current-thread runtime: they all run now).
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(inner.counters.snapshot().dir_fsyncs, 0);
+            // The pretend fsync finishes.
+            inner.group.state.lock().unwrap().busy = false;
+            inner.group.done.notify_waiters();
+            for t in tasks {
+                t.await.unwrap().unwrap();
+            }
+        });
+        assert_eq!(inner.counters.snapshot().dir_fsyncs, 1);
+    }
+
+    /// A failed group fsync fails every committer of that round, and the next round works.
+    #[test]
+    fn failed_round_fails_all_members() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("queue")).unwrap();
+        let inner = Arc::new(super::super::new_inner(tmp.path(), None));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            inner.group.state.lock().unwrap().busy = true;
+            inner
+                .faults
+                .set(Some(fsutil::Fault::eio(FaultPoint::DirFsync)));
+            let tasks: Vec<_> = (0..4)
+                .map(|_| {
+                    let inner = inner.clone();
+                    tokio::spawn(async move { GroupCommit::sync(&inner).await })
+                })
+                .collect();
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            inner.group.state.lock().unwrap().busy = false;
+            inner.group.done.notify_waiters();
+            for t in tasks {
+                let e = t.await.unwrap().unwrap_err();
+                assert!(!e.is_no_space(), "{e}");
+            }
+            GroupCommit::sync(&inner).await.unwrap();
+        });
+        assert_eq!(inner.counters.snapshot().dir_fsyncs, 2);
     }
 }

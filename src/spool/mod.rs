@@ -4,7 +4,7 @@
 //! One directory with `tmp/`, `queue/`, `held/`, `failed/`, `corrupt/` and `state/` (all on one
 //! filesystem) and a `lock` file held by the running daemon.
 //! - A message is one immutable file `<ID>.msg`: a versioned envelope header, a blank line, the
-//!   exact message bytes (see [`format`]). Its directory is its state: `queue/` (queued),
+//!   exact message bytes (see [`mod@format`]). Its directory is its state: `queue/` (queued),
 //!   `held/`, `failed/`.
 //! - Mutable delivery state lives in `state/<ID>.json` ([`DeliveryState`]), absent = fresh.
 //!
@@ -46,7 +46,7 @@ pub use error::SpoolError;
 pub use format::{BodyType, Envelope, MailParams, Recipient};
 pub use fsutil::{Fault, FaultPoint, SpoolStats};
 pub use id::{is_valid_id, normalize_id};
-pub use incoming::IncomingMessage;
+pub use incoming::{IncomingMessage, WRITE_BUFFER};
 pub use recovery::RecoveryReport;
 pub use state::{DeliveryState, RecipientState, RecipientStatus, STATE_VERSION};
 
@@ -122,7 +122,7 @@ pub(crate) struct Inner {
     ids: id::IdGenerator,
     faults: Faults,
     counters: Counters,
-    group: GroupCommit,
+    group: Arc<GroupCommit>,
     state_tmp_seq: AtomicU64,
     _lock: Option<File>,
 }
@@ -163,13 +163,13 @@ impl std::fmt::Debug for Spool {
     }
 }
 
-fn new_inner(dir: &Path, lock: Option<File>) -> Inner {
+pub(crate) fn new_inner(dir: &Path, lock: Option<File>) -> Inner {
     Inner {
         dir: dir.to_path_buf(),
         ids: id::IdGenerator::new(),
         faults: Faults::default(),
         counters: Counters::default(),
-        group: GroupCommit::new(),
+        group: Arc::new(GroupCommit::new()),
         state_tmp_seq: AtomicU64::new(0),
         _lock: lock,
     }
