@@ -28,7 +28,10 @@ async fn greeting_and_ehlo_advertise_the_extensions() {
         assert!(ehlo.contains(ext), "{ext} missing in {ehlo}");
     }
     assert!(ehlo.starts_with("250-relay.test"), "{ehlo}");
-    assert!(!ehlo.contains("STARTTLS") && !ehlo.contains("AUTH"), "{ehlo}");
+    assert!(
+        !ehlo.contains("STARTTLS") && !ehlo.contains("AUTH"),
+        "{ehlo}"
+    );
     c.cmd_expect("QUIT", "221 2.0.0").await;
     assert!(c.closed().await);
 }
@@ -96,9 +99,18 @@ async fn message_is_stored_with_trace_headers_and_exact_bytes() {
     assert_eq!(id.len(), 26);
     let stored = relay.stored_message(&id);
     let text = String::from_utf8_lossy(&stored).to_string();
-    assert!(text.contains("by relay.test (smtp-oauth-relay) with ESMTP id "), "{text}");
-    assert!(!text.contains("\tfor <"), "two recipients: no `for` clause: {text}");
-    assert!(text.contains(&format!("\r\nMessage-ID: <{id}@relay.test>\r\n")), "{text}");
+    assert!(
+        text.contains("by relay.test (smtp-oauth-relay) with ESMTP id "),
+        "{text}"
+    );
+    assert!(
+        !text.contains("\tfor <"),
+        "two recipients: no `for` clause: {text}"
+    );
+    assert!(
+        text.contains(&format!("\r\nMessage-ID: <{id}@relay.test>\r\n")),
+        "{text}"
+    );
     assert!(text.contains("\r\nDate: "), "{text}");
     assert_eq!(strip_added_headers(&stored, body), body);
     let entry = &relay.spool.list().expect("list")[0];
@@ -164,7 +176,8 @@ async fn declared_size_over_the_limit_is_refused_at_mail() {
     c.cmd_expect("EHLO c", "250").await;
     c.cmd_expect("MAIL FROM:<a@legacy.test> SIZE=65537", "552 5.3.4")
         .await;
-    c.cmd_expect("MAIL FROM:<a@legacy.test> SIZE=65536", "250").await;
+    c.cmd_expect("MAIL FROM:<a@legacy.test> SIZE=65536", "250")
+        .await;
 }
 
 #[tokio::test]
@@ -193,9 +206,11 @@ async fn recipients_beyond_the_limit_get_452() {
     c.cmd_expect("EHLO c", "250").await;
     c.cmd_expect("MAIL FROM:<a@legacy.test>", "250").await;
     for i in 0..100 {
-        c.cmd_expect(&format!("RCPT TO:<r{i}@example.org>"), "250").await;
+        c.cmd_expect(&format!("RCPT TO:<r{i}@example.org>"), "250")
+            .await;
     }
-    c.cmd_expect("RCPT TO:<r100@example.org>", "452 4.5.3").await;
+    c.cmd_expect("RCPT TO:<r100@example.org>", "452 4.5.3")
+        .await;
     c.cmd_expect("DATA", "354").await;
     c.send(b"x\r\n.\r\n").await;
     c.expect("250").await;
@@ -308,8 +323,14 @@ async fn smuggling_vectors_do_not_end_the_message() {
         let stored = relay.stored_messages();
         assert_eq!(stored.len(), 1, "{name}: exactly one message");
         let text = String::from_utf8_lossy(&stored[0]).to_string();
-        assert!(text.contains("MAIL FROM:<evil@x.test>\r\n"), "{name}: {text:?}");
-        assert!(!text.replace("\r\n", "").contains('\n'), "{name}: bare LF kept: {text:?}");
+        assert!(
+            text.contains("MAIL FROM:<evil@x.test>\r\n"),
+            "{name}: {text:?}"
+        );
+        assert!(
+            !text.replace("\r\n", "").contains('\n'),
+            "{name}: bare LF kept: {text:?}"
+        );
     }
 }
 
@@ -340,7 +361,10 @@ async fn dot_stuffing_round_trips() {
     c.send(b"Subject: dots\r\n\r\n..\r\n...\r\n..leading\r\nmiddle.\r\n.\r\n")
         .await;
     let id = queued_id(&c.expect("250 2.0.0 queued as").await);
-    assert_eq!(strip_added_headers(&relay.stored_message(&id), meant), meant);
+    assert_eq!(
+        strip_added_headers(&relay.stored_message(&id), meant),
+        meant
+    );
 }
 
 #[tokio::test]
@@ -365,7 +389,10 @@ async fn bdat_chunks_are_stored_exactly() {
     c.expect("250 2.0.0 OK").await;
     let mut sent = part1.to_vec();
     sent.extend_from_slice(part2);
-    assert_eq!(strip_added_headers(&relay.stored_message(&id), &sent), &sent[..]);
+    assert_eq!(
+        strip_added_headers(&relay.stored_message(&id), &sent),
+        &sent[..]
+    );
 }
 
 #[tokio::test]
@@ -380,7 +407,8 @@ async fn bdat_out_of_sequence_or_too_big_is_refused_in_step() {
     c.cmd_expect("MAIL FROM:<a@legacy.test>", "250").await;
     c.cmd_expect("RCPT TO:<b@example.org>", "250").await;
     let big = vec![b'x'; 70 * 1024];
-    c.send(format!("BDAT {} LAST\r\n", big.len()).as_bytes()).await;
+    c.send(format!("BDAT {} LAST\r\n", big.len()).as_bytes())
+        .await;
     c.send(&big).await;
     c.expect("552 5.3.4").await;
     c.cmd_expect("NOOP", "250").await;
@@ -394,9 +422,13 @@ async fn auth_accept_any_offers_plain_and_login() {
     let mut c = relay.connect().await;
     c.expect("220").await;
     let ehlo = c.cmd("EHLO c").await;
-    assert!(ehlo.contains("AUTH PLAIN LOGIN") || ehlo.contains("AUTH LOGIN PLAIN"), "{ehlo}");
+    assert!(
+        ehlo.contains("AUTH PLAIN LOGIN") || ehlo.contains("AUTH LOGIN PLAIN"),
+        "{ehlo}"
+    );
     // base64("\0user\0pass")
-    c.cmd_expect("AUTH PLAIN AHVzZXIAcGFzcw==", "235 2.7.0").await;
+    c.cmd_expect("AUTH PLAIN AHVzZXIAcGFzcw==", "235 2.7.0")
+        .await;
     c.cmd_expect("AUTH PLAIN AHVzZXIAcGFzcw==", "503").await;
 
     let mut c = relay.connect().await;
@@ -433,9 +465,11 @@ async fn auth_with_a_users_file_is_required_and_checked() {
     c.cmd_expect("EHLO c", "250").await;
     c.cmd_expect("MAIL FROM:<a@legacy.test>", "530 5.7.0").await;
     // base64("\0scanner\0wrong")
-    c.cmd_expect("AUTH PLAIN AHNjYW5uZXIAd3Jvbmc=", "535 5.7.8").await;
+    c.cmd_expect("AUTH PLAIN AHNjYW5uZXIAd3Jvbmc=", "535 5.7.8")
+        .await;
     // base64("\0scanner\0right-password")
-    c.cmd_expect("AUTH PLAIN AHNjYW5uZXIAcmlnaHQtcGFzc3dvcmQ=", "235").await;
+    c.cmd_expect("AUTH PLAIN AHNjYW5uZXIAcmlnaHQtcGFzc3dvcmQ=", "235")
+        .await;
     c.cmd_expect("MAIL FROM:<a@legacy.test>", "250").await;
 }
 
@@ -480,7 +514,10 @@ async fn a_large_message_streams_through() {
     c.send(&sent).await;
     c.send(b".\r\n").await;
     let id = queued_id(&c.expect("250 2.0.0 queued as").await);
-    assert_eq!(strip_added_headers(&relay.stored_message(&id), &sent), &sent[..]);
+    assert_eq!(
+        strip_added_headers(&relay.stored_message(&id), &sent),
+        &sent[..]
+    );
 }
 
 #[tokio::test]
@@ -560,7 +597,10 @@ async fn starttls_upgrades_and_discards_pipelined_commands() {
         .expect("handshake");
     let mut c = Client::new(tls);
     let ehlo = c.cmd("EHLO c").await;
-    assert!(ehlo.starts_with("250-"), "first reply after TLS is EHLO's: {ehlo}");
+    assert!(
+        ehlo.starts_with("250-"),
+        "first reply after TLS is EHLO's: {ehlo}"
+    );
     assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
     c.cmd_expect("STARTTLS", "503 5.5.1").await;
     c.cmd_expect("MAIL FROM:<a@legacy.test>", "250").await;

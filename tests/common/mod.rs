@@ -151,7 +151,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 
     pub async fn cmd_expect(&mut self, line: &str, prefix: &str) -> String {
         let r = self.cmd(line).await;
-        assert!(r.starts_with(prefix), "{line:?}: expected {prefix:?}, got {r:?}");
+        assert!(
+            r.starts_with(prefix),
+            "{line:?}: expected {prefix:?}, got {r:?}"
+        );
         r
     }
 
@@ -164,9 +167,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     pub async fn begin_message(&mut self, from: &str, to: &[&str]) {
         self.expect("220 ").await;
         self.cmd_expect("EHLO client.test", "250").await;
-        self.cmd_expect(&format!("MAIL FROM:<{from}>"), "250 2.1.0").await;
+        self.cmd_expect(&format!("MAIL FROM:<{from}>"), "250 2.1.0")
+            .await;
         for rcpt in to {
-            self.cmd_expect(&format!("RCPT TO:<{rcpt}>"), "250 2.1.5").await;
+            self.cmd_expect(&format!("RCPT TO:<{rcpt}>"), "250 2.1.5")
+                .await;
         }
         self.cmd_expect("DATA", "354").await;
     }
@@ -190,9 +195,8 @@ pub fn strip_added_headers<'a>(stored: &'a [u8], sent: &[u8]) -> &'a [u8] {
         .position(|w| w == b"\r\n\r\n")
         .unwrap_or(sent.len());
     let sent_headers = String::from_utf8_lossy(&sent[..headers_end]).to_ascii_lowercase();
-    let has = |name: &str| {
-        sent_headers.starts_with(name) || sent_headers.contains(&format!("\n{name}"))
-    };
+    let has =
+        |name: &str| sent_headers.starts_with(name) || sent_headers.contains(&format!("\n{name}"));
     let mut rest = stored;
     assert!(rest.starts_with(b"Received: "), "no Received header first");
     rest = skip_field(rest);
@@ -209,11 +213,7 @@ pub fn strip_added_headers<'a>(stored: &'a [u8], sent: &[u8]) -> &'a [u8] {
 
 fn skip_field(mut bytes: &[u8]) -> &[u8] {
     loop {
-        let end = bytes
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .expect("CRLF")
-            + 2;
+        let end = bytes.windows(2).position(|w| w == b"\r\n").expect("CRLF") + 2;
         bytes = &bytes[end..];
         if !bytes.starts_with(b"\t") && !bytes.starts_with(b" ") {
             return bytes;
