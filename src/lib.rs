@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod deliver;
 pub mod inbound;
 pub mod sim;
 pub mod spool;
