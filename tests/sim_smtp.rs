@@ -161,14 +161,14 @@ async fn before_tls_and_before_auth() {
     c.cmd("AUTH XOAUTH2 !!!notbase64")
         .await
         .assert(501, "5.5.4");
-    // Basic auth via LOGIN is refused as Exchange does after the Basic retirement.
+    // Basic auth via LOGIN is refused as Exchange does since the Basic retirement.
     c.cmd("AUTH LOGIN").await;
     c.cmd("dXNlcg==").await;
     let r = c.cmd("cGFzcw==").await;
-    r.assert(535, "5.7.139");
+    r.assert(550, "5.7.30");
     assert!(
         r.lines[0]
-            .starts_with("5.7.139 Authentication unsuccessful, basic authentication is disabled.")
+            .starts_with("5.7.30 Basic authentication is not supported for Client Submission.")
     );
 }
 

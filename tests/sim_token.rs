@@ -546,6 +546,22 @@ async fn certificate_assertions() {
         50027,
     )
     .await;
+    // Only RS256 and PS256 are accepted.
+    let mut header = Header::new(Algorithm::HS256);
+    header.x5t = Some(cert.x5t.clone());
+    let hs = jsonwebtoken::encode(
+        &header,
+        &claims(&aud, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_ID, t, t + 600),
+        &EncodingKey::from_secret(b"shared-secret-for-hs256-test").expect("hmac key"),
+    )
+    .expect("sign hs256");
+    expect_error(
+        post_assertion(&sim, &hs).await,
+        401,
+        "invalid_client",
+        5002738,
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -34,7 +34,7 @@ pub enum SmtpStage {
     Ehlo,
     /// On STARTTLS.
     StartTls,
-    /// On AUTH (after the credentials are read, before they are checked).
+    /// On AUTH (before any SASL exchange).
     Auth,
     /// On MAIL FROM.
     Mail,

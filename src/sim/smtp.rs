@@ -490,7 +490,7 @@ impl Session {
             return self.reply(conn, "503 5.5.1 Bad sequence of commands").await;
         }
         if mechanism == "LOGIN" {
-            // Basic authentication: read both prompts' answers, then refuse as EXO does since the retirement.
+            // Basic authentication: read both prompts' answers, then refuse.
             for prompt in ["334 VXNlcm5hbWU6", "334 UGFzc3dvcmQ6"] {
                 match self.sasl_line(conn, cfg, prompt).await {
                     None => return Step::Close,
@@ -500,10 +500,11 @@ impl Session {
                     Some(_) => {}
                 }
             }
+            // Since the Basic retirement Exchange refuses Basic outright (reference §2.5, [DOC]).
             let text = if cfg.smtp.smtp_auth_disabled {
                 tenant_disabled_text()
             } else {
-                "535 5.7.139 Authentication unsuccessful, basic authentication is disabled."
+                "550 5.7.30 Basic authentication is not supported for Client Submission."
                     .to_string()
             };
             return self
