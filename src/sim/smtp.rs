@@ -547,10 +547,11 @@ impl Session {
             if let Some(u) = field.strip_prefix("user=") {
                 user = Some(u.trim().to_string());
             } else if let Some(a) = field.strip_prefix("auth=")
-                && a.len() > 7
-                && a[..7].eq_ignore_ascii_case("bearer ")
+                // `get` rather than slicing: the blob is client data and may split a UTF-8 character.
+                && a.get(..7).is_some_and(|p| p.eq_ignore_ascii_case("bearer "))
+                && let Some(t) = a.get(7..)
             {
-                bearer = Some(a[7..].trim().to_string());
+                bearer = Some(t.trim().to_string());
             }
         }
         let (Some(user), Some(token)) = (user, bearer) else {
@@ -1098,10 +1099,11 @@ fn tenant_disabled_text() -> String {
 
 /// `FROM:<addr> params` / `TO:<addr> params` → (addr, params). Tolerates a space after the colon.
 fn parse_path(args: &str, keyword: &str) -> Option<(String, String)> {
-    if args.len() < keyword.len() || !args[..keyword.len()].eq_ignore_ascii_case(keyword) {
+    // `get` rather than slicing: a non-ASCII argument must not split a character.
+    if !args.get(..keyword.len())?.eq_ignore_ascii_case(keyword) {
         return None;
     }
-    let rest = args[keyword.len()..].trim_start();
+    let rest = args.get(keyword.len()..)?.trim_start();
     let rest = rest.strip_prefix('<')?;
     let end = rest.find('>')?;
     let address = rest[..end].trim().to_string();
@@ -1196,6 +1198,8 @@ mod tests {
             Some(("x@y".into(), String::new()))
         );
         assert_eq!(parse_path("FROM:a@b", "FROM:"), None);
+        assert_eq!(parse_path("FRÖM:<a@b>", "FROM:"), None);
+        assert_eq!(parse_path("TO", "TO:"), None);
     }
 
     #[test]
