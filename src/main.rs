@@ -36,6 +36,9 @@ enum Command {
     /// Inspect and manage the spool (safe while `serve` runs)
     #[command(subcommand)]
     Queue(QueueArgs),
+    /// Run only the Entra ID + Exchange Online simulator and print a relay.toml fragment that
+    /// points at it (--config names a simulator config such as sim.toml)
+    Simulate,
 }
 
 #[derive(Subcommand)]
@@ -60,20 +63,51 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EXIT_CONFIG } else { 0 });
         }
     };
-    let config = match config::load(cli.config.as_deref()) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("smtp-oauth-relay: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
+    let path = cli.config.as_deref();
     match cli.command {
-        Command::Config => {
+        Command::Simulate => simulate(path),
+        Command::Config => with_config(path, |config| {
             print!("{}", config.to_redacted_toml());
             ExitCode::SUCCESS
+        }),
+        Command::Queue(args) => with_config(path, |config| queue(config, args)),
+        Command::Serve => with_config(path, serve),
+    }
+}
+
+/// Loads the relay configuration, or reports every problem and exits 2.
+fn with_config(path: Option<&std::path::Path>, run: impl FnOnce(&Config) -> ExitCode) -> ExitCode {
+    match config::load(path) {
+        Ok(config) => run(&config),
+        Err(e) => {
+            eprintln!("smtp-oauth-relay: {e}");
+            ExitCode::from(EXIT_CONFIG)
         }
-        Command::Queue(args) => queue(&config, args),
-        Command::Serve => serve(&config),
+    }
+}
+
+fn simulate(config: Option<&std::path::Path>) -> ExitCode {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("smtp-oauth-relay: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    match runtime.block_on(smtp_oauth_relay::sim::run_standalone(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ smtp_oauth_relay::sim::SimError::Config(_)) => {
+            eprintln!("smtp-oauth-relay simulate: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            eprintln!("smtp-oauth-relay simulate: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
     }
 }
 
