@@ -44,7 +44,9 @@ pub async fn serve(config: &Config, shutdown: CancellationToken) -> Result<(), D
              nothing is delivered until a tenant is configured"
         );
     }
-    Server::new(settings, spool).run(listeners, shutdown).await;
+    Server::new(settings, spool, None)
+        .run(listeners, shutdown)
+        .await;
     tracing::info!("stopped");
     Ok(())
 }

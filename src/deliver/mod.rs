@@ -1,5 +1,62 @@
-//! Delivery to Exchange Online: reply classification, the upstream SMTP session, and the
-//! scheduler that drains the spool at the pace Microsoft allows.
+//! Delivery to Exchange Online: reply classification, the upstream SMTP session, the sender
+//! policy, and the scheduler that drains the spool at the pace Microsoft allows.
 
 pub mod classify;
 pub mod reply;
+pub mod scheduler;
+pub mod sender;
+pub mod upstream;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::SystemTime;
+
+pub use scheduler::{Deliverer, DeliveryHandle, DeliverySettings, MailboxState, MailboxStatus};
+
+/// An access token as the deliverer needs it.
+#[derive(Clone)]
+pub struct Token {
+    pub value: String,
+    pub expires_at: SystemTime,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("value", &"<redacted>")
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+/// Why no token is available.
+#[derive(Debug, Clone)]
+pub struct TokenFailure {
+    /// Entra ID refused (AADSTS 400/401): the configuration must change. Otherwise transient.
+    pub permanent: bool,
+    pub message: String,
+}
+
+/// Where tokens come from: the background refresher in production, fakes in tests. It must
+/// never make a token request per call.
+pub trait TokenSource: Send + Sync + 'static {
+    fn token(&self) -> Pin<Box<dyn Future<Output = Result<Token, TokenFailure>> + Send + '_>>;
+    /// Ask for one refresh now (after a 535 with a token close to expiry).
+    fn force_refresh(&self);
+}
+
+/// A cheap pseudo-random number for retry jitter (xorshift over the clock and a counter); not
+/// for anything secret.
+pub(crate) fn jitter() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static STATE: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut x = STATE.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed) ^ nanos;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    x
+}

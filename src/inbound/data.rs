@@ -295,6 +295,9 @@ impl Session {
                 self.shared
                     .accepted
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Some(delivery) = &self.shared.delivery {
+                    delivery.queued(id.clone());
+                }
                 self.reply(Reply::with_text(250, "2.0.0", format!("queued as {id}")));
             }
             Err(e) => {

@@ -125,6 +125,8 @@ pub struct Shared {
     pub spool: Spool,
     /// Messages accepted since start (for logs and, later, metrics).
     pub accepted: AtomicU64,
+    /// Told about every committed message so delivery starts at once.
+    pub delivery: Option<crate::deliver::DeliveryHandle>,
 }
 
 impl Shared {
@@ -156,12 +158,17 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn new(settings: InboundSettings, spool: Spool) -> Server {
+    pub fn new(
+        settings: InboundSettings,
+        spool: Spool,
+        delivery: Option<crate::deliver::DeliveryHandle>,
+    ) -> Server {
         Server {
             shared: Arc::new(Shared {
                 settings,
                 spool,
                 accepted: AtomicU64::new(0),
+                delivery,
             }),
         }
     }

@@ -149,6 +149,15 @@ impl Inner {
     }
 }
 
+/// A queued message read back for delivery.
+#[derive(Debug)]
+pub struct LoadedMessage {
+    pub id: String,
+    pub envelope: Envelope,
+    /// The message bytes as stored (unstuffed, CRLF).
+    pub body: Vec<u8>,
+}
+
 /// The durable spool. Cheap to clone; all clones share one group-commit state.
 #[derive(Clone)]
 pub struct Spool {
@@ -424,6 +433,54 @@ impl Spool {
         }
         tracing::info!(id = %id, "spool message deleted");
         Ok(())
+    }
+
+    /// A queued message, whole, for delivery: its envelope and its bytes (at most
+    /// `smtp.max_message_size` plus the added headers). `NotFound` if it is no longer queued
+    /// (an operator held or deleted it).
+    pub fn load(&self, id: &str) -> Result<LoadedMessage, SpoolError> {
+        let id = Self::check_id(id)?;
+        let path = self.inner.msg_path(EntryState::Queued, &id);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(SpoolError::NotFound(id)),
+            Err(e) => return Err(SpoolError::io("read", &path, e)),
+        };
+        let header = format::decode(&bytes).map_err(|e| SpoolError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        if header.file_len() != bytes.len() as u64 {
+            return Err(SpoolError::Corrupt {
+                path,
+                reason: "length does not match Body-Length".into(),
+            });
+        }
+        let body = bytes[header.header_len as usize..].to_vec();
+        Ok(LoadedMessage {
+            id,
+            envelope: header.envelope,
+            body,
+        })
+    }
+
+    /// Delivery finished: remove a message from `queue/` (only there: a message an operator
+    /// moved meanwhile stays where it is) and its state. Returns whether it was removed.
+    pub fn complete(&self, id: &str) -> Result<bool, SpoolError> {
+        let id = Self::check_id(id)?;
+        let path = self.inner.msg_path(EntryState::Queued, &id);
+        match fs::remove_file(&path) {
+            Ok(()) => fsutil::fsync_dir(&self.inner.state_dir_of(EntryState::Queued))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(SpoolError::io("unlink", &path, e)),
+        }
+        let sp = self.inner.state_path(&id);
+        match fs::remove_file(&sp) {
+            Ok(()) => fsutil::fsync_dir(&self.inner.sub("state"))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(SpoolError::io("unlink", &sp, e)),
+        }
+        Ok(true)
     }
 
     /// The delivery state of a message; `None` if it was never attempted.

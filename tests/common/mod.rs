@@ -2,6 +2,8 @@
 //! (mini-redis style), and a minimal SMTP client that reads whole replies.
 #![allow(dead_code)]
 
+pub mod delivery;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -80,7 +82,7 @@ pub async fn start_relay(toml: &str) -> Relay {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let shutdown = CancellationToken::new();
-    let server = Server::new(settings, spool.clone());
+    let server = Server::new(settings, spool.clone(), None);
     let handle = tokio::spawn(server.run(vec![listener], shutdown.clone()));
     Relay {
         addr,

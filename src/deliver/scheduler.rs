@@ -1,0 +1,813 @@
+//! The deliverer: drains the spool to Exchange Online at the pace Microsoft allows.
+//!
+//! One dispatcher task owns the schedule (which message is due when). It starts a delivery job
+//! when a message is due, a connection slot is free (`upstream.connections`), the rate allows
+//! (`upstream.rate`, evenly spaced) and the mailbox is not held. Jobs report back; the dispatcher
+//! reschedules. The spool is the only record: the schedule is rebuilt from it at start, and
+//! whenever an operator command touches `<spool>/wakeup`.
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::classify::{HoldCause, Outcome, Stage, classify};
+use super::sender::apply_sender_policy;
+use super::upstream::{SessionError, UpstreamSession, UpstreamTarget};
+use super::{TokenSource, jitter};
+use crate::config::{Rate, RewriteFrom};
+use crate::spool::{
+    BodyType, DeliveryState, EntryState, LoadedMessage, RecipientState, RecipientStatus, Spool,
+    SpoolError,
+};
+
+/// Delivery policy, resolved from the configuration.
+#[derive(Debug, Clone)]
+pub struct DeliverySettings {
+    /// The XOAUTH2 `user=`: the mailbox the relay authenticates as.
+    pub mailbox: String,
+    /// Envelope sender and the header From the mailbox may send as.
+    pub from: String,
+    pub rewrite_from: RewriteFrom,
+    pub connections: usize,
+    pub rate: Rate,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+    pub max_age: Duration,
+    /// Connections are not reused beyond this age (tokens are checked at AUTH only).
+    pub session_max_age: Duration,
+    /// Exchange closes idle connections; do not reuse one idle longer than this.
+    pub session_max_idle: Duration,
+    /// A 535 with a token this close to expiry forces one refresh and one retry.
+    pub refresh_before: Duration,
+}
+
+/// The mailbox as a whole, shown by logs, `queue list` and (later) `/healthz`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MailboxState {
+    Running,
+    /// Paused: nothing is sent but one probe every `probe` interval.
+    Held {
+        cause: HoldCause,
+        reply: String,
+        since: SystemTime,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct MailboxStatus {
+    pub state: MailboxState,
+    pub last_delivery: Option<SystemTime>,
+    pub delivered: u64,
+    pub queued: usize,
+}
+
+/// Lets the listener and the daemon talk to the deliverer.
+#[derive(Clone)]
+pub struct DeliveryHandle {
+    events: mpsc::UnboundedSender<Event>,
+    status: Arc<Mutex<MailboxStatus>>,
+}
+
+impl DeliveryHandle {
+    /// A message was committed to `queue/`: deliver it now.
+    pub fn queued(&self, id: String) {
+        let _ = self.events.send(Event::Queued(id));
+    }
+
+    pub fn status(&self) -> MailboxStatus {
+        match self.status.lock() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+enum Event {
+    Queued(String),
+    Done(JobReport),
+}
+
+/// What a job tells the dispatcher.
+#[derive(Debug)]
+enum JobResult {
+    /// Delivered, failed for good, or no longer in `queue/`: nothing more to schedule.
+    Finished {
+        delivered: bool,
+    },
+    Retry {
+        at: Instant,
+        throttle: bool,
+    },
+    Hold {
+        cause: HoldCause,
+        reply: String,
+    },
+}
+
+#[derive(Debug)]
+struct JobReport {
+    id: String,
+    result: JobResult,
+}
+
+/// File an operator command touches so the daemon re-reads the spool (`queue retry`).
+pub const WAKEUP_FILE: &str = "wakeup";
+/// Mailbox status for `queue list` (advisory, rewritten on every change).
+pub const STATUS_FILE: &str = "mailbox.json";
+
+struct Context {
+    spool: Spool,
+    target: UpstreamTarget,
+    settings: DeliverySettings,
+    tokens: Arc<dyn TokenSource>,
+    /// Idle authenticated sessions, reused by the next job.
+    pool: Mutex<Vec<UpstreamSession>>,
+}
+
+pub struct Deliverer;
+
+impl Deliverer {
+    /// Starts the dispatcher. It runs until `shutdown`, then waits for jobs in flight.
+    pub fn start(
+        spool: Spool,
+        target: UpstreamTarget,
+        settings: DeliverySettings,
+        tokens: Arc<dyn TokenSource>,
+        shutdown: CancellationToken,
+    ) -> (DeliveryHandle, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let status = Arc::new(Mutex::new(MailboxStatus {
+            state: MailboxState::Running,
+            last_delivery: None,
+            delivered: 0,
+            queued: 0,
+        }));
+        let handle = DeliveryHandle {
+            events: tx.clone(),
+            status: status.clone(),
+        };
+        let ctx = Arc::new(Context {
+            spool,
+            target,
+            settings,
+            tokens,
+            pool: Mutex::new(Vec::new()),
+        });
+        let task = tokio::spawn(dispatch(ctx, tx, rx, status, shutdown));
+        (handle, task)
+    }
+}
+
+struct Schedule {
+    /// (due, id), earliest first.
+    due: BTreeSet<(Instant, String)>,
+    /// Ids with a job running or in `due`.
+    known: HashSet<String>,
+    in_flight: HashSet<String>,
+}
+
+impl Schedule {
+    fn add(&mut self, id: String, at: Instant) {
+        if self.known.insert(id.clone()) {
+            self.due.insert((at, id));
+        }
+    }
+}
+
+async fn dispatch(
+    ctx: Arc<Context>,
+    tx: mpsc::UnboundedSender<Event>,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    status: Arc<Mutex<MailboxStatus>>,
+    shutdown: CancellationToken,
+) {
+    let mut schedule = Schedule {
+        due: BTreeSet::new(),
+        known: HashSet::new(),
+        in_flight: HashSet::new(),
+    };
+    let settings = ctx.settings.clone();
+    let spacing = settings.rate.per / settings.rate.messages.max(1);
+    // A held mailbox is probed with one message this often.
+    let probe_every = settings
+        .retry_max
+        .clamp(settings.retry_min, Duration::from_secs(300));
+    let mut next_slot = Instant::now();
+    let mut held_probe_at: Option<Instant> = None;
+    let wakeup_path = ctx.spool.dir().join(WAKEUP_FILE);
+    let mut wakeup_seen = modified(&wakeup_path);
+    rescan(&ctx, &mut schedule).await;
+    publish(&ctx, &status, &schedule);
+
+    loop {
+        // Start every job that may start now.
+        let now = Instant::now();
+        while schedule.in_flight.len() < settings.connections {
+            let Some((at, id)) = schedule.due.first().cloned() else {
+                break;
+            };
+            if at > now || next_slot > now {
+                break;
+            }
+            if let Some(probe) = held_probe_at {
+                if probe > now || !schedule.in_flight.is_empty() {
+                    break;
+                }
+                held_probe_at = Some(now + probe_every);
+                tracing::info!(id = %id, "mailbox held: probing with one message");
+            }
+            schedule.due.remove(&(at, id.clone()));
+            schedule.in_flight.insert(id.clone());
+            next_slot = next_slot.max(now) + spacing;
+            let ctx = ctx.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let result = deliver_one(&ctx, &id).await;
+                let _ = tx.send(Event::Done(JobReport { id, result }));
+            });
+        }
+
+        let mut wake = now + Duration::from_secs(1);
+        if let Some((at, _)) = schedule.due.first()
+            && schedule.in_flight.len() < settings.connections
+        {
+            let mut at = (*at).max(next_slot);
+            if let Some(probe) = held_probe_at {
+                at = at.max(probe);
+            }
+            wake = wake.min(at.max(now));
+        }
+        tokio::select! {
+            event = rx.recv() => match event {
+                Some(Event::Queued(id)) => schedule.add(id, Instant::now()),
+                Some(Event::Done(report)) => {
+                    schedule.in_flight.remove(&report.id);
+                    schedule.known.remove(&report.id);
+                    match report.result {
+                        JobResult::Finished { delivered } => {
+                            if delivered && let Ok(mut s) = status.lock() {
+                                s.delivered += 1;
+                                s.last_delivery = Some(SystemTime::now());
+                            }
+                            if delivered && held_probe_at.take().is_some() {
+                                resume(&ctx, &status);
+                            }
+                        }
+                        JobResult::Retry { at, throttle } => {
+                            if held_probe_at.take().is_some() {
+                                resume(&ctx, &status);
+                            }
+                            if throttle {
+                                // Exchange asked for fewer, slower submissions.
+                                next_slot = next_slot.max(Instant::now() + settings.retry_min.min(Duration::from_secs(60)));
+                            }
+                            schedule.add(report.id, at);
+                        }
+                        JobResult::Hold { cause, reply } => {
+                            if held_probe_at.is_none() {
+                                enter_hold(&ctx, &status, cause, &reply);
+                            }
+                            held_probe_at = Some(Instant::now() + probe_every);
+                            schedule.add(report.id, Instant::now());
+                        }
+                    }
+                    publish(&ctx, &status, &schedule);
+                }
+                None => break,
+            },
+            _ = tokio::time::sleep_until(wake) => {}
+            _ = shutdown.cancelled() => break,
+        }
+        // Operator commands (`queue retry`) touch the wakeup file.
+        let seen = modified(&wakeup_path);
+        if seen != wakeup_seen {
+            wakeup_seen = seen;
+            tracing::info!("spool changed by an operator command: re-reading the queue");
+            rescan(&ctx, &mut schedule).await;
+            if held_probe_at.is_some() {
+                held_probe_at = Some(Instant::now());
+            }
+            publish(&ctx, &status, &schedule);
+        }
+    }
+
+    // Shutdown: jobs in flight finish (each is bounded by the upstream timeouts), then QUIT.
+    let deadline = Instant::now() + Duration::from_secs(25);
+    while !schedule.in_flight.is_empty() {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(Event::Done(report))) => {
+                schedule.in_flight.remove(&report.id);
+            }
+            Ok(Some(Event::Queued(_))) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let idle: Vec<UpstreamSession> = ctx
+        .pool
+        .lock()
+        .map(|mut p| p.drain(..).collect())
+        .unwrap_or_default();
+    for session in idle {
+        session.quit().await;
+    }
+    tracing::info!("deliverer stopped");
+}
+
+fn modified(path: &std::path::Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Re-reads `queue/` and schedules every message not already known, at its recorded next
+/// attempt (or now).
+async fn rescan(ctx: &Arc<Context>, schedule: &mut Schedule) {
+    let spool = ctx.spool.clone();
+    let listed = tokio::task::spawn_blocking(move || spool.list()).await;
+    let entries = match listed {
+        Ok(Ok(entries)) => entries,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "cannot list the spool");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "spool listing task failed");
+            return;
+        }
+    };
+    let now_sys = SystemTime::now();
+    let now = Instant::now();
+    for entry in entries
+        .into_iter()
+        .filter(|e| e.state == EntryState::Queued)
+    {
+        if schedule.known.contains(&entry.id) {
+            continue;
+        }
+        let at = entry
+            .delivery
+            .as_ref()
+            .and_then(|d| d.next_attempt)
+            .and_then(|t| t.duration_since(now_sys).ok())
+            .map_or(now, |wait| now + wait);
+        schedule.add(entry.id, at);
+    }
+}
+
+fn enter_hold(ctx: &Context, status: &Mutex<MailboxStatus>, cause: HoldCause, reply: &str) {
+    tracing::error!(
+        mailbox = %ctx.settings.mailbox,
+        cause = %cause,
+        reply = %reply,
+        fix = cause.fix(),
+        "delivery held: every message stays in the spool until this is fixed"
+    );
+    if let Ok(mut s) = status.lock() {
+        s.state = MailboxState::Held {
+            cause,
+            reply: reply.to_string(),
+            since: SystemTime::now(),
+        };
+    }
+}
+
+fn resume(ctx: &Context, status: &Mutex<MailboxStatus>) {
+    tracing::info!(mailbox = %ctx.settings.mailbox, "delivery resumed");
+    if let Ok(mut s) = status.lock() {
+        s.state = MailboxState::Running;
+    }
+}
+
+/// Writes the mailbox status for `queue list` (best effort; the spool is the record).
+fn publish(ctx: &Context, status: &Mutex<MailboxStatus>, schedule: &Schedule) {
+    let snapshot = match status.lock() {
+        Ok(mut s) => {
+            s.queued = schedule.known.len() + schedule.in_flight.len();
+            s.clone()
+        }
+        Err(_) => return,
+    };
+    let json = match &snapshot.state {
+        MailboxState::Running => serde_json::json!({ "state": "running" }),
+        MailboxState::Held {
+            cause,
+            reply,
+            since,
+        } => serde_json::json!({
+            "state": "held",
+            "cause": cause.to_string(),
+            "reply": reply,
+            "fix": cause.fix(),
+            "since": humantime::format_rfc3339_seconds(*since).to_string(),
+        }),
+    };
+    let dir = ctx.spool.dir();
+    let tmp: PathBuf = dir
+        .join("tmp")
+        .join(format!("{STATUS_FILE}.{}", std::process::id()));
+    if std::fs::write(&tmp, json.to_string()).is_ok() {
+        let _ = std::fs::rename(&tmp, dir.join(STATUS_FILE));
+    }
+}
+
+/// One delivery attempt for one message.
+async fn deliver_one(ctx: &Arc<Context>, id: &str) -> JobResult {
+    let spool = ctx.spool.clone();
+    let owned = id.to_string();
+    let loaded = tokio::task::spawn_blocking(move || {
+        let message = spool.load(&owned)?;
+        let state = spool.read_state(&owned)?;
+        Ok::<_, SpoolError>((message, state))
+    })
+    .await;
+    let (message, state) = match loaded {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(SpoolError::NotFound(_))) => return JobResult::Finished { delivered: false },
+        Ok(Err(e)) => {
+            tracing::error!(id, error = %e, "cannot read the message; it stays in the spool");
+            return JobResult::Retry {
+                at: Instant::now() + ctx.settings.retry_max,
+                throttle: false,
+            };
+        }
+        Err(e) => {
+            tracing::error!(id, error = %e, "delivery task failed");
+            return JobResult::Retry {
+                at: Instant::now() + ctx.settings.retry_min,
+                throttle: false,
+            };
+        }
+    };
+    let mut state = state.unwrap_or_default();
+    if state.recipients.is_empty() {
+        state.recipients = message
+            .envelope
+            .recipients
+            .iter()
+            .map(|r| RecipientState {
+                address: r.address.clone(),
+                status: RecipientStatus::Pending,
+                reply: None,
+            })
+            .collect();
+    }
+    let age = SystemTime::now()
+        .duration_since(message.envelope.received_at)
+        .unwrap_or_default();
+    if age > ctx.settings.max_age {
+        let reason = format!(
+            "expired after {} in the queue ({} attempts); last reply: {}",
+            humantime::format_duration(Duration::from_secs(age.as_secs())),
+            state.attempts,
+            state.last_reply.as_deref().unwrap_or("none")
+        );
+        return finish_failed(ctx, id, state, reason).await;
+    }
+
+    let outcome = attempt(ctx, &message, &mut state).await;
+    state.attempts += 1;
+    record(ctx, id, state, outcome).await
+}
+
+/// The per-attempt result before it is written down.
+struct AttemptOutcome {
+    /// The class that applies to every recipient still pending after this attempt.
+    pending_class: Outcome,
+    /// The reply that decided it, for logs and the state file.
+    reply: String,
+}
+
+/// Sends the message to its pending recipients, updating per-recipient status in `state`.
+async fn attempt(
+    ctx: &Arc<Context>,
+    message: &LoadedMessage,
+    state: &mut DeliveryState,
+) -> AttemptOutcome {
+    let id = &message.id;
+    let pending: Vec<String> = state
+        .recipients
+        .iter()
+        .filter(|r| r.status == RecipientStatus::Pending)
+        .map(|r| r.address.clone())
+        .collect();
+    if pending.is_empty() {
+        return AttemptOutcome {
+            pending_class: Outcome::Delivered,
+            reply: "no recipient left".into(),
+        };
+    }
+    let mut session = match session_for(ctx).await {
+        Ok(s) => s,
+        Err(failure) => {
+            tracing::warn!(id = %id, reply = %failure.reply, outcome = ?failure.pending_class, "delivery attempt failed before the transaction");
+            return failure;
+        }
+    };
+    let body = apply_sender_policy(&message.body, &ctx.settings.from, ctx.settings.rewrite_from);
+    let mut params = String::new();
+    let env = &message.envelope;
+    if env.mail_params.body == BodyType::EightBitMime && session.caps.eight_bit {
+        params.push_str(" BODY=8BITMIME");
+    }
+    if env.mail_params.smtputf8 && session.caps.smtputf8 {
+        params.push_str(" SMTPUTF8");
+    }
+    let started = std::time::Instant::now();
+    let result = session
+        .send(&ctx.settings.from, &params, &pending, &body)
+        .await;
+    match result {
+        Err(e) => {
+            let outcome = AttemptOutcome {
+                pending_class: e.outcome(),
+                reply: e.to_string(),
+            };
+            tracing::warn!(id = %id, reply = %outcome.reply, outcome = ?outcome.pending_class, "delivery attempt failed");
+            // A session that failed mid-transaction is not reused.
+            tokio::spawn(session.quit());
+            outcome
+        }
+        Ok(tx) => {
+            let data_class = tx.data_reply.as_ref().map(|r| classify(Stage::DataEnd, r));
+            let mut decisive: Option<(Outcome, String)> = None;
+            for (address, refusal) in pending.iter().zip(&tx.recipients) {
+                let Some(rcpt) = state.recipients.iter_mut().find(|r| &r.address == address) else {
+                    continue;
+                };
+                let (class, reply) = match refusal {
+                    Some(r) => (classify(Stage::RcptTo, r), r.to_string()),
+                    None => match (&data_class, &tx.data_reply) {
+                        (Some(class), Some(r)) => (*class, r.to_string()),
+                        _ => (
+                            Outcome::Retry { throttle: false },
+                            "no data reply".to_string(),
+                        ),
+                    },
+                };
+                rcpt.reply = Some(reply.clone());
+                match class {
+                    Outcome::Delivered => rcpt.status = RecipientStatus::Delivered,
+                    Outcome::Failed => rcpt.status = RecipientStatus::Failed,
+                    Outcome::Retry { .. } | Outcome::Hold(_) => {
+                        // Hold outranks Retry for the message as a whole.
+                        let stronger = matches!(
+                            (&decisive, class),
+                            (None, _) | (Some((Outcome::Retry { .. }, _)), Outcome::Hold(_))
+                        );
+                        if stronger {
+                            decisive = Some((class, reply));
+                        }
+                    }
+                }
+            }
+            tracing::info!(
+                id = %id,
+                reply = %tx.data_reply.as_ref().map(|r| r.to_string()).unwrap_or_else(|| "no recipient accepted".into()),
+                outcome = ?data_class.unwrap_or(Outcome::Failed),
+                recipients = pending.len(),
+                millis = started.elapsed().as_millis() as u64,
+                "delivery attempt"
+            );
+            if let Ok(mut pool) = ctx.pool.lock() {
+                pool.push(session);
+            }
+            match decisive {
+                Some((pending_class, reply)) => AttemptOutcome {
+                    pending_class,
+                    reply,
+                },
+                None => AttemptOutcome {
+                    pending_class: Outcome::Delivered,
+                    reply: tx
+                        .data_reply
+                        .map(|r| r.to_string())
+                        .unwrap_or_else(|| "every recipient refused".into()),
+                },
+            }
+        }
+    }
+}
+
+/// An authenticated session: an idle one from the pool, else a new one. A 535 with a token
+/// close to expiry forces one refresh and one more try.
+async fn session_for(ctx: &Arc<Context>) -> Result<UpstreamSession, AttemptOutcome> {
+    let reusable = {
+        let mut pool = ctx.pool.lock().map_err(|_| AttemptOutcome {
+            pending_class: Outcome::Retry { throttle: false },
+            reply: "session pool unavailable".into(),
+        })?;
+        let mut found = None;
+        while let Some(s) = pool.pop() {
+            if s.reusable(ctx.settings.session_max_age, ctx.settings.session_max_idle) {
+                found = Some(s);
+                break;
+            }
+            tokio::spawn(s.quit());
+        }
+        found
+    };
+    if let Some(session) = reusable {
+        return Ok(session);
+    }
+    let mut refreshed = false;
+    loop {
+        let token = match ctx.tokens.token().await {
+            Ok(t) => t,
+            Err(f) => {
+                return Err(AttemptOutcome {
+                    pending_class: if f.permanent {
+                        Outcome::Hold(HoldCause::TokenRefused)
+                    } else {
+                        Outcome::Retry { throttle: false }
+                    },
+                    reply: format!("token: {}", f.message),
+                });
+            }
+        };
+        match UpstreamSession::open(&ctx.target, &ctx.settings.mailbox, &token.value).await {
+            Ok(session) => return Ok(session),
+            Err(e) => {
+                let near_expiry = token
+                    .expires_at
+                    .duration_since(SystemTime::now())
+                    .map_or(true, |left| left < ctx.settings.refresh_before);
+                let auth_refused = matches!(&e, SessionError::Reply { stage: Stage::Auth, reply } if reply.code == 535);
+                if auth_refused && near_expiry && !refreshed {
+                    tracing::info!(
+                        "535 with a token close to expiry: refreshing it and trying once more"
+                    );
+                    refreshed = true;
+                    ctx.tokens.force_refresh();
+                    wait_for_new_token(ctx, &token.value).await;
+                    continue;
+                }
+                return Err(AttemptOutcome {
+                    pending_class: e.outcome(),
+                    reply: e.to_string(),
+                });
+            }
+        }
+    }
+}
+
+async fn wait_for_new_token(ctx: &Arc<Context>, old: &str) {
+    for _ in 0..60 {
+        if let Ok(t) = ctx.tokens.token().await
+            && t.value != old
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Writes the attempt down and tells the dispatcher what comes next.
+async fn record(
+    ctx: &Arc<Context>,
+    id: &str,
+    mut state: DeliveryState,
+    outcome: AttemptOutcome,
+) -> JobResult {
+    state.last_reply = Some(outcome.reply.clone());
+    let all_final = state
+        .recipients
+        .iter()
+        .all(|r| r.status != RecipientStatus::Pending);
+    if all_final {
+        let failed: Vec<String> = state
+            .recipients
+            .iter()
+            .filter(|r| r.status == RecipientStatus::Failed)
+            .map(|r| format!("{}: {}", r.address, r.reply.as_deref().unwrap_or("")))
+            .collect();
+        if failed.is_empty() {
+            let spool = ctx.spool.clone();
+            let owned = id.to_string();
+            return match tokio::task::spawn_blocking(move || spool.complete(&owned)).await {
+                Ok(Ok(_)) => {
+                    tracing::info!(id, reply = %outcome.reply, "delivered");
+                    JobResult::Finished { delivered: true }
+                }
+                Ok(Err(e)) => {
+                    // Delivered but still on disk: it will be sent again (at-least-once).
+                    tracing::error!(id, error = %e, "delivered, but removing it from the spool failed");
+                    JobResult::Finished { delivered: true }
+                }
+                Err(e) => {
+                    tracing::error!(id, error = %e, "completion task failed");
+                    JobResult::Finished { delivered: true }
+                }
+            };
+        }
+        return finish_failed(ctx, id, state, failed.join("; ")).await;
+    }
+    let result = match outcome.pending_class {
+        Outcome::Hold(cause) => {
+            state.hold_reason = Some(format!("{cause}: {}", outcome.reply));
+            state.next_attempt = None;
+            JobResult::Hold {
+                cause,
+                reply: outcome.reply,
+            }
+        }
+        Outcome::Retry { throttle } => {
+            let wait = if throttle {
+                ctx.settings.retry_min
+            } else {
+                backoff(
+                    state.attempts,
+                    ctx.settings.retry_min,
+                    ctx.settings.retry_max,
+                )
+            };
+            state.hold_reason = None;
+            state.next_attempt = Some(SystemTime::now() + wait);
+            tracing::info!(id, attempts = state.attempts, retry_in = %humantime::format_duration(Duration::from_secs(wait.as_secs())), "delivery deferred");
+            JobResult::Retry {
+                at: Instant::now() + wait,
+                throttle,
+            }
+        }
+        // Delivered/Failed for pending recipients cannot happen: they would be final.
+        Outcome::Delivered | Outcome::Failed => JobResult::Retry {
+            at: Instant::now() + ctx.settings.retry_min,
+            throttle: false,
+        },
+    };
+    let spool = ctx.spool.clone();
+    let owned = id.to_string();
+    match tokio::task::spawn_blocking(move || spool.write_state(&owned, &state)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(SpoolError::NotFound(_))) => {}
+        Ok(Err(e)) => tracing::error!(id, error = %e, "cannot record the delivery attempt"),
+        Err(e) => tracing::error!(id, error = %e, "state task failed"),
+    }
+    result
+}
+
+/// Permanent failure: the message moves to `failed/` with its reason; it is never deleted.
+async fn finish_failed(
+    ctx: &Arc<Context>,
+    id: &str,
+    mut state: DeliveryState,
+    reason: String,
+) -> JobResult {
+    tracing::error!(id, reason = %reason, "delivery failed; the message is kept in failed/");
+    state.fail_reason = Some(reason);
+    state.next_attempt = None;
+    let spool = ctx.spool.clone();
+    let owned = id.to_string();
+    let moved = tokio::task::spawn_blocking(move || {
+        spool.write_state(&owned, &state)?;
+        spool.move_to(&owned, EntryState::Failed)
+    })
+    .await;
+    match moved {
+        Ok(Ok(_)) | Ok(Err(SpoolError::NotFound(_))) => {}
+        Ok(Err(e)) => tracing::error!(id, error = %e, "cannot move the message to failed/"),
+        Err(e) => tracing::error!(id, error = %e, "failure task failed"),
+    }
+    JobResult::Finished { delivered: false }
+}
+
+/// Exponential backoff from `min` doubling per attempt up to `max`, with ±20% jitter so a
+/// burst of deferred messages does not come back at the same instant.
+pub fn backoff(attempts: u32, min: Duration, max: Duration) -> Duration {
+    let exp = attempts.saturating_sub(1).min(20);
+    let base = min.saturating_mul(1u32 << exp).min(max);
+    let spread = base.as_millis() as u64 / 5;
+    let offset = if spread == 0 {
+        0
+    } else {
+        jitter() % (2 * spread + 1)
+    };
+    let millis = (base.as_millis() as u64 + offset).saturating_sub(spread);
+    Duration::from_millis(
+        millis
+            .max(min.as_millis() as u64)
+            .min(max.as_millis() as u64 + spread),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_within_bounds_with_jitter() {
+        let (min, max) = (Duration::from_secs(60), Duration::from_secs(3600));
+        for attempts in 1..12 {
+            let d = backoff(attempts, min, max);
+            let expected = (60u64 << (attempts - 1).min(20)).min(3600);
+            let lo = (expected as f64 * 0.8).max(60.0) as u64;
+            let hi = (expected as f64 * 1.2) as u64 + 1;
+            assert!(
+                (lo..=hi).contains(&d.as_secs()),
+                "attempt {attempts}: {d:?} not in {lo}..={hi}"
+            );
+        }
+    }
+}

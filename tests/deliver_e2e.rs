@@ -1,0 +1,137 @@
+//! Relay → simulator: accepted mail reaches the Exchange stand-in over STARTTLS + XOAUTH2, and
+//! every outcome class behaves as DESIGN.md says.
+
+mod common;
+
+use common::delivery::{MAILBOX, start_delivering};
+use common::strip_added_headers;
+use smtp_oauth_relay::deliver::MailboxState;
+use smtp_oauth_relay::deliver::classify::HoldCause;
+use smtp_oauth_relay::sim::SimConfig;
+use smtp_oauth_relay::spool::EntryState;
+
+const FAST: &str = "[queue]\nretry_min = \"200ms\"\nretry_max = \"1s\"\n";
+
+#[tokio::test]
+async fn accepted_mail_is_delivered_exactly_and_leaves_the_spool() {
+    let r = start_delivering(FAST, SimConfig::default()).await;
+    let mut c = r.relay.connect().await;
+    c.begin_message("app@legacy.test", &["b@example.org", "c@example.org"])
+        .await;
+    let body = format!("From: {MAILBOX}\r\nSubject: hello\r\n\r\n.dot line\r\nbody\r\n");
+    // On the wire the client dot-stuffs the line starting with ".".
+    c.send(body.replace("\r\n.dot", "\r\n..dot").as_bytes())
+        .await;
+    c.send(b".\r\n").await;
+    c.expect("250 2.0.0 queued as").await;
+    let got = r.wait_delivered(1).await;
+    let msg = &got[0];
+    assert_eq!(msg.envelope.auth_user, MAILBOX);
+    assert_eq!(msg.envelope.mail_from, MAILBOX);
+    assert_eq!(msg.envelope.rcpt_to, vec!["b@example.org", "c@example.org"]);
+    assert_eq!(
+        strip_added_headers(&msg.data, body.as_bytes()),
+        body.as_bytes()
+    );
+    r.wait_for("empty spool", |relay| {
+        relay.spool.list().expect("list").is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn smtp_auth_disabled_holds_everything_until_fixed() {
+    let r = start_delivering(FAST, SimConfig::default()).await;
+    r.sim.control().set_smtp_auth_disabled(true);
+    let mut c = r.relay.connect().await;
+    for i in 0..3 {
+        if i == 0 {
+            c.begin_message("app@legacy.test", &["b@example.org"]).await;
+        } else {
+            c.cmd_expect("MAIL FROM:<app@legacy.test>", "250").await;
+            c.cmd_expect("RCPT TO:<b@example.org>", "250").await;
+            c.cmd_expect("DATA", "354").await;
+        }
+        c.send(format!("Subject: {i}\r\n\r\nx\r\n.\r\n").as_bytes())
+            .await;
+        c.expect("250 2.0.0 queued as").await;
+    }
+    for _ in 0..200 {
+        if matches!(r.delivery.status().state, MailboxState::Held { .. }) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    match r.delivery.status().state {
+        MailboxState::Held { cause, reply, .. } => {
+            assert_eq!(cause, HoldCause::SmtpAuthDisabled);
+            assert!(reply.contains("535 5.7.139"), "{reply}");
+        }
+        other => panic!("not held: {other:?}"),
+    }
+    assert_eq!(r.relay.spool.list().expect("list").len(), 3);
+    assert!(r.sim.messages().expect("mailbox").is_empty());
+    // The admin fixes it; the next probe resumes delivery of all three.
+    r.sim.control().set_smtp_auth_disabled(false);
+    r.wait_delivered(3).await;
+    assert_eq!(r.delivery.status().state, MailboxState::Running);
+}
+
+#[tokio::test]
+async fn a_refused_recipient_fails_alone_and_the_message_goes_to_failed() {
+    let r = start_delivering(FAST, SimConfig::default()).await;
+    r.sim.control().script_smtp_fault(
+        smtp_oauth_relay::sim::SmtpStage::Rcpt,
+        smtp_oauth_relay::sim::SmtpFault::Reply {
+            code: 550,
+            text:
+                "5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup"
+                    .into(),
+        },
+        1,
+    );
+    let mut c = r.relay.connect().await;
+    c.begin_message("app@legacy.test", &["gone@example.org", "ok@example.org"])
+        .await;
+    c.send(b"Subject: partial\r\n\r\nx\r\n.\r\n").await;
+    c.expect("250 2.0.0 queued as").await;
+    let got = r.wait_delivered(1).await;
+    assert_eq!(got[0].envelope.rcpt_to, vec!["ok@example.org"]);
+    r.wait_for("message in failed/", |relay| {
+        relay
+            .spool
+            .list()
+            .expect("list")
+            .iter()
+            .any(|e| e.state == EntryState::Failed)
+    })
+    .await;
+    let entry = &r.relay.spool.list().expect("list")[0];
+    let state = entry.delivery.as_ref().expect("state");
+    assert!(
+        state
+            .fail_reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("550 5.1.10")
+    );
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_until_delivered() {
+    let r = start_delivering(FAST, SimConfig::default()).await;
+    r.sim.control().script_smtp_fault(
+        smtp_oauth_relay::sim::SmtpStage::DataEnd,
+        smtp_oauth_relay::sim::SmtpFault::Reply451,
+        2,
+    );
+    let mut c = r.relay.connect().await;
+    c.begin_message("app@legacy.test", &["b@example.org"]).await;
+    c.send(b"Subject: retry\r\n\r\nx\r\n.\r\n").await;
+    c.expect("250 2.0.0 queued as").await;
+    r.wait_delivered(1).await;
+    r.wait_for("empty spool", |relay| {
+        relay.spool.list().expect("list").is_empty()
+    })
+    .await;
+}
