@@ -305,6 +305,11 @@ impl Client {
         }
     }
 
+    /// Writes bytes as they are (message data, pipelined commands).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.writer.write_all(bytes)
+    }
+
     pub fn command(&mut self, line: &str) -> std::io::Result<Reply> {
         self.writer.write_all(format!("{line}\r\n").as_bytes())?;
         self.read_reply()
