@@ -5,7 +5,6 @@
 mod proc_support;
 
 use std::fs;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
@@ -100,7 +99,6 @@ fn non_loopback_bind_without_allow_networks_is_refused_by_config_and_serve() {
         !c.dir.path().join("spool").exists(),
         "serve created the spool for an invalid config"
     );
-    TcpListener::bind(("0.0.0.0", port)).expect("the port was never bound by the relay");
 }
 
 #[test]
