@@ -513,14 +513,94 @@ pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
         file: path.clone(),
         issues,
     };
-    let mut config: Config = figment.extract().map_err(|e| invalid(figment_issues(e)))?;
-    let mut issues = Vec::new();
-    config.resolve_secrets(&mut issues);
-    config.validate_into(&mut issues);
+    extract_and_validate(&figment).map_err(invalid)
+}
+
+/// Deserializes the merged sources, then resolves secrets and validates. A key with a wrong type
+/// or an unknown name is reported, dropped (so its default applies) and extraction retried, so
+/// that every other key is still checked and the admin sees every problem at once. Validation
+/// findings about a key already reported as badly typed are left out (they would only describe
+/// the default that stood in for it).
+fn extract_and_validate(figment: &Figment) -> Result<Config, Vec<ConfigIssue>> {
+    let (config, mut issues) = extract_all(figment);
+    let mut config = config.ok_or_else(|| issues.clone())?;
+    let bad_keys: Vec<String> = issues.iter().map(|i| i.key.clone()).collect();
+    let mut found = Vec::new();
+    config.resolve_secrets(&mut found);
+    config.validate_into(&mut found);
+    found.retain(|i| !bad_keys.iter().any(|k| keys_overlap(k, &i.key)));
+    issues.extend(found);
     if issues.is_empty() {
         Ok(config)
     } else {
-        Err(invalid(issues))
+        Err(issues)
+    }
+}
+
+/// `smtp.allow_networks` and `smtp.allow_networks.0` are about the same setting.
+fn keys_overlap(a: &str, b: &str) -> bool {
+    let within = |long: &str, short: &str| {
+        long.strip_prefix(short)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+    };
+    within(a, b) || within(b, a)
+}
+
+/// Extracts a [`Config`], collecting the type errors of every key (see [`extract_and_validate`]).
+/// Returns no config only when the sources themselves cannot be read (e.g. TOML syntax).
+fn extract_all(figment: &Figment) -> (Option<Config>, Vec<ConfigIssue>) {
+    let mut errors = match figment.extract::<Config>() {
+        Ok(config) => return (Some(config), Vec::new()),
+        Err(e) => e,
+    };
+    let mut dict = match figment.extract::<figment::value::Dict>() {
+        Ok(dict) => dict,
+        Err(e) => return (None, figment_issues(e)),
+    };
+    let mut issues = Vec::new();
+    // Each round removes at least one key, so this ends; the bound is belt and braces.
+    for round in 0..256 {
+        let mut removed = false;
+        for mut e in errors {
+            removed |= remove_key(&mut dict, &e.path);
+            // After the first round errors come from the re-serialized dictionary: name the
+            // original source (file or environment) instead.
+            if round > 0 {
+                e.metadata = find_origin(figment, &e.path).cloned();
+            }
+            issues.push(figment_issue(&e));
+        }
+        if !removed {
+            return (None, issues);
+        }
+        match Figment::from(figment::providers::Serialized::defaults(&dict)).extract::<Config>() {
+            Ok(config) => return (Some(config), issues),
+            Err(e) => errors = e,
+        }
+    }
+    (None, issues)
+}
+
+/// The provider that set `path` (or its closest enclosing key) in the original sources.
+fn find_origin<'a>(figment: &'a Figment, path: &[String]) -> Option<&'a figment::Metadata> {
+    (1..=path.len())
+        .rev()
+        .find_map(|n| figment.find_metadata(&path[..n].join(".")))
+}
+
+/// Removes the key at `path` from `dict`; a path into an array removes the whole array.
+fn remove_key(dict: &mut figment::value::Dict, path: &[String]) -> bool {
+    use figment::value::Value;
+    let Some((first, rest)) = path.split_first() else {
+        return false;
+    };
+    if rest.is_empty() {
+        return dict.remove(first).is_some();
+    }
+    match dict.get_mut(first) {
+        Some(Value::Dict(_, inner)) => remove_key(inner, rest) || dict.remove(first).is_some(),
+        Some(_) => dict.remove(first).is_some(),
+        None => false,
     }
 }
 
@@ -530,42 +610,31 @@ fn env_provider() -> Env {
 }
 
 fn figment_issues(error: figment::Error) -> Vec<ConfigIssue> {
-    error
-        .into_iter()
-        .map(|e| {
-            let key = if e.path.is_empty() {
-                "(file)".to_string()
-            } else {
-                e.path.join(".")
-            };
-            let origin = e
-                .metadata
-                .as_ref()
-                .map(|m| format!(" (from {})", m.name))
-                .unwrap_or_default();
-            ConfigIssue {
-                key,
-                message: format!("{}{origin}", e.kind),
-            }
-        })
-        .collect()
+    error.into_iter().map(|e| figment_issue(&e)).collect()
+}
+
+fn figment_issue(e: &figment::Error) -> ConfigIssue {
+    let key = if e.path.is_empty() {
+        "(file)".to_string()
+    } else {
+        e.path.join(".")
+    };
+    let origin = e
+        .metadata
+        .as_ref()
+        .map(|m| format!(" (from {})", m.name))
+        .unwrap_or_default();
+    ConfigIssue {
+        key,
+        message: format!("{}{origin}", e.kind),
+    }
 }
 
 impl Config {
     /// Parses a configuration from TOML text without touching the environment (tests, fuzzing).
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
-        let invalid = |issues| ConfigError::Invalid { file: None, issues };
-        let mut config: Config = Figment::from(Toml::string(text))
-            .extract()
-            .map_err(|e| invalid(figment_issues(e)))?;
-        let mut issues = Vec::new();
-        config.resolve_secrets(&mut issues);
-        config.validate_into(&mut issues);
-        if issues.is_empty() {
-            Ok(config)
-        } else {
-            Err(invalid(issues))
-        }
+        extract_and_validate(&Figment::from(Toml::string(text)))
+            .map_err(|issues| ConfigError::Invalid { file: None, issues })
     }
 
     /// The networks allowed to connect: the configured list, or loopback only.
@@ -1011,6 +1080,24 @@ mod tests {
         assert_eq!(
             keys("[smtp]\nallow_networks = [\"10.0.0.300/8\"]\n"),
             vec!["smtp.allow_networks.0"]
+        );
+    }
+
+    #[test]
+    fn type_errors_do_not_hide_other_problems() {
+        let k = keys(
+            "[smtp]\nmax_message_size = \"lots\"\nallow_networks = [\"10.0.0.300/8\"]\n\
+             listen = [\"0.0.0.0:2525\"]\nmax_recipients = 5\nlisen = 1\n[queue]\nmax_age = 3\n",
+        );
+        assert_eq!(
+            k,
+            vec![
+                "queue.max_age",
+                "smtp.allow_networks.0",
+                "smtp.lisen",
+                "smtp.max_message_size",
+                "smtp.max_recipients"
+            ]
         );
     }
 
