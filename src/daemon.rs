@@ -27,11 +27,10 @@ impl DaemonError {
 /// Runs the relay until `shutdown` is cancelled. Returns once sessions have drained.
 pub async fn serve(config: &Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
     let settings = InboundSettings::from_config(config)?;
-    let (spool, report) = Spool::open(&config.queue.dir).map_err(|source| DaemonError::Spool {
+    let (spool, _report) = Spool::open(&config.queue.dir).map_err(|source| DaemonError::Spool {
         dir: config.queue.dir.display().to_string(),
         source,
     })?;
-    tracing::info!(dir = %config.queue.dir.display(), "spool recovered: {report}");
     let listeners = Server::bind(&config.smtp.listen).await?;
     for listener in &listeners {
         if let Ok(addr) = listener.local_addr() {
