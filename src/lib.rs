@@ -11,5 +11,6 @@
 pub mod config;
 pub mod daemon;
 pub mod inbound;
+pub mod oauth;
 pub mod sim;
 pub mod spool;
