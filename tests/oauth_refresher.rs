@@ -254,6 +254,39 @@ async fn force_refresh_coalesces() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn refresh_now_waits_for_the_forced_request() {
+    let fake = Fake::start(Expect::Anything, 3600).await;
+    let t0 = Instant::now();
+    let (p, _shutdown, _task) = start(&fake).await;
+    let first = p.token().await.unwrap();
+    sleep_until(t0 + 60 * S).await;
+    // Ten deliverers see a 535 at once: one request, all get its token.
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let p = p.clone();
+        set.spawn(async move { p.refresh_now().await.map(|t| t.secret().to_string()) });
+    }
+    while let Some(r) = set.join_next().await {
+        assert_eq!(r.unwrap().unwrap(), "fake-access-token-2");
+    }
+    assert_eq!(fake.requests(), 2);
+    assert_ne!(first.secret(), "fake-access-token-2");
+
+    // A failing refresh gives its error; during the backoff the error comes back at once.
+    fake.set_default(Reply::Entra(401, "invalid_client", 7000222));
+    sleep(10 * S).await;
+    let e = p.refresh_now().await.unwrap_err();
+    assert_eq!(e.error_codes(), &[7000222]);
+    let before = Instant::now();
+    let e = p.refresh_now().await.unwrap_err();
+    assert_eq!(e.error_codes(), &[7000222]);
+    assert_eq!(Instant::now(), before);
+    assert_eq!(fake.requests(), 3);
+    // The previous token is still valid and still served.
+    assert_eq!(p.token().await.unwrap().secret(), "fake-access-token-2");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_hundred_concurrent_first_callers_share_one_request() {
     let fake = Fake::start(Expect::Anything, 3600).await;
     fake.push([Reply::Slow(2 * S)]);

@@ -66,7 +66,7 @@ pub struct TokenStatus {
     pub last_error_transient: Option<bool>,
     /// Consecutive failed requests.
     pub failures: u32,
-    /// Token requests sent since start.
+    /// Token requests attempted since start (one per refresh or retry, never per caller).
     pub requests: u64,
 }
 
@@ -81,6 +81,8 @@ struct Snapshot {
     /// `reload` replaced the client: request now, whatever the backoff.
     reload: bool,
     stopped: bool,
+    /// Requests completed (success or failure).
+    completed: u64,
 }
 
 struct Inner {
@@ -179,6 +181,55 @@ impl TokenProvider {
             tracing::debug!("forced token refresh requested");
             self.inner.wake.notify_one();
         }
+    }
+
+    /// Forces a refresh (as [`force_refresh`](Self::force_refresh)) and waits for the next
+    /// request to complete: its token, or its error. For the deliverer's "535 with a token close
+    /// to expiry: one refresh, one retry". During a failure backoff it returns the last error at
+    /// once (no extra request). Bounded by [`FIRST_TOKEN_WAIT`] plus [`FORCE_MIN_INTERVAL`].
+    pub async fn refresh_now(&self) -> Result<AccessToken, OAuthError> {
+        let mut rx = self.inner.state.subscribe();
+        let before = rx.borrow_and_update().completed;
+        self.force_refresh();
+        {
+            let s = rx.borrow();
+            if !s.in_flight && !s.force && !s.reload {
+                // Nothing is about to run: the backoff rules, or the provider stopped.
+                return match (&s.last_error, s.stopped) {
+                    (Some(e), _) => Err(e.clone()),
+                    (None, true) => Err(OAuthError::Stopped),
+                    (None, false) => s
+                        .token
+                        .clone()
+                        .filter(|t| !t.is_expired())
+                        .ok_or(OAuthError::NotReady(Duration::ZERO)),
+                };
+            }
+        }
+        let wait = async {
+            loop {
+                {
+                    let s = rx.borrow_and_update();
+                    if s.completed > before {
+                        return match (&s.last_error, &s.token) {
+                            (Some(e), _) => Err(e.clone()),
+                            (None, Some(t)) => Ok(t.clone()),
+                            (None, None) => Err(OAuthError::NotReady(Duration::ZERO)),
+                        };
+                    }
+                    if s.stopped {
+                        return Err(OAuthError::Stopped);
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return Err(OAuthError::Stopped);
+                }
+            }
+        };
+        let bound = FIRST_TOKEN_WAIT + FORCE_MIN_INTERVAL;
+        tokio::time::timeout(bound, wait)
+            .await
+            .unwrap_or(Err(OAuthError::NotReady(bound)))
     }
 
     /// Replaces the credential and endpoints (SIGHUP) and requests a token with them at once,
@@ -306,6 +357,7 @@ async fn run(inner: Arc<Inner>, shutdown: CancellationToken) {
                     s.last_error = None;
                     s.failures = 0;
                     s.in_flight = false;
+                    s.completed += 1;
                 });
                 // The schedule counts from the request's start, like the token's expiry.
                 (started + delay).min(deadline)
@@ -318,6 +370,7 @@ async fn run(inner: Arc<Inner>, shutdown: CancellationToken) {
                     s.last_error = Some(error);
                     s.failures = failures;
                     s.in_flight = false;
+                    s.completed += 1;
                 });
                 Instant::now() + delay
             }
