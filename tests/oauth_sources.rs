@@ -75,6 +75,7 @@ async fn certificate_round(alg: AssertionAlg, pkcs1: bool) {
     config.oauth.assertion_alg = alg;
     let client = TokenClient::from_config(&config).unwrap();
     assert_eq!(client.credential_kind(), "certificate");
+    assert!(client.warnings().is_empty());
     client
         .request()
         .await
@@ -144,6 +145,10 @@ async fn wrong_key_gives_a_permanent_aadsts700027() {
     config.oauth.certificate_file = Some(cert_file);
     config.oauth.private_key_file = Some(wrong_key);
     let client = TokenClient::from_config(&config).unwrap();
+    assert!(
+        client.warnings()[0].contains("does not belong"),
+        "detected locally too"
+    );
     let e = client.request().await.unwrap_err();
     assert_eq!(e.error_codes(), &[700027], "{e}");
     assert_eq!(e.http_status(), Some(401));

@@ -142,6 +142,8 @@ struct CertificateKey {
     x5t_s256: String,
     /// base64url(SHA-1(DER)) for `x5t`.
     x5t: String,
+    /// The private key's public half differs from the certificate's.
+    mismatch: bool,
 }
 
 impl CertificateKey {
@@ -159,9 +161,9 @@ impl CertificateKey {
                 key_file.display()
             ))
         };
-        let key = PrivateKeyDer::from_pem_file(key_file)
+        let key_der = PrivateKeyDer::from_pem_file(key_file)
             .map_err(|e| key_problem(pem_problem(&e, "private key")))?;
-        let key = match &key {
+        let key = match &key_der {
             PrivateKeyDer::Pkcs1(k) => EncodingKey::from_rsa_der(k.secret_pkcs1_der()),
             PrivateKeyDer::Pkcs8(k) => {
                 // jsonwebtoken takes PKCS#8 through its PEM reader (it unwraps the RSA key).
@@ -183,6 +185,7 @@ impl CertificateKey {
             alg,
             x5t_s256: URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(cert.as_ref())),
             x5t: URL_SAFE_NO_PAD.encode(sha1::Sha1::digest(cert.as_ref())),
+            mismatch: key_mismatch(&cert, &key_der),
         };
         // Sign once now, so an unusable key is a start-up error rather than a delivery one.
         loaded
@@ -220,6 +223,21 @@ impl CertificateKey {
             OAuthError::Credential(format!("cannot sign the client assertion: {:?}", e.kind()))
         })
     }
+}
+
+/// True when the key certainly does not belong to the certificate (Entra would answer
+/// AADSTS700027). Unknown cases count as a match: Entra has the last word.
+fn key_mismatch(cert: &CertificateDer<'_>, key: &PrivateKeyDer<'_>) -> bool {
+    let Ok(signer) = rustls::crypto::aws_lc_rs::sign::any_supported_type(key) else {
+        return false;
+    };
+    let certified = rustls::sign::CertifiedKey::new(vec![cert.clone().into_owned()], signer);
+    matches!(
+        certified.keys_match(),
+        Err(rustls::Error::InconsistentKeys(
+            rustls::InconsistentKeys::KeyMismatch
+        ))
+    )
 }
 
 /// A PEM problem, described without quoting the file.
@@ -309,16 +327,33 @@ impl TokenClient {
         let http = builder
             .build()
             .map_err(|e| OAuthError::Config(format!("cannot build the HTTP client: {e}")))?;
-        Ok(TokenClient {
+        let client = TokenClient {
             http,
             endpoints,
             client_id,
             credential,
-        })
+        };
+        for w in client.warnings() {
+            tracing::warn!("{w}");
+        }
+        Ok(client)
     }
 
     pub fn endpoints(&self) -> &Endpoints {
         &self.endpoints
+    }
+
+    /// Problems found while loading that do not stop the relay but will most likely make Entra
+    /// refuse it (a private key that does not belong to the certificate). Also logged.
+    pub fn warnings(&self) -> Vec<String> {
+        match &self.credential {
+            Credential::Certificate(c) if c.mismatch => vec![
+                "oauth.private_key_file does not belong to oauth.certificate_file: \
+                 Entra will answer AADSTS700027 (invalid signature)"
+                    .to_string(),
+            ],
+            _ => Vec::new(),
+        }
     }
 
     /// `"client secret"`, `"certificate"` or `"federated assertion"`.
