@@ -12,5 +12,6 @@ pub mod config;
 pub mod daemon;
 pub mod deliver;
 pub mod inbound;
+pub mod oauth;
 pub mod sim;
 pub mod spool;
