@@ -1,9 +1,19 @@
-//! `serve`: opens the spool (running recovery), binds the listener and runs until shutdown.
+//! `serve`: opens the spool (running recovery), starts the token refresher and the deliverer
+//! when a tenant is configured, binds the listener and runs until shutdown. With `--simulate`
+//! the built-in simulator stands in for Entra ID and Exchange Online.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, Secret};
+use crate::deliver::upstream::{Timeouts, UpstreamTarget, tls_connector};
+use crate::deliver::{Deliverer, DeliveryHandle, DeliverySettings};
 use crate::inbound::{InboundError, InboundSettings, Server};
+use crate::oauth::{OAuthError, TokenProvider};
+use crate::sim::{SimConfig, SimError, Simulator};
 use crate::spool::{Spool, SpoolError};
 
 #[derive(Debug, thiserror::Error)]
@@ -12,40 +22,194 @@ pub enum DaemonError {
     Inbound(#[from] InboundError),
     #[error("spool {dir}: {source}")]
     Spool { dir: String, source: SpoolError },
+    #[error("oauth: {0}")]
+    OAuth(Box<OAuthError>),
+    #[error("{0}")]
+    UpstreamTls(String),
+    #[error("simulator: {0}")]
+    Simulator(#[from] SimError),
 }
 
 impl DaemonError {
     /// Problems the admin fixes in `relay.toml` (exit code 2) as opposed to runtime failures.
     pub fn is_config_error(&self) -> bool {
-        matches!(
-            self,
-            DaemonError::Inbound(InboundError::Tls(_) | InboundError::Auth(_))
-        )
+        match self {
+            DaemonError::Inbound(InboundError::Tls(_) | InboundError::Auth(_)) => true,
+            DaemonError::OAuth(e) => {
+                matches!(**e, OAuthError::Config(_) | OAuthError::Credential(_))
+            }
+            DaemonError::UpstreamTls(_) => true,
+            _ => false,
+        }
     }
 }
 
-/// Runs the relay until `shutdown` is cancelled. Returns once sessions have drained.
-pub async fn serve(config: &Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
-    let settings = InboundSettings::from_config(config)?;
+impl From<OAuthError> for DaemonError {
+    fn from(e: OAuthError) -> Self {
+        DaemonError::OAuth(Box::new(e))
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServeOptions {
+    /// Run the simulator in-process and deliver to it.
+    pub simulate: bool,
+}
+
+/// Runs the relay until `shutdown` is cancelled. Returns once sessions and deliveries drained.
+pub async fn serve(
+    config: &Config,
+    options: ServeOptions,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
+    let mut config = config.clone();
+    let simulator = if options.simulate {
+        Some(start_simulator(&mut config).await?)
+    } else {
+        None
+    };
+    let settings = InboundSettings::from_config(&config)?;
     let (spool, _report) = Spool::open(&config.queue.dir).map_err(|source| DaemonError::Spool {
         dir: config.queue.dir.display().to_string(),
         source,
     })?;
+    let delivery = start_delivery(&config, &spool, &shutdown)?;
     let listeners = Server::bind(&config.smtp.listen).await?;
     for listener in &listeners {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "accepting SMTP");
         }
     }
+    let handle = delivery.as_ref().map(|d| d.handle.clone());
+    Server::new(settings, spool, handle)
+        .run(listeners, shutdown)
+        .await;
+    if let Some(delivery) = delivery {
+        let _ = delivery.deliverer.await;
+        let _ = delivery.refresher.await;
+    }
+    if let Some(sim) = simulator {
+        sim.shutdown().await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+struct RunningDelivery {
+    handle: DeliveryHandle,
+    deliverer: tokio::task::JoinHandle<()>,
+    refresher: tokio::task::JoinHandle<()>,
+}
+
+fn start_delivery(
+    config: &Config,
+    spool: &Spool,
+    shutdown: &CancellationToken,
+) -> Result<Option<RunningDelivery>, DaemonError> {
     if !config.oauth.is_configured() {
         tracing::warn!(
             "upstream not configured ([oauth] is empty): mail is accepted and kept in the spool, \
              nothing is delivered until a tenant is configured"
         );
+        return Ok(None);
     }
-    Server::new(settings, spool, None)
-        .run(listeners, shutdown)
-        .await;
-    tracing::info!("stopped");
-    Ok(())
+    let endpoints = crate::oauth::endpoints(config)?;
+    let (tokens, refresher) = TokenProvider::start(config, shutdown.clone())?;
+    let up = &config.upstream;
+    let host = endpoints.smtp_host.clone();
+    let address = if host.contains(':') {
+        format!("[{host}]:{}", up.port)
+    } else {
+        format!("{host}:{}", up.port)
+    };
+    let target = UpstreamTarget {
+        address,
+        server_name: up.tls_server_name.clone().unwrap_or(host),
+        tls: up.tls,
+        connector: tls_connector(up.ca_file.as_deref()).map_err(DaemonError::UpstreamTls)?,
+        helo: config.smtp.hostname.clone(),
+        timeouts: Timeouts::default(),
+    };
+    // Validation guarantees mail_account once [oauth] is configured.
+    let mailbox = up.mail_account.clone().unwrap_or_default();
+    let settings = DeliverySettings {
+        from: up.from.clone().unwrap_or_else(|| mailbox.clone()),
+        mailbox,
+        rewrite_from: up.rewrite_from,
+        connections: up.connections,
+        rate: up.rate,
+        retry_min: config.queue.retry_min,
+        retry_max: config.queue.retry_max,
+        max_age: config.queue.max_age,
+        session_max_age: Duration::from_secs(600),
+        session_max_idle: Duration::from_secs(60),
+        refresh_before: config.oauth.refresh_before,
+    };
+    tracing::info!(
+        upstream = %target.address,
+        tls_name = %target.server_name,
+        mailbox = %settings.mailbox,
+        token_url = %endpoints.token_url,
+        connections = settings.connections,
+        rate = %settings.rate,
+        "delivering to Exchange Online"
+    );
+    let (handle, deliverer) = Deliverer::start(
+        spool.clone(),
+        target,
+        settings,
+        Arc::new(tokens),
+        shutdown.clone(),
+    );
+    Ok(Some(RunningDelivery {
+        handle,
+        deliverer,
+        refresher,
+    }))
+}
+
+/// Starts the simulator beside the spool and points `config` at it.
+async fn start_simulator(config: &mut Config) -> Result<Simulator, DaemonError> {
+    let state_dir = match config.queue.dir.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.join("simulator"),
+        _ => PathBuf::from("simulator"),
+    };
+    let sim = Simulator::start(SimConfig::default(), &state_dir).await?;
+    let sim_config = sim.config();
+    let (client, mailbox) = match (sim_config.clients.first(), sim_config.mailboxes.first()) {
+        (Some(c), Some(m)) => (c.clone(), m.address.clone()),
+        _ => {
+            return Err(DaemonError::Simulator(SimError::Config(
+                "the simulator has no client or mailbox".into(),
+            )));
+        }
+    };
+    let up = &mut config.upstream;
+    up.host = Some(sim.smtp_addr().ip().to_string());
+    up.port = sim.smtp_addr().port();
+    up.ca_file = Some(sim.ca_file().to_path_buf());
+    up.tls_server_name = Some(sim_config.smtp.host_name.clone());
+    up.mail_account = Some(mailbox.clone());
+    up.from = Some(mailbox.clone());
+    let oauth = &mut config.oauth;
+    oauth.tenant_id = Some(sim_config.tenant_id.clone());
+    oauth.client_id = Some(client.client_id.clone());
+    oauth.client_secret = client.secrets.first().map(|s| Secret::new(s.value.clone()));
+    oauth.client_secret_file = None;
+    oauth.certificate_file = None;
+    oauth.private_key_file = None;
+    oauth.assertion_file = None;
+    oauth.token_url = Some(sim.token_url());
+    oauth.scope = Some("https://outlook.office365.com/.default".into());
+    tracing::info!(
+        mailbox_dir = %sim.mailbox_dir().display(),
+        token_url = %sim.token_url(),
+        smtp = %sim.smtp_addr(),
+        "simulator running: delivered mail appears in the mailbox folder"
+    );
+    eprintln!(
+        "smtp-oauth-relay: simulating Microsoft 365; delivered messages appear in {}",
+        sim.mailbox_dir().display()
+    );
+    Ok(sim)
 }

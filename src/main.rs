@@ -30,7 +30,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the relay
-    Serve,
+    Serve {
+        /// Deliver to a built-in simulator of Entra ID and Exchange Online (try it out before a
+        /// tenant is configured)
+        #[arg(long)]
+        simulate: bool,
+    },
     /// Print the effective configuration (secrets redacted); exit 2 if it is invalid
     Config,
     /// Inspect and manage the spool (safe while `serve` runs)
@@ -71,7 +76,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }),
         Command::Queue(args) => with_config(path, |config| queue(config, args)),
-        Command::Serve => with_config(path, serve),
+        Command::Serve { simulate } => with_config(path, |config| {
+            serve(config, smtp_oauth_relay::daemon::ServeOptions { simulate })
+        }),
     }
 }
 
@@ -133,7 +140,7 @@ fn queue(config: &Config, args: QueueArgs) -> ExitCode {
     }
 }
 
-fn serve(config: &Config) -> ExitCode {
+fn serve(config: &Config, options: smtp_oauth_relay::daemon::ServeOptions) -> ExitCode {
     init_logging(config);
     // One process-wide rustls provider, chosen explicitly (aws-lc-rs, no OpenSSL).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -150,7 +157,7 @@ fn serve(config: &Config) -> ExitCode {
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));
-        smtp_oauth_relay::daemon::serve(config, shutdown).await
+        smtp_oauth_relay::daemon::serve(config, options, shutdown).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -40,9 +40,46 @@ pub struct TokenFailure {
 /// Where tokens come from: the background refresher in production, fakes in tests. It must
 /// never make a token request per call.
 pub trait TokenSource: Send + Sync + 'static {
-    fn token(&self) -> Pin<Box<dyn Future<Output = Result<Token, TokenFailure>> + Send + '_>>;
-    /// Ask for one refresh now (after a 535 with a token close to expiry).
-    fn force_refresh(&self);
+    fn token(&self) -> TokenFuture<'_>;
+    /// One refresh now, waiting for its result (after a 535 with a token close to expiry).
+    fn refresh(&self) -> TokenFuture<'_>;
+}
+
+pub type TokenFuture<'a> = Pin<Box<dyn Future<Output = Result<Token, TokenFailure>> + Send + 'a>>;
+
+/// The background refresher is the production token source.
+impl TokenSource for crate::oauth::TokenProvider {
+    fn token(&self) -> TokenFuture<'_> {
+        Box::pin(async move { self.token().await.map(from_access).map_err(from_oauth) })
+    }
+
+    fn refresh(&self) -> TokenFuture<'_> {
+        Box::pin(async move {
+            self.refresh_now()
+                .await
+                .map(from_access)
+                .map_err(from_oauth)
+        })
+    }
+}
+
+fn from_access(token: crate::oauth::AccessToken) -> Token {
+    Token {
+        value: token.secret().to_string(),
+        expires_at: token.expires_at,
+    }
+}
+
+fn from_oauth(error: crate::oauth::OAuthError) -> TokenFailure {
+    let mut message = error.to_string();
+    if let Some(hint) = error.hint() {
+        message.push_str(" — ");
+        message.push_str(hint);
+    }
+    TokenFailure {
+        permanent: !error.is_transient(),
+        message,
+    }
 }
 
 /// A cheap pseudo-random number for retry jitter (xorshift over the clock and a counter); not

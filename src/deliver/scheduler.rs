@@ -640,8 +640,9 @@ async fn session_for(ctx: &Arc<Context>) -> Result<UpstreamSession, AttemptOutco
                         "535 with a token close to expiry: refreshing it and trying once more"
                     );
                     refreshed = true;
-                    ctx.tokens.force_refresh();
-                    wait_for_new_token(ctx, &token.value).await;
+                    if let Err(f) = ctx.tokens.refresh().await {
+                        tracing::warn!(error = %f.message, "token refresh after 535 failed");
+                    }
                     continue;
                 }
                 return Err(AttemptOutcome {
@@ -650,17 +651,6 @@ async fn session_for(ctx: &Arc<Context>) -> Result<UpstreamSession, AttemptOutco
                 });
             }
         }
-    }
-}
-
-async fn wait_for_new_token(ctx: &Arc<Context>, old: &str) {
-    for _ in 0..60 {
-        if let Ok(t) = ctx.tokens.token().await
-            && t.value != old
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

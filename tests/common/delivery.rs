@@ -1,7 +1,5 @@
 //! The relay with its deliverer, wired to the in-process simulator.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
@@ -9,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use smtp_oauth_relay::config::{Config, Rate, RewriteFrom, UpstreamTls};
 use smtp_oauth_relay::deliver::upstream::{Timeouts, UpstreamTarget, tls_connector};
 use smtp_oauth_relay::deliver::{
-    Deliverer, DeliveryHandle, DeliverySettings, Token, TokenFailure, TokenSource,
+    Deliverer, DeliveryHandle, DeliverySettings, Token, TokenFailure, TokenFuture, TokenSource,
 };
 use smtp_oauth_relay::inbound::{InboundSettings, Server};
 use smtp_oauth_relay::sim::{SimConfig, Simulator};
@@ -45,7 +43,7 @@ impl SimTokens {
 }
 
 impl TokenSource for SimTokens {
-    fn token(&self) -> Pin<Box<dyn Future<Output = Result<Token, TokenFailure>> + Send + '_>> {
+    fn token(&self) -> TokenFuture<'_> {
         Box::pin(async move {
             let mut cached = self.cached.lock().await;
             if let Some(t) = cached.as_ref()
@@ -90,8 +88,9 @@ impl TokenSource for SimTokens {
         })
     }
 
-    fn force_refresh(&self) {
+    fn refresh(&self) -> TokenFuture<'_> {
         self.stale.store(true, Ordering::SeqCst);
+        self.token()
     }
 }
 
