@@ -58,6 +58,13 @@ enum QueueArgs {
     Release { id: String },
     /// Remove a message from the spool for good
     Delete { id: String },
+    /// Deliver now: one message (also held or failed ones), or --all queued and held messages
+    Retry {
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -125,6 +132,7 @@ fn queue(config: &Config, args: QueueArgs) -> ExitCode {
         QueueArgs::Hold { id } => QueueCommand::Hold(id),
         QueueArgs::Release { id } => QueueCommand::Release(id),
         QueueArgs::Delete { id } => QueueCommand::Delete(id),
+        QueueArgs::Retry { id, .. } => QueueCommand::Retry(id),
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

@@ -135,3 +135,120 @@ async fn transient_failures_are_retried_until_delivered() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn send_as_denied_holds_then_queue_retry_resumes_after_the_fix() {
+    let toml = "[queue]\nretry_min = \"200ms\"\nretry_max = \"30s\"\n[upstream]\nrewrite_from = \"never\"\n";
+    let r = start_delivering(toml, SimConfig::default()).await;
+    let mut c = r.relay.connect().await;
+    c.begin_message("app@legacy.test", &["b@example.org"]).await;
+    c.send(b"From: billing@contoso.example\r\nSubject: invoice\r\n\r\nx\r\n.\r\n")
+        .await;
+    c.expect("250 2.0.0 queued as").await;
+    for _ in 0..200 {
+        if matches!(r.delivery.status().state, MailboxState::Held { .. }) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let MailboxState::Held { cause, reply, .. } = r.delivery.status().state else {
+        panic!("not held");
+    };
+    assert_eq!(cause, HoldCause::SendAsDenied);
+    assert!(reply.contains("550 5.7.60"), "{reply}");
+    // queue list tells the operator what Exchange said and what to do.
+    let mut listing = Vec::new();
+    smtp_oauth_relay::spool::admin::run_queue_command(
+        r.relay.spool_dir(),
+        &smtp_oauth_relay::spool::admin::QueueCommand::List,
+        &mut listing,
+    )
+    .expect("list");
+    let listing = String::from_utf8_lossy(&listing).to_string();
+    assert!(listing.starts_with("DELIVERY HELD since"), "{listing}");
+    assert!(listing.contains("Add-RecipientPermission"), "{listing}");
+    // Fix it in "Exchange", then ask for a retry: delivered long before the 30 s probe.
+    r.sim
+        .control()
+        .set_send_as(MAILBOX, vec!["billing@contoso.example".into()]);
+    let mut out = Vec::new();
+    smtp_oauth_relay::spool::admin::run_queue_command(
+        r.relay.spool_dir(),
+        &smtp_oauth_relay::spool::admin::QueueCommand::Retry(None),
+        &mut out,
+    )
+    .expect("retry");
+    let got = r.wait_delivered(1).await;
+    assert!(got[0].text().contains("From: billing@contoso.example"));
+    r.wait_for("empty spool", |relay| {
+        relay.spool.list().expect("list").is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_foreign_from_is_rewritten_by_default_and_delivered() {
+    let r = start_delivering(FAST, SimConfig::default()).await;
+    let mut c = r.relay.connect().await;
+    c.begin_message("app@legacy.test", &["b@example.org"]).await;
+    c.send(b"From: \"Billing\" <billing@legacy.test>\r\nSubject: s\r\n\r\nx\r\n.\r\n")
+        .await;
+    c.expect("250 2.0.0 queued as").await;
+    let got = r.wait_delivered(1).await;
+    let text = got[0].text();
+    assert!(
+        text.contains(&format!("From: \"Billing\" <{MAILBOX}>\r\n")),
+        "{text}"
+    );
+    assert!(
+        text.contains("Reply-To: \"Billing\" <billing@legacy.test>\r\n"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn throttling_and_dropped_connections_are_retried_without_loss() {
+    use smtp_oauth_relay::sim::{SmtpFault, SmtpStage};
+    let r = start_delivering(FAST, SimConfig::default()).await;
+    let control = r.sim.control();
+    control.script_smtp_fault(
+        SmtpStage::DataEnd,
+        SmtpFault::Reply {
+            code: 432,
+            text: "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded".into(),
+        },
+        1,
+    );
+    control.script_smtp_fault(SmtpStage::Mail, SmtpFault::Reply421, 1);
+    control.script_smtp_fault(SmtpStage::DataBody, SmtpFault::Drop, 1);
+    let mut c = r.relay.connect().await;
+    c.begin_message("app@legacy.test", &["b@example.org"]).await;
+    for i in 0..4 {
+        if i > 0 {
+            c.cmd_expect("MAIL FROM:<app@legacy.test>", "250").await;
+            c.cmd_expect("RCPT TO:<b@example.org>", "250").await;
+            c.cmd_expect("DATA", "354").await;
+        }
+        c.send(format!("Subject: m{i}\r\n\r\nx\r\n.\r\n").as_bytes())
+            .await;
+        c.expect("250 2.0.0 queued as").await;
+    }
+    let got = r.wait_delivered(4).await;
+    let mut subjects: Vec<String> = got
+        .iter()
+        .map(|m| {
+            m.text()
+                .lines()
+                .find(|l| l.starts_with("Subject: "))
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    subjects.sort();
+    subjects.dedup();
+    assert_eq!(subjects.len(), 4, "every message delivered: {subjects:?}");
+    r.wait_for("empty spool", |relay| {
+        relay.spool.list().expect("list").is_empty()
+    })
+    .await;
+}

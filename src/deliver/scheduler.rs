@@ -20,6 +20,7 @@ use super::sender::apply_sender_policy;
 use super::upstream::{SessionError, UpstreamSession, UpstreamTarget};
 use super::{TokenSource, jitter};
 use crate::config::{Rate, RewriteFrom};
+use crate::spool::admin::{STATUS_FILE, WAKEUP_FILE};
 use crate::spool::{
     BodyType, DeliveryState, EntryState, LoadedMessage, RecipientState, RecipientStatus, Spool,
     SpoolError,
@@ -114,11 +115,6 @@ struct JobReport {
     id: String,
     result: JobResult,
 }
-
-/// File an operator command touches so the daemon re-reads the spool (`queue retry`).
-pub const WAKEUP_FILE: &str = "wakeup";
-/// Mailbox status for `queue list` (advisory, rewritten on every change).
-pub const STATUS_FILE: &str = "mailbox.json";
 
 struct Context {
     spool: Spool,

@@ -14,7 +14,15 @@ pub enum QueueCommand {
     Hold(String),
     Release(String),
     Delete(String),
+    /// Deliver now: one message (queued, held or failed), or with `None` every queued and
+    /// held message. Failed recipients of a failed message are tried again.
+    Retry(Option<String>),
 }
+
+/// Touched by `queue retry` so a running daemon re-reads the spool (the deliverer watches it).
+pub const WAKEUP_FILE: &str = "wakeup";
+/// Written by the deliverer: the mailbox's state, shown above the `queue list` table.
+pub const STATUS_FILE: &str = "mailbox.json";
 
 /// Run one operator command against the spool at `spool_dir`, printing to `out`.
 ///
@@ -44,7 +52,27 @@ pub fn run_queue_command(
         QueueCommand::List => {
             let entries = spool.list()?;
             let now = SystemTime::now();
+            w(write_mailbox_status(spool_dir, out))?;
             w(write_list(&entries, now, out))?;
+        }
+        QueueCommand::Retry(target) => {
+            let ids: Vec<String> = match target {
+                Some(id) => vec![id.to_ascii_uppercase()],
+                None => spool
+                    .list()?
+                    .into_iter()
+                    .filter(|e| e.state != EntryState::Failed)
+                    .map(|e| e.id)
+                    .collect(),
+            };
+            for id in &ids {
+                let was = retry_one(&spool, id)?;
+                w(writeln!(out, "retry {id} (was {was})"))?;
+            }
+            if ids.is_empty() {
+                w(writeln!(out, "nothing to retry"))?;
+            }
+            wake_daemon(spool_dir)?;
         }
         QueueCommand::Show(id) => {
             let m = spool.show(id)?;
@@ -74,6 +102,54 @@ pub fn run_queue_command(
         }
     }
     w(out.flush())
+}
+
+/// Puts a message back in `queue/`, due now, with its failed recipients pending again.
+fn retry_one(spool: &Spool, id: &str) -> Result<EntryState, SpoolError> {
+    use super::RecipientStatus;
+    // The state first: once the file is back in queue/, the deliverer may pick it up.
+    if let Some(mut state) = spool.read_state(id)? {
+        state.next_attempt = None;
+        state.hold_reason = None;
+        state.fail_reason = None;
+        for r in &mut state.recipients {
+            if r.status == RecipientStatus::Failed {
+                r.status = RecipientStatus::Pending;
+            }
+        }
+        spool.write_state(id, &state)?;
+    }
+    spool.move_to(id, EntryState::Queued)
+}
+
+fn wake_daemon(spool_dir: &Path) -> Result<(), SpoolError> {
+    let path = spool_dir.join(WAKEUP_FILE);
+    // The content changes the modification time even on filesystems with coarse timestamps.
+    let stamp = format!("{:?}\n", SystemTime::now());
+    std::fs::write(&path, stamp).map_err(|e| SpoolError::io("write", &path, e))
+}
+
+/// `delivery held since ...: cause` with the reply and the fix, when the deliverer says so.
+fn write_mailbox_status(spool_dir: &Path, out: &mut dyn Write) -> std::io::Result<()> {
+    let Ok(text) = std::fs::read_to_string(spool_dir.join(STATUS_FILE)) else {
+        return Ok(());
+    };
+    let Ok(status) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Ok(());
+    };
+    if status["state"] == "held" {
+        let field = |k: &str| status[k].as_str().unwrap_or("").to_string();
+        writeln!(
+            out,
+            "DELIVERY HELD since {}: {}",
+            field("since"),
+            field("cause")
+        )?;
+        writeln!(out, "  upstream said: {}", field("reply"))?;
+        writeln!(out, "  fix: {}", field("fix"))?;
+        writeln!(out)?;
+    }
+    Ok(())
 }
 
 /// Humanised age: `42s`, `5m`, `3h`, `2d` (truncated; a future time shows `0s`).

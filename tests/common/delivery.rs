@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
-use smtp_oauth_relay::config::{Config, Rate, RewriteFrom, UpstreamTls};
+use smtp_oauth_relay::config::{Config, Rate, UpstreamTls};
 use smtp_oauth_relay::deliver::upstream::{Timeouts, UpstreamTarget, tls_connector};
 use smtp_oauth_relay::deliver::{
     Deliverer, DeliveryHandle, DeliverySettings, Token, TokenFailure, TokenFuture, TokenSource,
@@ -158,7 +158,7 @@ pub async fn start_delivering(relay_toml: &str, sim_config: SimConfig) -> Delive
     let settings = DeliverySettings {
         mailbox: MAILBOX.into(),
         from: MAILBOX.into(),
-        rewrite_from: RewriteFrom::WhenDifferent,
+        rewrite_from: config.upstream.rewrite_from,
         connections: config.upstream.connections,
         rate: Rate {
             messages: config.upstream.rate.messages.max(1000),
