@@ -95,13 +95,16 @@ pub async fn serve(
     Ok(())
 }
 
-struct RunningDelivery {
-    handle: DeliveryHandle,
-    deliverer: tokio::task::JoinHandle<()>,
-    refresher: tokio::task::JoinHandle<()>,
+/// The delivery side of a running relay.
+pub struct RunningDelivery {
+    pub handle: DeliveryHandle,
+    pub tokens: TokenProvider,
+    pub deliverer: tokio::task::JoinHandle<()>,
+    pub refresher: tokio::task::JoinHandle<()>,
 }
 
-fn start_delivery(
+/// Starts the token refresher and the deliverer, or returns `None` when no tenant is configured.
+pub fn start_delivery(
     config: &Config,
     spool: &Spool,
     shutdown: &CancellationToken,
@@ -158,11 +161,12 @@ fn start_delivery(
         spool.clone(),
         target,
         settings,
-        Arc::new(tokens),
+        Arc::new(tokens.clone()),
         shutdown.clone(),
     );
     Ok(Some(RunningDelivery {
         handle,
+        tokens,
         deliverer,
         refresher,
     }))
@@ -175,6 +179,23 @@ async fn start_simulator(config: &mut Config) -> Result<Simulator, DaemonError> 
         _ => PathBuf::from("simulator"),
     };
     let sim = Simulator::start(SimConfig::default(), &state_dir).await?;
+    point_at_simulator(config, &sim)?;
+    tracing::info!(
+        mailbox_dir = %sim.mailbox_dir().display(),
+        token_url = %sim.token_url(),
+        smtp = %sim.smtp_addr(),
+        "simulator running: delivered mail appears in the mailbox folder"
+    );
+    eprintln!(
+        "smtp-oauth-relay: simulating Microsoft 365; delivered messages appear in {}",
+        sim.mailbox_dir().display()
+    );
+    Ok(sim)
+}
+
+/// Points the upstream and OAuth settings at a running simulator (its first client, with its
+/// client secret, and its first mailbox).
+pub fn point_at_simulator(config: &mut Config, sim: &Simulator) -> Result<(), DaemonError> {
     let sim_config = sim.config();
     let (client, mailbox) = match (sim_config.clients.first(), sim_config.mailboxes.first()) {
         (Some(c), Some(m)) => (c.clone(), m.address.clone()),
@@ -201,15 +222,5 @@ async fn start_simulator(config: &mut Config) -> Result<Simulator, DaemonError> 
     oauth.assertion_file = None;
     oauth.token_url = Some(sim.token_url());
     oauth.scope = Some("https://outlook.office365.com/.default".into());
-    tracing::info!(
-        mailbox_dir = %sim.mailbox_dir().display(),
-        token_url = %sim.token_url(),
-        smtp = %sim.smtp_addr(),
-        "simulator running: delivered mail appears in the mailbox folder"
-    );
-    eprintln!(
-        "smtp-oauth-relay: simulating Microsoft 365; delivered messages appear in {}",
-        sim.mailbox_dir().display()
-    );
-    Ok(sim)
+    Ok(())
 }

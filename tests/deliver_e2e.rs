@@ -10,7 +10,8 @@ use smtp_oauth_relay::deliver::classify::HoldCause;
 use smtp_oauth_relay::sim::SimConfig;
 use smtp_oauth_relay::spool::EntryState;
 
-const FAST: &str = "[queue]\nretry_min = \"200ms\"\nretry_max = \"1s\"\n";
+const FAST: &str =
+    "[queue]\nretry_min = \"200ms\"\nretry_max = \"1s\"\n[upstream]\nrate = \"1000/s\"\n";
 
 #[tokio::test]
 async fn accepted_mail_is_delivered_exactly_and_leaves_the_spool() {
@@ -138,7 +139,7 @@ async fn transient_failures_are_retried_until_delivered() {
 
 #[tokio::test]
 async fn send_as_denied_holds_then_queue_retry_resumes_after_the_fix() {
-    let toml = "[queue]\nretry_min = \"200ms\"\nretry_max = \"30s\"\n[upstream]\nrewrite_from = \"never\"\n";
+    let toml = "[queue]\nretry_min = \"200ms\"\nretry_max = \"30s\"\n[upstream]\nrewrite_from = \"never\"\nrate = \"1000/s\"\n";
     let r = start_delivering(toml, SimConfig::default()).await;
     let mut c = r.relay.connect().await;
     c.begin_message("app@legacy.test", &["b@example.org"]).await;
