@@ -57,14 +57,15 @@ impl DeliveringRelay {
 /// Listener + deliverer + simulator, wired exactly as `serve --simulate` wires them.
 /// `relay_toml` adds relay settings (tests set fast retries and a high rate).
 pub async fn start_delivering(relay_toml: &str, sim_config: SimConfig) -> DeliveringRelay {
-    start_delivering_with(relay_toml, sim_config, |_| {}).await
+    start_delivering_with(relay_toml, sim_config, |_, _| {}).await
 }
 
-/// As [`start_delivering`], with a last change to the configuration (e.g. a certificate).
+/// As [`start_delivering`], with a last change to the configuration (e.g. a certificate) and
+/// to the simulator (e.g. a fault) before the relay starts.
 pub async fn start_delivering_with(
     relay_toml: &str,
     sim_config: SimConfig,
-    customize: impl FnOnce(&mut Config),
+    customize: impl FnOnce(&mut Config, &Simulator),
 ) -> DeliveringRelay {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let sim_dir = tempfile::tempdir().expect("tempdir");
@@ -76,7 +77,7 @@ pub async fn start_delivering_with(
     config.queue.dir = dir.path().join("spool");
     config.queue.min_free_space = smtp_oauth_relay::config::ByteSize(1);
     point_at_simulator(&mut config, &sim).expect("point at simulator");
-    customize(&mut config);
+    customize(&mut config, &sim);
     let (spool, _) = Spool::open(&config.queue.dir).expect("spool");
     let shutdown = CancellationToken::new();
     let running = start_delivery(&config, &spool, &shutdown)
