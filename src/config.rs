@@ -943,7 +943,8 @@ fn readable_file(issues: &mut Vec<ConfigIssue>, key: &str, path: &Path) {
     }
 }
 
-fn looks_like_address(v: &str) -> bool {
+/// `local@domain.tld`, without spaces or angle brackets (a plausibility check, not RFC 5322).
+pub fn looks_like_address(v: &str) -> bool {
     match v.rsplit_once('@') {
         Some((local, domain)) => {
             !local.is_empty()

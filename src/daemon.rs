@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Secret};
-use crate::deliver::upstream::{Timeouts, UpstreamTarget, tls_connector};
+use crate::deliver::upstream::upstream_target;
 use crate::deliver::{Deliverer, DeliveryHandle, DeliverySettings};
 use crate::inbound::{InboundError, InboundSettings, Server};
 use crate::oauth::{OAuthError, TokenProvider};
@@ -119,20 +119,7 @@ pub fn start_delivery(
     let endpoints = crate::oauth::endpoints(config)?;
     let (tokens, refresher) = TokenProvider::start(config, shutdown.clone())?;
     let up = &config.upstream;
-    let host = endpoints.smtp_host.clone();
-    let address = if host.contains(':') {
-        format!("[{host}]:{}", up.port)
-    } else {
-        format!("{host}:{}", up.port)
-    };
-    let target = UpstreamTarget {
-        address,
-        server_name: up.tls_server_name.clone().unwrap_or(host),
-        tls: up.tls,
-        connector: tls_connector(up.ca_file.as_deref()).map_err(DaemonError::UpstreamTls)?,
-        helo: config.smtp.hostname.clone(),
-        timeouts: Timeouts::default(),
-    };
+    let target = upstream_target(config).map_err(DaemonError::UpstreamTls)?;
     // Validation guarantees mail_account once [oauth] is configured.
     let mailbox = up.mail_account.clone().unwrap_or_default();
     let settings = DeliverySettings {

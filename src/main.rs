@@ -38,6 +38,16 @@ enum Command {
     },
     /// Print the effective configuration (secrets redacted); exit 2 if it is invalid
     Config,
+    /// Walk config, token, TLS and AUTH (and send a test message with --send-to), explaining any
+    /// failure with its fix; exit 0 when every step passed, 1 when one failed
+    Check {
+        /// Also send a real test message to this address
+        #[arg(long, value_name = "ADDR")]
+        send_to: Option<String>,
+        /// Print the steps as a JSON array of {step, status, detail, fix}
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect and manage the spool (safe while `serve` runs)
     #[command(subcommand)]
     Queue(QueueArgs),
@@ -83,6 +93,14 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }),
         Command::Queue(args) => with_config(path, |config| queue(config, args)),
+        Command::Check { send_to, json } => with_config(path, |config| {
+            let options = smtp_oauth_relay::check::CheckOptions {
+                send_to,
+                config_file: config::locate(path).ok().flatten(),
+                timeouts: None,
+            };
+            check(config, &options, json)
+        }),
         Command::Serve { simulate } => with_config(path, |config| {
             serve(config, smtp_oauth_relay::daemon::ServeOptions { simulate })
         }),
@@ -123,6 +141,28 @@ fn simulate(config: Option<&std::path::Path>) -> ExitCode {
             ExitCode::from(EXIT_RUNTIME)
         }
     }
+}
+
+fn check(config: &Config, options: &smtp_oauth_relay::check::CheckOptions, json: bool) -> ExitCode {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("smtp-oauth-relay: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let report = runtime.block_on(smtp_oauth_relay::check::run(config, options));
+    if json {
+        print!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_text());
+    }
+    let _ = std::io::stdout().flush();
+    ExitCode::from(report.exit_code())
 }
 
 fn queue(config: &Config, args: QueueArgs) -> ExitCode {

@@ -71,8 +71,9 @@ impl HoldCause {
             HoldCause::AuthenticationFailed => {
                 "Register the app's service principal in Exchange with the Enterprise application's \
                  object id (New-ServicePrincipal -AppId <client_id> -ObjectId <enterprise app object id>), \
-                 grant it FullAccess on the mail account (Add-MailboxPermission -User <service principal> \
-                 -AccessRights FullAccess), and check admin consent for SMTP.SendAsApp."
+                 grant it FullAccess on the mail account (Add-MailboxPermission -Identity <mail_account> \
+                 -User <service principal> -AccessRights FullAccess), and check admin consent for \
+                 SMTP.SendAsApp."
             }
             HoldCause::BasicAuthRefused => {
                 "Exchange saw basic authentication; check that upstream.host is the Exchange Online \

@@ -177,6 +177,7 @@ pub struct UpstreamSession {
     pub transactions: u32,
     /// A failed transaction leaves state on the server: RSET before the next one.
     needs_rset: bool,
+    peer: Option<std::net::SocketAddr>,
 }
 
 /// Longest reply line we keep reading (Exchange's diagnostics run to a few kilobytes).
@@ -191,6 +192,14 @@ impl UpstreamSession {
         mailbox: &str,
         token: &str,
     ) -> Result<UpstreamSession, SessionError> {
+        let mut session = UpstreamSession::connect(target).await?;
+        session.login(mailbox, token).await?;
+        Ok(session)
+    }
+
+    /// Connects and secures the session (TLS, then EHLO), without authenticating: `open` is
+    /// `connect` + `login`; `check` runs the two as separate steps.
+    pub async fn connect(target: &UpstreamTarget) -> Result<UpstreamSession, SessionError> {
         let addr = tokio::time::timeout(
             target.timeouts.connect,
             tokio::net::lookup_host(target.address.as_str()),
@@ -250,14 +259,40 @@ impl UpstreamSession {
                 s
             }
         };
-        if !session.caps.xoauth2 {
+        session.peer = Some(addr);
+        Ok(session)
+    }
+
+    /// `AUTH XOAUTH2` as `mailbox` with `token`.
+    pub async fn login(&mut self, mailbox: &str, token: &str) -> Result<(), SessionError> {
+        if !self.caps.xoauth2 {
             return Err(SessionError::Protocol {
                 stage: Stage::Auth,
                 what: "the server does not offer AUTH XOAUTH2".into(),
             });
         }
-        session.authenticate(mailbox, token).await?;
-        Ok(session)
+        self.authenticate(mailbox, token).await
+    }
+
+    /// The address connected to.
+    pub fn peer(&self) -> Option<std::net::SocketAddr> {
+        self.peer
+    }
+
+    /// The negotiated TLS version and cipher suite (e.g. `("TLSv1_3", "TLS13_AES_256_GCM_SHA384")`).
+    pub fn tls_info(&self) -> Option<(String, String)> {
+        let Conn::Tls(tls) = &self.stream else {
+            return None;
+        };
+        let (_, conn) = tls.get_ref();
+        Some((
+            conn.protocol_version()
+                .map(|v| format!("{v:?}"))
+                .unwrap_or_default(),
+            conn.negotiated_cipher_suite()
+                .map(|c| format!("{:?}", c.suite()))
+                .unwrap_or_default(),
+        ))
     }
 
     fn new(stream: Conn, target: &UpstreamTarget) -> UpstreamSession {
@@ -271,6 +306,7 @@ impl UpstreamSession {
             last_used: now,
             transactions: 0,
             needs_rset: false,
+            peer: None,
         }
     }
 
@@ -536,6 +572,29 @@ fn mail_send_error(stage: Stage, error: mail_send::Error) -> SessionError {
         mail_send::Error::Io(e) => network(stage, e.to_string()),
         other => network(stage, other.to_string()),
     }
+}
+
+/// The upstream target `serve` and `check` connect to: `upstream.host` (or the cloud's SMTP
+/// host), `upstream.port`, `upstream.tls`, the TLS name and `upstream.ca_file`, with default
+/// timeouts.
+pub fn upstream_target(config: &crate::config::Config) -> Result<UpstreamTarget, String> {
+    let up = &config.upstream;
+    let host = crate::oauth::endpoints(config)
+        .map_err(|e| e.to_string())?
+        .smtp_host;
+    let address = if host.contains(':') {
+        format!("[{host}]:{}", up.port)
+    } else {
+        format!("{host}:{}", up.port)
+    };
+    Ok(UpstreamTarget {
+        address,
+        server_name: up.tls_server_name.clone().unwrap_or(host),
+        tls: up.tls,
+        connector: tls_connector(up.ca_file.as_deref())?,
+        helo: config.smtp.hostname.clone(),
+        timeouts: Timeouts::default(),
+    })
 }
 
 /// Builds the TLS client configuration: TLS 1.2+, Mozilla's roots (so a scratch container needs

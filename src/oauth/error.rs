@@ -129,28 +129,58 @@ impl OAuthError {
     }
 }
 
+/// The fixes speak the language of the Microsoft 365 setup guide (App registrations, Enterprise
+/// applications, Certificates & secrets, API permissions); `check` prints them and logs append them.
 fn hint_for(code: u32) -> Option<&'static str> {
     Some(match code {
         7000215 => {
-            "oauth.client_secret must be the secret's Value (shown once when it was created), not its Secret ID"
+            "oauth.client_secret must be the client secret's Value, not its Secret ID: in the Azure portal \
+             open App registrations > your app > Certificates & secrets, create a New client secret and copy \
+             its Value right away (it is shown only once)"
         }
-        7000222 => "the client secret has expired: create a new one in the app registration",
+        7000222 => {
+            "the client secret has expired: App registrations > your app > Certificates & secrets > New client \
+             secret, put its Value in oauth.client_secret and delete the expired one (or use a certificate)"
+        }
+        7000218 | 7000216 | 900144 => {
+            "no credential reached Entra ID: set oauth.client_secret (the secret's Value) or \
+             oauth.client_secret_file, oauth.certificate_file + oauth.private_key_file, or oauth.assertion_file"
+        }
         700016 => {
-            "check oauth.client_id, oauth.tenant_id and upstream.cloud: the app is not in that directory"
+            "the app is not in this tenant: oauth.client_id must be the Application (client) ID and \
+             oauth.tenant_id the Directory (tenant) ID, both from the app registration's Overview; for GCC High, \
+             DoD or China set upstream.cloud"
         }
-        90002 | 900023 => "check oauth.tenant_id and upstream.cloud",
+        90002 | 900023 => {
+            "tenant not found: oauth.tenant_id must be the Directory (tenant) ID from the app registration's \
+             Overview (or a verified domain such as contoso.onmicrosoft.com); for GCC High, DoD or China set \
+             upstream.cloud"
+        }
         700027 => {
-            "the certificate is not registered on the app registration, or the private key does not match it"
+            "the certificate is not registered on the app: upload oauth.certificate_file under App registrations \
+             > your app > Certificates & secrets > Certificates, and make sure oauth.private_key_file is its key"
         }
         700024 => "the client assertion is outside its validity window: check this host's clock",
         70011 | 1002012 | 700022 | 700023 => {
-            "oauth.scope must be a single resource followed by /.default (e.g. https://outlook.office365.com/.default)"
+            "oauth.scope must be a single resource followed by /.default: remove oauth.scope to use \
+             https://outlook.office365.com/.default (or the one of upstream.cloud)"
         }
         500011 => {
-            "the resource is not in the tenant: check upstream.cloud, or whether the tenant has Exchange Online"
+            "Office 365 Exchange Online is not in this tenant or not consented: check upstream.cloud and that the \
+             tenant has Exchange Online, then in App registrations > your app > API permissions add \
+             SMTP.SendAsApp and Grant admin consent"
         }
-        7000112 | 70001 => "the application is disabled in the tenant",
-        53003 | 530032 => "a Conditional Access policy blocks this service principal",
+        65001 => {
+            "admin consent is missing: App registrations > your app > API permissions > Grant admin consent \
+             (Office 365 Exchange Online > SMTP.SendAsApp)"
+        }
+        7000112 | 70001 => {
+            "the application is disabled: Enterprise applications > your app > Properties > Enabled for users to \
+             sign-in = Yes"
+        }
+        53003 | 530032 => {
+            "a Conditional Access policy blocks this service principal: exclude it from the policy"
+        }
         _ => return None,
     })
 }
