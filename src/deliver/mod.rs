@@ -71,14 +71,10 @@ fn from_access(token: crate::oauth::AccessToken) -> Token {
 }
 
 fn from_oauth(error: crate::oauth::OAuthError) -> TokenFailure {
-    let mut message = error.to_string();
-    if let Some(hint) = error.hint() {
-        message.push_str(" — ");
-        message.push_str(hint);
-    }
+    // The error's text already carries the AADSTS code, the ids and the admin's fix.
     TokenFailure {
         permanent: !error.is_transient(),
-        message,
+        message: error.to_string(),
     }
 }
 
