@@ -39,6 +39,9 @@ enum Command {
     /// Run only the Entra ID + Exchange Online simulator and print a relay.toml fragment that
     /// points at it (--config names a simulator config such as sim.toml)
     Simulate,
+    /// Query the admin endpoint's /readyz (container HEALTHCHECK): exit 0 when ready, 1 when
+    /// not, 2 when [admin] listen is not set
+    Health,
 }
 
 #[derive(Subcommand)]
@@ -71,7 +74,8 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }),
         Command::Queue(args) => with_config(path, |config| queue(config, args)),
-        Command::Serve => with_config(path, serve),
+        Command::Serve => with_config(path, |config| serve(config, cli.config.clone())),
+        Command::Health => with_config(path, health),
     }
 }
 
@@ -133,7 +137,39 @@ fn queue(config: &Config, args: QueueArgs) -> ExitCode {
     }
 }
 
-fn serve(config: &Config) -> ExitCode {
+fn health(config: &Config) -> ExitCode {
+    let Some(listen) = config.admin.listen else {
+        eprintln!("smtp-oauth-relay health: [admin] listen is not set (RELAY_ADMIN__LISTEN)");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("smtp-oauth-relay: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    use smtp_oauth_relay::admin::{HEALTH_TIMEOUT, query_readyz};
+    match runtime.block_on(query_readyz(listen, HEALTH_TIMEOUT)) {
+        Ok((200, body)) => {
+            println!("{body}");
+            ExitCode::SUCCESS
+        }
+        Ok((code, body)) => {
+            println!("{code} {body}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+        Err(e) => {
+            println!("unreachable: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+fn serve(config: &Config, config_path: Option<PathBuf>) -> ExitCode {
     init_logging(config);
     // One process-wide rustls provider, chosen explicitly (aws-lc-rs, no OpenSSL).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -150,7 +186,7 @@ fn serve(config: &Config) -> ExitCode {
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));
-        smtp_oauth_relay::daemon::serve(config, shutdown).await
+        smtp_oauth_relay::daemon::serve_with_reload(config, config_path, shutdown).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -184,14 +220,20 @@ async fn stop_on_signal(shutdown: CancellationToken) {
 }
 
 fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::{EnvFilter, layer::SubscriberExt, reload, util::SubscriberInitExt};
+    let filter = EnvFilter::try_new(&config.log.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    // log.level can change on SIGHUP (service::reload_log_level).
+    let (filter, handle) = reload::Layer::new(filter);
+    smtp_oauth_relay::service::set_log_reloader(move |level| {
+        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    });
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     match config.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => registry.with(layer.json()).init(),
+        LogFormat::Text => registry.with(layer).init(),
     }
 }
