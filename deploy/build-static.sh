@@ -5,14 +5,17 @@
 # tests/container_image.rs runs the same script and chroots into the same directory.
 #
 # Static on glibc needs no musl toolchain: -C target-feature=+crt-static with an explicit
-# --target (so build scripts and proc macros stay dynamic).
+# --target (so build scripts and proc macros stay dynamic). getrandom 0.4 finds getrandom(2)
+# with dlsym, which a static binary lacks, and would fall back to /dev/urandom: link
+# libc's getrandom directly instead, so the binary needs no /dev at all.
 set -eu
 out=${1:-/out}
 target=x86_64-unknown-linux-gnu
 uid=10001
 cd "$(dirname "$0")/.."
 
-RUSTFLAGS="-C target-feature=+crt-static" CARGO_PROFILE_RELEASE_STRIP=debuginfo \
+RUSTFLAGS='-C target-feature=+crt-static --cfg getrandom_backend="linux_getrandom"' \
+  CARGO_PROFILE_RELEASE_STRIP=debuginfo \
   cargo build --release --locked --target "$target" --bin smtp-oauth-relay
 bin="${CARGO_TARGET_DIR:-target}/$target/release/smtp-oauth-relay"
 
