@@ -2,17 +2,22 @@
 //! when a tenant is configured, binds the listener and runs until shutdown. With `--simulate`
 //! the built-in simulator stands in for Entra ID and Exchange Online.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::{self, AdminState};
 use crate::config::{Config, Secret};
 use crate::deliver::upstream::upstream_target;
 use crate::deliver::{Deliverer, DeliveryHandle, DeliverySettings};
 use crate::inbound::{InboundError, InboundSettings, Server};
 use crate::oauth::{OAuthError, TokenProvider};
+use crate::service;
 use crate::sim::{SimConfig, SimError, Simulator};
 use crate::spool::{Spool, SpoolError};
 
@@ -28,6 +33,13 @@ pub enum DaemonError {
     UpstreamTls(String),
     #[error("simulator: {0}")]
     Simulator(#[from] SimError),
+    #[error("admin.listen: cannot listen on {addr}: {source}")]
+    Admin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot install the SIGHUP handler: {0}")]
+    Signal(std::io::Error),
 }
 
 impl DaemonError {
@@ -50,10 +62,13 @@ impl From<OAuthError> for DaemonError {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ServeOptions {
     /// Run the simulator in-process and deliver to it.
     pub simulate: bool,
+    /// Handle SIGHUP by re-running `config::load` on this path (`Some(None)`: the usual lookup);
+    /// `None` leaves SIGHUP alone.
+    pub reload: Option<Option<PathBuf>>,
 }
 
 /// Runs the relay until `shutdown` is cancelled. Returns once sessions and deliveries drained.
@@ -80,13 +95,58 @@ pub async fn serve(
             tracing::info!(%addr, "accepting SMTP");
         }
     }
+    // The configuration in effect; SIGHUP publishes reloads here (restart-only keys keep their
+    // running values, see service::merge_reload).
+    let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
+    if let Some(path) = options.reload {
+        let reload = service::reload_on_sighup(path, config_tx, shutdown.clone())
+            .map_err(DaemonError::Signal)?;
+        tokio::spawn(reload);
+    }
+    let admin_state = AdminState::new(spool.clone(), config_rx.clone());
+    let admin_stop = CancellationToken::new();
+    let admin_task = match config.admin.listen {
+        Some(addr) => {
+            let listener = admin::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Admin { addr, source })?;
+            tracing::info!(%addr, "admin endpoint: GET /readyz");
+            let router = admin::router(admin_state.clone());
+            Some(tokio::spawn(admin::serve(
+                listener,
+                router,
+                admin_stop.clone(),
+            )))
+        }
+        None => None,
+    };
+    admin_state.accepting.store(true, Ordering::Release);
+    // READY=1 only now: the listener is bound and spool recovery is done.
+    service::ready(&format!("accepting SMTP on {:?}", config.smtp.listen));
+    let accepting = admin_state.accepting.clone();
+    let stop_notice = shutdown.clone();
+    tokio::spawn(async move {
+        stop_notice.cancelled().await;
+        accepting.store(false, Ordering::Release);
+        service::stopping("stopping: draining SMTP sessions");
+    });
     let handle = delivery.as_ref().map(|d| d.handle.clone());
-    Server::new(settings, spool, handle)
-        .run(listeners, shutdown)
-        .await;
+    let server = Server::new(settings, spool, handle).run(listeners, shutdown);
+    // WATCHDOG=1 from the task that runs the server: a wedged server stops feeding it.
+    match service::watchdog_interval() {
+        Some(every) => tokio::select! {
+            () = server => {}
+            () = service::feed_watchdog(every) => {}
+        },
+        None => server.await,
+    }
     if let Some(delivery) = delivery {
         let _ = delivery.deliverer.await;
         let _ = delivery.refresher.await;
+    }
+    admin_stop.cancel();
+    if let Some(task) = admin_task {
+        let _ = task.await;
     }
     if let Some(sim) = simulator {
         sim.shutdown().await;

@@ -54,6 +54,9 @@ enum Command {
     /// Run only the Entra ID + Exchange Online simulator and print a relay.toml fragment that
     /// points at it (--config names a simulator config such as sim.toml)
     Simulate,
+    /// Query the admin endpoint's /readyz (container HEALTHCHECK): exit 0 when ready, 1 when
+    /// not, 2 when [admin] listen is not set
+    Health,
 }
 
 #[derive(Subcommand)]
@@ -102,8 +105,13 @@ fn main() -> ExitCode {
             check(config, &options, json)
         }),
         Command::Serve { simulate } => with_config(path, |config| {
-            serve(config, smtp_oauth_relay::daemon::ServeOptions { simulate })
+            let options = smtp_oauth_relay::daemon::ServeOptions {
+                simulate,
+                reload: Some(cli.config.clone()),
+            };
+            serve(config, options)
         }),
+        Command::Health => with_config(path, health),
     }
 }
 
@@ -188,6 +196,38 @@ fn queue(config: &Config, args: QueueArgs) -> ExitCode {
     }
 }
 
+fn health(config: &Config) -> ExitCode {
+    let Some(listen) = config.admin.listen else {
+        eprintln!("smtp-oauth-relay health: [admin] listen is not set (RELAY_ADMIN__LISTEN)");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("smtp-oauth-relay: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    use smtp_oauth_relay::admin::{HEALTH_TIMEOUT, query_readyz};
+    match runtime.block_on(query_readyz(listen, HEALTH_TIMEOUT)) {
+        Ok((200, body)) => {
+            println!("{body}");
+            ExitCode::SUCCESS
+        }
+        Ok((code, body)) => {
+            println!("{code} {body}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+        Err(e) => {
+            println!("unreachable: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
 fn serve(config: &Config, options: smtp_oauth_relay::daemon::ServeOptions) -> ExitCode {
     init_logging(config);
     // One process-wide rustls provider, chosen explicitly (aws-lc-rs, no OpenSSL).
@@ -239,14 +279,20 @@ async fn stop_on_signal(shutdown: CancellationToken) {
 }
 
 fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::{EnvFilter, layer::SubscriberExt, reload, util::SubscriberInitExt};
+    let filter = EnvFilter::try_new(&config.log.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    // log.level can change on SIGHUP (service::reload_log_level).
+    let (filter, handle) = reload::Layer::new(filter);
+    smtp_oauth_relay::service::set_log_reloader(move |level| {
+        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    });
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     match config.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => registry.with(layer.json()).init(),
+        LogFormat::Text => registry.with(layer).init(),
     }
 }

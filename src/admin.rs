@@ -1,0 +1,190 @@
+//! The admin HTTP endpoint (`[admin] listen`), and the client behind `smtp-oauth-relay health`.
+//!
+//! Routes (built by [`router`] from one shared [`AdminState`], so `/healthz` and `/metrics`
+//! are one `.route(...)` each when they come):
+//! - `GET /readyz`: "can accept mail" (DESIGN.md): the SMTP listener is bound and accepting,
+//!   the spool directory is writable (a probe file is created and removed in `tmp/`), and its
+//!   filesystem has at least `config.min_free_space()` free. `200 ready`, else `503` with the
+//!   reason. Delivery problems never make the relay unready: a sidecar shares its pod's fate.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::spool::Spool;
+
+/// What the handlers read. Cheap to clone.
+#[derive(Clone)]
+pub struct AdminState {
+    pub spool: Spool,
+    /// The current configuration; follows SIGHUP reloads.
+    pub config: watch::Receiver<Arc<Config>>,
+    /// True while the SMTP listener is bound and accepting (false before start and once
+    /// shutdown begins).
+    pub accepting: Arc<AtomicBool>,
+}
+
+impl AdminState {
+    pub fn new(spool: Spool, config: watch::Receiver<Arc<Config>>) -> AdminState {
+        AdminState {
+            spool,
+            config,
+            accepting: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// The `/readyz` verdict: `Ok` or the first reason the relay cannot take mail.
+    pub async fn readiness(&self) -> Result<(), String> {
+        if !self.accepting.load(Ordering::Acquire) {
+            return Err("SMTP listener is not accepting (starting or shutting down)".into());
+        }
+        let spool = self.spool.clone();
+        let min_free = self.config.borrow().min_free_space();
+        tokio::task::spawn_blocking(move || check_spool(&spool, min_free))
+            .await
+            .unwrap_or_else(|e| Err(format!("spool check failed: {e}")))
+    }
+}
+
+fn check_spool(spool: &Spool, min_free: u64) -> Result<(), String> {
+    static PROBE_SEQ: AtomicU64 = AtomicU64::new(0);
+    let probe = spool.dir().join("tmp").join(format!(
+        "readyz-{}-{}.probe",
+        std::process::id(),
+        PROBE_SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .map_err(|e| format!("spool not writable: {}: {e}", probe.display()))?;
+    std::fs::remove_file(&probe)
+        .map_err(|e| format!("spool not writable: remove {}: {e}", probe.display()))?;
+    let free = spool
+        .free_space()
+        .map_err(|e| format!("cannot read free space of the spool: {e}"))?;
+    if free < min_free {
+        return Err(format!(
+            "spool disk nearly full: {free} bytes free, {min_free} required (queue.min_free_space)"
+        ));
+    }
+    Ok(())
+}
+
+/// The admin routes over `state`.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<AdminState>) -> Response {
+    let text = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    match state.readiness().await {
+        Ok(()) => (StatusCode::OK, text, "ready\n").into_response(),
+        Err(reason) => {
+            tracing::debug!(%reason, "/readyz: not ready");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                text,
+                format!("not ready: {reason}\n"),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// Binds `[admin] listen`.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serves `router` on `listener` until `shutdown` is cancelled.
+pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) {
+    if let Err(e) = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    {
+        tracing::error!(error = %e, "admin endpoint failed");
+    }
+}
+
+/// Timeout of the whole `health` request (connect, send, read).
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// `GET /readyz` on the admin endpoint at `listen` with a plain HTTP/1.0 request (no client
+/// library). A wildcard `listen` (0.0.0.0, ::) is queried on loopback. Returns the status code
+/// and body.
+pub async fn query_readyz(listen: SocketAddr, timeout: Duration) -> Result<(u16, String), String> {
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            Ipv4Addr::LOCALHOST.into()
+        } else {
+            Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let request = format!("GET /readyz HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        let mut response = Vec::new();
+        (&mut stream)
+            .take(64 * 1024)
+            .read_to_end(&mut response)
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        parse_response(&response).ok_or_else(|| format!("{addr}: not an HTTP response"))
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or_else(|_| Err(format!("{addr}: no answer within {timeout:?}")))
+}
+
+fn parse_response(bytes: &[u8]) -> Option<(u16, String)> {
+    let text = String::from_utf8_lossy(bytes);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status_line = head.lines().next()?;
+    let mut parts = status_line.split_whitespace();
+    if !parts.next()?.starts_with("HTTP/") {
+        return None;
+    }
+    let code = parts.next()?.parse().ok()?;
+    Some((code, body.trim_end().to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_response;
+
+    #[test]
+    fn parses_status_and_body() {
+        assert_eq!(
+            parse_response(b"HTTP/1.0 200 OK\r\ncontent-length: 6\r\n\r\nready\n"),
+            Some((200, "ready".into()))
+        );
+        assert_eq!(
+            parse_response(b"HTTP/1.1 503 Service Unavailable\r\n\r\nnot ready: x\n"),
+            Some((503, "not ready: x".into()))
+        );
+        assert_eq!(parse_response(b"SSH-2.0-OpenSSH\r\n"), None);
+        assert_eq!(parse_response(b""), None);
+    }
+}
