@@ -1,16 +1,19 @@
 //! The admin HTTP endpoint (`[admin] listen`), and the client behind `smtp-oauth-relay health`.
 //!
-//! Routes (built by [`router`] from one shared [`AdminState`], so `/healthz` and `/metrics`
-//! are one `.route(...)` each when they come):
+//! Routes (built by [`router`] from one shared [`AdminState`]):
 //! - `GET /readyz`: "can accept mail" (DESIGN.md): the SMTP listener is bound and accepting,
 //!   the spool directory is writable (a probe file is created and removed in `tmp/`), and its
 //!   filesystem has at least `config.min_free_space()` free. `200 ready`, else `503` with the
 //!   reason. Delivery problems never make the relay unready: a sidecar shares its pod's fate.
+//! - `GET /healthz`: JSON for people and monitors: token state and expiry, the mailbox's state
+//!   (running, throttled, held with the reason and the fix), last delivery, queue depth and
+//!   the age of the oldest queued message. Always `200`; read the fields.
+//! - `GET /metrics`: Prometheus text format (see [`crate::metrics`]).
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::extract::State;
@@ -23,6 +26,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::deliver::{DeliveryHandle, MailboxState};
+use crate::metrics::{Gauges, Metrics};
+use crate::oauth::TokenProvider;
 use crate::spool::Spool;
 
 /// What the handlers read. Cheap to clone.
@@ -34,6 +40,10 @@ pub struct AdminState {
     /// True while the SMTP listener is bound and accepting (false before start and once
     /// shutdown begins).
     pub accepting: Arc<AtomicBool>,
+    pub metrics: Arc<Metrics>,
+    /// `None` when no tenant is configured (mail is only kept).
+    pub delivery: Option<DeliveryHandle>,
+    pub tokens: Option<TokenProvider>,
 }
 
 impl AdminState {
@@ -42,7 +52,51 @@ impl AdminState {
             spool,
             config,
             accepting: Arc::new(AtomicBool::new(false)),
+            metrics: Arc::default(),
+            delivery: None,
+            tokens: None,
         }
+    }
+
+    /// Adds what `/healthz` and `/metrics` report about delivery.
+    pub fn with_delivery(
+        mut self,
+        metrics: Arc<Metrics>,
+        delivery: Option<DeliveryHandle>,
+        tokens: Option<TokenProvider>,
+    ) -> AdminState {
+        self.metrics = metrics;
+        self.delivery = delivery;
+        self.tokens = tokens;
+        self
+    }
+
+    /// Queue depth and oldest message, from `queue/` file names (ULIDs carry their time), so a
+    /// scrape never reads message files.
+    async fn queue_gauges(&self) -> (usize, Option<SystemTime>) {
+        let dir = self.spool.dir().join("queue");
+        tokio::task::spawn_blocking(move || {
+            let mut depth = 0;
+            let mut oldest: Option<String> = None;
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for entry in entries.flatten() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    let Some(id) = name.strip_suffix(".msg") else {
+                        continue;
+                    };
+                    depth += 1;
+                    if oldest.as_deref().is_none_or(|o| id < o) {
+                        oldest = Some(id.to_string());
+                    }
+                }
+            }
+            let oldest = oldest
+                .and_then(|id| ulid::Ulid::from_string(&id).ok())
+                .map(|u| u.datetime());
+            (depth, oldest)
+        })
+        .await
+        .unwrap_or((0, None))
     }
 
     /// The `/readyz` verdict: `Ok` or the first reason the relay cannot take mail.
@@ -87,6 +141,8 @@ fn check_spool(spool: &Spool, min_free: u64) -> Result<(), String> {
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/readyz", get(readyz))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
@@ -104,6 +160,102 @@ async fn readyz(State(state): State<AdminState>) -> Response {
                 .into_response()
         }
     }
+}
+
+async fn healthz(State(state): State<AdminState>) -> Response {
+    let now = SystemTime::now();
+    let (depth, oldest) = state.queue_gauges().await;
+    let age = |t: SystemTime| now.duration_since(t).map(|d| d.as_secs()).unwrap_or(0);
+    let rfc3339 = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    let token = match &state.tokens {
+        None => serde_json::json!({ "state": "not configured" }),
+        Some(tokens) => {
+            let st = tokens.status();
+            serde_json::json!({
+                "state": format!("{:?}", st.state).to_lowercase(),
+                "expires_at": st.expires_at.map(rfc3339),
+                "seconds_left": st.expires_at.and_then(|t| t.duration_since(now).ok()).map(|d| d.as_secs()),
+                "last_error": st.last_error,
+                "requests": st.requests,
+            })
+        }
+    };
+    let (mailbox, last_delivery) = match &state.delivery {
+        None => (
+            serde_json::json!({
+                "state": "not configured",
+                "reason": "[oauth] is empty: mail is accepted and kept in the spool",
+            }),
+            None,
+        ),
+        Some(delivery) => {
+            let st = delivery.status();
+            let mailbox = match &st.state {
+                MailboxState::Held {
+                    cause,
+                    reply,
+                    since,
+                } => serde_json::json!({
+                    "state": "held",
+                    "reason": cause.to_string(),
+                    "reply": reply,
+                    "fix": cause.fix(),
+                    "since": rfc3339(*since),
+                }),
+                MailboxState::Running if st.throttled_until.is_some_and(|t| t > now) => {
+                    serde_json::json!({ "state": "throttled", "reason": "Exchange asked to slow down (432/421)" })
+                }
+                MailboxState::Running => serde_json::json!({ "state": "running" }),
+            };
+            (mailbox, st.last_delivery.map(rfc3339))
+        }
+    };
+    let body = serde_json::json!({
+        "accepting": state.accepting.load(Ordering::Acquire),
+        "token": token,
+        "mailbox": mailbox,
+        "last_delivery": last_delivery,
+        "queue": {
+            "depth": depth,
+            "oldest_age_seconds": oldest.map(age),
+        },
+    });
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{body:#}\n"),
+    )
+        .into_response()
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    let now = SystemTime::now();
+    let (queue_depth, oldest) = state.queue_gauges().await;
+    let gauges = Gauges {
+        queue_depth,
+        oldest_age_seconds: oldest
+            .and_then(|t| now.duration_since(t).ok())
+            .map_or(0.0, |d| d.as_secs_f64()),
+        token_seconds_left: state
+            .tokens
+            .as_ref()
+            .and_then(|t| t.status().expires_at)
+            .and_then(|t| t.duration_since(now).ok())
+            .map_or(0.0, |d| d.as_secs_f64()),
+        held: state
+            .delivery
+            .as_ref()
+            .is_some_and(|d| matches!(d.status().state, MailboxState::Held { .. })),
+    };
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(&gauges),
+    )
+        .into_response()
 }
 
 /// Binds `[admin] listen`.

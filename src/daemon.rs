@@ -16,6 +16,7 @@ use crate::config::{Config, Secret};
 use crate::deliver::upstream::upstream_target;
 use crate::deliver::{Deliverer, DeliveryHandle, DeliverySettings};
 use crate::inbound::{InboundError, InboundSettings, Server};
+use crate::metrics::Metrics;
 use crate::oauth::{OAuthError, TokenProvider};
 use crate::service;
 use crate::sim::{SimConfig, SimError, Simulator};
@@ -88,7 +89,8 @@ pub async fn serve(
         dir: config.queue.dir.display().to_string(),
         source,
     })?;
-    let delivery = start_delivery(&config, &spool, &shutdown)?;
+    let metrics = Arc::new(Metrics::default());
+    let delivery = start_delivery(&config, &spool, &metrics, &shutdown)?;
     let listeners = Server::bind(&config.smtp.listen).await?;
     for listener in &listeners {
         if let Ok(addr) = listener.local_addr() {
@@ -103,7 +105,11 @@ pub async fn serve(
             .map_err(DaemonError::Signal)?;
         tokio::spawn(reload);
     }
-    let admin_state = AdminState::new(spool.clone(), config_rx.clone());
+    let admin_state = AdminState::new(spool.clone(), config_rx.clone()).with_delivery(
+        metrics.clone(),
+        delivery.as_ref().map(|d| d.handle.clone()),
+        delivery.as_ref().map(|d| d.tokens.clone()),
+    );
     let admin_stop = CancellationToken::new();
     let admin_task = match config.admin.listen {
         Some(addr) => {
@@ -131,7 +137,7 @@ pub async fn serve(
         service::stopping("stopping: draining SMTP sessions");
     });
     let handle = delivery.as_ref().map(|d| d.handle.clone());
-    let server = Server::new(settings, spool, handle).run(listeners, shutdown);
+    let server = Server::new(settings, spool, handle, metrics).run(listeners, shutdown);
     // WATCHDOG=1 from the task that runs the server: a wedged server stops feeding it.
     match service::watchdog_interval() {
         Some(every) => tokio::select! {
@@ -158,6 +164,7 @@ pub async fn serve(
 /// The delivery side of a running relay.
 pub struct RunningDelivery {
     pub handle: DeliveryHandle,
+    pub metrics: Arc<Metrics>,
     pub tokens: TokenProvider,
     pub deliverer: tokio::task::JoinHandle<()>,
     pub refresher: tokio::task::JoinHandle<()>,
@@ -167,6 +174,7 @@ pub struct RunningDelivery {
 pub fn start_delivery(
     config: &Config,
     spool: &Spool,
+    metrics: &Arc<Metrics>,
     shutdown: &CancellationToken,
 ) -> Result<Option<RunningDelivery>, DaemonError> {
     if !config.oauth.is_configured() {
@@ -209,10 +217,12 @@ pub fn start_delivery(
         target,
         settings,
         Arc::new(tokens.clone()),
+        metrics.clone(),
         shutdown.clone(),
     );
     Ok(Some(RunningDelivery {
         handle,
+        metrics: metrics.clone(),
         tokens,
         deliverer,
         refresher,

@@ -20,6 +20,7 @@ pub mod config;
 pub mod daemon;
 pub mod deliver;
 pub mod inbound;
+pub mod metrics;
 pub mod oauth;
 pub mod service;
 pub mod sim;

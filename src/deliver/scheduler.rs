@@ -20,6 +20,7 @@ use super::sender::apply_sender_policy;
 use super::upstream::{SessionError, UpstreamSession, UpstreamTarget};
 use super::{TokenSource, jitter};
 use crate::config::{Rate, RewriteFrom};
+use crate::metrics::Metrics;
 use crate::spool::admin::{STATUS_FILE, WAKEUP_FILE};
 use crate::spool::{
     BodyType, DeliveryState, EntryState, LoadedMessage, RecipientState, RecipientStatus, Spool,
@@ -62,6 +63,8 @@ pub enum MailboxState {
 #[derive(Debug, Clone)]
 pub struct MailboxStatus {
     pub state: MailboxState,
+    /// Exchange asked to slow down (432/421) recently; sending is paced down until then.
+    pub throttled_until: Option<SystemTime>,
     pub last_delivery: Option<SystemTime>,
     pub delivered: u64,
     pub queued: usize,
@@ -121,6 +124,7 @@ struct Context {
     target: UpstreamTarget,
     settings: DeliverySettings,
     tokens: Arc<dyn TokenSource>,
+    metrics: Arc<Metrics>,
     /// Idle authenticated sessions, reused by the next job.
     pool: Mutex<Vec<UpstreamSession>>,
 }
@@ -134,11 +138,13 @@ impl Deliverer {
         target: UpstreamTarget,
         settings: DeliverySettings,
         tokens: Arc<dyn TokenSource>,
+        metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> (DeliveryHandle, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let status = Arc::new(Mutex::new(MailboxStatus {
             state: MailboxState::Running,
+            throttled_until: None,
             last_delivery: None,
             delivered: 0,
             queued: 0,
@@ -152,6 +158,7 @@ impl Deliverer {
             target,
             settings,
             tokens,
+            metrics,
             pool: Mutex::new(Vec::new()),
         });
         let task = tokio::spawn(dispatch(ctx, tx, rx, status, shutdown));
@@ -259,6 +266,10 @@ async fn dispatch(
                                 resume(&ctx, &status);
                             }
                             if throttle {
+                                let pause = settings.retry_min.min(Duration::from_secs(60));
+                                if let Ok(mut s) = status.lock() {
+                                    s.throttled_until = Some(SystemTime::now() + pause);
+                                }
                                 // Exchange asked for fewer, slower submissions.
                                 next_slot = next_slot.max(Instant::now() + settings.retry_min.min(Duration::from_secs(60)));
                             }
@@ -515,6 +526,7 @@ async fn attempt(
     let result = session
         .send(&ctx.settings.from, &params, &pending, &body)
         .await;
+    ctx.metrics.transaction_seconds.observe(started.elapsed());
     match result {
         Err(e) => {
             let outcome = AttemptOutcome {
@@ -623,8 +635,12 @@ async fn session_for(ctx: &Arc<Context>) -> Result<UpstreamSession, AttemptOutco
                 });
             }
         };
+        let opening = std::time::Instant::now();
         match UpstreamSession::open(&ctx.target, &ctx.settings.mailbox, &token.value).await {
-            Ok(session) => return Ok(session),
+            Ok(session) => {
+                ctx.metrics.session_seconds.observe(opening.elapsed());
+                return Ok(session);
+            }
             Err(e) => {
                 let near_expiry = token
                     .expires_at
@@ -674,6 +690,7 @@ async fn record(
             let owned = id.to_string();
             return match tokio::task::spawn_blocking(move || spool.complete(&owned)).await {
                 Ok(Ok(_)) => {
+                    Metrics::inc(&ctx.metrics.delivered);
                     tracing::info!(id, reply = %outcome.reply, "delivered");
                     JobResult::Finished { delivered: true }
                 }
@@ -692,6 +709,7 @@ async fn record(
     }
     let result = match outcome.pending_class {
         Outcome::Hold(cause) => {
+            Metrics::inc(&ctx.metrics.held);
             state.hold_reason = Some(format!("{cause}: {}", outcome.reply));
             state.next_attempt = None;
             JobResult::Hold {
@@ -700,6 +718,7 @@ async fn record(
             }
         }
         Outcome::Retry { throttle } => {
+            Metrics::inc(&ctx.metrics.retried);
             let wait = if throttle {
                 ctx.settings.retry_min
             } else {
@@ -741,6 +760,7 @@ async fn finish_failed(
     mut state: DeliveryState,
     reason: String,
 ) -> JobResult {
+    Metrics::inc(&ctx.metrics.failed);
     tracing::error!(id, reason = %reason, "delivery failed; the message is kept in failed/");
     state.fail_reason = Some(reason);
     state.next_attempt = None;

@@ -295,6 +295,7 @@ impl Session {
                 self.shared
                     .accepted
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                crate::metrics::Metrics::inc(&self.shared.metrics.accepted);
                 if let Some(delivery) = &self.shared.delivery {
                     delivery.queued(id.clone());
                 }

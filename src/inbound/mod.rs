@@ -127,6 +127,7 @@ pub struct Shared {
     pub accepted: AtomicU64,
     /// Told about every committed message so delivery starts at once.
     pub delivery: Option<crate::deliver::DeliveryHandle>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Shared {
@@ -162,6 +163,7 @@ impl Server {
         settings: InboundSettings,
         spool: Spool,
         delivery: Option<crate::deliver::DeliveryHandle>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Server {
         Server {
             shared: Arc::new(Shared {
@@ -169,6 +171,7 @@ impl Server {
                 spool,
                 accepted: AtomicU64::new(0),
                 delivery,
+                metrics,
             }),
         }
     }
@@ -252,6 +255,7 @@ async fn accept_loop(
         sessions.spawn(async move {
             let Some(_permit) = permit else {
                 tracing::warn!(client = %peer, "refusing connection: smtp.max_connections reached");
+                shared.metrics.refused(reply::TOO_MANY_CONNECTIONS.status);
                 return refuse(stream, reply::TOO_MANY_CONNECTIONS).await;
             };
             let ip = peer.ip().to_canonical();
@@ -262,6 +266,7 @@ async fn accept_loop(
                 .any(|n| n.contains(&ip))
             {
                 tracing::warn!(client = %peer, "refusing connection: not in smtp.allow_networks");
+                shared.metrics.refused(reply::NOT_ALLOWED.status);
                 return refuse(stream, reply::NOT_ALLOWED).await;
             }
             serve_connection(stream, peer, shared, shutdown).await;

@@ -134,6 +134,7 @@ impl Session {
     pub fn reply(&mut self, reply: Reply) {
         reply.write_to(&mut self.out);
         if reply.is_error() {
+            self.shared.metrics.refused(reply.status);
             self.errors += 1;
             if self.errors >= self.shared.settings.max_errors && self.next.is_none() {
                 tracing::info!(client = %self.peer, errors = self.errors, "disconnecting client after too many errors");

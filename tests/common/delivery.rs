@@ -21,6 +21,7 @@ pub struct DeliveringRelay {
     pub sim: Simulator,
     pub delivery: DeliveryHandle,
     pub tokens: TokenProvider,
+    pub metrics: std::sync::Arc<smtp_oauth_relay::metrics::Metrics>,
     pub deliverer: tokio::task::JoinHandle<()>,
     _sim_dir: tempfile::TempDir,
 }
@@ -80,13 +81,19 @@ pub async fn start_delivering_with(
     customize(&mut config, &sim);
     let (spool, _) = Spool::open(&config.queue.dir).expect("spool");
     let shutdown = CancellationToken::new();
-    let running = start_delivery(&config, &spool, &shutdown)
+    let metrics = std::sync::Arc::new(smtp_oauth_relay::metrics::Metrics::default());
+    let running = start_delivery(&config, &spool, &metrics, &shutdown)
         .expect("delivery starts")
         .expect("oauth configured");
     let inbound = InboundSettings::from_config(&config).expect("settings");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let server = Server::new(inbound, spool.clone(), Some(running.handle.clone()));
+    let server = Server::new(
+        inbound,
+        spool.clone(),
+        Some(running.handle.clone()),
+        running.metrics.clone(),
+    );
     let handle = tokio::spawn(server.run(vec![listener], shutdown.clone()));
     DeliveringRelay {
         relay: Relay {
@@ -99,6 +106,7 @@ pub async fn start_delivering_with(
         sim,
         delivery: running.handle,
         tokens: running.tokens,
+        metrics,
         deliverer: running.deliverer,
         _sim_dir: sim_dir,
     }

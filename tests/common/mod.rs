@@ -82,7 +82,7 @@ pub async fn start_relay(toml: &str) -> Relay {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let shutdown = CancellationToken::new();
-    let server = Server::new(settings, spool.clone(), None);
+    let server = Server::new(settings, spool.clone(), None, Default::default());
     let handle = tokio::spawn(server.run(vec![listener], shutdown.clone()));
     Relay {
         addr,
