@@ -92,6 +92,8 @@ pub struct QueueConfig {
     /// Refuse new mail with `452 4.3.1` when the spool's filesystem has less free space than this.
     /// `0` means automatic: twice `smtp.max_message_size`.
     pub min_free_space: ByteSize,
+    /// Where a delivery status report goes when a message fails for good or expires.
+    pub notify: Option<String>,
 }
 
 impl Default for QueueConfig {
@@ -102,6 +104,7 @@ impl Default for QueueConfig {
             retry_min: Duration::from_secs(60),
             retry_max: Duration::from_secs(3600),
             min_free_space: ByteSize(0),
+            notify: None,
         }
     }
 }
@@ -814,6 +817,7 @@ impl Config {
         for (key, value) in [
             ("upstream.mail_account", &up.mail_account),
             ("upstream.from", &up.from),
+            ("queue.notify", &self.queue.notify),
         ] {
             if let Some(v) = value
                 && !looks_like_address(v)

@@ -202,6 +202,9 @@ pub fn start_delivery(
         session_max_age: Duration::from_secs(600),
         session_max_idle: Duration::from_secs(60),
         refresh_before: config.oauth.refresh_before,
+        notify: config.queue.notify.clone(),
+        reporting_host: config.smtp.hostname.clone(),
+        upstream_host: target.server_name.clone(),
     };
     tracing::info!(
         upstream = %target.address,

@@ -253,3 +253,50 @@ async fn throttling_and_dropped_connections_are_retried_without_loss() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_failed_message_sends_one_delivery_status_report_to_queue_notify() {
+    let toml = "[queue]\nretry_min = \"200ms\"\nretry_max = \"1s\"\nnotify = \"postmaster@contoso.example\"\n[upstream]\nrate = \"1000/s\"\n";
+    let r = start_delivering(toml, SimConfig::default()).await;
+    r.sim.control().script_smtp_fault(
+        smtp_oauth_relay::sim::SmtpStage::Rcpt,
+        smtp_oauth_relay::sim::SmtpFault::Reply {
+            code: 550,
+            text:
+                "5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup"
+                    .into(),
+        },
+        1,
+    );
+    let mut c = r.relay.connect().await;
+    c.begin_message("app@legacy.test", &["gone@example.org"])
+        .await;
+    c.send(b"Subject: Invoice 42\r\n\r\nx\r\n.\r\n").await;
+    let id = common::queued_id(&c.expect("250 2.0.0 queued as").await);
+    // The failed message itself never reaches Exchange; the report does.
+    let got = r.wait_delivered(1).await;
+    let report = got[0].text();
+    assert_eq!(got[0].envelope.rcpt_to, vec!["postmaster@contoso.example"]);
+    assert!(
+        report.contains("Subject: Undelivered mail: Invoice 42"),
+        "{report}"
+    );
+    assert!(report.contains("report-type=delivery-status"), "{report}");
+    assert!(
+        report.contains("Final-Recipient: rfc822; gone@example.org"),
+        "{report}"
+    );
+    assert!(report.contains("Status: 5.1.10"), "{report}");
+    assert!(report.contains(&id), "{report}");
+    r.wait_for("only the failed message remains", |relay| {
+        let list = relay.spool.list().expect("list");
+        list.len() == 1 && list[0].state == EntryState::Failed
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(
+        r.sim.messages().expect("mailbox").len(),
+        1,
+        "exactly one report"
+    );
+}

@@ -2,6 +2,7 @@
 //! policy, and the scheduler that drains the spool at the pace Microsoft allows.
 
 pub mod classify;
+pub mod notice;
 pub mod reply;
 pub mod scheduler;
 pub mod sender;

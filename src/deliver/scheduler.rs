@@ -46,6 +46,11 @@ pub struct DeliverySettings {
     pub session_max_idle: Duration,
     /// A 535 with a token this close to expiry forces one refresh and one retry.
     pub refresh_before: Duration,
+    /// `queue.notify`: who gets a delivery status report for a failed message.
+    pub notify: Option<String>,
+    /// Our name in reports (`smtp.hostname`) and the upstream's.
+    pub reporting_host: String,
+    pub upstream_host: String,
 }
 
 /// The mailbox as a whole, shown by logs, `queue list` and (later) `/healthz`.
@@ -125,6 +130,8 @@ struct Context {
     settings: DeliverySettings,
     tokens: Arc<dyn TokenSource>,
     metrics: Arc<Metrics>,
+    /// For failure notices: they are spooled, then announced like any new message.
+    events: mpsc::UnboundedSender<Event>,
     /// Idle authenticated sessions, reused by the next job.
     pool: Mutex<Vec<UpstreamSession>>,
 }
@@ -159,6 +166,7 @@ impl Deliverer {
             settings,
             tokens,
             metrics,
+            events: tx.clone(),
             pool: Mutex::new(Vec::new()),
         });
         let task = tokio::spawn(dispatch(ctx, tx, rx, status, shutdown));
@@ -471,12 +479,12 @@ async fn deliver_one(ctx: &Arc<Context>, id: &str) -> JobResult {
             state.attempts,
             state.last_reply.as_deref().unwrap_or("none")
         );
-        return finish_failed(ctx, id, state, reason).await;
+        return finish_failed(ctx, &message, state, reason).await;
     }
 
     let outcome = attempt(ctx, &message, &mut state).await;
     state.attempts += 1;
-    record(ctx, id, state, outcome).await
+    record(ctx, &message, state, outcome).await
 }
 
 /// The per-attempt result before it is written down.
@@ -669,10 +677,11 @@ async fn session_for(ctx: &Arc<Context>) -> Result<UpstreamSession, AttemptOutco
 /// Writes the attempt down and tells the dispatcher what comes next.
 async fn record(
     ctx: &Arc<Context>,
-    id: &str,
+    message: &LoadedMessage,
     mut state: DeliveryState,
     outcome: AttemptOutcome,
 ) -> JobResult {
+    let id = message.id.as_str();
     state.last_reply = Some(outcome.reply.clone());
     let all_final = state
         .recipients
@@ -705,7 +714,7 @@ async fn record(
                 }
             };
         }
-        return finish_failed(ctx, id, state, failed.join("; ")).await;
+        return finish_failed(ctx, message, state, failed.join("; ")).await;
     }
     let result = match outcome.pending_class {
         Outcome::Hold(cause) => {
@@ -756,18 +765,20 @@ async fn record(
 /// Permanent failure: the message moves to `failed/` with its reason; it is never deleted.
 async fn finish_failed(
     ctx: &Arc<Context>,
-    id: &str,
+    message: &LoadedMessage,
     mut state: DeliveryState,
     reason: String,
 ) -> JobResult {
+    let id = message.id.as_str();
     Metrics::inc(&ctx.metrics.failed);
     tracing::error!(id, reason = %reason, "delivery failed; the message is kept in failed/");
-    state.fail_reason = Some(reason);
+    state.fail_reason = Some(reason.clone());
     state.next_attempt = None;
     let spool = ctx.spool.clone();
     let owned = id.to_string();
+    let recorded = state.clone();
     let moved = tokio::task::spawn_blocking(move || {
-        spool.write_state(&owned, &state)?;
+        spool.write_state(&owned, &recorded)?;
         spool.move_to(&owned, EntryState::Failed)
     })
     .await;
@@ -776,7 +787,60 @@ async fn finish_failed(
         Ok(Err(e)) => tracing::error!(id, error = %e, "cannot move the message to failed/"),
         Err(e) => tracing::error!(id, error = %e, "failure task failed"),
     }
+    // A notice is sent for mail from an application, never for a notice (null sender).
+    if let Some(to) = &ctx.settings.notify
+        && !message.envelope.mail_from.is_empty()
+    {
+        match spool_notice(ctx, message, &state, &reason, to).await {
+            Ok(notice) => {
+                tracing::info!(id, notice = %notice, to = %to, "failure notice queued");
+                let _ = ctx.events.send(Event::Queued(notice));
+            }
+            Err(e) => tracing::error!(id, error = %e, "cannot queue the failure notice"),
+        }
+    }
     JobResult::Finished { delivered: false }
+}
+
+/// Builds the delivery status report and commits it to the spool like received mail.
+async fn spool_notice(
+    ctx: &Arc<Context>,
+    message: &LoadedMessage,
+    state: &DeliveryState,
+    reason: &str,
+    to: &str,
+) -> Result<String, SpoolError> {
+    let headers_end = message
+        .body
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(message.body.len().min(64 * 1024), |p| p + 2);
+    let bytes = super::notice::build(
+        &super::notice::NoticeInput {
+            id: &message.id,
+            envelope: &message.envelope,
+            state,
+            reason,
+            headers: &message.body[..headers_end],
+            from: &ctx.settings.from,
+            to,
+            reporting_host: &ctx.settings.reporting_host,
+            upstream_host: &ctx.settings.upstream_host,
+        },
+        SystemTime::now(),
+    );
+    let envelope = crate::spool::Envelope {
+        mail_from: String::new(),
+        mail_params: Default::default(),
+        recipients: vec![crate::spool::Recipient::new(to)],
+        client: "smtp-oauth-relay".into(),
+        helo: ctx.settings.reporting_host.clone(),
+        auth_user: None,
+        received_at: SystemTime::now(),
+    };
+    let mut incoming = ctx.spool.create(&envelope).await?;
+    incoming.write_all(&bytes).await?;
+    incoming.commit().await
 }
 
 /// Exponential backoff from `min` doubling per attempt up to `max`, with ±20% jitter so a
