@@ -190,22 +190,14 @@ async fn healthz(State(state): State<AdminState>) -> Response {
         ),
         Some(delivery) => {
             let st = delivery.status();
-            let mailbox = match &st.state {
-                MailboxState::Held {
-                    cause,
-                    reply,
-                    since,
-                } => serde_json::json!({
-                    "state": "held",
-                    "reason": cause.to_string(),
-                    "reply": reply,
-                    "fix": cause.fix(),
-                    "since": rfc3339(*since),
-                }),
-                MailboxState::Running if st.throttled_until.is_some_and(|t| t > now) => {
-                    serde_json::json!({ "state": "throttled", "reason": "Exchange asked to slow down (432/421)" })
-                }
-                MailboxState::Running => serde_json::json!({ "state": "running" }),
+            let throttled = st.throttled_until.is_some_and(|t| t > now);
+            let mailbox = if matches!(st.state, MailboxState::Running) && throttled {
+                serde_json::json!({
+                    "state": "throttled",
+                    "reason": "Exchange asked to slow down (432/421)",
+                })
+            } else {
+                st.state.to_json()
             };
             (mailbox, st.last_delivery.map(rfc3339))
         }

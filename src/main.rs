@@ -115,6 +115,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// A tokio runtime (multi-threaded for the daemons, single for one-shot commands).
+fn runtime(multi_thread: bool) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut builder = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("smtp-oauth-relay: cannot start the runtime: {e}");
+        ExitCode::from(EXIT_RUNTIME)
+    })
+}
+
 /// Loads the relay configuration, or reports every problem and exits 2.
 fn with_config(path: Option<&std::path::Path>, run: impl FnOnce(&Config) -> ExitCode) -> ExitCode {
     match config::load(path) {
@@ -128,15 +141,9 @@ fn with_config(path: Option<&std::path::Path>, run: impl FnOnce(&Config) -> Exit
 
 fn simulate(config: Option<&std::path::Path>) -> ExitCode {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(true) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("smtp-oauth-relay: cannot start the runtime: {e}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(smtp_oauth_relay::sim::run_standalone(config)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -153,15 +160,9 @@ fn simulate(config: Option<&std::path::Path>) -> ExitCode {
 
 fn check(config: &Config, options: &smtp_oauth_relay::check::CheckOptions, json: bool) -> ExitCode {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(false) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("smtp-oauth-relay: cannot start the runtime: {e}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
+        Err(code) => return code,
     };
     let report = runtime.block_on(smtp_oauth_relay::check::run(config, options));
     if json {
@@ -201,15 +202,9 @@ fn health(config: &Config) -> ExitCode {
         eprintln!("smtp-oauth-relay health: [admin] listen is not set (RELAY_ADMIN__LISTEN)");
         return ExitCode::from(EXIT_CONFIG);
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(false) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("smtp-oauth-relay: cannot start the runtime: {e}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
+        Err(code) => return code,
     };
     use smtp_oauth_relay::admin::{HEALTH_TIMEOUT, query_readyz};
     match runtime.block_on(query_readyz(listen, HEALTH_TIMEOUT)) {
@@ -232,15 +227,9 @@ fn serve(config: &Config, options: smtp_oauth_relay::daemon::ServeOptions) -> Ex
     init_logging(config);
     // One process-wide rustls provider, chosen explicitly (aws-lc-rs, no OpenSSL).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(true) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("smtp-oauth-relay: cannot start the runtime: {e}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
+        Err(code) => return code,
     };
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();

@@ -14,15 +14,6 @@ use smtp_oauth_relay::sim::{SimConfig, TokenFault};
 const FAST: &str =
     "[queue]\nretry_min = \"200ms\"\nretry_max = \"1s\"\n[upstream]\nrate = \"1000/s\"\n";
 
-async fn send(r: &DeliveringRelay, subject: &str) {
-    let mut c = r.relay.connect().await;
-    c.begin_message("app@legacy.test", &["b@example.org"]).await;
-    c.send(format!("Subject: {subject}\r\n\r\nx\r\n.\r\n").as_bytes())
-        .await;
-    c.expect("250 2.0.0 queued as").await;
-    c.cmd_expect("QUIT", "221").await;
-}
-
 async fn wait_held(r: &DeliveringRelay) -> (HoldCause, String) {
     for _ in 0..300 {
         if let MailboxState::Held { cause, reply, .. } = r.delivery.status().state {
@@ -42,7 +33,7 @@ async fn short_lived_tokens_are_refreshed_in_the_background_not_per_message() {
     let r = start_delivering(FAST, sim).await;
     // 16 messages over about 8 seconds: two token lifetimes.
     for i in 0..16 {
-        send(&r, &format!("m{i}")).await;
+        r.send(&format!("m{i}")).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     r.wait_delivered(16).await;
@@ -63,7 +54,7 @@ async fn an_entra_outage_keeps_mail_queued_and_delivery_resumes_after() {
             .script_token_fault(TokenFault::ServiceUnavailable, 1000)
     })
     .await;
-    send(&r, "queued while Entra is down").await;
+    r.send("queued while Entra is down").await;
     // Several delivery attempts and token retries happen meanwhile (retries every <=1 s).
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(
@@ -128,7 +119,7 @@ async fn certificate_assertions_are_accepted_when_registered() {
         let mut sim = SimConfig::default();
         sim.clients[0].certificate_pems.push(cert.cert_pem.clone());
         let r = start_delivering_with(FAST, sim, |c, _| use_certificate(c, &cert, alg)).await;
-        send(&r, "signed with a certificate").await;
+        r.send("signed with a certificate").await;
         let got = r.wait_delivered(1).await;
         assert_eq!(got.len(), 1, "{alg:?}");
     }
@@ -141,7 +132,7 @@ async fn an_unregistered_certificate_holds_delivery_with_aadsts700027() {
         use_certificate(c, &cert, AssertionAlg::PS256)
     })
     .await;
-    send(&r, "signed with the wrong key").await;
+    r.send("signed with the wrong key").await;
     let (cause, reply) = wait_held(&r).await;
     assert_eq!(cause, HoldCause::TokenRefused);
     assert!(reply.contains("700027"), "{reply}");
@@ -190,6 +181,6 @@ async fn a_federated_assertion_file_is_read_for_each_request() {
     // Now write a valid one for the real token URL: the relay re-reads the file per request.
     write_assertion(&r.sim.token_url());
     let _ = r.tokens.refresh_now().await;
-    send(&r, "federated").await;
+    r.send("federated").await;
     r.wait_delivered(1).await;
 }

@@ -65,6 +65,26 @@ pub enum MailboxState {
     },
 }
 
+impl MailboxState {
+    /// The state as JSON for `/healthz` and the spool's status file (read by `queue list`).
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            MailboxState::Running => serde_json::json!({ "state": "running" }),
+            MailboxState::Held {
+                cause,
+                reply,
+                since,
+            } => serde_json::json!({
+                "state": "held",
+                "reason": cause.to_string(),
+                "reply": reply,
+                "fix": cause.fix(),
+                "since": humantime::format_rfc3339_seconds(*since).to_string(),
+            }),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct MailboxStatus {
     pub state: MailboxState,
@@ -405,20 +425,7 @@ fn publish(ctx: &Context, status: &Mutex<MailboxStatus>, schedule: &Schedule) {
         }
         Err(_) => return,
     };
-    let json = match &snapshot.state {
-        MailboxState::Running => serde_json::json!({ "state": "running" }),
-        MailboxState::Held {
-            cause,
-            reply,
-            since,
-        } => serde_json::json!({
-            "state": "held",
-            "cause": cause.to_string(),
-            "reply": reply,
-            "fix": cause.fix(),
-            "since": humantime::format_rfc3339_seconds(*since).to_string(),
-        }),
-    };
+    let json = snapshot.state.to_json();
     let dir = ctx.spool.dir();
     let tmp: PathBuf = dir
         .join("tmp")

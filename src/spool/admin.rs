@@ -143,7 +143,7 @@ fn write_mailbox_status(spool_dir: &Path, out: &mut dyn Write) -> std::io::Resul
             out,
             "DELIVERY HELD since {}: {}",
             field("since"),
-            field("cause")
+            field("reason")
         )?;
         writeln!(out, "  upstream said: {}", field("reply"))?;
         writeln!(out, "  fix: {}", field("fix"))?;

@@ -43,6 +43,17 @@ impl DeliveringRelay {
         );
     }
 
+    /// Sends one small message through the relay and waits for its 250.
+    pub async fn send(&self, subject: &str) -> String {
+        let mut c = self.relay.connect().await;
+        c.begin_message("app@legacy.test", &["b@example.org"]).await;
+        c.send(format!("Subject: {subject}\r\n\r\nx\r\n.\r\n").as_bytes())
+            .await;
+        let reply = c.expect("250 2.0.0 queued as").await;
+        c.cmd_expect("QUIT", "221").await;
+        super::queued_id(&reply)
+    }
+
     /// Waits (bounded) until `check` holds for the relay's spool.
     pub async fn wait_for(&self, what: &str, check: impl Fn(&Relay) -> bool) {
         for _ in 0..300 {
