@@ -608,8 +608,11 @@ fn remove_key(dict: &mut figment::value::Dict, path: &[String]) -> bool {
 }
 
 fn env_provider() -> Env {
-    // `RELAY_CONFIG` names the file; it is not a key.
-    Env::prefixed(ENV_PREFIX).ignore(&["CONFIG"]).split("__")
+    // `RELAY_CONFIG` names the file and `RELAY_FAILPOINT` arms a test crash point
+    // (src/failpoint.rs); neither is a key.
+    Env::prefixed(ENV_PREFIX)
+        .ignore(&["CONFIG", "FAILPOINT"])
+        .split("__")
 }
 
 fn figment_issues(error: figment::Error) -> Vec<ConfigIssue> {
@@ -627,10 +630,30 @@ fn figment_issue(e: &figment::Error) -> ConfigIssue {
         .as_ref()
         .map(|m| format!(" (from {})", m.name))
         .unwrap_or_default();
+    let message = if key.contains("secret") {
+        // The value may be quoted in the error ("invalid type: found ..."): never show it.
+        "invalid value (not shown: it is a secret)".to_string()
+    } else {
+        without_source_snippet(&e.kind.to_string())
+    };
     ConfigIssue {
         key,
-        message: format!("{}{origin}", e.kind),
+        message: format!("{message}{origin}"),
     }
+}
+
+/// TOML parse errors quote the offending source lines (`21 | client_secret = "..."`), which may
+/// hold a secret: keep the position and the explanation, drop the quoted source.
+fn without_source_snippet(text: &str) -> String {
+    let is_snippet = |line: &str| {
+        let t = line.trim_start();
+        let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+        t[digits..].trim_start().starts_with('|')
+    };
+    text.lines()
+        .filter(|l| !is_snippet(l))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 impl Config {
@@ -998,6 +1021,19 @@ mod tests {
             Ok(_) => vec![],
             Err(e) => e.issues().iter().map(|i| i.key.clone()).collect(),
         }
+    }
+
+    #[test]
+    fn toml_syntax_errors_do_not_quote_the_secret_line() {
+        let e = Config::from_toml_str("[oauth]\nclient_secret = \"s3cr3t-value\" x\n")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("s3cr3t-value"), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+        let e = Config::from_toml_str("[oauth]\nclient_secret = [\"s3cr3t-value\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("s3cr3t-value"), "{e}");
     }
 
     #[test]

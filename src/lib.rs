@@ -19,6 +19,7 @@ pub mod check;
 pub mod config;
 pub mod daemon;
 pub mod deliver;
+pub mod failpoint;
 pub mod inbound;
 pub mod metrics;
 pub mod oauth;

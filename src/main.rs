@@ -81,6 +81,7 @@ enum QueueArgs {
 }
 
 fn main() -> ExitCode {
+    smtp_oauth_relay::failpoint::init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -713,6 +713,7 @@ async fn record(
             .map(|r| format!("{}: {}", r.address, r.reply.as_deref().unwrap_or("")))
             .collect();
         if failed.is_empty() {
+            crate::failpoint::hit("after-upstream-250");
             let spool = ctx.spool.clone();
             let owned = id.to_string();
             return match tokio::task::spawn_blocking(move || spool.complete(&owned)).await {

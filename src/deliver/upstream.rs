@@ -408,6 +408,7 @@ impl UpstreamSession {
             });
         }
         self.command(Stage::Data, b"DATA\r\n", 354).await?;
+        crate::failpoint::hit("upstream-mid-data");
         let stuffed = dot_stuff(body);
         self.write(Stage::DataEnd, &stuffed).await?;
         let (_, reply) = self

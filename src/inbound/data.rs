@@ -300,6 +300,7 @@ impl Session {
                     delivery.queued(id.clone());
                 }
                 self.reply(Reply::with_text(250, "2.0.0", format!("queued as {id}")));
+                self.acked = true;
             }
             Err(e) => {
                 tracing::error!(client = %self.peer, error = %e, "spool commit failed; message refused");

@@ -62,6 +62,7 @@ impl MessageWriter {
             return Ok(());
         }
         self.received += chunk.len() as u64;
+        crate::failpoint::hit("mid-data");
         let mut normalised = std::mem::take(&mut self.normalised);
         normalised.clear();
         self.prev_cr = normalise_line_endings(chunk, self.prev_cr, &mut normalised);
@@ -95,6 +96,10 @@ impl MessageWriter {
 
     /// Writes what is still buffered and commits the message to the spool.
     pub async fn commit(mut self) -> Result<String, SpoolError> {
+        if std::mem::take(&mut self.prev_cr) {
+            // The content ended with a bare CR.
+            self.write_normalised(b"\n").await?;
+        }
         self.flush_header_section().await?;
         self.incoming.commit().await
     }
@@ -104,13 +109,21 @@ impl MessageWriter {
     }
 }
 
-/// Appends `input` to `out` with every LF that is not preceded by CR turned into CRLF, so a bare
-/// LF can never be read as a line end by a later hop (SMTP smuggling). Returns whether the last
-/// byte was CR, for the next chunk.
+/// Appends `input` to `out` with every bare LF (not preceded by CR) and every bare CR (not
+/// followed by LF) turned into CRLF, so neither can be read as a line end by a later hop (SMTP
+/// smuggling: `\n.\n`, `\r.\r`). `prev_cr` says whether the previous chunk ended with CR (whose
+/// LF, if missing, is added here); returns the same for the next chunk. A message that ends with
+/// CR gets its LF from [`MessageWriter::commit`].
 pub fn normalise_line_endings(input: &[u8], mut prev_cr: bool, out: &mut Vec<u8>) -> bool {
     out.reserve(input.len() + 16);
     let mut start = 0;
     for (i, &b) in input.iter().enumerate() {
+        if prev_cr && b != b'\n' {
+            // Bare CR (the CR itself is already in `out` or in `input[start..i]`).
+            out.extend_from_slice(&input[start..i]);
+            out.push(b'\n');
+            start = i;
+        }
         if b == b'\n' && !prev_cr {
             out.extend_from_slice(&input[start..i]);
             out.extend_from_slice(b"\r\n");
@@ -244,6 +257,18 @@ mod tests {
         let cr = normalise_line_endings(b"\nc\n.\n", cr, &mut out);
         assert!(!cr);
         assert_eq!(out, b"a\r\nb\r\nc\r\n.\r\n");
+    }
+
+    #[test]
+    fn bare_cr_becomes_crlf_across_chunks() {
+        let mut out = Vec::new();
+        let cr = normalise_line_endings(b"a\r.\rb\r", false, &mut out);
+        assert!(cr);
+        let cr = normalise_line_endings(b"c\r\r\nd\r", cr, &mut out);
+        assert!(cr);
+        let cr = normalise_line_endings(b"\n", cr, &mut out);
+        assert!(!cr);
+        assert_eq!(out, b"a\r\n.\r\nb\r\nc\r\n\r\nd\r\n");
     }
 
     #[test]

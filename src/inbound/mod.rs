@@ -38,7 +38,8 @@ use tokio_util::task::TaskTracker;
 
 pub use auth::AuthPolicy;
 use reply::Reply;
-use session::{Next, Session};
+// Public for the fuzz loop in tests/fault_hostile_input.rs (a session over any stream).
+pub use session::{Next, Session};
 
 use crate::config::Config;
 use crate::spool::Spool;

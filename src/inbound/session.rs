@@ -91,6 +91,8 @@ pub struct Session {
     line_len: usize,
     out: Vec<u8>,
     next: Option<Next>,
+    /// A `250 queued as` is in `out` (for the `after-250` failpoint).
+    pub(super) acked: bool,
 }
 
 impl Session {
@@ -108,6 +110,7 @@ impl Session {
             line_len: 0,
             out: Vec::with_capacity(1024),
             next: None,
+            acked: false,
         }
     }
 
@@ -184,6 +187,9 @@ impl Session {
                 stream.write_all(&self.out).await?;
                 stream.flush().await?;
                 self.out.clear();
+                if std::mem::take(&mut self.acked) {
+                    crate::failpoint::hit("after-250");
+                }
             }
             if let Some(next) = self.next.take() {
                 return Ok(next);
@@ -344,7 +350,13 @@ fn command_error_reply(error: &smtp_proto::Error) -> Reply {
             Reply::with_text(501, "5.5.4", format!("Invalid value for parameter {param}"))
         }
         E::UnsupportedParameter { param } => {
-            let param: String = param.chars().filter(|c| !c.is_control()).take(64).collect();
+            // Echo only printable ASCII: a reply line is ASCII (RFC 5321 §4.2), and raw client
+            // bytes (invalid UTF-8, NULs) must not be reflected.
+            let param: String = param
+                .chars()
+                .filter(|c| c.is_ascii_graphic() || *c == ' ')
+                .take(64)
+                .collect();
             Reply::with_text(555, "5.5.4", format!("Unsupported parameter {param}"))
         }
         E::ResponseTooLong => reply::LINE_TOO_LONG,

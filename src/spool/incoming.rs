@@ -197,11 +197,14 @@ impl IncomingMessage {
                         .map_err(|e| SpoolError::io("fsync", &tmp, e))?;
                     inner.counters.file_fsyncs.fetch_add(1, Ordering::Relaxed);
                     drop(file);
+                    crate::failpoint::hit("after-body-fsync");
                     inner
                         .faults
                         .check(FaultPoint::Rename)
                         .and_then(|()| fsutil::rename_noreplace(&tmp, &dst))
-                        .map_err(|e| SpoolError::io("rename", &tmp, e))
+                        .map_err(|e| SpoolError::io("rename", &tmp, e))?;
+                    crate::failpoint::hit("after-rename");
+                    Ok(())
                 })();
                 if res.is_err() {
                     let _ = fs::remove_file(&tmp);
@@ -221,6 +224,7 @@ impl IncomingMessage {
             .await;
             return Err(e);
         }
+        crate::failpoint::hit("after-dir-fsync");
         self.phase = Phase::Committed;
         self.inner.counters.commits.fetch_add(1, Ordering::Relaxed);
         Ok(self.id.clone())
