@@ -185,6 +185,7 @@ fn session_rig(extra_toml: &str) -> SessionRig {
             spool: spool.clone(),
             accepted: AtomicU64::new(0),
             delivery: None,
+            metrics: Default::default(),
         }),
         spool,
         _dir: dir,

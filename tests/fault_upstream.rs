@@ -91,7 +91,7 @@ impl Harness {
         h.addr = listener.local_addr().unwrap();
         let handle = h.deliverer.as_ref().map(|d| d.handle.clone());
         tokio::spawn(
-            Server::new(inbound, h.spool.clone(), handle)
+            Server::new(inbound, h.spool.clone(), handle, Default::default())
                 .run(vec![listener], h.inbound_stop.clone()),
         );
         h
@@ -116,12 +116,16 @@ impl Harness {
             session_max_age: Duration::from_secs(600),
             session_max_idle: Duration::from_millis(50),
             refresh_before: self.config.oauth.refresh_before,
+            notify: None,
+            reporting_host: "relay.test".into(),
+            upstream_host: "smtp.office365.com".into(),
         };
         let (handle, deliverer) = Deliverer::start(
             self.spool.clone(),
             target,
             settings,
             Arc::new(tokens),
+            Default::default(),
             stop.clone(),
         );
         self.deliverer = Some(Running {
