@@ -751,16 +751,7 @@ impl Session {
             }
             Err(_) => return Step::Close,
         };
-        if too_big {
-            self.reset_transaction();
-            return self
-                .reply(
-                    conn,
-                    "552 5.3.4 Message size exceeds fixed maximum message size",
-                )
-                .await;
-        }
-        self.end_of_data(conn, cfg, message, "DATA").await
+        self.end_of_data(conn, cfg, message, "DATA", too_big).await
     }
 
     /// Reads a dot-terminated body; bodies beyond the advertised SIZE are drained and flagged.
@@ -869,6 +860,19 @@ impl Session {
                 .reply(conn, &format!("250 2.0.0 {size} bytes received"))
                 .await;
         }
+        self.end_of_data(conn, cfg, chunks, "BDAT", too_big).await
+    }
+
+    /// The checks Exchange makes once the whole message is in, then store and 250 with a queue id.
+    /// `too_big`: the body went past the advertised SIZE (it was drained, not kept).
+    async fn end_of_data<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        cfg: &SimConfig,
+        message: Vec<u8>,
+        transfer: &str,
+        too_big: bool,
+    ) -> Step {
         if too_big {
             self.reset_transaction();
             return self
@@ -878,17 +882,6 @@ impl Session {
                 )
                 .await;
         }
-        self.end_of_data(conn, cfg, chunks, "BDAT").await
-    }
-
-    /// The checks Exchange makes once the whole message is in, then store and 250 with a queue id.
-    async fn end_of_data<S: AsyncRead + AsyncWrite + Unpin>(
-        &mut self,
-        conn: &mut Conn<S>,
-        cfg: &SimConfig,
-        message: Vec<u8>,
-        transfer: &str,
-    ) -> Step {
         let mail_from = self.mail_from.take().unwrap_or_default();
         let rcpts = std::mem::take(&mut self.rcpts);
         self.reset_transaction();
