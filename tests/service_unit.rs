@@ -105,7 +105,7 @@ fn unit_has_the_contract() {
         "CapabilityBoundingSet=\n",
         "SystemCallFilter=@system-service\n",
         "ExecReload=/bin/kill -HUP $MAINPID\n",
-        "ExecStart=/usr/bin/smtp-oauth-relay serve --config ${CONFIGURATION_DIRECTORY}/relay.toml\n",
+        "ExecStart=/usr/bin/smtp-oauth-relay serve --config /etc/smtp-oauth-relay/relay.toml\n",
     ] {
         assert!(UNIT.contains(needle), "unit lacks {needle:?}");
     }
