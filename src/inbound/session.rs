@@ -137,6 +137,11 @@ impl Session {
     pub fn reply(&mut self, reply: Reply) {
         reply.write_to(&mut self.out);
         if reply.is_error() {
+            tracing::info!(
+                client = %self.peer,
+                reply = %format_args!("{} {} {}", reply.code, reply.status, reply.text),
+                "refused"
+            );
             self.shared.metrics.refused(reply.status);
             self.errors += 1;
             if self.errors >= self.shared.settings.max_errors && self.next.is_none() {
