@@ -409,8 +409,17 @@ impl UpstreamSession {
         }
         self.command(Stage::Data, b"DATA\r\n", 354).await?;
         crate::failpoint::hit("upstream-mid-data");
-        let stuffed = dot_stuff(body);
-        self.write(Stage::DataEnd, &stuffed).await?;
+        // Stuffed and written a piece at a time: a 35 MiB message never exists twice in memory.
+        let mut stuffer = DotStuffer::default();
+        let mut out = Vec::with_capacity(STUFF_CHUNK + STUFF_CHUNK / 32);
+        for piece in body.chunks(STUFF_CHUNK) {
+            out.clear();
+            stuffer.push(piece, &mut out);
+            self.write(Stage::DataEnd, &out).await?;
+        }
+        out.clear();
+        stuffer.finish(body, &mut out);
+        self.write(Stage::DataEnd, &out).await?;
         let (_, reply) = self
             .read_reply(Stage::DataEnd, self.target_timeouts.data_end)
             .await?;
@@ -530,25 +539,51 @@ impl UpstreamSession {
     }
 }
 
-/// RFC 5321 §4.5.2 transparency: a line starting with "." gets another; the data ends with
-/// CRLF.CRLF (a CRLF is added if the message does not end with one, never an extra blank line).
+/// Size of the pieces the message is stuffed and written in.
+const STUFF_CHUNK: usize = 64 * 1024;
+
+/// RFC 5321 §4.5.2 transparency, streaming: a line starting with "." gets another, across
+/// piece boundaries; the data ends with CRLF.CRLF (a CRLF is added if the message does not end
+/// with one, never an extra blank line).
+struct DotStuffer {
+    line_start: bool,
+}
+
+impl Default for DotStuffer {
+    fn default() -> Self {
+        DotStuffer { line_start: true }
+    }
+}
+
+impl DotStuffer {
+    fn push(&mut self, piece: &[u8], out: &mut Vec<u8>) {
+        let mut from = 0;
+        for (i, &b) in piece.iter().enumerate() {
+            if self.line_start && b == b'.' {
+                out.extend_from_slice(&piece[from..i]);
+                out.push(b'.');
+                from = i;
+            }
+            self.line_start = b == b'\n';
+        }
+        out.extend_from_slice(&piece[from..]);
+    }
+
+    /// The terminator for a message whose bytes were `body`.
+    fn finish(self, body: &[u8], out: &mut Vec<u8>) {
+        if !body.is_empty() && !body.ends_with(b"\r\n") {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
+    }
+}
+
+/// The whole stuffed form of `body` (what `send` writes piece by piece).
 pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 5);
-    let mut line_start = true;
-    let mut from = 0;
-    for (i, &b) in body.iter().enumerate() {
-        if line_start && b == b'.' {
-            out.extend_from_slice(&body[from..i]);
-            out.push(b'.');
-            from = i;
-        }
-        line_start = b == b'\n';
-    }
-    out.extend_from_slice(&body[from..]);
-    if !body.is_empty() && !body.ends_with(b"\r\n") {
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b".\r\n");
+    let mut stuffer = DotStuffer::default();
+    stuffer.push(body, &mut out);
+    stuffer.finish(body, &mut out);
     out
 }
 
@@ -627,6 +662,19 @@ pub fn tls_connector(ca_file: Option<&std::path::Path>) -> Result<TlsConnector, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stuffing_in_pieces_equals_stuffing_at_once() {
+        let body = b"a\r\n.b\r\n..\r\n.\r\nend".to_vec();
+        for split in 0..body.len() {
+            let mut stuffer = DotStuffer::default();
+            let mut out = Vec::new();
+            stuffer.push(&body[..split], &mut out);
+            stuffer.push(&body[split..], &mut out);
+            stuffer.finish(&body, &mut out);
+            assert_eq!(out, dot_stuff(&body), "split at {split}");
+        }
+    }
 
     #[test]
     fn stuffing_doubles_leading_dots_and_terminates_once() {
