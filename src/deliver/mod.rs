@@ -3,6 +3,7 @@
 
 pub mod classify;
 pub mod notice;
+pub mod pacer;
 pub mod reply;
 pub mod scheduler;
 pub mod sender;

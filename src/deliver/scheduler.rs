@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::classify::{HoldCause, Outcome, Stage, classify};
+use super::pacer::{Attempt, Pacer, PacerSettings, Progress, Start, Transition};
 use super::sender::apply_sender_policy;
 use super::upstream::{SessionError, UpstreamSession, UpstreamTarget};
 use super::{TokenSource, jitter};
@@ -128,9 +129,13 @@ enum JobResult {
     Finished {
         delivered: bool,
     },
+    /// Nothing was attempted: the message was gone or could not be read.
+    Skipped,
     Retry {
         at: Instant,
         throttle: bool,
+        /// How far the attempt got (a hold ends only on proof that its cause is gone).
+        reached: Progress,
     },
     Hold {
         cause: HoldCause,
@@ -226,38 +231,44 @@ async fn dispatch(
         in_flight: HashSet::new(),
     };
     let settings = ctx.settings.clone();
-    let spacing = settings.rate.per / settings.rate.messages.max(1);
-    // A held mailbox is probed with one message this often.
-    let probe_every = settings
-        .retry_max
-        .clamp(settings.retry_min, Duration::from_secs(300));
-    let mut next_slot = Instant::now();
-    let mut held_probe_at: Option<Instant> = None;
+    let mut pacer = Pacer::new(
+        PacerSettings::new(
+            settings.connections,
+            settings.rate.messages,
+            settings.rate.per,
+            settings.retry_min,
+            settings.retry_max,
+        ),
+        Instant::now(),
+    );
     let wakeup_path = ctx.spool.dir().join(WAKEUP_FILE);
     let mut wakeup_seen = modified(&wakeup_path);
     rescan(&ctx, &mut schedule).await;
     publish(&ctx, &status, &schedule);
 
     loop {
-        // Start every job that may start now.
+        // Start every job that is due, as far as the pacer allows.
         let now = Instant::now();
-        while schedule.in_flight.len() < settings.connections {
-            let Some((at, id)) = schedule.due.first().cloned() else {
-                break;
-            };
-            if at > now || next_slot > now {
+        let mut wake = now + Duration::from_secs(1);
+        while let Some((at, id)) = schedule.due.first().cloned() {
+            if at > now {
+                wake = wake.min(at);
                 break;
             }
-            if let Some(probe) = held_probe_at {
-                if probe > now || !schedule.in_flight.is_empty() {
+            match pacer.try_start(now) {
+                Start::Now { probe } => {
+                    if probe {
+                        tracing::info!(id = %id, "mailbox held: probing with one message");
+                    }
+                }
+                Start::At(when) => {
+                    wake = wake.min(when.max(now));
                     break;
                 }
-                held_probe_at = Some(now + probe_every);
-                tracing::info!(id = %id, "mailbox held: probing with one message");
+                Start::Busy => break,
             }
             schedule.due.remove(&(at, id.clone()));
             schedule.in_flight.insert(id.clone());
-            next_slot = next_slot.max(now) + spacing;
             let ctx = ctx.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
@@ -266,53 +277,47 @@ async fn dispatch(
             });
         }
 
-        let mut wake = now + Duration::from_secs(1);
-        if let Some((at, _)) = schedule.due.first()
-            && schedule.in_flight.len() < settings.connections
-        {
-            let mut at = (*at).max(next_slot);
-            if let Some(probe) = held_probe_at {
-                at = at.max(probe);
-            }
-            wake = wake.min(at.max(now));
-        }
         tokio::select! {
             event = rx.recv() => match event {
                 Some(Event::Queued(id)) => schedule.add(id, Instant::now()),
                 Some(Event::Done(report)) => {
                     schedule.in_flight.remove(&report.id);
                     schedule.known.remove(&report.id);
+                    let now = Instant::now();
+                    let attempt = match &report.result {
+                        JobResult::Finished { delivered: true } => Attempt::Delivered,
+                        JobResult::Finished { delivered: false } => Attempt::Failed,
+                        JobResult::Skipped => Attempt::Skipped,
+                        JobResult::Retry { throttle, reached, .. } => Attempt::Retry {
+                            throttle: *throttle,
+                            reached: *reached,
+                        },
+                        JobResult::Hold { cause, reply } => Attempt::Hold {
+                            cause: *cause,
+                            reply: reply.clone(),
+                        },
+                    };
+                    match pacer.finished(now, attempt) {
+                        Transition::None => {}
+                        Transition::Held { cause, reply, since } => {
+                            enter_hold(&ctx, &status, cause, &reply, since)
+                        }
+                        Transition::Resumed => resume(&ctx, &status),
+                    }
+                    if let Ok(mut s) = status.lock() {
+                        s.throttled_until = pacer
+                            .throttled_until(now)
+                            .map(|until| SystemTime::now() + (until - now));
+                        if matches!(report.result, JobResult::Finished { delivered: true }) {
+                            s.delivered += 1;
+                            s.last_delivery = Some(SystemTime::now());
+                        }
+                    }
                     match report.result {
-                        JobResult::Finished { delivered } => {
-                            if delivered && let Ok(mut s) = status.lock() {
-                                s.delivered += 1;
-                                s.last_delivery = Some(SystemTime::now());
-                            }
-                            if delivered && held_probe_at.take().is_some() {
-                                resume(&ctx, &status);
-                            }
-                        }
-                        JobResult::Retry { at, throttle } => {
-                            if held_probe_at.take().is_some() {
-                                resume(&ctx, &status);
-                            }
-                            if throttle {
-                                let pause = settings.retry_min.min(Duration::from_secs(60));
-                                if let Ok(mut s) = status.lock() {
-                                    s.throttled_until = Some(SystemTime::now() + pause);
-                                }
-                                // Exchange asked for fewer, slower submissions.
-                                next_slot = next_slot.max(Instant::now() + settings.retry_min.min(Duration::from_secs(60)));
-                            }
-                            schedule.add(report.id, at);
-                        }
-                        JobResult::Hold { cause, reply } => {
-                            if held_probe_at.is_none() {
-                                enter_hold(&ctx, &status, cause, &reply);
-                            }
-                            held_probe_at = Some(Instant::now() + probe_every);
-                            schedule.add(report.id, Instant::now());
-                        }
+                        JobResult::Finished { .. } | JobResult::Skipped => {}
+                        JobResult::Retry { at, .. } => schedule.add(report.id, at),
+                        // Held: the message waits for the mailbox's next probe.
+                        JobResult::Hold { .. } => schedule.add(report.id, now),
                     }
                     publish(&ctx, &status, &schedule);
                 }
@@ -327,9 +332,7 @@ async fn dispatch(
             wakeup_seen = seen;
             tracing::info!("spool changed by an operator command: re-reading the queue");
             rescan(&ctx, &mut schedule).await;
-            if held_probe_at.is_some() {
-                held_probe_at = Some(Instant::now());
-            }
+            pacer.wake(Instant::now());
             publish(&ctx, &status, &schedule);
         }
     }
@@ -395,7 +398,13 @@ async fn rescan(ctx: &Arc<Context>, schedule: &mut Schedule) {
     }
 }
 
-fn enter_hold(ctx: &Context, status: &Mutex<MailboxStatus>, cause: HoldCause, reply: &str) {
+fn enter_hold(
+    ctx: &Context,
+    status: &Mutex<MailboxStatus>,
+    cause: HoldCause,
+    reply: &str,
+    since: SystemTime,
+) {
     tracing::error!(
         mailbox = %ctx.settings.mailbox,
         cause = %cause,
@@ -407,7 +416,7 @@ fn enter_hold(ctx: &Context, status: &Mutex<MailboxStatus>, cause: HoldCause, re
         s.state = MailboxState::Held {
             cause,
             reply: reply.to_string(),
-            since: SystemTime::now(),
+            since,
         };
     }
 }
@@ -458,12 +467,13 @@ async fn deliver_one(ctx: &Arc<Context>, id: &str) -> JobResult {
     .await;
     let (message, state) = match loaded {
         Ok(Ok(pair)) => pair,
-        Ok(Err(SpoolError::NotFound(_))) => return JobResult::Finished { delivered: false },
+        Ok(Err(SpoolError::NotFound(_))) => return JobResult::Skipped,
         Ok(Err(e)) => {
             tracing::error!(id, error = %e, "cannot read the message; it stays in the spool");
             return JobResult::Retry {
                 at: Instant::now() + ctx.settings.retry_max,
                 throttle: false,
+                reached: Progress::Token,
             };
         }
         Err(e) => {
@@ -471,6 +481,7 @@ async fn deliver_one(ctx: &Arc<Context>, id: &str) -> JobResult {
             return JobResult::Retry {
                 at: Instant::now() + ctx.settings.retry_min,
                 throttle: false,
+                reached: Progress::Token,
             };
         }
     };
@@ -497,7 +508,9 @@ async fn deliver_one(ctx: &Arc<Context>, id: &str) -> JobResult {
             state.attempts,
             state.last_reply.as_deref().unwrap_or("none")
         );
-        return finish_failed(ctx, &message, state, reason).await;
+        // Nothing was sent: the mailbox learnt nothing from it.
+        finish_failed(ctx, &message, state, reason).await;
+        return JobResult::Skipped;
     }
 
     let outcome = attempt(ctx, &message, &mut state).await;
@@ -511,6 +524,8 @@ struct AttemptOutcome {
     pending_class: Outcome,
     /// The reply that decided it, for logs and the state file.
     reply: String,
+    /// How far the attempt got.
+    reached: Progress,
 }
 
 /// Sends the message to its pending recipients, updating per-recipient status in `state`.
@@ -530,6 +545,7 @@ async fn attempt(
         return AttemptOutcome {
             pending_class: Outcome::Delivered,
             reply: "no recipient left".into(),
+            reached: Progress::Transaction,
         };
     }
     let mut session = match session_for(ctx).await {
@@ -558,6 +574,7 @@ async fn attempt(
             let outcome = AttemptOutcome {
                 pending_class: e.outcome(),
                 reply: e.to_string(),
+                reached: Progress::Transaction,
             };
             tracing::warn!(id = %id, reply = %outcome.reply, outcome = ?outcome.pending_class, "delivery attempt failed");
             // A session that failed mid-transaction is not reused.
@@ -612,8 +629,10 @@ async fn attempt(
                 Some((pending_class, reply)) => AttemptOutcome {
                     pending_class,
                     reply,
+                    reached: Progress::Transaction,
                 },
                 None => AttemptOutcome {
+                    reached: Progress::Transaction,
                     pending_class: Outcome::Delivered,
                     reply: tx
                         .data_reply
@@ -632,6 +651,7 @@ async fn session_for(ctx: &Arc<Context>) -> Result<UpstreamSession, AttemptOutco
         let mut pool = ctx.pool.lock().map_err(|_| AttemptOutcome {
             pending_class: Outcome::Retry { throttle: false },
             reply: "session pool unavailable".into(),
+            reached: Progress::Token,
         })?;
         let mut found = None;
         while let Some(s) = pool.pop() {
@@ -658,6 +678,7 @@ async fn session_for(ctx: &Arc<Context>) -> Result<UpstreamSession, AttemptOutco
                         Outcome::Retry { throttle: false }
                     },
                     reply: format!("token: {}", f.message),
+                    reached: Progress::Token,
                 });
             }
         };
@@ -686,6 +707,7 @@ async fn session_for(ctx: &Arc<Context>) -> Result<UpstreamSession, AttemptOutco
                 return Err(AttemptOutcome {
                     pending_class: e.outcome(),
                     reply: e.to_string(),
+                    reached: Progress::Session,
                 });
             }
         }
@@ -762,12 +784,14 @@ async fn record(
             JobResult::Retry {
                 at: Instant::now() + wait,
                 throttle,
+                reached: outcome.reached,
             }
         }
         // Delivered/Failed for pending recipients cannot happen: they would be final.
         Outcome::Delivered | Outcome::Failed => JobResult::Retry {
             at: Instant::now() + ctx.settings.retry_min,
             throttle: false,
+            reached: outcome.reached,
         },
     };
     let spool = ctx.spool.clone();
