@@ -16,7 +16,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use serde::Serialize;
 
-use crate::config::{Config, looks_like_address};
+use crate::config::identity::{self, ValueProblem, is_guid};
+use crate::config::{Config, ConfigError, looks_like_address};
 use crate::deliver::classify::{HoldCause, Outcome, Stage, classify};
 use crate::deliver::reply::{Enhanced, UpstreamReply};
 use crate::deliver::upstream::{SessionError, Timeouts, UpstreamSession, upstream_target};
@@ -187,6 +188,34 @@ impl Report {
         out
     }
 
+    /// The report of a configuration that did not load: step 1 failed with every problem
+    /// (each names its key and, for the Microsoft 365 values, the fix), the others skipped.
+    /// `check` exits 2 with it, as every command does for an invalid configuration.
+    pub fn invalid_config(error: &ConfigError, config_file: Option<PathBuf>) -> Report {
+        let issues = error.issues();
+        let detail = match issues {
+            [] => error.to_string(),
+            _ => issues
+                .iter()
+                .map(|i| format!("{}: {}", i.key, i.message))
+                .collect::<Vec<_>>()
+                .join("; "),
+        };
+        let fixes: Vec<&str> = issues.iter().filter_map(|i| i.fix).collect();
+        let fix = if fixes.is_empty() {
+            "Correct the keys named above in relay.toml (or their RELAY_* variables), then run \
+             check again; `smtp-oauth-relay config` shows the effective values."
+                .to_string()
+        } else {
+            fixes.join(" ")
+        };
+        let mut steps = vec![Step::failed("config", detail, fix)];
+        for step in ["token", "token_contents", "tls", "auth", "send"] {
+            steps.push(Step::skipped(step, "the configuration is invalid"));
+        }
+        Report { steps, config_file }
+    }
+
     /// The steps as a JSON array of `{step, status, detail, fix}`.
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(&self.steps).unwrap_or_else(|_| "[]".into()) + "\n"
@@ -348,71 +377,37 @@ fn check_config(config: &Config) -> Step {
         fixes.push(fix.to_string());
     };
 
-    match oauth.tenant_id.as_deref().map(str::trim) {
-        None | Some("") => problem(
+    if oauth.tenant_id.is_none() {
+        problem(
             "oauth.tenant_id is missing".into(),
             "Set oauth.tenant_id to the Directory (tenant) ID from the app registration's Overview.",
-        ),
-        Some(t)
-            if ["common", "organizations", "consumers"]
-                .iter()
-                .any(|m| t.eq_ignore_ascii_case(m)) =>
-        {
-            problem(
-                format!(
-                    "oauth.tenant_id `{t}` is not a tenant: app-only tokens need the tenant itself"
-                ),
-                "Set oauth.tenant_id to the Directory (tenant) ID from the app registration's Overview.",
-            )
-        }
-        Some(t) if !is_guid(t) && !is_domain(t) => problem(
-            format!("oauth.tenant_id `{t}` is neither a GUID nor a domain"),
-            "Set oauth.tenant_id to the Directory (tenant) ID (a GUID) from the app registration's Overview, \
-             or a verified domain such as contoso.onmicrosoft.com.",
-        ),
-        Some(_) => {}
+        );
     }
-    match oauth.client_id.as_deref().map(str::trim) {
-        None | Some("") => problem(
+    if oauth.client_id.is_none() {
+        problem(
             "oauth.client_id is missing".into(),
             "Set oauth.client_id to the Application (client) ID from the app registration's Overview.",
-        ),
-        Some(c) if !is_guid(c) => problem(
-            format!("oauth.client_id `{c}` is not a GUID"),
-            "Set oauth.client_id to the Application (client) ID (a GUID) from the app registration's \
-             Overview.",
-        ),
-        Some(_) => {}
+        );
     }
-    match up.mail_account.as_deref() {
-        None => problem(
+    if up.mail_account.is_none() {
+        problem(
             "upstream.mail_account is missing".into(),
             "Set upstream.mail_account to the mailbox the relay signs in as (the XOAUTH2 user).",
-        ),
-        Some(m) if !looks_like_address(m) => problem(
-            format!("upstream.mail_account `{m}` is not an e-mail address"),
-            "Set upstream.mail_account to the mailbox address, e.g. no-reply@contoso.com.",
-        ),
-        Some(_) => {}
-    }
-    if let Some(f) = up.from.as_deref()
-        && !looks_like_address(f)
-    {
-        problem(
-            format!("upstream.from `{f}` is not an e-mail address"),
-            "Set upstream.from to the sender address shown in outgoing mail (or remove it to use \
-             upstream.mail_account).",
         );
     }
-    if let Some(secret) = &oauth.client_secret
-        && is_guid(secret.expose().trim())
-    {
-        problem(
-            "oauth.client_secret looks like a Secret ID (a GUID), not a secret Value".into(),
-            "Copy the secret's Value, not its Secret ID: in App registrations > your app > Certificates & \
-             secrets the Value is shown only once, right after New client secret; create a new one if it \
-             is gone.",
-        );
+    // The same rules `config` and `serve` refuse with (config::identity), with their fixes.
+    let rules: [Option<Result<(), ValueProblem>>; 5] = [
+        oauth.tenant_id.as_deref().map(identity::tenant_id),
+        oauth.client_id.as_deref().map(identity::client_id),
+        up.mail_account.as_deref().map(identity::mail_account),
+        up.from.as_deref().map(identity::from),
+        oauth
+            .client_secret
+            .as_ref()
+            .map(|s| identity::client_secret(s.expose())),
+    ];
+    for p in rules.into_iter().flatten().filter_map(Result::err) {
+        problem(p.to_string(), p.fix);
     }
     let endpoints = match crate::oauth::endpoints(config) {
         Ok(e) => Some(e),
@@ -455,30 +450,6 @@ fn check_config(config: &Config) -> Step {
             up.port,
         ),
     )
-}
-
-/// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` in hex.
-fn is_guid(s: &str) -> bool {
-    let groups: Vec<&str> = s.split('-').collect();
-    groups.len() == 5
-        && groups
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()))
-}
-
-/// A DNS name with at least two labels (`contoso.onmicrosoft.com`).
-fn is_domain(s: &str) -> bool {
-    let labels: Vec<&str> = s.trim_end_matches('.').split('.').collect();
-    s.len() <= 253
-        && labels.len() >= 2
-        && labels.iter().all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -983,17 +954,6 @@ fn test_message(from: &str, to: &str, mailbox: &str) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn guids_and_domains() {
-        assert!(is_guid("9188040d-6c67-4c5b-b112-36a304b66dad"));
-        assert!(!is_guid("9188040d6c674c5bb11236a304b66dad"));
-        assert!(!is_guid("abc8Q~9188040d-6c67-4c5b-b112-36a304b66dad"));
-        assert!(is_domain("contoso.onmicrosoft.com"));
-        assert!(!is_domain("contoso"));
-        assert!(!is_domain("-bad.example"));
-        assert!(!is_domain("has space.example"));
-    }
-
     fn config(toml: &str) -> Config {
         Config::from_toml_str(toml).expect("valid")
     }
@@ -1008,31 +968,83 @@ mod tests {
         assert_eq!(ok.status, Status::Ok, "{ok:?}");
         assert!(!ok.detail.contains("abc8Q~value"));
 
-        let secret_id = check_config(&config(&format!(
-            "{BASE}client_secret = \"11111111-2222-3333-4444-555555555555\"\n"
-        )));
+        // Configurations that loading refuses (exit 2) can still reach check_config when built
+        // in code: it applies the same rules (config::identity).
+        let mut secret_id = config(&format!("{BASE}client_secret = \"abc8Q~value\"\n"));
+        secret_id.oauth.client_secret = Some(crate::config::Secret::new(
+            "11111111-2222-3333-4444-555555555555",
+        ));
+        let secret_id = check_config(&secret_id);
         assert_eq!(secret_id.status, Status::Failed);
         assert!(secret_id.fix.unwrap().contains("Value, not its Secret ID"));
         assert!(!secret_id.detail.contains("11111111-2222"));
 
-        let bad_client = check_config(&config(
-            "[upstream]\nmail_account = \"a@b.example\"\n[oauth]\ntenant_id = \"contoso.onmicrosoft.com\"\n\
-             client_id = \"my-app\"\nclient_secret = \"x~y\"\n",
-        ));
+        let mut bad_client = config(&format!("{BASE}client_secret = \"x~y\"\n"));
+        bad_client.oauth.client_id = Some("my-app".into());
+        let bad_client = check_config(&bad_client);
         assert_eq!(bad_client.status, Status::Failed);
         assert!(bad_client.detail.contains("oauth.client_id"));
         assert!(bad_client.fix.unwrap().contains("Application (client) ID"));
 
-        let bad_tenant = check_config(&config(
-            "[upstream]\nmail_account = \"a@b.example\"\n[oauth]\ntenant_id = \"common\"\n\
-             client_id = \"0f6a3d44-7c2b-4e1a-9d55-3b2f1c8e7a10\"\nclient_secret = \"x~y\"\n",
-        ));
+        let mut bad_tenant = config(&format!("{BASE}client_secret = \"x~y\"\n"));
+        bad_tenant.oauth.tenant_id = Some("common".into());
+        let bad_tenant = check_config(&bad_tenant);
         assert_eq!(bad_tenant.status, Status::Failed);
         assert!(bad_tenant.fix.unwrap().contains("Directory (tenant) ID"));
 
         let empty = check_config(&config(""));
         assert_eq!(empty.status, Status::Failed);
         assert!(empty.fix.unwrap().contains("tenant_id"));
+    }
+
+    #[test]
+    fn loading_refuses_the_same_mistakes_with_the_key_named() {
+        for (bad, key, words) in [
+            (
+                "client_secret = \"11111111-2222-3333-4444-555555555555\"",
+                "oauth.client_secret",
+                "Secret ID",
+            ),
+            (
+                "client_secret = \"x~y\"\ntenant_id = \"common\"",
+                "oauth.tenant_id",
+                "not a tenant",
+            ),
+            (
+                "client_secret = \"x~y\"\nclient_id = \"my-app\"",
+                "oauth.client_id",
+                "not a GUID",
+            ),
+        ] {
+            // Later keys win in TOML only if not repeated: build the table without BASE's.
+            let base = BASE
+                .lines()
+                .filter(|l| {
+                    !bad.lines()
+                        .any(|b| b.split('=').next() == l.split('=').next())
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            let e = Config::from_toml_str(&format!("{base}\n{bad}\n")).unwrap_err();
+            let issue = e
+                .issues()
+                .iter()
+                .find(|i| i.key == key)
+                .unwrap_or_else(|| panic!("{e}"));
+            assert!(issue.message.contains(words), "{issue}");
+            assert!(
+                !e.to_string().contains("11111111-2222"),
+                "a secret is never quoted"
+            );
+            let report = Report::invalid_config(&e, None);
+            assert_eq!(report.steps[0].status, Status::Failed);
+            assert!(report.steps[0].detail.contains(key));
+            assert!(
+                report.steps[1..]
+                    .iter()
+                    .all(|s| s.status == Status::Skipped)
+            );
+        }
     }
 
     fn jwt(claims: serde_json::Value) -> String {

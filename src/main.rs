@@ -97,14 +97,26 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }),
         Command::Queue(args) => with_config(path, |config| queue(config, args)),
-        Command::Check { send_to, json } => with_config(path, |config| {
-            let options = smtp_oauth_relay::check::CheckOptions {
-                send_to,
-                config_file: config::locate(path).ok().flatten(),
-                timeouts: None,
-            };
-            check(config, &options, json)
-        }),
+        Command::Check { send_to, json } => {
+            let config_file = config::locate(path).ok().flatten();
+            match config::load(path) {
+                Ok(config) => {
+                    let options = smtp_oauth_relay::check::CheckOptions {
+                        send_to,
+                        config_file,
+                        timeouts: None,
+                    };
+                    check(&config, &options, json)
+                }
+                // Step 1 of the walk, in the report's form; exit 2 as for every command.
+                Err(e) => {
+                    eprintln!("smtp-oauth-relay: {e}");
+                    let report = smtp_oauth_relay::check::Report::invalid_config(&e, config_file);
+                    print_report(&report, json);
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
         Command::Serve { simulate } => with_config(path, |config| {
             let options = smtp_oauth_relay::daemon::ServeOptions {
                 simulate,
@@ -166,13 +178,17 @@ fn check(config: &Config, options: &smtp_oauth_relay::check::CheckOptions, json:
         Err(code) => return code,
     };
     let report = runtime.block_on(smtp_oauth_relay::check::run(config, options));
+    print_report(&report, json);
+    ExitCode::from(report.exit_code())
+}
+
+fn print_report(report: &smtp_oauth_relay::check::Report, json: bool) {
     if json {
         print!("{}", report.to_json());
     } else {
         print!("{}", report.to_text());
     }
     let _ = std::io::stdout().flush();
-    ExitCode::from(report.exit_code())
 }
 
 fn queue(config: &Config, args: QueueArgs) -> ExitCode {

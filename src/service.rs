@@ -275,10 +275,10 @@ mod tests {
     #[test]
     fn diff_names_changed_keys_and_hides_secrets() {
         let a = cfg(
-            "[oauth]\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret = \"one\"\n[upstream]\nmail_account = \"a@b.example\"\n",
+            "[oauth]\ntenant_id = \"t.example\"\nclient_id = \"0f6a3d44-7c2b-4e1a-9d55-3b2f1c8e7a10\"\nclient_secret = \"one\"\n[upstream]\nmail_account = \"a@b.example\"\n",
         );
         let b = cfg(
-            "[oauth]\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret = \"two\"\n[upstream]\nmail_account = \"a@b.example\"\n[log]\nlevel = \"debug\"\n",
+            "[oauth]\ntenant_id = \"t.example\"\nclient_id = \"0f6a3d44-7c2b-4e1a-9d55-3b2f1c8e7a10\"\nclient_secret = \"two\"\n[upstream]\nmail_account = \"a@b.example\"\n[log]\nlevel = \"debug\"\n",
         );
         let keys = changed_keys(&a, &b);
         assert_eq!(keys, vec!["log.level", "oauth.client_secret"]);

@@ -100,7 +100,16 @@ impl Run {
     /// Asserts that `title` is the step that failed, every later step is skipped, the exit code
     /// is 1, and the fix names every one of `fix_parts`. Returns the step line.
     fn assert_failed_at(&self, title: &str, fix_parts: &[&str]) -> String {
-        assert_eq!(self.code, 1, "exit code\n{}{}", self.stdout, self.stderr);
+        self.assert_failed_with(1, title, fix_parts)
+    }
+
+    /// A configuration that `config` and `serve` refuse as well: the same report, exit 2.
+    fn assert_refused_config(&self, fix_parts: &[&str]) -> String {
+        self.assert_failed_with(2, "config", fix_parts)
+    }
+
+    fn assert_failed_with(&self, code: i32, title: &str, fix_parts: &[&str]) -> String {
+        assert_eq!(self.code, code, "exit code\n{}{}", self.stdout, self.stderr);
         assert_eq!(self.status(title), "FAILED", "{}", self.stdout);
         let (line, fix) = self.step(title);
         let fix = fix.unwrap_or_else(|| panic!("no fix under {title}:\n{}", self.stdout));
@@ -234,7 +243,7 @@ async fn a_secret_id_is_caught_before_asking_entra() {
     );
     let before = s.sim.control().token_requests();
     let run = check(&config, &[]).await;
-    run.assert_failed_at("config", &["Copy the secret's Value, not its Secret ID"]);
+    run.assert_refused_config(&["Copy the secret's Value, not its Secret ID"]);
     assert_eq!(s.sim.control().token_requests(), before, "no token request");
 }
 
@@ -581,5 +590,5 @@ async fn config_problems_exit_1_or_2() {
 
 async fn run_and_expect_config_failure(config: &Path, fix: &str) {
     let run = check(config, &[]).await;
-    run.assert_failed_at("config", &[fix]);
+    run.assert_refused_config(&[fix]);
 }

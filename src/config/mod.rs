@@ -3,6 +3,9 @@
 //!
 //! The annotated `relay.toml` at the repository root documents every key; keep the two in step.
 
+pub mod identity;
+pub use identity::looks_like_address;
+
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -440,11 +443,17 @@ impl<'de> Deserialize<'de> for Rate {
 pub struct ConfigIssue {
     pub key: String,
     pub message: String,
+    /// What to do, where the setup guide says it (the Microsoft 365 values).
+    pub fix: Option<&'static str>,
 }
 
 impl fmt::Display for ConfigIssue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.key, self.message)
+        write!(f, "{}: {}", self.key, self.message)?;
+        match self.fix {
+            Some(fix) => write!(f, " (fix: {fix})"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -639,6 +648,7 @@ fn figment_issue(e: &figment::Error) -> ConfigIssue {
     ConfigIssue {
         key,
         message: format!("{message}{origin}"),
+        fix: None,
     }
 }
 
@@ -857,17 +867,22 @@ impl Config {
 
         let oauth = &self.oauth;
         if oauth.is_configured() {
-            if oauth.tenant_id.is_none() {
-                issues.push(issue(
+            match &oauth.tenant_id {
+                None => issues.push(issue(
                     "oauth.tenant_id",
                     "required: the Directory (tenant) ID of the app registration",
-                ));
+                )),
+                Some(t) => value_rule(issues, identity::tenant_id(t)),
             }
-            if oauth.client_id.is_none() {
-                issues.push(issue(
+            match &oauth.client_id {
+                None => issues.push(issue(
                     "oauth.client_id",
                     "required: the Application (client) ID of the app registration",
-                ));
+                )),
+                Some(c) => value_rule(issues, identity::client_id(c)),
+            }
+            if let Some(secret) = &oauth.client_secret {
+                value_rule(issues, identity::client_secret(secret.expose()));
             }
             if up.mail_account.is_none() {
                 issues.push(issue(
@@ -957,10 +972,22 @@ pub fn check_token_url(url: &str) -> Result<(), String> {
     Err(format!("`{url}` is not an http(s) URL"))
 }
 
+/// A rule of [`identity`] as a configuration issue: what is wrong, then the fix.
+fn value_rule(issues: &mut Vec<ConfigIssue>, rule: Result<(), identity::ValueProblem>) {
+    if let Err(p) = rule {
+        issues.push(ConfigIssue {
+            key: p.key.to_string(),
+            message: p.what,
+            fix: Some(p.fix),
+        });
+    }
+}
+
 fn issue(key: &str, message: impl Into<String>) -> ConfigIssue {
     ConfigIssue {
         key: key.to_string(),
         message: message.into(),
+        fix: None,
     }
 }
 
@@ -971,17 +998,6 @@ fn readable_file(issues: &mut Vec<ConfigIssue>, key: &str, path: &Path) {
 }
 
 /// `local@domain.tld`, without spaces or angle brackets (a plausibility check, not RFC 5322).
-pub fn looks_like_address(v: &str) -> bool {
-    match v.rsplit_once('@') {
-        Some((local, domain)) => {
-            !local.is_empty()
-                && domain.contains('.')
-                && !v.contains(|c: char| c.is_whitespace() || c == '<' || c == '>')
-        }
-        None => false,
-    }
-}
-
 pub fn loopback_networks() -> Vec<IpNet> {
     vec![
         IpNet::from(ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(127, 0, 0, 0), 8).expect("valid")),
@@ -1049,7 +1065,7 @@ mod tests {
     #[test]
     fn shipped_relay_toml_is_valid_and_matches_the_defaults() {
         let shipped =
-            Config::from_toml_str(include_str!("../relay.toml")).expect("relay.toml valid");
+            Config::from_toml_str(include_str!("../../relay.toml")).expect("relay.toml valid");
         let defaults = Config::from_toml_str("").expect("defaults valid");
         assert_eq!(shipped.to_redacted_toml(), defaults.to_redacted_toml());
     }
@@ -1155,7 +1171,7 @@ mod tests {
     #[test]
     fn secrets_never_render() {
         let c = Config::from_toml_str(
-            "[oauth]\ntenant_id = \"t.example\"\nclient_id = \"c\"\nclient_secret = \"s3cr3t-value\"\n[upstream]\nmail_account = \"relay@contoso.example\"\n",
+            "[oauth]\ntenant_id = \"t.example\"\nclient_id = \"0f6a3d44-7c2b-4e1a-9d55-3b2f1c8e7a10\"\nclient_secret = \"s3cr3t-value\"\n[upstream]\nmail_account = \"relay@contoso.example\"\n",
         )
         .expect("valid");
         let shown = c.to_redacted_toml();
