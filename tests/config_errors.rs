@@ -105,14 +105,14 @@ fn non_loopback_bind_without_allow_networks_is_refused_by_config_and_serve() {
 fn unreadable_secret_file_is_named() {
     // A path that does not exist.
     let c = case(&format!(
-        "{OAUTH_OK}[oauth]\ntenant_id = \"t.example\"\nclient_id = \"c\"\n\
+        "{OAUTH_OK}[oauth]\ntenant_id = \"t.example\"\nclient_id = \"0f6a3d44-7c2b-4e1a-9d55-3b2f1c8e7a10\"\n\
          client_secret_file = \"@DIR@/no/such/secret\"\n"
     ));
     let err = assert_invalid(&c.config, &["config"], &[], &["oauth.client_secret_file"]);
     assert!(err.contains("no/such/secret"), "the path is shown: {err}");
     // A path that exists but cannot be read as a file (we run as root, so modes do not stop us).
     let c = case(&format!(
-        "{OAUTH_OK}[oauth]\ntenant_id = \"t.example\"\nclient_id = \"c\"\n\
+        "{OAUTH_OK}[oauth]\ntenant_id = \"t.example\"\nclient_id = \"0f6a3d44-7c2b-4e1a-9d55-3b2f1c8e7a10\"\n\
          client_secret_file = \"@DIR@\"\n"
     ));
     assert_invalid(&c.config, &["config"], &[], &["oauth.client_secret_file"]);
@@ -208,7 +208,7 @@ fn type_errors_and_validation_problems_are_reported_together() {
 fn valid_config_prints_without_the_secret() {
     let secret = "S3cr3t~Val.ue-9f8e7d6c5b4a";
     let c = case(&format!(
-        "{OAUTH_OK}[oauth]\ntenant_id = \"t.example\"\nclient_id = \"c\"\n\
+        "{OAUTH_OK}[oauth]\ntenant_id = \"t.example\"\nclient_id = \"0f6a3d44-7c2b-4e1a-9d55-3b2f1c8e7a10\"\n\
          client_secret = \"{secret}\"\n"
     ));
     let out = run_cli(&c.config, &["config"], &[]);
@@ -226,7 +226,7 @@ fn valid_config_prints_without_the_secret() {
     let secret_file = c.dir.path().join("secret");
     fs::write(&secret_file, format!("{secret}\n")).expect("write secret");
     let c2 = case(&format!(
-        "{OAUTH_OK}[oauth]\ntenant_id = \"t.example\"\nclient_id = \"c\"\n\
+        "{OAUTH_OK}[oauth]\ntenant_id = \"t.example\"\nclient_id = \"0f6a3d44-7c2b-4e1a-9d55-3b2f1c8e7a10\"\n\
          client_secret_file = \"{}\"\n",
         secret_file.display()
     ));
@@ -234,7 +234,7 @@ fn valid_config_prints_without_the_secret() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(!String::from_utf8_lossy(&out.stdout).contains(secret));
     let c3 = case(&format!(
-        "{OAUTH_OK}[oauth]\ntenant_id = \"t.example\"\nclient_id = \"c\"\n"
+        "{OAUTH_OK}[oauth]\ntenant_id = \"t.example\"\nclient_id = \"0f6a3d44-7c2b-4e1a-9d55-3b2f1c8e7a10\"\n"
     ));
     let out = run_cli(
         &c3.config,

@@ -54,7 +54,12 @@ fn every_command_refuses_the_guides_pitfalls_with_exit_2() {
     for (oauth, upstream, key, words) in cases {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = config_with(dir.path(), &oauth, &upstream);
-        for args in [&["config"][..], &["serve"], &["check"], &["check", "--json"]] {
+        for args in [
+            &["config"][..],
+            &["serve"],
+            &["check"],
+            &["check", "--json"],
+        ] {
             let out = run_cli(&config, args, &[]);
             let stderr = String::from_utf8_lossy(&out.stderr);
             let stdout = String::from_utf8_lossy(&out.stdout);

@@ -1,0 +1,105 @@
+//! MAIL FROM and RCPT TO, and the checks Exchange makes before DATA.
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::parse::*;
+use super::*;
+use crate::sim::config::SimConfig;
+
+impl Session {
+    pub(super) async fn mail<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        cfg: &SimConfig,
+        args: &str,
+    ) -> Step {
+        if !self.helo {
+            return self.reply(conn, "503 5.5.1 Bad sequence of commands").await;
+        }
+        let Some(auth) = &self.auth else {
+            return self
+                .reply(
+                    conn,
+                    &format!(
+                        "530 5.7.57 Client not authenticated to send mail {}",
+                        self.suffix(cfg)
+                    ),
+                )
+                .await;
+        };
+        if self.mail_from.is_some() {
+            return self.reply(conn, "503 5.5.2 Sender already specified").await;
+        }
+        let threshold = cfg.smtp.continuous_error_threshold;
+        let throttled = threshold > 0
+            && self
+                .ctx
+                .shared
+                .usage()
+                .get(&auth.mailbox)
+                .is_some_and(|u| u.send_as_denials >= threshold);
+        if throttled {
+            let text = format!(
+                "550 5.2.252 Sender throttled due to continuous send as denied errors. {}",
+                self.suffix(cfg)
+            );
+            return self.reply(conn, &text).await;
+        }
+        let Some((address, params)) = parse_path(args, "FROM:") else {
+            return self.reply(conn, "501 5.5.4 Invalid arguments").await;
+        };
+        for p in params.split_whitespace() {
+            if let Some(size) = p.to_ascii_uppercase().strip_prefix("SIZE=") {
+                match size.parse::<u64>() {
+                    Ok(n) if n > cfg.smtp.advertised_size => {
+                        return self
+                            .reply(
+                                conn,
+                                "552 5.3.4 Message size exceeds fixed maximum message size",
+                            )
+                            .await;
+                    }
+                    Ok(_) => {}
+                    Err(_) => return self.reply(conn, "501 5.5.4 Invalid arguments").await,
+                }
+            }
+        }
+        self.mail_from = Some(address);
+        self.reply(conn, "250 2.1.0 Sender OK").await
+    }
+
+    pub(super) async fn rcpt<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        cfg: &SimConfig,
+        args: &str,
+    ) -> Step {
+        if self.mail_from.is_none() {
+            return self.reply(conn, "503 5.5.2 Need mail command").await;
+        }
+        let Some((address, _)) = parse_path(args, "TO:").filter(|(a, _)| !a.is_empty()) else {
+            return self.reply(conn, "501 5.5.4 Invalid arguments").await;
+        };
+        if self.rcpts.len() >= cfg.smtp.max_recipients {
+            return self.reply(conn, "452 4.5.3 Too many recipients").await;
+        }
+        self.rcpts.push(address);
+        self.reply(conn, "250 2.1.5 Recipient OK").await
+    }
+
+    /// Sequence checks shared by DATA and BDAT; `Some(reply)` refuses the command.
+    pub(super) fn transfer_refusal(&self, cfg: &SimConfig) -> Option<String> {
+        if self.auth.is_none() {
+            Some(format!(
+                "530 5.7.57 Client not authenticated to send mail {}",
+                self.suffix(cfg)
+            ))
+        } else if self.mail_from.is_none() {
+            Some("503 5.5.2 Need mail command".into())
+        } else if self.rcpts.is_empty() {
+            Some("503 5.5.2 Need rcpt command".into())
+        } else {
+            None
+        }
+    }
+}
