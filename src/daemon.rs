@@ -21,6 +21,7 @@ use crate::oauth::{OAuthError, TokenProvider};
 use crate::service;
 use crate::sim::{SimConfig, SimError, Simulator};
 use crate::spool::{Spool, SpoolError};
+use crate::transport::smtp::{SmtpSettings, SmtpTransport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -199,9 +200,6 @@ pub fn start_delivery(
         retry_min: config.queue.retry_min,
         retry_max: config.queue.retry_max,
         max_age: config.queue.max_age,
-        session_max_age: Duration::from_secs(600),
-        session_max_idle: Duration::from_secs(60),
-        refresh_before: config.oauth.refresh_before,
         notify: config.queue.notify.clone(),
         reporting_host: config.smtp.hostname.clone(),
         upstream_host: target.server_name.clone(),
@@ -215,11 +213,21 @@ pub fn start_delivery(
         rate = %settings.rate,
         "delivering to Exchange Online"
     );
+    let transport = SmtpTransport::new(
+        target,
+        SmtpSettings {
+            mailbox: settings.mailbox.clone(),
+            session_max_age: Duration::from_secs(600),
+            session_max_idle: Duration::from_secs(60),
+            refresh_before: config.oauth.refresh_before,
+        },
+        Arc::new(tokens.clone()),
+        metrics.clone(),
+    );
     let (handle, deliverer) = Deliverer::start(
         spool.clone(),
-        target,
         settings,
-        Arc::new(tokens.clone()),
+        Arc::new(transport),
         metrics.clone(),
         shutdown.clone(),
     );

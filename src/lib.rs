@@ -26,3 +26,4 @@ pub mod oauth;
 pub mod service;
 pub mod sim;
 pub mod spool;
+pub mod transport;

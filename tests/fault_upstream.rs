@@ -24,6 +24,7 @@ use smtp_oauth_relay::inbound::{InboundSettings, Server};
 use smtp_oauth_relay::oauth::TokenProvider;
 use smtp_oauth_relay::sim::{SimConfig, Simulator, SmtpFault, SmtpStage, TokenFault};
 use smtp_oauth_relay::spool::{EntryState, Spool};
+use smtp_oauth_relay::transport::smtp::{SmtpSettings, SmtpTransport};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -113,18 +114,25 @@ impl Harness {
             retry_min: self.config.queue.retry_min,
             retry_max: self.config.queue.retry_max,
             max_age: self.config.queue.max_age,
-            session_max_age: Duration::from_secs(600),
-            session_max_idle: Duration::from_millis(50),
-            refresh_before: self.config.oauth.refresh_before,
             notify: None,
             reporting_host: "relay.test".into(),
             upstream_host: "smtp.office365.com".into(),
         };
+        let transport = SmtpTransport::new(
+            target,
+            SmtpSettings {
+                mailbox: settings.mailbox.clone(),
+                session_max_age: Duration::from_secs(600),
+                session_max_idle: Duration::from_millis(50),
+                refresh_before: self.config.oauth.refresh_before,
+            },
+            Arc::new(tokens),
+            Default::default(),
+        );
         let (handle, deliverer) = Deliverer::start(
             self.spool.clone(),
-            target,
             settings,
-            Arc::new(tokens),
+            Arc::new(transport),
             Default::default(),
             stop.clone(),
         );

@@ -15,23 +15,22 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::classify::{HoldCause, Outcome, Stage, classify};
+use super::classify::{HoldCause, Outcome};
+use super::jitter;
 use super::pacer::{Attempt, Pacer, PacerSettings, Progress, Start, Transition};
 use super::sender::apply_sender_policy;
-use super::upstream::{SessionError, UpstreamSession, UpstreamTarget};
-use super::{TokenSource, jitter};
 use crate::config::{Rate, RewriteFrom};
 use crate::metrics::Metrics;
 use crate::spool::admin::{STATUS_FILE, WAKEUP_FILE};
 use crate::spool::{
-    BodyType, DeliveryState, EntryState, LoadedMessage, RecipientState, RecipientStatus, Spool,
-    SpoolError,
+    DeliveryState, EntryState, LoadedMessage, RecipientState, RecipientStatus, Spool, SpoolError,
 };
+use crate::transport::{Submission, Transport};
 
 /// Delivery policy, resolved from the configuration.
 #[derive(Debug, Clone)]
 pub struct DeliverySettings {
-    /// The XOAUTH2 `user=`: the mailbox the relay authenticates as.
+    /// The mailbox this deliverer sends as (for logs and status).
     pub mailbox: String,
     /// Envelope sender and the header From the mailbox may send as.
     pub from: String,
@@ -41,12 +40,6 @@ pub struct DeliverySettings {
     pub retry_min: Duration,
     pub retry_max: Duration,
     pub max_age: Duration,
-    /// Connections are not reused beyond this age (tokens are checked at AUTH only).
-    pub session_max_age: Duration,
-    /// Exchange closes idle connections; do not reuse one idle longer than this.
-    pub session_max_idle: Duration,
-    /// A 535 with a token this close to expiry forces one refresh and one retry.
-    pub refresh_before: Duration,
     /// `queue.notify`: who gets a delivery status report for a failed message.
     pub notify: Option<String>,
     /// Our name in reports (`smtp.hostname`) and the upstream's.
@@ -151,14 +144,11 @@ struct JobReport {
 
 struct Context {
     spool: Spool,
-    target: UpstreamTarget,
     settings: DeliverySettings,
-    tokens: Arc<dyn TokenSource>,
+    transport: Arc<dyn Transport>,
     metrics: Arc<Metrics>,
     /// For failure notices: they are spooled, then announced like any new message.
     events: mpsc::UnboundedSender<Event>,
-    /// Idle authenticated sessions, reused by the next job.
-    pool: Mutex<Vec<UpstreamSession>>,
     /// The status last written to `STATUS_FILE`: it is rewritten only when it changes.
     published: Mutex<String>,
 }
@@ -169,9 +159,8 @@ impl Deliverer {
     /// Starts the dispatcher. It runs until `shutdown`, then waits for jobs in flight.
     pub fn start(
         spool: Spool,
-        target: UpstreamTarget,
         settings: DeliverySettings,
-        tokens: Arc<dyn TokenSource>,
+        transport: Arc<dyn Transport>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> (DeliveryHandle, tokio::task::JoinHandle<()>) {
@@ -189,12 +178,10 @@ impl Deliverer {
         };
         let ctx = Arc::new(Context {
             spool,
-            target,
             settings,
-            tokens,
+            transport,
             metrics,
             events: tx.clone(),
-            pool: Mutex::new(Vec::new()),
             published: Mutex::new(String::new()),
         });
         let task = tokio::spawn(dispatch(ctx, tx, rx, status, shutdown));
@@ -348,14 +335,7 @@ async fn dispatch(
             Ok(None) | Err(_) => break,
         }
     }
-    let idle: Vec<UpstreamSession> = ctx
-        .pool
-        .lock()
-        .map(|mut p| p.drain(..).collect())
-        .unwrap_or_default();
-    for session in idle {
-        session.quit().await;
-    }
+    ctx.transport.close().await;
     tracing::info!("deliverer stopped");
 }
 
@@ -528,7 +508,8 @@ struct AttemptOutcome {
     reached: Progress,
 }
 
-/// Sends the message to its pending recipients, updating per-recipient status in `state`.
+/// Sends the message to its pending recipients through the transport, updating per-recipient
+/// status in `state`.
 async fn attempt(
     ctx: &Arc<Context>,
     message: &LoadedMessage,
@@ -548,169 +529,70 @@ async fn attempt(
             reached: Progress::Transaction,
         };
     }
-    let mut session = match session_for(ctx).await {
-        Ok(s) => s,
-        Err(failure) => {
-            tracing::warn!(id = %id, reply = %failure.reply, outcome = ?failure.pending_class, "delivery attempt failed before the transaction");
-            return failure;
-        }
-    };
     let body = apply_sender_policy(&message.body, &ctx.settings.from, ctx.settings.rewrite_from);
-    let mut params = String::new();
-    let env = &message.envelope;
-    if env.mail_params.body == BodyType::EightBitMime && session.caps.eight_bit {
-        params.push_str(" BODY=8BITMIME");
-    }
-    if env.mail_params.smtputf8 && session.caps.smtputf8 {
-        params.push_str(" SMTPUTF8");
-    }
     let started = std::time::Instant::now();
-    let result = session
-        .send(&ctx.settings.from, &params, &pending, &body)
+    let attempted = ctx
+        .transport
+        .send(Submission {
+            id,
+            envelope: &message.envelope,
+            mail_from: &ctx.settings.from,
+            recipients: &pending,
+            body: &body,
+        })
         .await;
-    ctx.metrics.transaction_seconds.observe(started.elapsed());
-    match result {
-        Err(e) => {
-            let outcome = AttemptOutcome {
-                pending_class: e.outcome(),
-                reply: e.to_string(),
-                reached: Progress::Transaction,
-            };
-            tracing::warn!(id = %id, reply = %outcome.reply, outcome = ?outcome.pending_class, "delivery attempt failed");
-            // A session that failed mid-transaction is not reused.
-            tokio::spawn(session.quit());
-            outcome
-        }
-        Ok(tx) => {
-            let data_class = tx.data_reply.as_ref().map(|r| classify(Stage::DataEnd, r));
-            let mut decisive: Option<(Outcome, String)> = None;
-            for (address, refusal) in pending.iter().zip(&tx.recipients) {
-                let Some(rcpt) = state.recipients.iter_mut().find(|r| &r.address == address) else {
-                    continue;
-                };
-                let (class, reply) = match refusal {
-                    Some(r) => (classify(Stage::RcptTo, r), r.to_string()),
-                    None => match (&data_class, &tx.data_reply) {
-                        (Some(class), Some(r)) => (*class, r.to_string()),
-                        _ => (
-                            Outcome::Retry { throttle: false },
-                            "no data reply".to_string(),
-                        ),
-                    },
-                };
-                rcpt.reply = Some(reply.clone());
-                match class {
-                    Outcome::Delivered => rcpt.status = RecipientStatus::Delivered,
-                    Outcome::Failed => rcpt.status = RecipientStatus::Failed,
-                    Outcome::Retry { .. } | Outcome::Hold(_) => {
-                        // Hold outranks Retry for the message as a whole.
-                        let stronger = matches!(
-                            (&decisive, class),
-                            (None, _) | (Some((Outcome::Retry { .. }, _)), Outcome::Hold(_))
-                        );
-                        if stronger {
-                            decisive = Some((class, reply));
-                        }
-                    }
-                }
-            }
-            tracing::info!(
-                id = %id,
-                reply = %tx.data_reply.as_ref().map(|r| r.to_string()).unwrap_or_else(|| "no recipient accepted".into()),
-                outcome = ?data_class.unwrap_or(Outcome::Failed),
-                recipients = pending.len(),
-                millis = started.elapsed().as_millis() as u64,
-                "delivery attempt"
-            );
-            if let Ok(mut pool) = ctx.pool.lock() {
-                pool.push(session);
-            }
-            match decisive {
-                Some((pending_class, reply)) => AttemptOutcome {
-                    pending_class,
-                    reply,
-                    reached: Progress::Transaction,
-                },
-                None => AttemptOutcome {
-                    reached: Progress::Transaction,
-                    pending_class: Outcome::Delivered,
-                    reply: tx
-                        .data_reply
-                        .map(|r| r.to_string())
-                        .unwrap_or_else(|| "every recipient refused".into()),
-                },
-            }
-        }
-    }
-}
-
-/// An authenticated session: an idle one from the pool, else a new one. A 535 with a token
-/// close to expiry forces one refresh and one more try.
-async fn session_for(ctx: &Arc<Context>) -> Result<UpstreamSession, AttemptOutcome> {
-    let reusable = {
-        let mut pool = ctx.pool.lock().map_err(|_| AttemptOutcome {
-            pending_class: Outcome::Retry { throttle: false },
-            reply: "session pool unavailable".into(),
-            reached: Progress::Token,
-        })?;
-        let mut found = None;
-        while let Some(s) = pool.pop() {
-            if s.reusable(ctx.settings.session_max_age, ctx.settings.session_max_idle) {
-                found = Some(s);
-                break;
-            }
-            tokio::spawn(s.quit());
-        }
-        found
-    };
-    if let Some(session) = reusable {
-        return Ok(session);
-    }
-    let mut refreshed = false;
-    loop {
-        let token = match ctx.tokens.token().await {
-            Ok(t) => t,
-            Err(f) => {
-                return Err(AttemptOutcome {
-                    pending_class: if f.permanent {
-                        Outcome::Hold(HoldCause::TokenRefused)
-                    } else {
-                        Outcome::Retry { throttle: false }
-                    },
-                    reply: format!("token: {}", f.message),
-                    reached: Progress::Token,
-                });
-            }
+    let mut decisive: Option<(Outcome, String)> = None;
+    for (address, result) in pending.iter().zip(&attempted.recipients) {
+        let Some(rcpt) = state.recipients.iter_mut().find(|r| &r.address == address) else {
+            continue;
         };
-        let opening = std::time::Instant::now();
-        match UpstreamSession::open(&ctx.target, &ctx.settings.mailbox, &token.value).await {
-            Ok(session) => {
-                ctx.metrics.session_seconds.observe(opening.elapsed());
-                return Ok(session);
-            }
-            Err(e) => {
-                let near_expiry = token
-                    .expires_at
-                    .duration_since(SystemTime::now())
-                    .map_or(true, |left| left < ctx.settings.refresh_before);
-                let auth_refused = matches!(&e, SessionError::Reply { stage: Stage::Auth, reply } if reply.code == 535);
-                if auth_refused && near_expiry && !refreshed {
-                    tracing::info!(
-                        "535 with a token close to expiry: refreshing it and trying once more"
-                    );
-                    refreshed = true;
-                    if let Err(f) = ctx.tokens.refresh().await {
-                        tracing::warn!(error = %f.message, "token refresh after 535 failed");
-                    }
-                    continue;
+        let reply = result.reply.to_string();
+        rcpt.reply = Some(reply.clone());
+        match result.class {
+            Outcome::Delivered => rcpt.status = RecipientStatus::Delivered,
+            Outcome::Failed => rcpt.status = RecipientStatus::Failed,
+            class @ (Outcome::Retry { .. } | Outcome::Hold(_)) => {
+                // Hold outranks Retry for the message as a whole.
+                let stronger = matches!(
+                    (&decisive, class),
+                    (None, _) | (Some((Outcome::Retry { .. }, _)), Outcome::Hold(_))
+                );
+                if stronger {
+                    decisive = Some((class, reply));
                 }
-                return Err(AttemptOutcome {
-                    pending_class: e.outcome(),
-                    reply: e.to_string(),
-                    reached: Progress::Session,
-                });
             }
         }
+    }
+    let summary = attempted.summary.to_string();
+    let millis = started.elapsed().as_millis() as u64;
+    match &decisive {
+        Some((class, _)) => tracing::warn!(
+            id = %id,
+            reply = %summary,
+            outcome = ?class,
+            reached = ?attempted.reached,
+            millis,
+            "delivery attempt failed"
+        ),
+        None => tracing::info!(
+            id = %id,
+            reply = %summary,
+            recipients = pending.len(),
+            millis,
+            "delivery attempt"
+        ),
+    }
+    match decisive {
+        Some((pending_class, reply)) => AttemptOutcome {
+            pending_class,
+            reply,
+            reached: attempted.reached,
+        },
+        None => AttemptOutcome {
+            pending_class: Outcome::Delivered,
+            reply: summary,
+            reached: attempted.reached,
+        },
     }
 }
 

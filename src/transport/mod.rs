@@ -1,0 +1,108 @@
+//! The Transport seam: how one attempt hands a message to Microsoft 365.
+//!
+//! The scheduler decides *when* (with the pacer) and records *what happened* (in the store); a
+//! transport only sends: `send(submission) -> one outcome per recipient`. Everything specific
+//! to the protocol lives behind it: for SMTP the session pool, STARTTLS, `AUTH XOAUTH2`, the
+//! MAIL parameters and the "535 with a token near expiry: refresh once" rule ([`smtp`]).
+//! Outcome classes ([`Outcome`]) are shared by every transport.
+
+pub mod smtp;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::deliver::classify::{Outcome, Stage};
+use crate::deliver::pacer::Progress;
+use crate::deliver::reply::UpstreamReply;
+use crate::spool::Envelope;
+
+/// One message for one attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct Submission<'a> {
+    /// The spool id (for logs).
+    pub id: &'a str,
+    /// The envelope as received (its MAIL parameters: 8BITMIME, SMTPUTF8).
+    pub envelope: &'a Envelope,
+    /// The envelope sender for this attempt (`upstream.from`).
+    pub mail_from: &'a str,
+    /// The recipients still pending, in order.
+    pub recipients: &'a [String],
+    /// The message bytes as they are to be sent (sender policy applied, not dot-stuffed).
+    pub body: &'a [u8],
+}
+
+/// What the transport learnt about one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecipientResult {
+    pub class: Outcome,
+    /// The reply that decided it: the server's, typed, when there was one.
+    pub reply: Reply,
+}
+
+/// A reply as data: the upstream's own (code, enhanced code, text), or what happened locally
+/// when the upstream never answered (connection dropped, token endpoint down, ...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// The upstream's reply at `stage`.
+    Upstream {
+        stage: Stage,
+        reply: UpstreamReply,
+    },
+    Local(String),
+}
+
+impl std::fmt::Display for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // A recipient's own answer (RCPT, or the final dot) is shown as it came.
+            Reply::Upstream {
+                stage: Stage::RcptTo | Stage::DataEnd,
+                reply,
+            } => write!(f, "{reply}"),
+            Reply::Upstream { stage, reply } => write!(f, "{stage:?}: upstream replied {reply}"),
+            Reply::Local(text) => f.write_str(text),
+        }
+    }
+}
+
+/// The result of one attempt.
+#[derive(Debug, Clone)]
+pub struct Attempted {
+    /// One result per recipient of the submission, in the same order.
+    pub recipients: Vec<RecipientResult>,
+    /// How far the attempt got (the pacer ends a hold only on proof that its cause is gone).
+    pub reached: Progress,
+    /// The reply that sums the attempt up for the log: the final dot's, or the failure's.
+    pub summary: Reply,
+}
+
+impl Attempted {
+    /// Every recipient ends the same way (the attempt failed before the transaction, or the
+    /// whole transaction did).
+    pub fn all(recipients: usize, class: Outcome, reply: Reply, reached: Progress) -> Attempted {
+        Attempted {
+            recipients: vec![
+                RecipientResult {
+                    class,
+                    reply: reply.clone(),
+                };
+                recipients
+            ],
+            reached,
+            summary: reply,
+        }
+    }
+}
+
+pub type TransportFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A way to hand messages to Microsoft 365. Implementations keep their own connections and
+/// limits of the protocol; the mailbox's pace is the caller's (the pacer).
+pub trait Transport: Send + Sync + 'static {
+    /// One attempt for `submission`. Never panics on what the upstream sends; every failure is
+    /// an outcome.
+    fn send<'a>(&'a self, submission: Submission<'a>) -> TransportFuture<'a, Attempted>;
+
+    /// Closes idle connections politely (QUIT); called once when the deliverer stops.
+    fn close(&self) -> TransportFuture<'_, ()>;
+}

@@ -1,0 +1,240 @@
+//! SMTP with `AUTH XOAUTH2` to Exchange Online: the first [`Transport`].
+//!
+//! Owns what only SMTP has: a pool of authenticated sessions (reused while young and recently
+//! used), the MAIL FROM parameters (`BODY=8BITMIME`, `SMTPUTF8` when the server offers them),
+//! and the rule that a `535` with a token close to expiry forces one refresh and one more try
+//! (some Microsoft endpoints reject tokens in their last minutes). The session itself is
+//! [`crate::deliver::upstream`].
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use super::{Attempted, RecipientResult, Reply, Submission, Transport, TransportFuture};
+use crate::deliver::TokenSource;
+use crate::deliver::classify::{HoldCause, Outcome, Stage, classify};
+use crate::deliver::pacer::Progress;
+use crate::deliver::upstream::{SessionError, UpstreamSession, UpstreamTarget};
+use crate::metrics::Metrics;
+use crate::spool::BodyType;
+
+/// What the SMTP transport needs beyond the target.
+#[derive(Debug, Clone)]
+pub struct SmtpSettings {
+    /// The XOAUTH2 `user=`: the mailbox the relay authenticates as.
+    pub mailbox: String,
+    /// Connections are not reused beyond this age (tokens are checked at AUTH only).
+    pub session_max_age: Duration,
+    /// Exchange closes idle connections; do not reuse one idle longer than this.
+    pub session_max_idle: Duration,
+    /// A 535 with a token this close to expiry forces one refresh and one retry.
+    pub refresh_before: Duration,
+}
+
+pub struct SmtpTransport {
+    target: UpstreamTarget,
+    settings: SmtpSettings,
+    tokens: Arc<dyn TokenSource>,
+    metrics: Arc<Metrics>,
+    /// Idle authenticated sessions, reused by the next attempt.
+    pool: Mutex<Vec<UpstreamSession>>,
+}
+
+impl SmtpTransport {
+    pub fn new(
+        target: UpstreamTarget,
+        settings: SmtpSettings,
+        tokens: Arc<dyn TokenSource>,
+        metrics: Arc<Metrics>,
+    ) -> SmtpTransport {
+        SmtpTransport {
+            target,
+            settings,
+            tokens,
+            metrics,
+            pool: Mutex::new(Vec::new()),
+        }
+    }
+
+    async fn attempt(&self, submission: Submission<'_>) -> Attempted {
+        let count = submission.recipients.len();
+        let mut session = match self.session().await {
+            Ok(s) => s,
+            Err(failure) => return failure.for_all(count),
+        };
+        let env = submission.envelope;
+        let mut params = String::new();
+        if env.mail_params.body == BodyType::EightBitMime && session.caps.eight_bit {
+            params.push_str(" BODY=8BITMIME");
+        }
+        if env.mail_params.smtputf8 && session.caps.smtputf8 {
+            params.push_str(" SMTPUTF8");
+        }
+        let started = std::time::Instant::now();
+        let result = session
+            .send(
+                submission.mail_from,
+                &params,
+                submission.recipients,
+                submission.body,
+            )
+            .await;
+        self.metrics.transaction_seconds.observe(started.elapsed());
+        match result {
+            Err(e) => {
+                // A session that failed mid-transaction is not reused.
+                tokio::spawn(session.quit());
+                Failure::from_session(&e, Progress::Transaction).for_all(count)
+            }
+            Ok(tx) => {
+                let data = tx.data_reply.as_ref().map(|r| {
+                    let reply = Reply::Upstream {
+                        stage: Stage::DataEnd,
+                        reply: r.clone(),
+                    };
+                    (classify(Stage::DataEnd, r), reply)
+                });
+                let recipients = tx
+                    .recipients
+                    .iter()
+                    .map(|refusal| match (refusal, &data) {
+                        (Some(r), _) => RecipientResult {
+                            class: classify(Stage::RcptTo, r),
+                            reply: Reply::Upstream {
+                                stage: Stage::RcptTo,
+                                reply: r.clone(),
+                            },
+                        },
+                        (None, Some((class, reply))) => RecipientResult {
+                            class: *class,
+                            reply: reply.clone(),
+                        },
+                        (None, None) => RecipientResult {
+                            class: Outcome::Retry { throttle: false },
+                            reply: Reply::Local("no data reply".into()),
+                        },
+                    })
+                    .collect();
+                if let Ok(mut pool) = self.pool.lock() {
+                    pool.push(session);
+                }
+                Attempted {
+                    recipients,
+                    reached: Progress::Transaction,
+                    summary: data.map(|(_, reply)| reply).unwrap_or_else(|| {
+                        Reply::Local("every recipient refused: nothing was sent".into())
+                    }),
+                }
+            }
+        }
+    }
+
+    /// An authenticated session: an idle one from the pool, else a new one. A 535 with a
+    /// token close to expiry forces one refresh and one more try.
+    async fn session(&self) -> Result<UpstreamSession, Failure> {
+        if let Some(session) = self.idle_session() {
+            return Ok(session);
+        }
+        let mut refreshed = false;
+        loop {
+            let token = match self.tokens.token().await {
+                Ok(t) => t,
+                Err(f) => {
+                    return Err(Failure {
+                        class: if f.permanent {
+                            Outcome::Hold(HoldCause::TokenRefused)
+                        } else {
+                            Outcome::Retry { throttle: false }
+                        },
+                        reply: Reply::Local(format!("token: {}", f.message)),
+                        reached: Progress::Token,
+                    });
+                }
+            };
+            let opening = std::time::Instant::now();
+            match UpstreamSession::open(&self.target, &self.settings.mailbox, &token.value).await {
+                Ok(session) => {
+                    self.metrics.session_seconds.observe(opening.elapsed());
+                    return Ok(session);
+                }
+                Err(e) => {
+                    let near_expiry = token
+                        .expires_at
+                        .duration_since(SystemTime::now())
+                        .map_or(true, |left| left < self.settings.refresh_before);
+                    let auth_refused = matches!(&e, SessionError::Reply { stage: Stage::Auth, reply } if reply.code == 535);
+                    if auth_refused && near_expiry && !refreshed {
+                        tracing::info!(
+                            "535 with a token close to expiry: refreshing it and trying once more"
+                        );
+                        refreshed = true;
+                        if let Err(f) = self.tokens.refresh().await {
+                            tracing::warn!(error = %f.message, "token refresh after 535 failed");
+                        }
+                        continue;
+                    }
+                    return Err(Failure::from_session(&e, Progress::Session));
+                }
+            }
+        }
+    }
+
+    fn idle_session(&self) -> Option<UpstreamSession> {
+        let mut pool = self.pool.lock().ok()?;
+        while let Some(s) = pool.pop() {
+            if s.reusable(
+                self.settings.session_max_age,
+                self.settings.session_max_idle,
+            ) {
+                return Some(s);
+            }
+            tokio::spawn(s.quit());
+        }
+        None
+    }
+}
+
+/// An attempt that ended before any recipient had its own answer.
+struct Failure {
+    class: Outcome,
+    reply: Reply,
+    reached: Progress,
+}
+
+impl Failure {
+    fn from_session(e: &SessionError, reached: Progress) -> Failure {
+        Failure {
+            class: e.outcome(),
+            reply: match e {
+                SessionError::Reply { stage, reply } => Reply::Upstream {
+                    stage: *stage,
+                    reply: reply.clone(),
+                },
+                other => Reply::Local(other.to_string()),
+            },
+            reached,
+        }
+    }
+
+    fn for_all(self, recipients: usize) -> Attempted {
+        Attempted::all(recipients, self.class, self.reply, self.reached)
+    }
+}
+
+impl Transport for SmtpTransport {
+    fn send<'a>(&'a self, submission: Submission<'a>) -> TransportFuture<'a, Attempted> {
+        Box::pin(self.attempt(submission))
+    }
+
+    fn close(&self) -> TransportFuture<'_, ()> {
+        Box::pin(async move {
+            let idle: Vec<UpstreamSession> = self
+                .pool
+                .lock()
+                .map(|mut p| p.drain(..).collect())
+                .unwrap_or_default();
+            for session in idle {
+                session.quit().await;
+            }
+        })
+    }
+}
