@@ -18,6 +18,8 @@
 mod auth;
 mod commands;
 mod data;
+// Public for fuzz/ (which compiles the file on its own) and the tests.
+pub mod framing;
 pub mod message;
 pub mod reply;
 mod session;

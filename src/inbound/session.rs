@@ -8,20 +8,19 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use smtp_proto::request::receiver::{
-    BdatReceiver, DataReceiver, DummyDataReceiver, DummyLineReceiver, LineReceiver, RequestReceiver,
-};
+use smtp_proto::Request;
+use smtp_proto::request::receiver::{BdatReceiver, DummyLineReceiver, LineReceiver};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::auth::SaslStep;
+use super::framing::{DataDecoder, LineEnds};
 use super::message::MessageWriter;
 use super::reply::{self, Reply};
 
 /// Longest command line accepted, CRLF included. RFC 5321 §4.5.3.1.4 sets 512 octets as the
 /// minimum and lets extensions raise it; AUTH initial responses (RFC 4954 §4) need more.
-/// This is also smtp-proto's buffer size.
 pub const MAX_COMMAND_LINE: usize = smtp_proto::request::receiver::MAX_LINE_LENGTH;
 
 /// What the connection loop does after a call to [`Session::drive`].
@@ -48,6 +47,8 @@ pub struct BdatTransfer {
     /// `None` once the transfer failed; the reply to give at `LAST`.
     pub writer: Option<MessageWriter>,
     pub failure: Option<Reply>,
+    /// Bare CR/LF normalisation across chunks (a CR ending one chunk waits for the next).
+    pub line_ends: LineEnds,
 }
 
 impl std::fmt::Debug for BdatTransfer {
@@ -59,22 +60,37 @@ impl std::fmt::Debug for BdatTransfer {
 }
 
 pub enum State {
-    Command(RequestReceiver),
-    /// Skipping the rest of a command line longer than smtp-proto's 4096-byte buffer.
+    /// Collecting a command line: the bytes of it received so far.
+    Command(Vec<u8>),
+    /// Skipping the rest of a command line longer than [`MAX_COMMAND_LINE`].
     LineTooLong(DummyLineReceiver),
     Data {
-        receiver: DataReceiver,
+        decoder: DataDecoder,
         writer: Box<MessageWriter>,
     },
-    /// Reading to the end of DATA whose content will be refused with `reply`.
+    /// Reading to the end of DATA (or of a BDAT chunk) whose content is refused with `reply`.
     SkipData {
-        receiver: DummyDataReceiver,
+        skip: Skip,
         reply: Reply,
     },
     Bdat {
         receiver: BdatReceiver,
     },
     Sasl(LineReceiver<SaslStep>),
+}
+
+/// What a refused transfer still has to read to stay in step with the client.
+pub enum Skip {
+    /// DATA: up to the end marker, found by the same decoder as accepted data.
+    Data(DataDecoder),
+    /// BDAT: the rest of the announced chunk.
+    Bdat(usize),
+}
+
+impl State {
+    pub fn command() -> State {
+        State::Command(Vec::new())
+    }
 }
 
 pub struct Session {
@@ -87,8 +103,6 @@ pub struct Session {
     pub(super) tx: Option<Transaction>,
     pub(super) state: State,
     errors: u32,
-    /// Bytes of the command line being received (for [`MAX_COMMAND_LINE`]).
-    line_len: usize,
     out: Vec<u8>,
     next: Option<Next>,
     /// A `250 queued as` is in `out` (for the `after-250` failpoint).
@@ -105,9 +119,8 @@ impl Session {
             tls: false,
             auth_user: None,
             tx: None,
-            state: State::Command(RequestReceiver::default()),
+            state: State::command(),
             errors: 0,
-            line_len: 0,
             out: Vec::with_capacity(1024),
             next: None,
             acked: false,
@@ -130,7 +143,7 @@ impl Session {
         self.esmtp = false;
         self.auth_user = None;
         self.tx = None;
-        self.state = State::Command(RequestReceiver::default());
+        self.state = State::command();
         self.next = None;
     }
 
@@ -237,7 +250,7 @@ impl Session {
 
     /// Drops a partly received message: its temporary file goes, nothing reaches the queue.
     async fn abort_transfer(&mut self) {
-        let state = std::mem::replace(&mut self.state, State::Command(RequestReceiver::default()));
+        let state = std::mem::replace(&mut self.state, State::command());
         if let State::Data { writer, .. } = state {
             writer.abort().await;
         }
@@ -249,44 +262,41 @@ impl Session {
         let mut it = bytes.iter();
         while self.next.is_none() {
             match &mut self.state {
-                State::Command(receiver) => {
-                    if it.len() == 0 {
+                State::Command(line) => {
+                    let rest = it.as_slice();
+                    if rest.is_empty() {
                         break;
                     }
-                    if receiver.buf().is_empty() && looks_like_http(it.as_slice()) {
+                    if line.is_empty() && looks_like_http(rest) {
                         self.reply(reply::NOT_HTTP);
                         self.close_after_reply();
                         break;
                     }
-                    let before = it.len();
-                    let result = receiver.ingest(&mut it);
-                    self.line_len += before - it.len();
-                    if !matches!(
-                        result,
-                        Err(smtp_proto::Error::NeedsMoreData { .. }
-                            | smtp_proto::Error::ResponseTooLong)
-                    ) {
-                        let line_len = std::mem::take(&mut self.line_len);
-                        // A complete line in one read never hits smtp-proto's buffer limit.
-                        if line_len > MAX_COMMAND_LINE {
+                    let Some(lf) = rest.iter().position(|&b| b == b'\n') else {
+                        if line.len() + rest.len() > MAX_COMMAND_LINE {
+                            line.clear();
                             self.reply(reply::LINE_TOO_LONG);
-                            continue;
+                            self.state = State::LineTooLong(DummyLineReceiver::default());
+                        } else {
+                            line.extend_from_slice(rest);
                         }
+                        break;
+                    };
+                    it = rest[lf + 1..].iter();
+                    if line.len() + lf + 1 > MAX_COMMAND_LINE {
+                        line.clear();
+                        self.reply(reply::LINE_TOO_LONG);
+                        continue;
                     }
-                    match result {
+                    line.extend_from_slice(&rest[..=lf]);
+                    let line = std::mem::take(line);
+                    match Request::parse(&mut line.iter()).map(Request::into_owned) {
                         Ok(request) => {
-                            let request = request.into_owned();
                             self.handle_command(request).await;
                             if self.next == Some(Next::StartTls) {
                                 // RFC 3207 §5: nothing pipelined after STARTTLS may be acted on.
                                 return;
                             }
-                        }
-                        Err(smtp_proto::Error::NeedsMoreData { .. }) => break,
-                        Err(smtp_proto::Error::ResponseTooLong) => {
-                            self.reply(reply::LINE_TOO_LONG);
-                            self.line_len = 0;
-                            self.state = State::LineTooLong(DummyLineReceiver::default());
                         }
                         Err(e) => {
                             let reply = command_error_reply(&e);
@@ -296,7 +306,7 @@ impl Session {
                 }
                 State::LineTooLong(receiver) => {
                     if receiver.ingest(&mut it) {
-                        self.state = State::Command(RequestReceiver::default());
+                        self.state = State::command();
                     } else {
                         break;
                     }
@@ -315,7 +325,7 @@ impl Session {
                     if receiver.ingest(&mut it) {
                         let line = std::mem::take(&mut receiver.buf);
                         let step = std::mem::replace(&mut receiver.state, SaslStep::Done);
-                        self.state = State::Command(RequestReceiver::default());
+                        self.state = State::command();
                         self.handle_sasl_line(step, line).await;
                     } else {
                         break;
