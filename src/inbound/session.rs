@@ -7,10 +7,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use smtp_proto::Request;
 use smtp_proto::request::receiver::{BdatReceiver, DummyLineReceiver, LineReceiver};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
@@ -107,6 +109,8 @@ pub struct Session {
     next: Option<Next>,
     /// A `250 queued as` is in `out` (for the `after-250` failpoint).
     pub(super) acked: bool,
+    /// While a message transfer is read: when it is cut off (see [`Session::drive`]).
+    transfer_deadline: Option<Instant>,
 }
 
 impl Session {
@@ -124,6 +128,7 @@ impl Session {
             out: Vec::with_capacity(1024),
             next: None,
             acked: false,
+            transfer_deadline: None,
         }
     }
 
@@ -199,11 +204,32 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        let write_timeout = self.shared.settings.write_timeout;
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             if !self.out.is_empty() {
-                stream.write_all(&self.out).await?;
-                stream.flush().await?;
+                // Every write is bounded: a client that pipelines and never reads its replies
+                // would otherwise hold its connection slot for as long as it likes.
+                let out = &self.out;
+                let written = tokio::time::timeout(write_timeout, async {
+                    stream.write_all(out).await?;
+                    stream.flush().await
+                })
+                .await;
+                let result = written.unwrap_or_else(|_| {
+                    tracing::info!(
+                        client = %self.peer,
+                        "dropping a client that does not read its replies (smtp.write_timeout)"
+                    );
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "client does not read its replies",
+                    ))
+                });
+                if let Err(e) = result {
+                    self.abort_transfer().await;
+                    return Err(e);
+                }
                 self.out.clear();
                 if std::mem::take(&mut self.acked) {
                     crate::failpoint::hit("after-250");
@@ -212,18 +238,23 @@ impl Session {
             if let Some(next) = self.next.take() {
                 return Ok(next);
             }
-            let limit = if self.in_message_transfer() {
-                self.shared.settings.data_timeout
-            } else {
-                self.shared.settings.command_timeout
-            };
+            let (limit, rate_bound) = self.read_limit();
+            let in_transfer = self.transfer_deadline.is_some();
             let idle = self.at_command_boundary();
             let n = tokio::select! {
                 read = tokio::time::timeout(limit, stream.read(&mut buf)) => match read {
                     Err(_) => {
-                        tracing::info!(client = %self.peer, "closing idle connection: timeout");
                         self.abort_transfer().await;
-                        self.reply(reply::TIMEOUT);
+                        if rate_bound {
+                            tracing::info!(
+                                client = %self.peer,
+                                "closing connection: message data below smtp.min_data_rate"
+                            );
+                            self.reply(reply::TOO_SLOW);
+                        } else {
+                            tracing::info!(client = %self.peer, "closing idle connection: timeout");
+                            self.reply(reply::TIMEOUT);
+                        }
                         self.next = Some(Next::Close);
                         continue;
                     }
@@ -231,7 +262,12 @@ impl Session {
                         self.abort_transfer().await;
                         return Ok(Next::Close);
                     }
-                    Ok(Ok(n)) => n,
+                    Ok(Ok(n)) => {
+                        if in_transfer {
+                            self.credit(n);
+                        }
+                        n
+                    }
                     Ok(Err(e)) => {
                         self.abort_transfer().await;
                         return Err(e);
@@ -245,6 +281,39 @@ impl Session {
                 }
             };
             self.ingest(&buf[..n]).await;
+        }
+    }
+
+    /// How long the next read may wait, and whether the DATA rate (rather than a timeout)
+    /// sets that limit. During a message transfer (DATA, or one BDAT chunk) the client starts
+    /// with `data_timeout`; waiting spends it and every byte received adds
+    /// 1/`min_data_rate` seconds, never more than `data_timeout` ahead (Postfix
+    /// `smtpd_min_data_rate` with `smtpd_per_request_deadline`): a trickle is cut off after
+    /// about `data_timeout`, however steadily it drips.
+    fn read_limit(&mut self) -> (Duration, bool) {
+        let settings = &self.shared.settings;
+        if !self.in_message_transfer() {
+            self.transfer_deadline = None;
+            return (settings.command_timeout, false);
+        }
+        let now = Instant::now();
+        let deadline = *self
+            .transfer_deadline
+            .get_or_insert_with(|| later(now, settings.data_timeout));
+        let left = deadline.saturating_duration_since(now);
+        (
+            left.min(settings.data_timeout),
+            left < settings.data_timeout,
+        )
+    }
+
+    /// `n` bytes of message data arrived: move the transfer deadline (see [`Self::read_limit`]).
+    fn credit(&mut self, n: usize) {
+        let settings = &self.shared.settings;
+        if let Some(deadline) = self.transfer_deadline.as_mut() {
+            let earned = Duration::from_secs_f64(n as f64 / settings.min_data_rate.max(1) as f64);
+            let cap = later(Instant::now(), settings.data_timeout);
+            *deadline = later(*deadline, earned).min(cap);
         }
     }
 
@@ -334,6 +403,12 @@ impl Session {
             }
         }
     }
+}
+
+/// `now + d`, for any configured `d` (a far-future deadline instead of an overflow).
+fn later(now: Instant, d: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(10 * 365 * 86_400);
+    now.checked_add(d.min(FAR)).unwrap_or(now)
 }
 
 /// Browsers and HTTP clients pointed at the SMTP port get one reply and a closed connection,
