@@ -12,6 +12,36 @@ use super::reply::{self, Reply};
 use super::session::{Session, Transaction};
 
 impl Session {
+    /// Parses one command line (CRLF included) with smtp-proto, accepting two forms it refuses:
+    /// - `MAIL FROM:addr` / `RCPT TO:addr` without angle brackets, as Postfix does by default
+    ///   (`strict_rfc821_envelopes = no`) for old devices;
+    /// - `RCPT TO:<Postmaster>` without a domain (RFC 5321 §4.5.1: must be accepted,
+    ///   case-insensitive), delivered to `postmaster@` the domain of `upstream.from`
+    ///   (see [`super::InboundSettings::postmaster`]).
+    pub(super) fn parse_command(&self, line: &[u8]) -> Result<Request<String>, smtp_proto::Error> {
+        let bracketed;
+        let mut line = line;
+        let mut parsed = Request::parse(&mut line.iter()).map(Request::into_owned);
+        if matches!(parsed, Err(smtp_proto::Error::SyntaxError { .. }))
+            && let Some(fixed) = bracket_bare_path(line)
+        {
+            bracketed = fixed;
+            line = &bracketed;
+            parsed = Request::parse(&mut line.iter()).map(Request::into_owned);
+        }
+        match parsed {
+            // smtp-proto reads `<Postmaster>` as the empty path, which `<>` also gives.
+            Ok(Request::Rcpt { mut to })
+                if to.address.is_empty()
+                    && path_of(line).is_some_and(|p| p.eq_ignore_ascii_case(b"postmaster")) =>
+            {
+                to.address = self.shared.settings.postmaster.clone();
+                Ok(Request::Rcpt { to })
+            }
+            other => other,
+        }
+    }
+
     pub(super) async fn handle_command(&mut self, request: Request<String>) {
         match request {
             Request::Ehlo { host } => self.handle_ehlo(host),
@@ -167,6 +197,41 @@ impl Session {
         self.reply(reply::START_TLS);
         self.start_tls_after_reply();
     }
+}
+
+/// `MAIL FROM:a@b.c SIZE=1` → `MAIL FROM:<a@b.c> SIZE=1` (likewise `RCPT TO:`); `None` for
+/// any other line, or one whose path is already bracketed or empty.
+fn bracket_bare_path(line: &[u8]) -> Option<Vec<u8>> {
+    let prefix_len = [&b"MAIL FROM:"[..], b"RCPT TO:"]
+        .iter()
+        .find(|p| line.len() >= p.len() && line[..p.len()].eq_ignore_ascii_case(p))?
+        .len();
+    let rest = &line[prefix_len..];
+    let start = prefix_len + rest.iter().position(|&b| b != b' ')?;
+    let len = line[start..]
+        .iter()
+        .position(|&b| matches!(b, b' ' | b'\r' | b'\n'))
+        .unwrap_or(line.len() - start);
+    if len == 0 || line[start] == b'<' {
+        return None;
+    }
+    let mut fixed = Vec::with_capacity(line.len() + 2);
+    fixed.extend_from_slice(&line[..start]);
+    fixed.push(b'<');
+    fixed.extend_from_slice(&line[start..start + len]);
+    fixed.push(b'>');
+    fixed.extend_from_slice(&line[start + len..]);
+    Some(fixed)
+}
+
+/// The text between `<` and `>` after the command's colon.
+fn path_of(line: &[u8]) -> Option<&[u8]> {
+    let colon = line.iter().position(|&b| b == b':')?;
+    let rest = &line[colon + 1..];
+    let open = rest.iter().position(|&b| b != b' ')?;
+    let rest = rest[open..].strip_prefix(b"<")?;
+    let close = rest.iter().position(|&b| b == b'>')?;
+    Some(&rest[..close])
 }
 
 /// RFC 3461 NOTIFY as stored in the spool (`SUCCESS,FAILURE`), `None` when not given.

@@ -77,6 +77,8 @@ pub struct InboundSettings {
     pub write_timeout: Duration,
     /// Bytes per second a message transfer must keep up (see `Session::read_limit`).
     pub min_data_rate: u64,
+    /// What `RCPT TO:<Postmaster>` (no domain, RFC 5321 §4.5.1) is delivered to.
+    pub postmaster: String,
     pub max_errors: u32,
     pub min_free_space: u64,
     pub tls: Option<TlsAcceptor>,
@@ -100,12 +102,29 @@ impl InboundSettings {
             data_timeout: smtp.data_timeout,
             write_timeout: smtp.write_timeout,
             min_data_rate: smtp.min_data_rate,
+            postmaster: postmaster_address(config),
             max_errors: smtp.max_errors,
             min_free_space: config.min_free_space(),
             tls,
             auth: AuthPolicy::from_setting(&smtp.auth).map_err(InboundError::Auth)?,
         })
     }
+}
+
+/// `postmaster@` the domain the relay sends as (`upstream.from`, which defaults to
+/// `upstream.mail_account`): the mailbox Exchange will accept mail for. Without either (spool
+/// only), `postmaster@smtp.hostname`.
+fn postmaster_address(config: &Config) -> String {
+    let up = &config.upstream;
+    let domain = up
+        .from
+        .as_deref()
+        .or(up.mail_account.as_deref())
+        .and_then(|a| a.rsplit_once('@'))
+        .map(|(_, d)| d)
+        .filter(|d| !d.is_empty())
+        .unwrap_or(config.smtp.hostname.as_str());
+    format!("postmaster@{domain}")
 }
 
 fn load_tls(cert: &Path, key: &Path) -> Result<TlsAcceptor, InboundError> {

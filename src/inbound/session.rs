@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use smtp_proto::Request;
 use smtp_proto::request::receiver::{BdatReceiver, DummyLineReceiver, LineReceiver};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
@@ -359,7 +358,7 @@ impl Session {
                     }
                     line.extend_from_slice(&rest[..=lf]);
                     let line = std::mem::take(line);
-                    match Request::parse(&mut line.iter()).map(Request::into_owned) {
+                    match self.parse_command(&line) {
                         Ok(request) => {
                             self.handle_command(request).await;
                             if self.next == Some(Next::StartTls) {
