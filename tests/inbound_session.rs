@@ -41,7 +41,7 @@ async fn every_other_verb_has_its_reply() {
     let relay = start_relay("").await;
     let mut c = relay.connect().await;
     c.expect("220").await;
-    c.cmd_expect("HELO old.client", "250 2.0.0").await;
+    c.cmd_expect("HELO old.client", "250 ").await;
     c.cmd_expect("NOOP", "250 2.0.0").await;
     c.cmd_expect("VRFY someone", "252 2.5.0").await;
     c.cmd_expect("HELP", "214 2.0.0").await;

@@ -51,6 +51,11 @@ pub struct SmtpConfig {
     pub command_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub data_timeout: Duration,
+    /// How long one batch of replies may take to reach a client that does not read.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Bytes per second a DATA/BDAT transfer must keep up, beyond `data_timeout` of slack.
+    pub min_data_rate: u64,
     /// Replies of class 4xx/5xx a client may provoke before it is disconnected with 421.
     pub max_errors: u32,
     pub tls_cert_file: Option<PathBuf>,
@@ -73,6 +78,11 @@ impl Default for SmtpConfig {
             command_timeout: Duration::from_secs(300),
             // RFC 5321 §4.5.3.2.5: 3 minutes per data block.
             data_timeout: Duration::from_secs(180),
+            // Postfix bounds each write with smtpd_timeout (300s); a client whose buffers are
+            // full and that has read nothing for a minute is not coming back.
+            write_timeout: Duration::from_secs(60),
+            // Postfix smtpd_min_data_rate: 500 bytes/s.
+            min_data_rate: 500,
             max_errors: 10,
             tls_cert_file: None,
             tls_key_file: None,
@@ -787,6 +797,15 @@ impl Config {
         }
         if smtp.data_timeout < Duration::from_secs(1) {
             issues.push(issue("smtp.data_timeout", "must be at least 1s"));
+        }
+        if smtp.write_timeout < Duration::from_secs(1) {
+            issues.push(issue("smtp.write_timeout", "must be at least 1s"));
+        }
+        if smtp.min_data_rate == 0 {
+            issues.push(issue(
+                "smtp.min_data_rate",
+                "must be at least 1 (bytes per second)",
+            ));
         }
         if smtp.max_errors == 0 {
             issues.push(issue("smtp.max_errors", "must be at least 1"));

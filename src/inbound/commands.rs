@@ -1,10 +1,8 @@
 //! One handler per SMTP verb (except DATA/BDAT in `data.rs` and AUTH in `auth.rs`).
 
 use smtp_proto::{
-    EXT_8BIT_MIME, EXT_AUTH, EXT_CHUNKING, EXT_ENHANCED_STATUS_CODES, EXT_PIPELINING, EXT_SIZE,
-    EXT_SMTP_UTF8, EXT_START_TLS, EhloResponse, MAIL_BODY_BINARYMIME, MAIL_SMTPUTF8, MailFrom,
-    RCPT_NOTIFY_DELAY, RCPT_NOTIFY_FAILURE, RCPT_NOTIFY_NEVER, RCPT_NOTIFY_SUCCESS, RcptTo,
-    Request,
+    MAIL_BODY_BINARYMIME, MAIL_SMTPUTF8, MailFrom, RCPT_NOTIFY_DELAY, RCPT_NOTIFY_FAILURE,
+    RCPT_NOTIFY_NEVER, RCPT_NOTIFY_SUCCESS, RcptTo, Request,
 };
 
 use super::auth::AuthPolicy;
@@ -12,6 +10,36 @@ use super::reply::{self, Reply};
 use super::session::{Session, Transaction};
 
 impl Session {
+    /// Parses one command line (CRLF included) with smtp-proto, accepting two forms it refuses:
+    /// - `MAIL FROM:addr` / `RCPT TO:addr` without angle brackets, as Postfix does by default
+    ///   (`strict_rfc821_envelopes = no`) for old devices;
+    /// - `RCPT TO:<Postmaster>` without a domain (RFC 5321 §4.5.1: must be accepted,
+    ///   case-insensitive), delivered to `postmaster@` the domain of `upstream.from`
+    ///   (see [`super::InboundSettings::postmaster`]).
+    pub(super) fn parse_command(&self, line: &[u8]) -> Result<Request<String>, smtp_proto::Error> {
+        let bracketed;
+        let mut line = line;
+        let mut parsed = Request::parse(&mut line.iter()).map(Request::into_owned);
+        if matches!(parsed, Err(smtp_proto::Error::SyntaxError { .. }))
+            && let Some(fixed) = bracket_bare_path(line)
+        {
+            bracketed = fixed;
+            line = &bracketed;
+            parsed = Request::parse(&mut line.iter()).map(Request::into_owned);
+        }
+        match parsed {
+            // smtp-proto reads `<Postmaster>` as the empty path, which `<>` also gives.
+            Ok(Request::Rcpt { mut to })
+                if to.address.is_empty()
+                    && path_of(line).is_some_and(|p| p.eq_ignore_ascii_case(b"postmaster")) =>
+            {
+                to.address = self.shared.settings.postmaster.clone();
+                Ok(Request::Rcpt { to })
+            }
+            other => other,
+        }
+    }
+
     pub(super) async fn handle_command(&mut self, request: Request<String>) {
         match request {
             Request::Ehlo { host } => self.handle_ehlo(host),
@@ -48,34 +76,48 @@ impl Session {
     fn handle_ehlo(&mut self, host: String) {
         self.start_over(host, true);
         let settings = &self.shared.settings;
-        let mut ehlo = EhloResponse::new(settings.hostname.as_str());
-        ehlo.capabilities = EXT_PIPELINING
-            | EXT_SIZE
-            | EXT_8BIT_MIME
-            | EXT_SMTP_UTF8
-            | EXT_ENHANCED_STATUS_CODES
-            | EXT_CHUNKING;
-        ehlo.size = usize::try_from(settings.max_message_size).unwrap_or(usize::MAX);
+        // RFC 5321 §4.1.1.1: the first line names this host; a plain greeting with the
+        // client's address, as admins reading transcripts expect (RFC 2034 §3: no enhanced
+        // code on EHLO/HELO replies).
+        let mut lines = vec![
+            format!("{} Hello {}", settings.hostname, self.client_literal()),
+            "PIPELINING".to_string(),
+            format!("SIZE {}", settings.max_message_size),
+            "8BITMIME".to_string(),
+            "SMTPUTF8".to_string(),
+            "ENHANCEDSTATUSCODES".to_string(),
+            "CHUNKING".to_string(),
+        ];
         if settings.tls.is_some() && !self.tls {
-            ehlo.capabilities |= EXT_START_TLS;
+            lines.push("STARTTLS".to_string());
         }
         if settings.auth != AuthPolicy::Off && self.auth_user.is_none() {
-            ehlo.capabilities |= EXT_AUTH;
-            ehlo.auth_mechanisms = smtp_proto::AUTH_PLAIN | smtp_proto::AUTH_LOGIN;
+            lines.push("AUTH PLAIN LOGIN".to_string());
         }
         let mut out = Vec::with_capacity(256);
-        // smtp-proto writes "250-<host> you had me at EHLO" then one line per capability.
-        if ehlo.write(&mut out).is_ok() {
-            self.reply_raw(&out);
-        } else {
-            self.reply(reply::LOCAL_ERROR);
+        for (i, line) in lines.iter().enumerate() {
+            let sep = if i + 1 == lines.len() { ' ' } else { '-' };
+            out.extend_from_slice(format!("250{sep}{line}\r\n").as_bytes());
+        }
+        self.reply_raw(&out);
+    }
+
+    /// `[127.0.0.1]` or `[IPv6:::1]` (RFC 5321 §4.1.3 address literals).
+    fn client_literal(&self) -> String {
+        match self.peer.ip().to_canonical() {
+            std::net::IpAddr::V4(ip) => format!("[{ip}]"),
+            std::net::IpAddr::V6(ip) => format!("[IPv6:{ip}]"),
         }
     }
 
     fn handle_helo(&mut self, host: String) {
         self.start_over(host, false);
-        let text = format!("{} Hello", self.shared.settings.hostname);
-        self.reply(Reply::with_text(250, "2.0.0", text));
+        let text = format!(
+            "250 {} Hello {}\r\n",
+            self.shared.settings.hostname,
+            self.client_literal()
+        );
+        self.reply_raw(text.as_bytes());
     }
 
     fn start_over(&mut self, host: String, esmtp: bool) {
@@ -167,6 +209,41 @@ impl Session {
         self.reply(reply::START_TLS);
         self.start_tls_after_reply();
     }
+}
+
+/// `MAIL FROM:a@b.c SIZE=1` → `MAIL FROM:<a@b.c> SIZE=1` (likewise `RCPT TO:`); `None` for
+/// any other line, or one whose path is already bracketed or empty.
+fn bracket_bare_path(line: &[u8]) -> Option<Vec<u8>> {
+    let prefix_len = [&b"MAIL FROM:"[..], b"RCPT TO:"]
+        .iter()
+        .find(|p| line.len() >= p.len() && line[..p.len()].eq_ignore_ascii_case(p))?
+        .len();
+    let rest = &line[prefix_len..];
+    let start = prefix_len + rest.iter().position(|&b| b != b' ')?;
+    let len = line[start..]
+        .iter()
+        .position(|&b| matches!(b, b' ' | b'\r' | b'\n'))
+        .unwrap_or(line.len() - start);
+    if len == 0 || line[start] == b'<' {
+        return None;
+    }
+    let mut fixed = Vec::with_capacity(line.len() + 2);
+    fixed.extend_from_slice(&line[..start]);
+    fixed.push(b'<');
+    fixed.extend_from_slice(&line[start..start + len]);
+    fixed.push(b'>');
+    fixed.extend_from_slice(&line[start + len..]);
+    Some(fixed)
+}
+
+/// The text between `<` and `>` after the command's colon.
+fn path_of(line: &[u8]) -> Option<&[u8]> {
+    let colon = line.iter().position(|&b| b == b':')?;
+    let rest = &line[colon + 1..];
+    let open = rest.iter().position(|&b| b != b' ')?;
+    let rest = rest[open..].strip_prefix(b"<")?;
+    let close = rest.iter().position(|&b| b == b'>')?;
+    Some(&rest[..close])
 }
 
 /// RFC 3461 NOTIFY as stored in the spool (`SUCCESS,FAILURE`), `None` when not given.

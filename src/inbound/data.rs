@@ -3,15 +3,16 @@
 use std::slice::Iter;
 use std::time::SystemTime;
 
-use smtp_proto::request::receiver::{BdatReceiver, DataReceiver, DummyDataReceiver};
+use smtp_proto::request::receiver::BdatReceiver;
 use smtp_proto::{MAIL_BODY_8BITMIME, MAIL_RET_FULL, MAIL_RET_HDRS, MAIL_SMTPUTF8};
 
+use super::framing::{DataDecoder, LineEnds};
 use super::message::{MessageWriter, TraceInfo};
 use super::reply::{self, Reply};
-use super::session::{BdatTransfer, Session, State};
+use super::session::{BdatTransfer, Session, Skip, State};
 use crate::spool::{BodyType, Envelope, MailParams, SpoolError};
 
-/// Unstuffed bytes are handed to the spool writer in pieces of about this size, so memory per
+/// Decoded bytes are handed to the spool writer in pieces of about this size, so memory per
 /// session stays bounded however large the message is.
 const WRITE_CHUNK: usize = 64 * 1024;
 
@@ -31,11 +32,8 @@ impl Session {
             Ok(writer) => writer,
             Err(reply) => return self.reply(reply),
         };
-        let mut receiver = DataReceiver::new();
-        // smtp-proto misses a lone "." (or "..x") on the first line unless primed with a line end.
-        receiver.ingest(&mut b"\r\n".iter(), &mut Vec::new());
         self.state = State::Data {
-            receiver,
+            decoder: DataDecoder::new(),
             writer: Box::new(writer),
         };
         self.reply(reply::START_DATA);
@@ -97,48 +95,47 @@ impl Session {
     pub(super) async fn ingest_data(&mut self, it: &mut Iter<'_, u8>) -> bool {
         let max = self.shared.settings.max_message_size;
         match &mut self.state {
-            State::Data { receiver, writer } => {
+            State::Data { decoder, writer } => {
                 let mut chunk = Vec::with_capacity(it.len().min(WRITE_CHUNK) + 8);
                 loop {
-                    // Feed at most WRITE_CHUNK input bytes at a time into the unstuffer.
+                    // Decode at most WRITE_CHUNK input bytes at a time.
                     let rest = it.as_slice();
                     let take = rest.len().min(WRITE_CHUNK);
-                    let mut part = rest[..take].iter();
-                    let done = receiver.ingest(&mut part, &mut chunk);
-                    let consumed = take - part.len();
-                    *it = rest[consumed..].iter();
-                    // The unstuffer may take back a trailing CR when the next byte ends the data,
-                    // so a CR at the end of the chunk stays until more input shows what it is.
-                    let keep = usize::from(!done && chunk.last() == Some(&b'\r'));
-                    let ready = chunk.len() - keep;
-                    let too_big = writer.received() + ready as u64 > max;
+                    chunk.clear();
+                    let used = decoder.decode(&rest[..take], &mut chunk);
+                    *it = rest[used..].iter();
+                    let done = decoder.is_done();
+                    let too_big = writer.received() + chunk.len() as u64 > max;
                     let result = if too_big {
                         Err(reply::MESSAGE_TOO_BIG)
                     } else {
-                        writer.push(&chunk[..ready]).await.map_err(|e| {
+                        writer.push(&chunk).await.map_err(|e| {
                             tracing::error!(client = %self.peer, error = %e, "spool write failed");
                             spool_error_reply(&e)
                         })
                     };
-                    chunk.drain(..ready);
                     if let Err(reply) = result {
+                        if done {
+                            // The end marker came with the refused bytes.
+                            let state = std::mem::replace(&mut self.state, State::command());
+                            if let State::Data { writer, .. } = state {
+                                writer.abort().await;
+                            }
+                            self.tx = None;
+                            self.reply(reply);
+                            return true;
+                        }
                         // Read on to the end of the data, then refuse; the partial file goes.
-                        let skip = DummyDataReceiver::new_data(receiver);
-                        let state = std::mem::replace(
-                            &mut self.state,
-                            State::SkipData {
-                                receiver: skip,
-                                reply,
-                            },
-                        );
+                        let skip = Skip::Data(decoder.clone());
+                        let state =
+                            std::mem::replace(&mut self.state, State::SkipData { skip, reply });
                         if let State::Data { writer, .. } = state {
                             writer.abort().await;
                         }
                         return true;
                     }
                     if done {
-                        let state =
-                            std::mem::replace(&mut self.state, State::Command(Default::default()));
+                        let state = std::mem::replace(&mut self.state, State::command());
                         if let State::Data { writer, .. } = state {
                             self.commit_message(*writer).await;
                         }
@@ -149,16 +146,36 @@ impl Session {
                     }
                 }
             }
-            State::SkipData { receiver, reply } => {
-                if receiver.ingest(it) {
+            State::SkipData { skip, reply } => {
+                let done = match skip {
+                    Skip::Data(decoder) => {
+                        let mut discard = Vec::new();
+                        loop {
+                            let rest = it.as_slice();
+                            let take = rest.len().min(WRITE_CHUNK);
+                            discard.clear();
+                            let used = decoder.decode(&rest[..take], &mut discard);
+                            *it = rest[used..].iter();
+                            if decoder.is_done() || it.len() == 0 {
+                                break decoder.is_done();
+                            }
+                        }
+                    }
+                    Skip::Bdat(left) => {
+                        let rest = it.as_slice();
+                        let n = rest.len().min(*left);
+                        *left -= n;
+                        *it = rest[n..].iter();
+                        *left == 0
+                    }
+                };
+                if done {
                     let reply = reply.clone();
-                    self.state = State::Command(Default::default());
+                    self.state = State::command();
                     self.tx = None;
                     self.reply(reply);
-                    true
-                } else {
-                    false
                 }
+                done
             }
             _ => true,
         }
@@ -177,10 +194,12 @@ impl Session {
                 Ok(writer) => BdatTransfer {
                     writer: Some(writer),
                     failure: None,
+                    line_ends: LineEnds::new(),
                 },
                 Err(reply) => BdatTransfer {
                     writer: None,
                     failure: Some(reply),
+                    line_ends: LineEnds::new(),
                 },
             };
             if let Some(tx) = self.tx.as_mut() {
@@ -201,7 +220,7 @@ impl Session {
         }
         // Still consume the chunk so the session stays in step with the client.
         self.state = State::SkipData {
-            receiver: DummyDataReceiver::new_bdat(chunk_size),
+            skip: Skip::Bdat(chunk_size),
             reply,
         };
     }
@@ -211,12 +230,16 @@ impl Session {
         let State::Bdat { receiver } = &mut self.state else {
             return true;
         };
-        let mut chunk = Vec::with_capacity(it.len().min(WRITE_CHUNK));
-        let done = receiver.ingest(it, &mut chunk);
+        let mut raw = Vec::with_capacity(it.len().min(WRITE_CHUNK));
+        let done = receiver.ingest(it, &mut raw);
         let is_last = receiver.is_last;
         if let Some(transfer) = self.tx.as_mut().and_then(|tx| tx.bdat.as_mut())
             && let Some(writer) = transfer.writer.as_mut()
         {
+            // BDAT content has no end marker to protect, but the same bare CR/LF rule applies,
+            // so a later hop that speaks DATA never sees a line end the client did not send.
+            let mut chunk = Vec::with_capacity(raw.len() + 8);
+            transfer.line_ends.normalise(&raw, &mut chunk);
             let failure = if writer.received() + chunk.len() as u64 > max {
                 Some(reply::MESSAGE_TOO_BIG)
             } else {
@@ -239,7 +262,7 @@ impl Session {
     }
 
     async fn finish_bdat_chunk(&mut self, is_last: bool) {
-        self.state = State::Command(Default::default());
+        self.state = State::command();
         let failure = self
             .tx
             .as_ref()
@@ -254,15 +277,22 @@ impl Session {
         if !is_last {
             return self.reply(reply::OK);
         }
-        match self
-            .tx
-            .as_mut()
-            .and_then(|tx| tx.bdat.take())
-            .and_then(|t| t.writer)
-        {
-            Some(writer) => self.commit_message(writer).await,
-            None => self.reply(reply::NEED_MAIL),
+        let Some(mut transfer) = self.tx.as_mut().and_then(|tx| tx.bdat.take()) else {
+            return self.reply(reply::NEED_MAIL);
+        };
+        let Some(mut writer) = transfer.writer.take() else {
+            return self.reply(reply::NEED_MAIL);
+        };
+        // A CR that ended the last chunk was a bare CR.
+        let mut tail = Vec::new();
+        transfer.line_ends.finish(&mut tail);
+        if let Err(e) = writer.push(&tail).await {
+            tracing::error!(client = %self.peer, error = %e, "spool write failed");
+            writer.abort().await;
+            self.tx = None;
+            return self.reply(spool_error_reply(&e));
         }
+        self.commit_message(writer).await
     }
 
     /// Ends the transaction and drops a BDAT message in progress.

@@ -1,6 +1,7 @@
-//! What the relay does to a message's bytes on the way into the spool, and nothing more:
-//! bare LF becomes CRLF, a `Received:` header is prepended, and `Date:` / `Message-ID:` are
-//! added when the client left them out (RFC 6409 §8.2, §8.3). Everything else is stored as sent.
+//! What the relay does to a message's bytes on the way into the spool, and nothing more: a
+//! `Received:` header is prepended, and `Date:` / `Message-ID:` are added when the client left
+//! them out (RFC 6409 §8.2, §8.3). The bytes arrive here already decoded by `framing.rs`
+//! (dot-unstuffed, bare CR and bare LF turned into CRLF); everything else is stored as sent.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -16,11 +17,8 @@ pub struct MessageWriter {
     trace: TraceInfo,
     /// `Some` while the header section is still being collected.
     header_scan: Option<Vec<u8>>,
-    /// The previous input byte was CR (across chunk boundaries).
-    prev_cr: bool,
-    /// Bytes received from the client (after unstuffing, before normalisation).
+    /// Message bytes received (after unstuffing and line-end normalisation).
     received: u64,
-    normalised: Vec<u8>,
 }
 
 /// Facts for the `Received:` header and the added headers.
@@ -42,9 +40,7 @@ impl MessageWriter {
             incoming,
             trace,
             header_scan: Some(Vec::new()),
-            prev_cr: false,
             received: 0,
-            normalised: Vec::new(),
         }
     }
 
@@ -57,21 +53,17 @@ impl MessageWriter {
         self.received
     }
 
+    /// Appends decoded message bytes (CRLF line ends only).
     pub async fn push(&mut self, chunk: &[u8]) -> Result<(), SpoolError> {
         if chunk.is_empty() {
             return Ok(());
         }
         self.received += chunk.len() as u64;
         crate::failpoint::hit("mid-data");
-        let mut normalised = std::mem::take(&mut self.normalised);
-        normalised.clear();
-        self.prev_cr = normalise_line_endings(chunk, self.prev_cr, &mut normalised);
-        let result = self.write_normalised(&normalised).await;
-        self.normalised = normalised;
-        result
+        self.write_decoded(chunk).await
     }
 
-    async fn write_normalised(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
+    async fn write_decoded(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
         match &mut self.header_scan {
             Some(scan) => {
                 scan.extend_from_slice(bytes);
@@ -96,10 +88,6 @@ impl MessageWriter {
 
     /// Writes what is still buffered and commits the message to the spool.
     pub async fn commit(mut self) -> Result<String, SpoolError> {
-        if std::mem::take(&mut self.prev_cr) {
-            // The content ended with a bare CR.
-            self.write_normalised(b"\n").await?;
-        }
         self.flush_header_section().await?;
         self.incoming.commit().await
     }
@@ -107,32 +95,6 @@ impl MessageWriter {
     pub async fn abort(self) {
         self.incoming.abort().await
     }
-}
-
-/// Appends `input` to `out` with every bare LF (not preceded by CR) and every bare CR (not
-/// followed by LF) turned into CRLF, so neither can be read as a line end by a later hop (SMTP
-/// smuggling: `\n.\n`, `\r.\r`). `prev_cr` says whether the previous chunk ended with CR (whose
-/// LF, if missing, is added here); returns the same for the next chunk. A message that ends with
-/// CR gets its LF from [`MessageWriter::commit`].
-pub fn normalise_line_endings(input: &[u8], mut prev_cr: bool, out: &mut Vec<u8>) -> bool {
-    out.reserve(input.len() + 16);
-    let mut start = 0;
-    for (i, &b) in input.iter().enumerate() {
-        if prev_cr && b != b'\n' {
-            // Bare CR (the CR itself is already in `out` or in `input[start..i]`).
-            out.extend_from_slice(&input[start..i]);
-            out.push(b'\n');
-            start = i;
-        }
-        if b == b'\n' && !prev_cr {
-            out.extend_from_slice(&input[start..i]);
-            out.extend_from_slice(b"\r\n");
-            start = i + 1;
-        }
-        prev_cr = b == b'\r';
-    }
-    out.extend_from_slice(&input[start..]);
-    prev_cr
 }
 
 /// Offset just past the blank line that ends the header section, if it has been seen. A message
@@ -248,28 +210,6 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 mod tests {
     use super::*;
     use std::time::Duration;
-
-    #[test]
-    fn bare_lf_becomes_crlf_across_chunks() {
-        let mut out = Vec::new();
-        let cr = normalise_line_endings(b"a\nb\r", false, &mut out);
-        assert!(cr);
-        let cr = normalise_line_endings(b"\nc\n.\n", cr, &mut out);
-        assert!(!cr);
-        assert_eq!(out, b"a\r\nb\r\nc\r\n.\r\n");
-    }
-
-    #[test]
-    fn bare_cr_becomes_crlf_across_chunks() {
-        let mut out = Vec::new();
-        let cr = normalise_line_endings(b"a\r.\rb\r", false, &mut out);
-        assert!(cr);
-        let cr = normalise_line_endings(b"c\r\r\nd\r", cr, &mut out);
-        assert!(cr);
-        let cr = normalise_line_endings(b"\n", cr, &mut out);
-        assert!(!cr);
-        assert_eq!(out, b"a\r\n.\r\nb\r\nc\r\n\r\nd\r\n");
-    }
 
     #[test]
     fn header_detection_is_case_insensitive_and_ignores_folded_lines() {

@@ -13,11 +13,16 @@
 //! - connections: `smtp.max_connections` → `421 4.3.2` at connect;
 //! - timeouts: `smtp.command_timeout` (RFC 5321 §4.5.3.2.7: at least 5 minutes) and
 //!   `smtp.data_timeout` per read during DATA (§4.5.3.2.5: 3 minutes) → `421 4.4.2`;
+//! - DATA/BDAT rate: `smtp.min_data_rate` (Postfix `smtpd_min_data_rate`) → `421 4.4.2`;
+//! - writes: `smtp.write_timeout` per reply batch (Postfix bounds writes with `smtpd_timeout`):
+//!   a client that does not read is dropped; the TLS handshake gets `command_timeout`;
 //! - errors: `smtp.max_errors` replies of class 4/5 → `421 4.7.0` and disconnect.
 
 mod auth;
 mod commands;
 mod data;
+// Public for fuzz/ (which compiles the file on its own) and the tests.
+pub mod framing;
 pub mod message;
 pub mod reply;
 mod session;
@@ -69,6 +74,11 @@ pub struct InboundSettings {
     pub allow_networks: Vec<IpNet>,
     pub command_timeout: Duration,
     pub data_timeout: Duration,
+    pub write_timeout: Duration,
+    /// Bytes per second a message transfer must keep up (see `Session::read_limit`).
+    pub min_data_rate: u64,
+    /// What `RCPT TO:<Postmaster>` (no domain, RFC 5321 §4.5.1) is delivered to.
+    pub postmaster: String,
     pub max_errors: u32,
     pub min_free_space: u64,
     pub tls: Option<TlsAcceptor>,
@@ -90,12 +100,31 @@ impl InboundSettings {
             allow_networks: config.allowed_networks(),
             command_timeout: smtp.command_timeout,
             data_timeout: smtp.data_timeout,
+            write_timeout: smtp.write_timeout,
+            min_data_rate: smtp.min_data_rate,
+            postmaster: postmaster_address(config),
             max_errors: smtp.max_errors,
             min_free_space: config.min_free_space(),
             tls,
             auth: AuthPolicy::from_setting(&smtp.auth).map_err(InboundError::Auth)?,
         })
     }
+}
+
+/// `postmaster@` the domain the relay sends as (`upstream.from`, which defaults to
+/// `upstream.mail_account`): the mailbox Exchange will accept mail for. Without either (spool
+/// only), `postmaster@smtp.hostname`.
+fn postmaster_address(config: &Config) -> String {
+    let up = &config.upstream;
+    let domain = up
+        .from
+        .as_deref()
+        .or(up.mail_account.as_deref())
+        .and_then(|a| a.rsplit_once('@'))
+        .map(|(_, d)| d)
+        .filter(|d| !d.is_empty())
+        .unwrap_or(config.smtp.hostname.as_str());
+    format!("postmaster@{domain}")
 }
 
 fn load_tls(cert: &Path, key: &Path) -> Result<TlsAcceptor, InboundError> {
@@ -293,25 +322,33 @@ async fn serve_connection(
 ) {
     tracing::debug!(client = %peer, "connection opened");
     let tls = shared.settings.tls.clone();
+    let handshake_timeout = shared.settings.command_timeout;
+    let write_timeout = shared.settings.write_timeout;
     let mut session = Session::new(shared, peer);
     session.greeting();
     match session.drive(&mut stream, &shutdown).await {
         Ok(Next::StartTls) => {
             let Some(acceptor) = tls else { return };
-            match acceptor.accept(stream).await {
-                Ok(mut tls_stream) => {
+            // A client that says STARTTLS and then nothing must not keep its slot.
+            match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(mut tls_stream)) => {
                     session.tls_established();
                     let result = session.drive(&mut tls_stream, &shutdown).await;
-                    if let Err(e) = result {
-                        tracing::debug!(client = %peer, error = %e, "connection error");
+                    match result {
+                        // close_notify is a write too: bounded like every other.
+                        Ok(_) => {
+                            let _ =
+                                tokio::time::timeout(write_timeout, tls_stream.shutdown()).await;
+                        }
+                        Err(e) => tracing::debug!(client = %peer, error = %e, "connection error"),
                     }
-                    let _ = tls_stream.shutdown().await;
                 }
-                Err(e) => tracing::info!(client = %peer, error = %e, "TLS handshake failed"),
+                Ok(Err(e)) => tracing::info!(client = %peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::info!(client = %peer, "TLS handshake timed out"),
             }
         }
         Ok(Next::Close) => {
-            let _ = stream.shutdown().await;
+            let _ = tokio::time::timeout(write_timeout, stream.shutdown()).await;
         }
         Err(e) => tracing::debug!(client = %peer, error = %e, "connection error"),
     }

@@ -66,6 +66,12 @@ pub const SHUTTING_DOWN: Reply = Reply::new(
 pub const TOO_MANY_CONNECTIONS: Reply =
     Reply::new(421, "4.3.2", "Too many connections, try again later");
 pub const TIMEOUT: Reply = Reply::new(421, "4.4.2", "Timeout exceeded, closing connection");
+/// Postfix `smtpd_min_data_rate`: message data that trickles in is cut off.
+pub const TOO_SLOW: Reply = Reply::new(
+    421,
+    "4.4.2",
+    "Message data arrives too slowly, closing connection",
+);
 pub const TOO_MANY_ERRORS: Reply = Reply::new(421, "4.7.0", "Too many errors, closing connection");
 pub const LOCAL_ERROR: Reply = Reply::new(
     451,

@@ -7,21 +7,21 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use smtp_proto::request::receiver::{
-    BdatReceiver, DataReceiver, DummyDataReceiver, DummyLineReceiver, LineReceiver, RequestReceiver,
-};
+use smtp_proto::request::receiver::{BdatReceiver, DummyLineReceiver, LineReceiver};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::auth::SaslStep;
+use super::framing::{DataDecoder, LineEnds};
 use super::message::MessageWriter;
 use super::reply::{self, Reply};
 
 /// Longest command line accepted, CRLF included. RFC 5321 §4.5.3.1.4 sets 512 octets as the
 /// minimum and lets extensions raise it; AUTH initial responses (RFC 4954 §4) need more.
-/// This is also smtp-proto's buffer size.
 pub const MAX_COMMAND_LINE: usize = smtp_proto::request::receiver::MAX_LINE_LENGTH;
 
 /// What the connection loop does after a call to [`Session::drive`].
@@ -48,6 +48,8 @@ pub struct BdatTransfer {
     /// `None` once the transfer failed; the reply to give at `LAST`.
     pub writer: Option<MessageWriter>,
     pub failure: Option<Reply>,
+    /// Bare CR/LF normalisation across chunks (a CR ending one chunk waits for the next).
+    pub line_ends: LineEnds,
 }
 
 impl std::fmt::Debug for BdatTransfer {
@@ -59,22 +61,37 @@ impl std::fmt::Debug for BdatTransfer {
 }
 
 pub enum State {
-    Command(RequestReceiver),
-    /// Skipping the rest of a command line longer than smtp-proto's 4096-byte buffer.
+    /// Collecting a command line: the bytes of it received so far.
+    Command(Vec<u8>),
+    /// Skipping the rest of a command line longer than [`MAX_COMMAND_LINE`].
     LineTooLong(DummyLineReceiver),
     Data {
-        receiver: DataReceiver,
+        decoder: DataDecoder,
         writer: Box<MessageWriter>,
     },
-    /// Reading to the end of DATA whose content will be refused with `reply`.
+    /// Reading to the end of DATA (or of a BDAT chunk) whose content is refused with `reply`.
     SkipData {
-        receiver: DummyDataReceiver,
+        skip: Skip,
         reply: Reply,
     },
     Bdat {
         receiver: BdatReceiver,
     },
     Sasl(LineReceiver<SaslStep>),
+}
+
+/// What a refused transfer still has to read to stay in step with the client.
+pub enum Skip {
+    /// DATA: up to the end marker, found by the same decoder as accepted data.
+    Data(DataDecoder),
+    /// BDAT: the rest of the announced chunk.
+    Bdat(usize),
+}
+
+impl State {
+    pub fn command() -> State {
+        State::Command(Vec::new())
+    }
 }
 
 pub struct Session {
@@ -87,12 +104,12 @@ pub struct Session {
     pub(super) tx: Option<Transaction>,
     pub(super) state: State,
     errors: u32,
-    /// Bytes of the command line being received (for [`MAX_COMMAND_LINE`]).
-    line_len: usize,
     out: Vec<u8>,
     next: Option<Next>,
     /// A `250 queued as` is in `out` (for the `after-250` failpoint).
     pub(super) acked: bool,
+    /// While a message transfer is read: when it is cut off (see [`Session::drive`]).
+    transfer_deadline: Option<Instant>,
 }
 
 impl Session {
@@ -105,12 +122,12 @@ impl Session {
             tls: false,
             auth_user: None,
             tx: None,
-            state: State::Command(RequestReceiver::default()),
+            state: State::command(),
             errors: 0,
-            line_len: 0,
             out: Vec::with_capacity(1024),
             next: None,
             acked: false,
+            transfer_deadline: None,
         }
     }
 
@@ -130,7 +147,7 @@ impl Session {
         self.esmtp = false;
         self.auth_user = None;
         self.tx = None;
-        self.state = State::Command(RequestReceiver::default());
+        self.state = State::command();
         self.next = None;
     }
 
@@ -186,11 +203,32 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        let write_timeout = self.shared.settings.write_timeout;
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             if !self.out.is_empty() {
-                stream.write_all(&self.out).await?;
-                stream.flush().await?;
+                // Every write is bounded: a client that pipelines and never reads its replies
+                // would otherwise hold its connection slot for as long as it likes.
+                let out = &self.out;
+                let written = tokio::time::timeout(write_timeout, async {
+                    stream.write_all(out).await?;
+                    stream.flush().await
+                })
+                .await;
+                let result = written.unwrap_or_else(|_| {
+                    tracing::info!(
+                        client = %self.peer,
+                        "dropping a client that does not read its replies (smtp.write_timeout)"
+                    );
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "client does not read its replies",
+                    ))
+                });
+                if let Err(e) = result {
+                    self.abort_transfer().await;
+                    return Err(e);
+                }
                 self.out.clear();
                 if std::mem::take(&mut self.acked) {
                     crate::failpoint::hit("after-250");
@@ -199,18 +237,23 @@ impl Session {
             if let Some(next) = self.next.take() {
                 return Ok(next);
             }
-            let limit = if self.in_message_transfer() {
-                self.shared.settings.data_timeout
-            } else {
-                self.shared.settings.command_timeout
-            };
+            let (limit, rate_bound) = self.read_limit();
+            let in_transfer = self.transfer_deadline.is_some();
             let idle = self.at_command_boundary();
             let n = tokio::select! {
                 read = tokio::time::timeout(limit, stream.read(&mut buf)) => match read {
                     Err(_) => {
-                        tracing::info!(client = %self.peer, "closing idle connection: timeout");
                         self.abort_transfer().await;
-                        self.reply(reply::TIMEOUT);
+                        if rate_bound {
+                            tracing::info!(
+                                client = %self.peer,
+                                "closing connection: message data below smtp.min_data_rate"
+                            );
+                            self.reply(reply::TOO_SLOW);
+                        } else {
+                            tracing::info!(client = %self.peer, "closing idle connection: timeout");
+                            self.reply(reply::TIMEOUT);
+                        }
                         self.next = Some(Next::Close);
                         continue;
                     }
@@ -218,7 +261,12 @@ impl Session {
                         self.abort_transfer().await;
                         return Ok(Next::Close);
                     }
-                    Ok(Ok(n)) => n,
+                    Ok(Ok(n)) => {
+                        if in_transfer {
+                            self.credit(n);
+                        }
+                        n
+                    }
                     Ok(Err(e)) => {
                         self.abort_transfer().await;
                         return Err(e);
@@ -235,9 +283,42 @@ impl Session {
         }
     }
 
+    /// How long the next read may wait, and whether the DATA rate (rather than a timeout)
+    /// sets that limit. During a message transfer (DATA, or one BDAT chunk) the client starts
+    /// with `data_timeout`; waiting spends it and every byte received adds
+    /// 1/`min_data_rate` seconds, never more than `data_timeout` ahead (Postfix
+    /// `smtpd_min_data_rate` with `smtpd_per_request_deadline`): a trickle is cut off after
+    /// about `data_timeout`, however steadily it drips.
+    fn read_limit(&mut self) -> (Duration, bool) {
+        let settings = &self.shared.settings;
+        if !self.in_message_transfer() {
+            self.transfer_deadline = None;
+            return (settings.command_timeout, false);
+        }
+        let now = Instant::now();
+        let deadline = *self
+            .transfer_deadline
+            .get_or_insert_with(|| later(now, settings.data_timeout));
+        let left = deadline.saturating_duration_since(now);
+        (
+            left.min(settings.data_timeout),
+            left < settings.data_timeout,
+        )
+    }
+
+    /// `n` bytes of message data arrived: move the transfer deadline (see [`Self::read_limit`]).
+    fn credit(&mut self, n: usize) {
+        let settings = &self.shared.settings;
+        if let Some(deadline) = self.transfer_deadline.as_mut() {
+            let earned = Duration::from_secs_f64(n as f64 / settings.min_data_rate.max(1) as f64);
+            let cap = later(Instant::now(), settings.data_timeout);
+            *deadline = later(*deadline, earned).min(cap);
+        }
+    }
+
     /// Drops a partly received message: its temporary file goes, nothing reaches the queue.
     async fn abort_transfer(&mut self) {
-        let state = std::mem::replace(&mut self.state, State::Command(RequestReceiver::default()));
+        let state = std::mem::replace(&mut self.state, State::command());
         if let State::Data { writer, .. } = state {
             writer.abort().await;
         }
@@ -249,44 +330,41 @@ impl Session {
         let mut it = bytes.iter();
         while self.next.is_none() {
             match &mut self.state {
-                State::Command(receiver) => {
-                    if it.len() == 0 {
+                State::Command(line) => {
+                    let rest = it.as_slice();
+                    if rest.is_empty() {
                         break;
                     }
-                    if receiver.buf().is_empty() && looks_like_http(it.as_slice()) {
+                    if line.is_empty() && looks_like_http(rest) {
                         self.reply(reply::NOT_HTTP);
                         self.close_after_reply();
                         break;
                     }
-                    let before = it.len();
-                    let result = receiver.ingest(&mut it);
-                    self.line_len += before - it.len();
-                    if !matches!(
-                        result,
-                        Err(smtp_proto::Error::NeedsMoreData { .. }
-                            | smtp_proto::Error::ResponseTooLong)
-                    ) {
-                        let line_len = std::mem::take(&mut self.line_len);
-                        // A complete line in one read never hits smtp-proto's buffer limit.
-                        if line_len > MAX_COMMAND_LINE {
+                    let Some(lf) = rest.iter().position(|&b| b == b'\n') else {
+                        if line.len() + rest.len() > MAX_COMMAND_LINE {
+                            line.clear();
                             self.reply(reply::LINE_TOO_LONG);
-                            continue;
+                            self.state = State::LineTooLong(DummyLineReceiver::default());
+                        } else {
+                            line.extend_from_slice(rest);
                         }
+                        break;
+                    };
+                    it = rest[lf + 1..].iter();
+                    if line.len() + lf + 1 > MAX_COMMAND_LINE {
+                        line.clear();
+                        self.reply(reply::LINE_TOO_LONG);
+                        continue;
                     }
-                    match result {
+                    line.extend_from_slice(&rest[..=lf]);
+                    let line = std::mem::take(line);
+                    match self.parse_command(&line) {
                         Ok(request) => {
-                            let request = request.into_owned();
                             self.handle_command(request).await;
                             if self.next == Some(Next::StartTls) {
                                 // RFC 3207 §5: nothing pipelined after STARTTLS may be acted on.
                                 return;
                             }
-                        }
-                        Err(smtp_proto::Error::NeedsMoreData { .. }) => break,
-                        Err(smtp_proto::Error::ResponseTooLong) => {
-                            self.reply(reply::LINE_TOO_LONG);
-                            self.line_len = 0;
-                            self.state = State::LineTooLong(DummyLineReceiver::default());
                         }
                         Err(e) => {
                             let reply = command_error_reply(&e);
@@ -296,7 +374,7 @@ impl Session {
                 }
                 State::LineTooLong(receiver) => {
                     if receiver.ingest(&mut it) {
-                        self.state = State::Command(RequestReceiver::default());
+                        self.state = State::command();
                     } else {
                         break;
                     }
@@ -315,7 +393,7 @@ impl Session {
                     if receiver.ingest(&mut it) {
                         let line = std::mem::take(&mut receiver.buf);
                         let step = std::mem::replace(&mut receiver.state, SaslStep::Done);
-                        self.state = State::Command(RequestReceiver::default());
+                        self.state = State::command();
                         self.handle_sasl_line(step, line).await;
                     } else {
                         break;
@@ -324,6 +402,12 @@ impl Session {
             }
         }
     }
+}
+
+/// `now + d`, for any configured `d` (a far-future deadline instead of an overflow).
+fn later(now: Instant, d: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(10 * 365 * 86_400);
+    now.checked_add(d.min(FAR)).unwrap_or(now)
 }
 
 /// Browsers and HTTP clients pointed at the SMTP port get one reply and a closed connection,
