@@ -2,7 +2,7 @@
 //! simulator, one misconfiguration switch at a time. Each must fail at the right step with the
 //! fix from the setup guide and exit 1; a correct setup passes (exit 0) and `--send-to` delivers.
 
-mod proc_support;
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -151,7 +151,7 @@ async fn check(config: &Path, args: &[&str]) -> Run {
     all.extend(args.iter().map(|a| a.to_string()));
     let out: Output = tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = all.iter().map(String::as_str).collect();
-        proc_support::run_cli(&config, &args, &[])
+        common::process::run_cli(&config, &args, &[])
     })
     .await
     .expect("check ran");
@@ -577,7 +577,7 @@ async fn config_problems_exit_1_or_2() {
     assert_eq!(run.code, 2);
 
     // Nothing listening on the SMTP port: network and TLS fails with the firewall hint.
-    let port = proc_support::free_port();
+    let port = common::process::free_port();
     let config = s.config("closed.toml", &[]);
     let text = std::fs::read_to_string(&config).expect("read").replace(
         &format!("port = {}", s.sim.smtp_addr().port()),

@@ -2,13 +2,13 @@
 //! must exit 2 and name the offending key on stderr; several problems are reported at once; a
 //! valid configuration prints with its secret redacted.
 
-mod proc_support;
+mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use proc_support::{free_port, run_cli};
+use common::process::{free_port, run_cli};
 
 /// A temporary directory with `relay.toml` containing `body` (with `@DIR@` replaced by the
 /// directory) and a spool directory inside it.

@@ -3,9 +3,9 @@
 //! `config`, `serve` and `check` all refuse with exit 2, the key named and the fix given, and
 //! the secret never quoted.
 
-mod proc_support;
+mod common;
 
-use proc_support::run_cli;
+use common::process::run_cli;
 
 const SECRET_ID: &str = "3f2b8c1e-55aa-4d0e-9b7c-0d1e2f3a4b5c";
 

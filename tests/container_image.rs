@@ -8,12 +8,16 @@
 //! first time). `.ci/run` runs it: `cargo test --test container_image -- --ignored`.
 //! Prints the image's size (sum of its files).
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+mod common;
+
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::process::free_addr;
+use common::smtp::blocking::Client;
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -86,13 +90,6 @@ fn files_under(root: &Path) -> Vec<(String, u64)> {
     out
 }
 
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 /// `argv` inside `rootfs` (chroot) as `uid:gid`, with exactly `env`.
 fn in_image(rootfs: &Path, user: (u32, u32), env: &[(String, String)], argv: &[String]) -> Command {
     let mut cmd = Command::new(&argv[0]);
@@ -123,31 +120,15 @@ fn in_image(rootfs: &Path, user: (u32, u32), env: &[(String, String)], argv: &[S
     cmd
 }
 
-fn reply(reader: &mut BufReader<TcpStream>) -> String {
-    let mut all = String::new();
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        all.push_str(&line);
-        if line.len() < 4 || line.as_bytes()[3] == b' ' {
-            return all;
-        }
-    }
-}
-
 fn smtp_send(addr: SocketAddr) -> String {
-    let stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut writer = stream.try_clone().unwrap();
-    let mut reader = BufReader::new(stream);
-    assert!(reply(&mut reader).starts_with("220 "));
-    let mut cmd = |line: &str, expect: &str| -> String {
-        writer.write_all(line.as_bytes()).unwrap();
-        let r = reply(&mut reader);
-        assert!(r.starts_with(expect), "{line:?}: {r:?}");
-        r
+    let mut c = Client::open(addr).unwrap();
+    c.set_timeout(Duration::from_secs(10));
+    assert!(c.read_reply().unwrap().starts_with("220 "));
+    let mut cmd = |bytes: &str, expect: &str| -> String {
+        c.send_raw(bytes.as_bytes()).unwrap();
+        let r = c.read_reply().unwrap();
+        assert!(r.starts_with(expect), "{bytes:?}: {r:?}");
+        r.raw
     };
     cmd("EHLO app.test\r\n", "250");
     cmd("MAIL FROM:<app@legacy.test>\r\n", "250 ");

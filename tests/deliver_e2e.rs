@@ -57,19 +57,9 @@ async fn smtp_auth_disabled_holds_everything_until_fixed() {
             .await;
         c.expect("250 2.0.0 queued as").await;
     }
-    for _ in 0..200 {
-        if matches!(r.delivery.status().state, MailboxState::Held { .. }) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    match r.delivery.status().state {
-        MailboxState::Held { cause, reply, .. } => {
-            assert_eq!(cause, HoldCause::SmtpAuthDisabled);
-            assert!(reply.contains("535 5.7.139"), "{reply}");
-        }
-        other => panic!("not held: {other:?}"),
-    }
+    let (cause, reply) = r.wait_held().await;
+    assert_eq!(cause, HoldCause::SmtpAuthDisabled);
+    assert!(reply.contains("535 5.7.139"), "{reply}");
     assert_eq!(r.relay.spool.list().expect("list").len(), 3);
     assert!(r.sim.messages().expect("mailbox").is_empty());
     // The admin fixes it; the next probe resumes delivery of all three.
@@ -146,15 +136,7 @@ async fn send_as_denied_holds_then_queue_retry_resumes_after_the_fix() {
     c.send(b"From: billing@contoso.example\r\nSubject: invoice\r\n\r\nx\r\n.\r\n")
         .await;
     c.expect("250 2.0.0 queued as").await;
-    for _ in 0..200 {
-        if matches!(r.delivery.status().state, MailboxState::Held { .. }) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    let MailboxState::Held { cause, reply, .. } = r.delivery.status().state else {
-        panic!("not held");
-    };
+    let (cause, reply) = r.wait_held().await;
     assert_eq!(cause, HoldCause::SendAsDenied);
     assert!(reply.contains("550 5.7.60"), "{reply}");
     // queue list tells the operator what Exchange said and what to do.
@@ -256,7 +238,9 @@ async fn throttling_and_dropped_connections_are_retried_without_loss() {
 
 #[tokio::test]
 async fn a_failed_message_sends_one_delivery_status_report_to_queue_notify() {
-    let toml = "[queue]\nretry_min = \"200ms\"\nretry_max = \"1s\"\nnotify = \"postmaster@contoso.example\"\n[upstream]\nrate = \"1000/s\"\n";
+    // One upstream session at a time, so the sentinel below goes out after anything queued
+    // before it.
+    let toml = "[queue]\nretry_min = \"200ms\"\nretry_max = \"1s\"\nnotify = \"postmaster@contoso.example\"\n[upstream]\nrate = \"1000/s\"\nconnections = 1\n";
     let r = start_delivering(toml, SimConfig::default()).await;
     r.sim.control().script_smtp_fault(
         smtp_oauth_relay::sim::SmtpStage::Rcpt,
@@ -293,10 +277,14 @@ async fn a_failed_message_sends_one_delivery_status_report_to_queue_notify() {
         list.len() == 1 && list[0].state == EntryState::Failed
     })
     .await;
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    assert_eq!(
-        r.sim.messages().expect("mailbox").len(),
-        1,
-        "exactly one report"
-    );
+    // A second report would have been queued with the first one: a message sent now is
+    // delivered after it.
+    r.send("sentinel").await;
+    let got = r.wait_delivered(2).await;
+    let reports = got
+        .iter()
+        .filter(|m| m.envelope.rcpt_to == vec!["postmaster@contoso.example"])
+        .count();
+    assert_eq!(reports, 1, "exactly one report");
+    assert_eq!(got.len(), 2, "the report and the sentinel");
 }

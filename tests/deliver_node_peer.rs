@@ -6,7 +6,7 @@
 //! Node (>= 20) and the peer's npm packages are required: when they are missing the tests fail
 //! and say to run `npm ci --prefix tests/peers/node` (.ci/run does this).
 
-mod proc_support;
+mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -16,7 +16,9 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use proc_support::{Client, Extra, Relay, assert_stored_equals, dot_stuff, queued_path, run_cli};
+use common::fixtures::{assert_stored_equals, crlf, dot_stuff, queued_path};
+use common::process::{Extra, Relay, run_cli};
+use common::smtp::blocking::Client;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use serde_json::Value;
 
@@ -255,13 +257,6 @@ fn wait_until(what: &str, relay: &Relay, peer: &NodePeer, mut done: impl FnMut()
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn crlf(lines: &[&str]) -> Vec<u8> {
-    lines
-        .iter()
-        .flat_map(|l| [l.as_bytes(), b"\r\n"].concat())
-        .collect()
 }
 
 /// MAIL (with `params`), every RCPT, DATA, body; returns the queue id from the final 250.

@@ -9,8 +9,10 @@ use common::delivery::start_delivering_with;
 use smtp_oauth_relay::sim::SimConfig;
 use smtp_oauth_relay::spool::{DeliveryState, EntryState, Envelope, Recipient, Spool};
 
-const FAST: &str =
-    "[queue]\nretry_min = \"200ms\"\nretry_max = \"1s\"\n[upstream]\nrate = \"1000/s\"\n";
+/// One upstream session at a time: messages go in the order they are due, so a message sent
+/// last is delivered after anything the deliverer considers due before it.
+const ONE_AT_A_TIME: &str = "[queue]\nretry_min = \"200ms\"\nretry_max = \"1s\"\n\
+                             [upstream]\nrate = \"1000/s\"\nconnections = 1\n";
 
 async fn put(spool: &Spool, subject: &str) -> String {
     let envelope = Envelope {
@@ -59,7 +61,10 @@ async fn restart_delivers_queued_mail_and_leaves_held_and_failed_alone() {
         (due, later, held, failed)
     };
     let path = spool_dir.clone();
-    let r = start_delivering_with(FAST, SimConfig::default(), move |c, _| c.queue.dir = path).await;
+    let r = start_delivering_with(ONE_AT_A_TIME, SimConfig::default(), move |c, _| {
+        c.queue.dir = path
+    })
+    .await;
     let got = r.wait_delivered(1).await;
     assert!(got[0].text().contains("Subject: due"));
     r.wait_for("`due` leaves the spool", |relay| {
@@ -71,9 +76,49 @@ async fn restart_delivers_queued_mail_and_leaves_held_and_failed_alone() {
             .all(|e| e.id != due)
     })
     .await;
-    // Give the deliverer time to (wrongly) pick up anything else.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(r.sim.messages().expect("mailbox").len(), 1);
+    // Anything else the deliverer (wrongly) took for due at the restart would go out before a
+    // message sent now: once this sentinel is delivered, nothing else can be on its way.
+    let sentinel = r.send("sentinel").await;
+    r.wait_for("the sentinel leaves the spool", |relay| {
+        relay
+            .spool
+            .list()
+            .expect("list")
+            .iter()
+            .all(|e| e.id != sentinel)
+    })
+    .await;
+    let mut subjects: Vec<String> = r
+        .sim
+        .messages()
+        .expect("mailbox")
+        .iter()
+        .map(|m| {
+            let text = m.text();
+            text.lines()
+                .find_map(|l| l.strip_prefix("Subject: "))
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    subjects.sort();
+    assert_eq!(
+        subjects,
+        ["due", "sentinel"],
+        "only `due` (and the sentinel) delivered"
+    );
+    // `later` was not attempted: its recorded state is the one the earlier run left.
+    let state = r
+        .relay
+        .spool
+        .read_state(&later)
+        .expect("state")
+        .expect("recorded");
+    assert_eq!(state.attempts, 1, "{state:?}");
+    assert!(
+        state.next_attempt.expect("next attempt") > SystemTime::now() + Duration::from_secs(3000),
+        "{state:?}"
+    );
     let states: Vec<(String, EntryState)> = r
         .relay
         .spool

@@ -7,22 +7,11 @@ use std::time::Duration;
 
 use common::delivery::{DeliveringRelay, start_delivering, start_delivering_with};
 use smtp_oauth_relay::config::{AssertionAlg, Secret};
-use smtp_oauth_relay::deliver::MailboxState;
 use smtp_oauth_relay::deliver::classify::HoldCause;
 use smtp_oauth_relay::sim::{SimConfig, TokenFault};
 
 const FAST: &str =
     "[queue]\nretry_min = \"200ms\"\nretry_max = \"1s\"\n[upstream]\nrate = \"1000/s\"\n";
-
-async fn wait_held(r: &DeliveringRelay) -> (HoldCause, String) {
-    for _ in 0..300 {
-        if let MailboxState::Held { cause, reply, .. } = r.delivery.status().state {
-            return (cause, reply);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("delivery never held: {:?}", r.delivery.status());
-}
 
 /// Waits (bounded) until the simulator has answered at least `n` token requests.
 async fn wait_token_requests(r: &DeliveringRelay, n: u64) -> u64 {
@@ -153,7 +142,7 @@ async fn an_unregistered_certificate_holds_delivery_with_aadsts700027() {
     })
     .await;
     r.send("signed with the wrong key").await;
-    let (cause, reply) = wait_held(&r).await;
+    let (cause, reply) = r.wait_held().await;
     assert_eq!(cause, HoldCause::TokenRefused);
     assert!(reply.contains("700027"), "{reply}");
     assert_eq!(r.relay.spool.list().expect("list").len(), 1);

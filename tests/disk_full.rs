@@ -6,15 +6,15 @@
 //!
 //! Mounting needs root (CI runs as root): without it the test fails and says why.
 
-mod proc_support;
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use proc_support::{
-    Client, Extra, Relay, Reply, assert_stored_equals, dot_stuff, files_in, queued_path,
-    read_stored, run_cli,
-};
+use common::fixtures::{assert_stored_equals, dot_stuff, files_in, queued_path, read_stored};
+use common::process::{Extra, Relay, run_cli};
+use common::smtp::Reply;
+use common::smtp::blocking::Client;
 
 /// A tmpfs mounted on a temporary directory; unmounted on drop, also when the test fails.
 struct Tmpfs {

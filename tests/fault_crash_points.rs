@@ -11,16 +11,17 @@
 //! nothing cut off or refused is ever delivered; `corrupt/`, `failed/`, `tmp/` stay empty.
 //! Duplicates (allowed: at-least-once) are counted and reported.
 
-mod fault_support;
+mod common;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use fault_support::{
-    Fate, Ledger, RelayProc, SimProc, Smtp, audit, relay_toml, report, spool_count, with_upstream,
-};
+use common::fixtures::{Audit, Fate, Ledger, Rng, audit, dot_stuff, message, report, spool_count};
+use common::process::{Relay, relay_toml, with_upstream};
+use common::sim_process::SimProc;
+use common::smtp::blocking::Client;
 
 const CLIENTS: usize = 6;
 
@@ -39,20 +40,6 @@ fn config(sim: &SimProc, spool: &Path) -> impl Fn(u16) -> String {
             "retry_min = \"1s\"\nretry_max = \"2s\"",
             &format!("{rest}\n[log]\nlevel = \"info\"\n"),
         )
-    }
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
     }
 }
 
@@ -77,23 +64,23 @@ fn clients(
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
-                let Ok(mut c) = Smtp::connect(addr) else {
+                let Ok(mut c) = Client::connect(addr) else {
                     break;
                 };
                 let marker = format!("{prefix}-cut-n{n}");
-                let msg = fault_support::message(&marker, 5_000);
+                let msg = message(&marker, 5_000);
                 let ok = c
-                    .cmd("MAIL FROM:<legacy@app.local>")
-                    .is_ok_and(|r| r.0 == 250)
-                    && c.cmd("RCPT TO:<user@example.org>")
-                        .is_ok_and(|r| r.0 == 250)
-                    && c.cmd("DATA").is_ok_and(|r| r.0 == 354);
+                    .command("MAIL FROM:<legacy@app.local>")
+                    .is_ok_and(|r| r.code == 250)
+                    && c.command("RCPT TO:<user@example.org>")
+                        .is_ok_and(|r| r.code == 250)
+                    && c.command("DATA").is_ok_and(|r| r.code == 354);
                 if !ok {
                     break;
                 }
                 ledger.set(&marker, Fate::CutOff, 5_000);
-                let half = fault_support::dot_stuff(&msg[..msg.len() / 2]);
-                if c.raw(&half).is_err() {
+                let half = dot_stuff(&msg[..msg.len() / 2]);
+                if c.send_raw(&half).is_err() {
                     break;
                 }
                 open.push(c);
@@ -112,15 +99,15 @@ fn clients(
             let acks = acks.clone();
             let prefix = prefix.to_string();
             std::thread::spawn(move || {
-                let mut rng = Rng(seed ^ ((t as u64 + 1) << 40));
-                let mut conn: Option<Smtp> = None;
+                let mut rng = Rng::new(seed ^ ((t as u64 + 1) << 40));
+                let mut conn: Option<Client> = None;
                 for n in 0..150 {
                     if stop.load(Ordering::Relaxed) {
                         return;
                     }
                     let c = match conn.as_mut() {
                         Some(c) => c,
-                        None => match Smtp::connect(addr) {
+                        None => match Client::connect(addr) {
                             Ok(c) => conn.insert(c),
                             Err(_) => return,
                         },
@@ -163,7 +150,7 @@ fn assert_clean(spool: &Path, context: &str) {
 
 /// Starts a relay without failpoints and waits until `queue/` is empty (bounded).
 fn drain(work: &Path, sim: &SimProc, spool: &Path, tag: &str) -> Duration {
-    let mut relay = RelayProc::start(work, tag, &[], config(sim, spool));
+    let mut relay = Relay::start_with(work, tag, &[], config(sim, spool));
     assert_clean(spool, tag);
     let started = Instant::now();
     while spool_count(spool, "queue") > 0 {
@@ -182,7 +169,7 @@ fn drain(work: &Path, sim: &SimProc, spool: &Path, tag: &str) -> Duration {
     took
 }
 
-fn check(sim: &SimProc, ledger: &Ledger, prefix: &str, context: &str) -> fault_support::Audit {
+fn check(sim: &SimProc, ledger: &Ledger, prefix: &str, context: &str) -> Audit {
     let a = audit(ledger, &sim.messages(), prefix);
     assert!(a.acked > 0, "{context}: nothing was acknowledged");
     assert!(
@@ -210,7 +197,7 @@ fn sigkill_at_random_moments_with_delivery_on_loses_nothing() {
     };
     let mut history = Vec::new();
     for (round, &seed) in seeds.iter().enumerate() {
-        let mut relay = RelayProc::start(work, &format!("rand{round}"), &[], config(&sim, &spool));
+        let mut relay = Relay::start_with(work, &format!("rand{round}"), &[], config(&sim, &spool));
         assert_clean(&spool, "restart");
         let stop = Arc::new(AtomicBool::new(false));
         let acks = Arc::new(AtomicUsize::new(0));
@@ -222,7 +209,7 @@ fn sigkill_at_random_moments_with_delivery_on_loses_nothing() {
             &stop,
             &acks,
         );
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let how = if rng.range(0, 1) == 0 {
             let ms = rng.range(150, 900);
             std::thread::sleep(Duration::from_millis(ms));
@@ -235,6 +222,12 @@ fn sigkill_at_random_moments_with_delivery_on_loses_nothing() {
             }
             format!("after {n} acks")
         };
+        // The kill is the fault: it must land on a running relay, not on one that already died.
+        assert!(
+            relay.running(),
+            "round {round}: the relay exited before the kill:\n{}",
+            relay.log_text()
+        );
         relay.kill();
         stop.store(true, Ordering::Relaxed);
         for t in threads {
@@ -286,7 +279,7 @@ fn abort_at_each_failpoint_loses_nothing() {
     for (i, &(point, nth)) in points.iter().enumerate() {
         let ledger = Arc::new(Ledger::default());
         let spec = format!("{point}:{nth}");
-        let mut relay = RelayProc::start(
+        let mut relay = Relay::start_with(
             work,
             &format!("fp-{point}"),
             &[("RELAY_FAILPOINT", spec.as_str())],

@@ -7,13 +7,15 @@
 //! - 35 MiB messages on several connections at once: accepted whole; peak RSS reported and
 //!   bounded (the spool streams to disk).
 
-mod fault_support;
+mod common;
 
 use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use fault_support::{RelayProc, Smtp, memory_kib, open_fds, relay_toml, report};
+use common::fixtures::{Fate, Ledger, report, spool_count};
+use common::process::{Relay, memory_kib, open_fds, relay_toml};
+use common::smtp::blocking::Client;
 
 const MAX_CONNECTIONS: usize = 32;
 
@@ -21,7 +23,7 @@ const MAX_CONNECTIONS: usize = 32;
 fn idle_and_slowloris_connections_past_the_limit_leave_service_bounded() {
     let dir = tempfile::tempdir().expect("tempdir");
     let spool = dir.path().join("spool");
-    let mut relay = RelayProc::start(dir.path(), "slow", &[], |port| {
+    let mut relay = Relay::start_with(dir.path(), "slow", &[], |port| {
         relay_toml(
             port,
             &spool,
@@ -40,8 +42,8 @@ fn idle_and_slowloris_connections_past_the_limit_leave_service_bounded() {
     }
     let mut slow = Vec::new();
     for _ in 0..MAX_CONNECTIONS / 2 {
-        let mut s = Smtp::connect(relay.addr()).expect("slowloris connect");
-        s.raw(b"MAIL FROM:<a").expect("write");
+        let mut s = Client::connect(relay.addr()).expect("slowloris connect");
+        s.send_raw(b"MAIL FROM:<a").expect("write");
         slow.push(s);
     }
     // Past the limit: 3x more connection attempts, each refused at once with 421.
@@ -49,7 +51,7 @@ fn idle_and_slowloris_connections_past_the_limit_leave_service_bounded() {
     let mut slowest = Duration::ZERO;
     for _ in 0..MAX_CONNECTIONS * 3 {
         let started = Instant::now();
-        match Smtp::connect(relay.addr()) {
+        match Client::connect(relay.addr()) {
             Ok(_) => {}
             Err(e) => {
                 assert!(
@@ -70,9 +72,17 @@ fn idle_and_slowloris_connections_past_the_limit_leave_service_bounded() {
         slowest < Duration::from_secs(5),
         "a refusal took {slowest:?}"
     );
+    // The limit is what refused them: the relay logs one refusal per excess connection.
+    relay.wait_log_blocking("smtp.max_connections reached", 0, Duration::from_secs(10));
+    let logged = relay
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("refusing connection: smtp.max_connections reached"))
+        .count();
+    assert_eq!(logged, refused, "refusals in the log");
     for _ in 0..20 {
         for s in slow.iter_mut() {
-            let _ = s.raw(b"x");
+            let _ = s.send_raw(b"x");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -83,8 +93,8 @@ fn idle_and_slowloris_connections_past_the_limit_leave_service_bounded() {
     drop(slow);
     let deadline = Instant::now() + Duration::from_secs(10);
     let ack = loop {
-        if let Ok(mut c) = Smtp::connect(relay.addr()) {
-            let ledger = fault_support::Ledger::default();
+        if let Ok(mut c) = Client::connect(relay.addr()) {
+            let ledger = Ledger::default();
             break c
                 .send_tracked(&ledger, "after-slowloris", 1000)
                 .expect("send");
@@ -92,7 +102,7 @@ fn idle_and_slowloris_connections_past_the_limit_leave_service_bounded() {
         assert!(Instant::now() < deadline, "slots never freed");
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert_eq!(ack, fault_support::Fate::Acked);
+    assert_eq!(ack, Fate::Acked);
     let (hwm, _) = memory_kib(pid).expect("proc status");
     report(&format!(
         "resources/slowloris max_connections={MAX_CONNECTIONS} held={} excess_refused={refused} \
@@ -111,7 +121,7 @@ fn many_35_mib_messages_at_once_keep_memory_bounded() {
     const SIZE: usize = 35 * 1024 * 1024 - 64 * 1024;
     let dir = tempfile::tempdir().expect("tempdir");
     let spool = dir.path().join("spool");
-    let relay = RelayProc::start(dir.path(), "big", &[], |port| {
+    let relay = Relay::start_with(dir.path(), "big", &[], |port| {
         relay_toml(port, &spool, "", "", "[log]\nlevel = \"warn\"\n")
     });
     let pid = relay.pid();
@@ -119,35 +129,48 @@ fn many_35_mib_messages_at_once_keep_memory_bounded() {
     let threads: Vec<_> = (0..CONNS)
         .map(|t| {
             std::thread::spawn(move || {
-                let mut c = Smtp::connect(addr).expect("connect");
-                assert_eq!(c.cmd("MAIL FROM:<big@app.local>").unwrap().0, 250);
-                assert_eq!(c.cmd("RCPT TO:<u@example.org>").unwrap().0, 250);
-                assert_eq!(c.cmd("DATA").unwrap().0, 354);
+                let mut c = Client::connect(addr).expect("connect");
+                assert_eq!(c.command("MAIL FROM:<big@app.local>").unwrap().code, 250);
+                assert_eq!(c.command("RCPT TO:<u@example.org>").unwrap().code, 250);
+                assert_eq!(c.command("DATA").unwrap().code, 354);
                 let line = format!("{t} {}\r\n", "x".repeat(1000));
                 let mut lines = SIZE / line.len();
-                c.raw(b"Subject: big\r\n\r\n").expect("write");
+                c.send_raw(b"Subject: big\r\n\r\n").expect("write");
                 let mut sent = 0;
                 while lines > 0 {
                     let n = lines.min(1000);
                     let chunk = line.repeat(n);
-                    c.raw(chunk.as_bytes()).expect("write");
+                    c.send_raw(chunk.as_bytes()).expect("write");
                     sent += chunk.len();
                     lines -= n;
                 }
-                c.raw(b".\r\n").unwrap();
-                let (code, text) = c.reply().expect("reply");
-                assert_eq!(code, 250, "{text}");
+                c.send_raw(b".\r\n").unwrap();
+                let reply = c.read_reply().expect("reply");
+                assert_eq!(reply.code, 250, "{reply}");
                 sent
             })
         })
         .collect();
     let mut sent = 0;
+    let mut smallest = usize::MAX;
     for t in threads {
-        sent += t.join().expect("sender");
+        let n = t.join().expect("sender");
+        sent += n;
+        smallest = smallest.min(n);
     }
     let (hwm, rss) = memory_kib(pid).expect("proc status");
-    let queued = fault_support::spool_count(&spool, "queue");
+    let queued = spool_count(&spool, "queue");
     assert_eq!(queued, CONNS);
+    // Each one is whole on disk: the premise is 35 MiB messages, not truncated ones.
+    for name in common::fixtures::files_in(&spool, "queue") {
+        let len = std::fs::metadata(spool.join("queue").join(&name))
+            .expect("queued file")
+            .len();
+        assert!(
+            len >= smallest as u64,
+            "{name}: {len} bytes, sent {smallest}"
+        );
+    }
     report(&format!(
         "resources/35MiB-messages connections={CONNS} bytes={sent} acked={CONNS} \
          peak_rss_kib={hwm} rss_after_kib={rss}"

@@ -8,35 +8,20 @@
 //!   key, the client assertion, the issued tokens (any JWT), the XOAUTH2 string nor the inbound
 //!   password in its logs, in `config`, `check`, `queue list` / `queue show` output.
 
-mod fault_support;
+mod common;
 
-use std::io::Read;
 use std::time::{Duration, Instant};
 
-use fault_support::{RelayProc, SimProc, Smtp, relay_toml, report, spool_count, with_upstream};
-
-fn run(args: &[&str]) -> String {
-    let mut cmd = fault_support::command(args);
-    cmd.stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().ok().flatten().is_none() {
-        assert!(Instant::now() < deadline, "{args:?} did not finish");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut out = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut out).ok();
-    child.stderr.take().unwrap().read_to_string(&mut out).ok();
-    out
-}
+use common::fixtures::{Ledger, report, spool_count};
+use common::process::{Relay, free_port, relay_toml, run_text as run, with_upstream};
+use common::sim_process::SimProc;
+use common::smtp::blocking::Client;
 
 #[test]
 fn clients_outside_allow_networks_are_refused_before_any_command() {
     let dir = tempfile::tempdir().expect("tempdir");
     let spool = dir.path().join("spool");
-    let relay = RelayProc::start(dir.path(), "acl", &[], |port| {
+    let relay = Relay::start_with(dir.path(), "acl", &[], |port| {
         relay_toml(
             port,
             &spool,
@@ -66,8 +51,15 @@ fn clients_outside_allow_networks_are_refused_before_any_command() {
         got.starts_with("554 ") && got.lines().count() == 1,
         "{got:?}"
     );
+    // Refused by the allowlist, not by something else.
+    let refusal = relay.wait_log_blocking(
+        "refusing connection: not in smtp.allow_networks",
+        0,
+        Duration::from_secs(10),
+    );
+    assert!(refusal.contains("127.0.0.2"), "{refusal}");
     // From 127.0.0.1 the service is there.
-    Smtp::connect(relay.addr()).expect("allowed client served");
+    Client::connect(relay.addr()).expect("allowed client served");
     report("secrets/allow-networks from=127.0.0.2 reply=554-then-close commands_accepted=0");
 }
 
@@ -78,7 +70,7 @@ fn auth_required_mode_refuses_wrong_credentials_after_a_delay() {
     let users = dir.path().join("users");
     std::fs::write(&users, "scanner:Corr3ct-Horse\n").unwrap();
     let users_s = users.display().to_string();
-    let relay = RelayProc::start(dir.path(), "auth", &[], |port| {
+    let relay = Relay::start_with(dir.path(), "auth", &[], |port| {
         relay_toml(
             port,
             &spool,
@@ -87,21 +79,27 @@ fn auth_required_mode_refuses_wrong_credentials_after_a_delay() {
             "[log]\nlevel = \"trace\"\n",
         )
     });
-    let mut c = Smtp::connect(relay.addr()).unwrap();
-    let (code, _) = c.cmd("MAIL FROM:<a@b.c>").unwrap();
+    let mut c = Client::connect(relay.addr()).unwrap();
+    let code = c.command("MAIL FROM:<a@b.c>").unwrap().code;
     assert_eq!(code, 530, "MAIL without AUTH");
     use base64::Engine;
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
     let started = Instant::now();
-    let (code, _) = c
-        .cmd(&format!("AUTH PLAIN {}", b64("\0scanner\0wrong-password")))
-        .unwrap();
+    let code = c
+        .command(&format!("AUTH PLAIN {}", b64("\0scanner\0wrong-password")))
+        .unwrap()
+        .code;
     let delay = started.elapsed();
     assert_eq!(code, 535);
     assert!(delay >= Duration::from_millis(900), "no delay: {delay:?}");
-    let (code, _) = c
-        .cmd(&format!("AUTH PLAIN {}", b64("\0scanner\0Corr3ct-Horse")))
-        .unwrap();
+    // The 535 is the credentials check failing for this user.
+    let failed =
+        relay.wait_log_blocking("client authentication failed", 0, Duration::from_secs(10));
+    assert!(failed.contains("scanner"), "{failed}");
+    let code = c
+        .command(&format!("AUTH PLAIN {}", b64("\0scanner\0Corr3ct-Horse")))
+        .unwrap()
+        .code;
     assert_eq!(code, 235);
     let log = relay.log_text();
     assert!(
@@ -188,7 +186,7 @@ fn trace_logs_and_commands_never_show_secrets_keys_or_tokens() {
     );
     assert!(!cert_oauth.contains(secret));
     let rest = with_upstream(&cert_oauth, "rate = \"1000/s\"");
-    let mut relay = RelayProc::start(work, "trace-cert", &[], |port| {
+    let mut relay = Relay::start_with(work, "trace-cert", &[], |port| {
         relay_toml(
             port,
             &spool,
@@ -197,8 +195,8 @@ fn trace_logs_and_commands_never_show_secrets_keys_or_tokens() {
             &format!("{rest}\n[log]\nlevel = \"trace\"\n"),
         )
     });
-    let ledger = fault_support::Ledger::default();
-    let mut c = Smtp::connect(relay.addr()).unwrap();
+    let ledger = Ledger::default();
+    let mut c = Client::connect(relay.addr()).unwrap();
     for i in 0..3 {
         c.send_tracked(&ledger, &format!("trace-{i}"), 800).unwrap();
     }
@@ -225,13 +223,13 @@ fn trace_logs_and_commands_never_show_secrets_keys_or_tokens() {
 
     // Phase 2: client secret, the upstream SMTP port closed: mail stays queued with its reply.
     let spool2 = work.join("spool2");
-    let closed = fault_support::free_port();
+    let closed = free_port();
     let secret_oauth = sim.fragment.replace(
         &format!("port = {}", port_of(&sim.fragment)),
         &format!("port = {closed}"),
     );
     let rest = with_upstream(&secret_oauth, "rate = \"1000/s\"");
-    let mut relay = RelayProc::start(work, "trace-secret", &[], |port| {
+    let mut relay = Relay::start_with(work, "trace-secret", &[], |port| {
         relay_toml(
             port,
             &spool2,
@@ -240,9 +238,14 @@ fn trace_logs_and_commands_never_show_secrets_keys_or_tokens() {
             &format!("{rest}\n[log]\nlevel = \"trace\"\n"),
         )
     });
-    let mut c = Smtp::connect(relay.addr()).unwrap();
+    let mut c = Client::connect(relay.addr()).unwrap();
     c.send_tracked(&ledger, "trace-queued", 800).unwrap();
-    std::thread::sleep(Duration::from_millis(2500));
+    // The relay tried and met the closed port; the message stays queued with that reply.
+    let attempt = relay.wait_log_blocking("delivery attempt failed", 0, Duration::from_secs(30));
+    assert!(
+        attempt.contains("Connect: ") && attempt.to_lowercase().contains("refused"),
+        "{attempt}"
+    );
     assert_eq!(spool_count(&spool2, "queue"), 1);
     let cfg = relay.config.to_str().unwrap().to_string();
     let list = run(&["--config", &cfg, "queue", "list"]);

@@ -542,7 +542,8 @@ async fn shutdown_lets_a_message_in_flight_finish() {
     c.begin_message("a@legacy.test", &["b@example.org"]).await;
     c.send(b"Subject: in flight\r\n\r\nfirst half\r\n").await;
     relay.shutdown.cancel();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The server has seen the shutdown (it stopped accepting) while the message is in flight.
+    relay.wait_not_accepting().await;
     c.send(b"second half\r\n.\r\n").await;
     c.expect("250 2.0.0 queued as").await;
     c.expect("421 4.3.2").await;

@@ -95,7 +95,7 @@ async fn a_trickling_data_transfer_is_cut_off() {
     let mut c = Client::connect(relay.addr).await;
     c.begin_message("a@legacy.test", &["b@example.org"]).await;
     let stream = c.into_inner();
-    let (rd, mut wr) = stream.into_split();
+    let (rd, mut wr) = tokio::io::split(stream);
     // Sends a byte every 100 ms, at most `BYTES` of them; returns how many it sent.
     const BYTES: usize = 300;
     let trickle = tokio::spawn(async move {

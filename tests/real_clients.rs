@@ -4,17 +4,15 @@
 //!
 //! The tools are required: when one is missing the test fails and says so (CI installs them).
 
-mod proc_support;
+mod common;
 
 use std::collections::BTreeSet;
 use std::fs;
 use std::process::Command;
 use std::time::Duration;
 
-use proc_support::{
-    Extra, Relay, assert_stored_equals, files_in, output_bounded, queued_path, read_stored,
-    require_tool,
-};
+use common::fixtures::{assert_stored_equals, crlf, files_in, queued_path, read_stored};
+use common::process::{Extra, Relay, output_bounded, require_tool};
 use smtp_oauth_relay::spool::BodyType;
 
 /// Sends every message file given as `7bit=PATH` / `8bit=PATH` on ONE connection with
@@ -43,15 +41,6 @@ for arg in sys.argv[2:]:
     print("DATA", code, resp.decode(), flush=True)
 s.quit()
 "#;
-
-fn crlf(lines: &[&str]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for l in lines {
-        out.extend_from_slice(l.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out
-}
 
 #[test]
 fn python_smtplib_several_messages_on_one_connection_are_stored_byte_for_byte() {

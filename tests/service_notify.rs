@@ -3,16 +3,15 @@
 //! follow the listener; and the SIGTERM drain with 100 messages in flight.
 
 mod common;
-mod service_support;
 
 use std::time::{Duration, Instant};
 
 use common::Client;
-use service_support::Daemon;
+use common::process::{self, Relay};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_only_when_listening_then_watchdog_then_stopping() {
-    let mut relay = Daemon::start(|c| c, Some(Duration::from_millis(400))).await;
+    let mut relay = Relay::daemon(|c| c, Some(Duration::from_millis(400))).await;
     let before_ready = relay.wait_notify("READY=1", Duration::from_secs(30)).await;
     // Nothing but READY (with STATUS) came first; and at READY the listener already accepts.
     assert_eq!(before_ready.len(), 1, "{before_ready:?}");
@@ -20,7 +19,7 @@ async fn ready_only_when_listening_then_watchdog_then_stopping() {
         before_ready[0].contains("STATUS=accepting SMTP"),
         "{before_ready:?}"
     );
-    let mut client = Client::connect(relay.smtp).await;
+    let mut client = Client::connect(relay.smtp()).await;
     client.expect("220 ").await;
     assert_eq!(relay.health(), (0, "ready\n".into()));
 
@@ -38,13 +37,13 @@ async fn ready_only_when_listening_then_watchdog_then_stopping() {
         .await;
     // The idle session is told to go away, and the process exits 0.
     assert!(client.reply().await.starts_with("421"));
-    let status = relay.wait_exit(Duration::from_secs(30)).await;
-    assert!(status.success(), "{status:?}\n{}", relay.log());
+    let status = relay.wait_exit_status(Duration::from_secs(30)).await;
+    assert!(status.success(), "{status:?}\n{}", relay.log_text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_reports_an_unwritable_spool_and_a_full_disk() {
-    let relay = Daemon::start(|c| c, None).await;
+    let relay = Relay::daemon(|c| c, None).await;
     assert_eq!(relay.health(), (0, "ready\n".into()));
 
     // Replace tmp/ with a file: the probe cannot be created.
@@ -62,7 +61,7 @@ async fn readyz_reports_an_unwritable_spool_and_a_full_disk() {
     assert_eq!(relay.health().0, 0);
     drop(relay);
 
-    let relay = Daemon::start(
+    let relay = Relay::daemon(
         |c| c.replace("min_free_space = 1", "min_free_space = 9000000000000000000"),
         None,
     )
@@ -80,11 +79,11 @@ async fn health_exit_codes_without_a_relay() {
     let dir = tempfile::tempdir().unwrap();
     let unset = dir.path().join("unset.toml");
     std::fs::write(&unset, "[log]\nlevel = \"info\"\n").unwrap();
-    assert_eq!(service_support::health_with(&unset).0, 2);
+    assert_eq!(process::health_with(&unset).0, 2);
     let nobody = dir.path().join("nobody.toml");
-    let addr = service_support::free_addr();
+    let addr = process::free_addr();
     std::fs::write(&nobody, format!("[admin]\nlisten = \"{addr}\"\n")).unwrap();
-    let (code, out) = service_support::health_with(&nobody);
+    let (code, out) = process::health_with(&nobody);
     assert_eq!(code, 1);
     assert!(out.starts_with("unreachable: cannot connect"), "{out}");
 }
@@ -95,12 +94,12 @@ async fn health_exit_codes_without_a_relay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_100_messages_in_flight() {
     const N: usize = 100;
-    let mut relay = Daemon::start(|c| c, Some(Duration::from_secs(60))).await;
+    let mut relay = Relay::daemon(|c| c, Some(Duration::from_secs(60))).await;
     relay.wait_notify("READY=1", Duration::from_secs(30)).await;
     let body = "Subject: drain\r\n\r\n".to_string() + &"x".repeat(70) + "\r\n";
     let mut clients = Vec::new();
     for i in 0..N {
-        let mut c = Client::connect(relay.smtp).await;
+        let mut c = Client::connect(relay.smtp()).await;
         c.begin_message(&format!("app{i}@legacy.test"), &["someone@example.org"])
             .await;
         c.send(body.repeat(100).as_bytes()).await; // ~9 KB of the body, no end yet
@@ -126,7 +125,7 @@ async fn sigterm_drains_100_messages_in_flight() {
         let reply = t.await.unwrap();
         assert!(reply.starts_with("250 2.0.0"), "{reply:?}");
     }
-    let status = relay.wait_exit(Duration::from_secs(30)).await;
+    let status = relay.wait_exit_status(Duration::from_secs(30)).await;
     let drain = sigterm.elapsed();
     assert!(status.success(), "{status:?}");
     assert_eq!(relay.queued_files(), N);

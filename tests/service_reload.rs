@@ -3,15 +3,14 @@
 //! RELOADING=1 then READY=1.
 
 mod common;
-mod service_support;
 
 use std::time::Duration;
 
+use common::process::{self, Relay};
 use common::{Client, queued_id};
-use service_support::Daemon;
 
-async fn send_one(relay: &Daemon) -> String {
-    let mut c = Client::connect(relay.smtp).await;
+async fn send_one(relay: &Relay) -> String {
+    let mut c = Client::connect(relay.smtp()).await;
     c.begin_message("app@legacy.test", &["someone@example.org"])
         .await;
     c.send(b"Subject: t\r\n\r\nhello\r\n.\r\n").await;
@@ -23,24 +22,24 @@ async fn send_one(relay: &Daemon) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_refuses_a_broken_config_and_applies_a_valid_one() {
-    let relay = Daemon::start(|c| c, Some(Duration::from_secs(60))).await;
+    let relay = Relay::daemon(|c| c, Some(Duration::from_secs(60))).await;
     relay.wait_notify("READY=1", Duration::from_secs(30)).await;
-    let good = std::fs::read_to_string(&relay.config_path).unwrap();
+    let good = std::fs::read_to_string(&relay.config).unwrap();
     // `health` reads a config too: give it one that stays valid.
-    let health_config = relay.dir.path().join("health.toml");
+    let health_config = relay.dir.join("health.toml");
     std::fs::write(&health_config, &good).unwrap();
     // A connection that stays open across both reloads.
-    let mut open = Client::connect(relay.smtp).await;
+    let mut open = Client::connect(relay.smtp()).await;
     open.expect("220 ").await;
     open.cmd_expect("EHLO long.test", "250").await;
 
     // 1. Broken: an unknown key and a bad value. Refused, old config stays, mail still flows.
     std::fs::write(
-        &relay.config_path,
+        &relay.config,
         good.replace("[log]", "[log]\nlevle = \"debug\"") + "\n[upstream]\nport = \"x\"\n",
     )
     .unwrap();
-    let mark = relay.log().len();
+    let mark = relay.log_text().len();
     relay.signal(libc::SIGHUP);
     let notes = relay.wait_notify("READY=1", Duration::from_secs(10)).await;
     assert!(notes.iter().any(|n| n.contains("RELOADING=1")), "{notes:?}");
@@ -48,20 +47,20 @@ async fn sighup_refuses_a_broken_config_and_applies_a_valid_one() {
     assert!(line.contains("log.levle"), "{line}");
     let id = send_one(&relay).await;
     assert!(!id.is_empty());
-    assert_eq!(service_support::health_with(&health_config).0, 0);
+    assert_eq!(process::health_with(&health_config).0, 0);
     assert!(
-        !relay.log()[mark..].contains("connection opened"),
+        !relay.log_text()[mark..].contains("connection opened"),
         "still at info"
     );
 
     // 2. Valid: log level to debug (applied now), max_recipients (needs a restart).
     std::fs::write(
-        &relay.config_path,
+        &relay.config,
         good.replace("level = \"info\"", "level = \"debug\"")
             .replace("[smtp]", "[smtp]\nmax_recipients = 200"),
     )
     .unwrap();
-    let mark = relay.log().len();
+    let mark = relay.log_text().len();
     relay.signal(libc::SIGHUP);
     let line = relay.wait_log("SIGHUP: configuration reloaded", mark).await;
     assert!(line.contains("applied=log.level"), "{line}");

@@ -1,13 +1,14 @@
 //! Simulator configuration: the example `sim.toml`, TOML errors, and the relay.toml fragment it prints
 //! (whose values must actually work against the running simulator).
 
-mod sim_support;
+mod common;
 
 use std::path::Path;
 
+use common::sim::{start_with, xoauth2};
+use common::smtp::Client;
 use figment::providers::Format as _;
 use serde_json::Value;
-use sim_support::{Client, start_with, xoauth2};
 use smtp_oauth_relay::sim::{RateMode, SendAsReply, SimConfig};
 
 #[test]
@@ -71,7 +72,7 @@ async fn relay_fragment_points_at_the_simulator() {
 
     // Use the printed values, exactly, to get a token and authenticate.
     let s = |x: &Value| x.as_str().unwrap_or_default().to_string();
-    let resp = sim_support::http()
+    let resp = common::sim::http()
         .post(s(&oauth["token_url"]))
         .form(&[
             ("grant_type", "client_credentials"),

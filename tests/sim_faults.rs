@@ -1,18 +1,20 @@
 //! Scripted SMTP faults over real sockets: 421 at every step, 451, 430, drops before/after the final dot,
 //! stall, idle timeout.
 
-mod sim_support;
+mod common;
 
 use std::time::Duration;
 
-use sim_support::{Client, Reply, TestSim, dot_stuff, message, start, token};
+use common::fixtures::{data_block, sim_message};
+use common::sim::{TestSim, start, token};
+use common::smtp::{Client, Reply};
 use smtp_oauth_relay::sim::{DEFAULT_MAILBOX, SmtpFault, SmtpStage};
 
 const MBX: &str = DEFAULT_MAILBOX;
 
 /// Drives a fresh session to `stage` and returns the client plus the reply to that step (None: closed silently).
 async fn reach(sim: &TestSim, tok: &str, stage: SmtpStage) -> (Client, Option<Reply>) {
-    let (mut c, banner) = Client::connect(sim).await;
+    let (mut c, banner) = Client::connect_sim(sim).await;
     if stage == SmtpStage::Greeting {
         return (c, Some(banner));
     }
@@ -29,7 +31,7 @@ async fn reach(sim: &TestSim, tok: &str, stage: SmtpStage) -> (Client, Option<Re
     c.cmd("EHLO client.example").await.assert(250, "");
     if stage == SmtpStage::Auth {
         let r = c
-            .try_cmd(&format!("AUTH XOAUTH2 {}", sim_support::xoauth2(MBX, tok)))
+            .try_cmd(&format!("AUTH XOAUTH2 {}", common::sim::xoauth2(MBX, tok)))
             .await;
         return (c, r);
     }
@@ -46,7 +48,7 @@ async fn reach(sim: &TestSim, tok: &str, stage: SmtpStage) -> (Client, Option<Re
         }
     }
     // DataBody / DataEnd: send the body.
-    c.send(&dot_stuff(&message(MBX, "fault"))).await;
+    c.send(&data_block(sim_message(MBX, "fault"))).await;
     let r = c.read_reply().await;
     (c, r)
 }
@@ -69,6 +71,7 @@ async fn reply_421_at_every_step_then_close() {
         sim.control()
             .script_smtp_fault(stage, SmtpFault::Reply421, 1);
         let (mut c, r) = reach(&sim, &tok, stage).await;
+        assert_eq!(sim.control().smtp_faults_fired(stage), 1, "{stage:?}");
         let r = r.unwrap_or_else(|| panic!("no reply at {stage:?}"));
         r.assert(421, "4.3.2");
         assert_eq!(
@@ -89,6 +92,7 @@ async fn reply_421_at_quit() {
         .script_smtp_fault(SmtpStage::Quit, SmtpFault::Reply421, 1);
     c.cmd("QUIT").await.assert(421, "4.3.2");
     c.expect_closed().await;
+    assert_eq!(sim.control().smtp_faults_fired(SmtpStage::Quit), 1);
 }
 
 #[tokio::test]
@@ -109,14 +113,14 @@ async fn transient_replies_keep_the_session() {
 
     sim.control()
         .script_smtp_fault(SmtpStage::DataEnd, SmtpFault::Reply451, 1);
-    c.send_message(MBX, &["a@example.org"], &message(MBX, "x"))
+    c.send_message(MBX, &["a@example.org"], &sim_message(MBX, "x"))
         .await
         .assert(451, "4.7.0");
 
     sim.control()
         .script_smtp_fault(SmtpStage::DataEnd, SmtpFault::Reply430, 1);
     let r = c
-        .send_message(MBX, &["a@example.org"], &message(MBX, "x"))
+        .send_message(MBX, &["a@example.org"], &sim_message(MBX, "x"))
         .await;
     r.assert(430, "4.2.0");
     assert!(r.lines[0].starts_with("4.2.0 STOREDRV; mailbox logon failure;"));
@@ -137,9 +141,14 @@ async fn transient_replies_keep_the_session() {
         .assert(451, "4.7.500");
     c.cmd("RSET").await.assert(250, "2.0.0");
 
+    // Each scripted reply came from its fault, and none is left over.
+    assert_eq!(sim.control().smtp_faults_fired(SmtpStage::Mail), 1);
+    assert_eq!(sim.control().smtp_faults_fired(SmtpStage::DataEnd), 2);
+    assert_eq!(sim.control().smtp_faults_fired(SmtpStage::Rcpt), 1);
+    assert_eq!(sim.control().smtp_faults_pending(), 0);
     // Nothing was accepted; the session still delivers afterwards.
     assert!(sim.messages().expect("list").is_empty());
-    c.send_message(MBX, &["a@example.org"], &message(MBX, "x"))
+    c.send_message(MBX, &["a@example.org"], &sim_message(MBX, "x"))
         .await
         .assert(250, "2.0.0");
     assert_eq!(sim.messages().expect("list").len(), 1);
@@ -154,6 +163,7 @@ async fn drop_before_the_final_dot() {
     let (mut c, r) = reach(&sim, &tok, SmtpStage::DataBody).await;
     assert!(r.is_none(), "no reply expected, got {r:?}");
     c.expect_closed().await;
+    assert_eq!(sim.control().smtp_faults_fired(SmtpStage::DataBody), 1);
     assert!(sim.messages().expect("list").is_empty());
 }
 
@@ -165,6 +175,7 @@ async fn drop_after_the_final_dot_with_and_without_keeping() {
         .script_smtp_fault(SmtpStage::DataEnd, SmtpFault::Drop, 1);
     let (_c, r) = reach(&sim, &tok, SmtpStage::DataEnd).await;
     assert!(r.is_none(), "no reply expected, got {r:?}");
+    assert_eq!(sim.control().smtp_faults_fired(SmtpStage::DataEnd), 1);
     assert!(sim.messages().expect("list").is_empty());
 
     // The lost-reply case: Exchange kept the message but the 250 never arrived.
@@ -172,6 +183,7 @@ async fn drop_after_the_final_dot_with_and_without_keeping() {
         .script_smtp_fault(SmtpStage::DataEnd, SmtpFault::DropAfterAccept, 1);
     let (_c, r) = reach(&sim, &tok, SmtpStage::DataEnd).await;
     assert!(r.is_none(), "no reply expected, got {r:?}");
+    assert_eq!(sim.control().smtp_faults_fired(SmtpStage::DataEnd), 2);
     assert_eq!(sim.messages().expect("list").len(), 1);
 }
 
@@ -184,6 +196,7 @@ async fn stall_then_close() {
         .script_smtp_fault(SmtpStage::DataEnd, SmtpFault::Stall, 1);
     let (_c, r) = reach(&sim, &tok, SmtpStage::DataEnd).await;
     assert!(r.is_none(), "a stall answers nothing, got {r:?}");
+    assert_eq!(sim.control().smtp_faults_fired(SmtpStage::DataEnd), 1);
     assert!(sim.messages().expect("list").is_empty());
 
     sim.control()
@@ -193,20 +206,21 @@ async fn stall_then_close() {
         .expect("connect");
     let mut buf = [0u8; 64];
     let n = tokio::time::timeout(
-        sim_support::STEP,
+        common::sim::STEP,
         tokio::io::AsyncReadExt::read(&mut { tcp }, &mut buf),
     )
     .await
     .expect("closed in time")
     .unwrap_or(0);
     assert_eq!(n, 0, "no banner during a stall");
+    assert_eq!(sim.control().smtp_faults_fired(SmtpStage::Greeting), 1);
 }
 
 #[tokio::test]
 async fn idle_timeout_closes_with_451() {
     let sim = start().await;
     sim.control().set_idle_timeout(Duration::from_millis(200));
-    let (mut c, banner) = Client::connect(&sim).await;
+    let (mut c, banner) = Client::connect_sim(&sim).await;
     assert_eq!(banner.code, 220);
     let r = c.read_reply().await.expect("timeout reply");
     r.assert(451, "4.7.0");

@@ -1,13 +1,13 @@
 //! A real XOAUTH2 client nobody here wrote (Debian's msmtp, GnuTLS) sends through the simulator with a token the
 //! test fetched over HTTP. msmtp must be installed (`.ci/run` installs it); a missing msmtp fails the test.
 
-mod sim_support;
+mod common;
 
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use sim_support::{TestSim, start, token};
+use common::sim::{TestSim, start, token};
 use smtp_oauth_relay::sim::DEFAULT_MAILBOX;
 
 fn msmtp_present() {

@@ -1,8 +1,10 @@
 //! Simulated Exchange Online SMTP over real sockets: transcript, AUTH, permissions, limits, end-of-DATA checks.
 
-mod sim_support;
+mod common;
 
-use sim_support::{Client, dot_stuff, message, start, token, token_for_scope};
+use common::fixtures::{data_block, sim_message};
+use common::sim::{start, token, token_for_scope};
+use common::smtp::Client;
 use smtp_oauth_relay::sim::{DEFAULT_MAILBOX, RateMode, SendAsReply};
 use std::time::Duration;
 
@@ -12,7 +14,7 @@ const MBX: &str = DEFAULT_MAILBOX;
 async fn recorded_transcript_and_stored_message() {
     let sim = start().await;
     let tok = token(&sim).await;
-    let (mut c, banner) = Client::connect(&sim).await;
+    let (mut c, banner) = Client::connect_sim(&sim).await;
     assert_eq!(banner.code, 220);
     let b = &banner.lines[0];
     assert!(
@@ -60,7 +62,7 @@ async fn recorded_transcript_and_stored_message() {
     let challenge = c.cmd("AUTH XOAUTH2").await;
     assert_eq!(challenge.code, 334);
     assert_eq!(challenge.lines, [""]);
-    let ok = c.cmd(&sim_support::xoauth2(MBX, &tok)).await;
+    let ok = c.cmd(&common::sim::xoauth2(MBX, &tok)).await;
     ok.assert(235, "2.7.0");
     assert_eq!(ok.lines[0], "2.7.0 Authentication successful");
 
@@ -74,7 +76,7 @@ async fn recorded_transcript_and_stored_message() {
         (354, "Start mail input; end with <CRLF>.<CRLF>")
     );
     let body = format!("From: <{MBX}>\r\nSubject: t\r\n\r\n.leading dot\r\nend\r\n");
-    c.send(&dot_stuff(&body)).await;
+    c.send(&data_block(&body)).await;
     let done = c.read_reply().await.expect("final reply");
     done.assert(250, "2.0.0");
     let text = &done.lines[0];
@@ -140,10 +142,10 @@ async fn inline_auth_empty_message_and_rset() {
 async fn before_tls_and_before_auth() {
     let sim = start().await;
     let tok = token(&sim).await;
-    let (mut c, _) = Client::connect(&sim).await;
+    let (mut c, _) = Client::connect_sim(&sim).await;
     c.cmd("EHLO x").await.assert(250, "");
     let r = c
-        .cmd(&format!("AUTH XOAUTH2 {}", sim_support::xoauth2(MBX, &tok)))
+        .cmd(&format!("AUTH XOAUTH2 {}", common::sim::xoauth2(MBX, &tok)))
         .await;
     r.assert(504, "5.7.4");
     assert!(r.lines[0].starts_with("5.7.4 Unrecognized authentication type"));
@@ -172,7 +174,7 @@ async fn before_tls_and_before_auth() {
     );
 }
 
-async fn auth_reply(sim: &sim_support::TestSim, user: &str, token: &str) -> sim_support::Reply {
+async fn auth_reply(sim: &common::sim::TestSim, user: &str, token: &str) -> common::smtp::Reply {
     let mut c = Client::secure(sim).await;
     c.auth_two_step(user, token).await
 }
@@ -182,7 +184,7 @@ async fn every_auth_failure_is_generic_535_5_7_3() {
     let sim = start().await;
     let good = token(&sim).await;
 
-    let generic = |r: sim_support::Reply| {
+    let generic = |r: common::smtp::Reply| {
         r.assert(535, "5.7.3");
         assert!(
             r.lines[0].starts_with("5.7.3 Authentication unsuccessful [SY5P282CA0097."),
@@ -237,7 +239,7 @@ async fn every_auth_failure_is_generic_535_5_7_3() {
     sim.control().set_rbac_mode(false);
     let mut c = Client::secure(&sim).await;
     assert_eq!(c.cmd("auth xoauth2").await.code, 334);
-    c.cmd(&sim_support::xoauth2(MBX, &good))
+    c.cmd(&common::sim::xoauth2(MBX, &good))
         .await
         .assert(235, "2.7.0");
 }
@@ -277,7 +279,7 @@ async fn send_as_checked_after_data() {
         .send_message(
             MBX,
             &["a@example.org"],
-            &message("boss@contoso.example", "x"),
+            &sim_message("boss@contoso.example", "x"),
         )
         .await;
     r.assert(550, "5.7.60");
@@ -289,7 +291,7 @@ async fn send_as_checked_after_data() {
     c.send_message(
         "boss@contoso.example",
         &["a@example.org"],
-        &message(MBX, "x"),
+        &sim_message(MBX, "x"),
     )
     .await
     .assert(550, "5.7.60");
@@ -299,7 +301,7 @@ async fn send_as_checked_after_data() {
         .send_message(
             MBX,
             &["a@example.org"],
-            &message("boss@contoso.example", "x"),
+            &sim_message("boss@contoso.example", "x"),
         )
         .await;
     r.assert(554, "5.2.252");
@@ -316,7 +318,7 @@ async fn send_as_checked_after_data() {
     c.send_message(
         MBX,
         &["a@example.org"],
-        &message("boss@contoso.example", "x"),
+        &sim_message("boss@contoso.example", "x"),
     )
     .await
     .assert(250, "2.0.0");
@@ -330,9 +332,13 @@ async fn continuous_send_as_errors_throttle_the_sender() {
     let tok = token(&sim).await;
     let mut c = Client::authenticated(&sim, MBX, &tok).await;
     for _ in 0..2 {
-        c.send_message(MBX, &["a@example.org"], &message("x@contoso.example", "x"))
-            .await
-            .assert(550, "5.7.60");
+        c.send_message(
+            MBX,
+            &["a@example.org"],
+            &sim_message("x@contoso.example", "x"),
+        )
+        .await
+        .assert(550, "5.7.60");
     }
     let r = c.cmd(&format!("MAIL FROM:<{MBX}>")).await;
     r.assert(550, "5.2.252");
@@ -340,7 +346,7 @@ async fn continuous_send_as_errors_throttle_the_sender() {
         r.lines[0].starts_with("5.2.252 Sender throttled due to continuous send as denied errors.")
     );
     sim.control().reset_usage();
-    c.send_message(MBX, &["a@example.org"], &message(MBX, "x"))
+    c.send_message(MBX, &["a@example.org"], &sim_message(MBX, "x"))
         .await
         .assert(250, "2.0.0");
 }
@@ -355,7 +361,7 @@ async fn more_than_three_connections_per_mailbox_get_432() {
     }
     assert_eq!(sim.control().active_sessions(MBX), 4);
     let r = sessions[0]
-        .send_message(MBX, &["a@example.org"], &message(MBX, "x"))
+        .send_message(MBX, &["a@example.org"], &sim_message(MBX, "x"))
         .await;
     r.assert(432, "4.3.2");
     assert!(
@@ -374,7 +380,7 @@ async fn more_than_three_connections_per_mailbox_get_432() {
     }
     assert_eq!(sim.control().active_sessions(MBX), 3);
     sessions[0]
-        .send_message(MBX, &["a@example.org"], &message(MBX, "x"))
+        .send_message(MBX, &["a@example.org"], &sim_message(MBX, "x"))
         .await
         .assert(250, "2.0.0");
 }
@@ -387,12 +393,12 @@ async fn message_rate_reject_and_delay() {
     let tok = token(&sim).await;
     let mut c = Client::authenticated(&sim, MBX, &tok).await;
     for _ in 0..2 {
-        c.send_message(MBX, &["a@example.org"], &message(MBX, "x"))
+        c.send_message(MBX, &["a@example.org"], &sim_message(MBX, "x"))
             .await
             .assert(250, "2.0.0");
     }
     let r = c
-        .send_message(MBX, &["a@example.org"], &message(MBX, "x"))
+        .send_message(MBX, &["a@example.org"], &sim_message(MBX, "x"))
         .await;
     r.assert(432, "4.3.2");
     assert_eq!(sim.messages().expect("list").len(), 2);
@@ -402,7 +408,7 @@ async fn message_rate_reject_and_delay() {
     sim.control()
         .set_rate_limit(1, Duration::from_millis(150), RateMode::Delay);
     for _ in 0..2 {
-        c.send_message(MBX, &["a@example.org"], &message(MBX, "x"))
+        c.send_message(MBX, &["a@example.org"], &sim_message(MBX, "x"))
             .await
             .assert(250, "2.0.0");
     }
@@ -426,18 +432,26 @@ async fn recipient_limits() {
     c.cmd("RSET").await.assert(250, "2.0.0");
 
     sim.control().set_recipients_per_day(3);
-    c.send_message(MBX, &["a@example.org", "b@example.org"], &message(MBX, "x"))
-        .await
-        .assert(250, "2.0.0");
+    c.send_message(
+        MBX,
+        &["a@example.org", "b@example.org"],
+        &sim_message(MBX, "x"),
+    )
+    .await
+    .assert(250, "2.0.0");
     let r = c
-        .send_message(MBX, &["a@example.org", "b@example.org"], &message(MBX, "x"))
+        .send_message(
+            MBX,
+            &["a@example.org", "b@example.org"],
+            &sim_message(MBX, "x"),
+        )
         .await;
     r.assert(554, "5.2.0");
     assert!(
         r.lines[0]
             .starts_with("5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException")
     );
-    c.send_message(MBX, &["a@example.org"], &message(MBX, "x"))
+    c.send_message(MBX, &["a@example.org"], &sim_message(MBX, "x"))
         .await
         .assert(250, "2.0.0");
 }
@@ -459,7 +473,7 @@ async fn size_header_and_bare_lf_checks() {
     c.cmd("RSET").await;
 
     sim.control().set_max_send_size(100);
-    let big = format!("{}{}\r\n", message(MBX, "big"), "x".repeat(200));
+    let big = format!("{}{}\r\n", sim_message(MBX, "big"), "x".repeat(200));
     let r = c.send_message(MBX, &["a@example.org"], &big).await;
     r.assert(554, "5.2.0");
     assert!(
@@ -480,7 +494,7 @@ async fn size_header_and_bare_lf_checks() {
          'Autocrypt' header."
     ));
 
-    // Bare LF inside the body (sent raw, not through dot_stuff's CRLF handling).
+    // Bare LF inside the body (sent raw, not through data_block's CRLF handling).
     c.cmd(&format!("MAIL FROM:<{MBX}>"))
         .await
         .assert(250, "2.1.0");

@@ -1,15 +1,15 @@
 //! Simulated Entra ID token endpoint over HTTP: success shape and claims, every AADSTS error it implements,
 //! HTTP Basic and form client auth, certificate assertions (PS256/x5t#S256, RS256/x5t), faults.
 
-mod sim_support;
+mod common;
 
 use std::time::Duration;
 
 use base64::Engine;
+use common::sim::{TestSim, http, post_token, start};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use sha1::Digest as _;
-use sim_support::{TestSim, http, post_token, start};
 use smtp_oauth_relay::sim::{
     DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_TENANT_ID, EXCHANGE_SCOPE, TokenFault,
 };
@@ -611,4 +611,7 @@ async fn scripted_faults() {
     assert_eq!(post_token(&sim, &secret_form()).await.status(), 200);
     assert_eq!(sim.control().token_requests(), 7);
     assert_eq!(sim.control().tokens_issued(), 2);
+    // Each scripted fault answered exactly one request (the slow one too, then normally).
+    assert_eq!(sim.control().token_faults_fired(), 6);
+    assert_eq!(sim.control().token_faults_pending(), 0);
 }

@@ -7,7 +7,7 @@
 //!
 //! Seeds are fixed so a failure reproduces; `CRASH_SEED=<n>` runs one extra round with seed n.
 
-mod proc_support;
+mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use proc_support::{
-    Client, Extra, Relay, Rng, assert_stored_equals, files_in, queued_path, read_stored, run_cli,
-};
+use common::fixtures::{Rng, assert_stored_equals, files_in, marker_of, queued_path, read_stored};
+use common::process::{Extra, Relay, run_cli};
+use common::smtp::blocking::Client;
 
 const CLIENTS: usize = 4;
 /// Bound on messages per client per round (the kill normally comes much earlier).
@@ -48,14 +48,6 @@ fn message(marker: &str, size: usize) -> Vec<u8> {
         i += 1;
     }
     m
-}
-
-/// The `X-Marker:` value of a stored message.
-fn marker_of(stored_body: &[u8]) -> Option<String> {
-    let text = String::from_utf8_lossy(stored_body);
-    let start = text.find("\r\nX-Marker: ")? + "\r\nX-Marker: ".len();
-    let end = start + text[start..].find("\r\n")?;
-    Some(text[start..end].to_string())
 }
 
 #[derive(Default)]
@@ -154,6 +146,12 @@ fn crash_round(work: &Path, spool: &Path, round: usize, seed: u64, rec: &Arc<Rec
         }
         format!("after {n} acks")
     };
+    // The kill is the fault: it must land on a running relay, not on one that already died.
+    assert!(
+        relay.running(),
+        "round {round}: the relay exited before the kill:\n{}",
+        relay.log_text()
+    );
     relay.kill();
     stop.store(true, Ordering::Relaxed);
     for th in threads {

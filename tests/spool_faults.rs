@@ -20,6 +20,14 @@ fn envelope() -> Envelope {
     }
 }
 
+/// The errno an I/O failure of the spool carries (the injected one, if the fault fired).
+fn errno_of(err: &SpoolError) -> Option<i32> {
+    match err {
+        SpoolError::NoSpace { source, .. } | SpoolError::Io { source, .. } => source.raw_os_error(),
+        _ => None,
+    }
+}
+
 fn count(dir: &Path) -> usize {
     fs::read_dir(dir).unwrap().count()
 }
@@ -98,7 +106,13 @@ async fn failed_message_refuses_further_writes() {
     let mut m = spool.create(&envelope()).await.unwrap();
     spool.inject_fault(Some(Fault::enospc(FaultPoint::Write)));
     let big = vec![b'y'; 300 * 1024];
-    assert!(m.write_all(&big).await.unwrap_err().is_no_space());
+    let err = m.write_all(&big).await.unwrap_err();
+    assert!(err.is_no_space());
+    assert_eq!(
+        errno_of(&err),
+        Some(libc::ENOSPC),
+        "the injected fault fired: {err}"
+    );
     assert_eq!(
         count(&tmp.path().join("tmp")),
         0,
@@ -120,7 +134,8 @@ async fn fault_is_one_shot_and_clearable() {
     spool.inject_fault(None);
     attempt(&spool, 10).await.unwrap();
     spool.inject_fault(Some(Fault::eio(FaultPoint::Create)));
-    assert!(attempt(&spool, 10).await.is_err());
+    let err = attempt(&spool, 10).await.expect_err("the fault fires");
+    assert_eq!(errno_of(&err), Some(libc::EIO), "{err}");
     attempt(&spool, 10).await.unwrap();
     assert_eq!(spool.list().unwrap().len(), 2);
 }
@@ -130,6 +145,7 @@ async fn fault_is_one_shot_and_clearable() {
 async fn cancelled_commits_do_not_wedge_others() {
     let tmp = tempfile::tempdir().unwrap();
     let (spool, _) = Spool::open(tmp.path()).unwrap();
+    let mut cancelled = 0;
     for round in 0..20 {
         let mut handles = Vec::new();
         for i in 0..8 {
@@ -146,10 +162,16 @@ async fn cancelled_commits_do_not_wedge_others() {
                 Ok(r) => {
                     r.unwrap();
                 }
-                Err(e) => assert!(e.is_cancelled(), "round {round}: {e}"),
+                Err(e) => {
+                    assert!(e.is_cancelled(), "round {round}: {e}");
+                    cancelled += 1;
+                }
             }
         }
     }
+    // The premise: some commits really were cut off (an fsync'd commit cannot finish in the
+    // one yield before the abort).
+    assert!(cancelled > 0, "no commit was cancelled");
     // A fresh commit completes promptly.
     tokio::time::timeout(Duration::from_secs(10), attempt(&spool, 10))
         .await

@@ -103,6 +103,9 @@ pub(crate) struct Shared {
     pub token_requests: AtomicU64,
     pub tokens_issued: AtomicU64,
     pub smtp_connections: AtomicU64,
+    /// Scripted faults handed out so far: tests check that the fault they set up fired.
+    token_faults_fired: AtomicU64,
+    smtp_faults_fired: Mutex<HashMap<SmtpStage, u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -146,6 +149,8 @@ impl Shared {
             token_requests: AtomicU64::new(0),
             tokens_issued: AtomicU64::new(0),
             smtp_connections: AtomicU64::new(0),
+            token_faults_fired: AtomicU64::new(0),
+            smtp_faults_fired: Mutex::new(HashMap::new()),
         })
     }
 
@@ -174,6 +179,7 @@ impl Shared {
         if *remaining == 0 {
             q.pop_front();
         }
+        self.token_faults_fired.fetch_add(1, Ordering::Relaxed);
         Some(fault)
     }
 
@@ -188,6 +194,7 @@ impl Shared {
         if faults[idx].remaining == 0 {
             faults.remove(idx);
         }
+        *lock(&self.smtp_faults_fired).entry(stage).or_default() += 1;
         Some(fault)
     }
 
@@ -405,6 +412,32 @@ impl Control {
     /// Access tokens issued.
     pub fn tokens_issued(&self) -> u64 {
         self.shared.tokens_issued.load(Ordering::Relaxed)
+    }
+
+    /// Scripted token faults that have fired (each answered one token request).
+    pub fn token_faults_fired(&self) -> u64 {
+        self.shared.token_faults_fired.load(Ordering::Relaxed)
+    }
+
+    /// Scripted token faults not used yet.
+    pub fn token_faults_pending(&self) -> usize {
+        lock(&self.shared.token_faults).iter().map(|(_, n)| n).sum()
+    }
+
+    /// Scripted SMTP faults that have fired at `stage` (each met one session there).
+    pub fn smtp_faults_fired(&self, stage: SmtpStage) -> u64 {
+        lock(&self.shared.smtp_faults_fired)
+            .get(&stage)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Scripted SMTP faults not used yet (at any stage).
+    pub fn smtp_faults_pending(&self) -> usize {
+        lock(&self.shared.smtp_faults)
+            .iter()
+            .map(|f| f.remaining)
+            .sum()
     }
 
     /// SMTP connections accepted so far.

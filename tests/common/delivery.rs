@@ -1,28 +1,50 @@
-//! The relay with its deliverer, wired to the in-process simulator.
+//! The relay with its deliverer, wired to the in-process simulator: either exactly as
+//! `serve --simulate` wires them ([`start_delivering`]), or with what the configuration cannot
+//! say (short upstream timeouts, a short session idle limit, a changed upstream target) and a
+//! deliverer the test can stop and start again ([`start_tuned`]).
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use smtp_oauth_relay::config::Config;
 use smtp_oauth_relay::daemon::{point_at_simulator, start_delivery};
-use smtp_oauth_relay::deliver::DeliveryHandle;
+use smtp_oauth_relay::deliver::classify::HoldCause;
+use smtp_oauth_relay::deliver::upstream::{Timeouts, UpstreamTarget, upstream_target};
+use smtp_oauth_relay::deliver::{Deliverer, DeliveryHandle, DeliverySettings, MailboxState};
 use smtp_oauth_relay::inbound::{InboundSettings, Server};
 use smtp_oauth_relay::oauth::TokenProvider;
 use smtp_oauth_relay::sim::{SimConfig, Simulator};
-use smtp_oauth_relay::spool::Spool;
+use smtp_oauth_relay::spool::{DeliveryState, EntryState, Spool};
+use smtp_oauth_relay::transport::smtp::{SmtpSettings, SmtpTransport};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::Relay;
+use super::{Relay, fixtures};
 
 pub const MAILBOX: &str = "relay@contoso.example";
+
+/// What a tuned deliverer changes from `serve`'s wiring.
+#[derive(Debug, Clone, Default)]
+pub struct Tuning {
+    pub timeouts: Option<Timeouts>,
+    pub session_max_idle: Option<Duration>,
+}
 
 pub struct DeliveringRelay {
     pub relay: Relay,
     pub sim: Simulator,
+    /// The handle of the deliverer running now (replaced by [`start_deliverer`](Self::start_deliverer)).
     pub delivery: DeliveryHandle,
     pub tokens: TokenProvider,
-    pub metrics: std::sync::Arc<smtp_oauth_relay::metrics::Metrics>,
+    pub metrics: Arc<smtp_oauth_relay::metrics::Metrics>,
     pub deliverer: tokio::task::JoinHandle<()>,
+    pub config: Config,
+    tuning: Tuning,
+    /// Stops the deliverer and its refresher (a child of the relay's shutdown token).
+    deliverer_stop: CancellationToken,
+    refresher: Option<tokio::task::JoinHandle<()>>,
+    running: bool,
     _sim_dir: tempfile::TempDir,
 }
 
@@ -43,7 +65,7 @@ impl DeliveringRelay {
         );
     }
 
-    /// Sends one small message through the relay and waits for its 250.
+    /// Sends one small message through the relay and waits for its 250; returns its id.
     pub async fn send(&self, subject: &str) -> String {
         let mut c = self.relay.connect().await;
         c.begin_message("app@legacy.test", &["b@example.org"]).await;
@@ -52,6 +74,97 @@ impl DeliveringRelay {
         let reply = c.expect("250 2.0.0 queued as").await;
         c.cmd_expect("QUIT", "221").await;
         super::queued_id(&reply)
+    }
+
+    /// Sends `n` tracked messages ([`fixtures::message`], markers `<prefix>-<i>`, growing sizes)
+    /// on one connection; all must be acknowledged. Returns (marker, queue id) pairs.
+    pub async fn send_tracked(&self, prefix: &str, n: usize) -> Vec<(String, String)> {
+        let mut c = self.relay.connect().await;
+        c.expect("220").await;
+        c.cmd_expect("EHLO client.test", "250").await;
+        let mut sent = Vec::new();
+        for i in 0..n {
+            let marker = format!("{prefix}-{i}");
+            c.cmd_expect("MAIL FROM:<app@legacy.test>", "250").await;
+            c.cmd_expect("RCPT TO:<user@example.org>", "250").await;
+            c.cmd_expect("DATA", "354").await;
+            let msg = fixtures::message(&marker, 2_000 + 997 * i);
+            c.send(&fixtures::data_block(&msg)).await;
+            let reply = c.expect("250 2.0.0 queued as").await;
+            sent.push((marker, super::queued_id(&reply)));
+        }
+        c.cmd_expect("QUIT", "221").await;
+        sent
+    }
+
+    /// marker → copies delivered.
+    pub fn delivered_markers(&self) -> HashMap<String, usize> {
+        let mut m = HashMap::new();
+        for msg in self.sim.messages().expect("mailbox") {
+            if let Some(marker) = fixtures::marker_of(&msg.data) {
+                *m.entry(marker).or_default() += 1;
+            }
+        }
+        m
+    }
+
+    /// Waits (bounded) until every marker is delivered and the spool is empty; asserts that no
+    /// message failed meanwhile. Returns the duplicates.
+    pub async fn drain(&self, markers: &[String], what: &str) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            let got = self.delivered_markers();
+            let missing: Vec<&String> = markers.iter().filter(|m| !got.contains_key(*m)).collect();
+            let failed = self.spool_in(EntryState::Failed);
+            assert_eq!(failed, 0, "{what}: a transient fault failed mail");
+            if missing.is_empty() && self.relay.spool.list().expect("list").is_empty() {
+                return markers.iter().map(|m| got[m] - 1).sum();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not delivered: {missing:?}; spool {:?}",
+                self.relay.spool.list().expect("list")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Messages of the spool in `state`.
+    pub fn spool_in(&self, state: EntryState) -> usize {
+        self.relay
+            .spool
+            .list()
+            .expect("list")
+            .iter()
+            .filter(|e| e.state == state)
+            .count()
+    }
+
+    /// The delivery state the deliverer recorded for `id` (attempts, last reply), if any.
+    pub fn delivery_state(&self, id: &str) -> Option<DeliveryState> {
+        self.relay.spool.read_state(id).expect("delivery state")
+    }
+
+    /// The state of the mailbox as the running deliverer reports it.
+    pub fn status(&self) -> MailboxState {
+        self.delivery.status().state
+    }
+
+    /// Waits (bounded: 20 s) until the mailbox is held; returns why and the reply.
+    pub async fn wait_held(&self) -> (HoldCause, String) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let state = self.status();
+            if let MailboxState::Held { cause, reply, .. } = state {
+                return (cause, reply);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "delivery never held: {:?}",
+                self.delivery.status()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Waits (bounded) until `check` holds for the relay's spool.
@@ -63,6 +176,44 @@ impl DeliveringRelay {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("timed out waiting for {what}");
+    }
+
+    /// Stops the deliverer and its token refresher (the listener keeps accepting and
+    /// spooling) and waits (bounded) for them to finish.
+    pub async fn stop_deliverer(&mut self) {
+        if !self.running {
+            return;
+        }
+        self.running = false;
+        self.deliverer_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(30), &mut self.deliverer).await;
+        if let Some(refresher) = self.refresher.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(30), refresher).await;
+        }
+    }
+
+    /// Starts a new deliverer (and refresher) on the same spool, with this relay's tuning and
+    /// the upstream target changed by `change`. The listener still announces new mail to the
+    /// first deliverer; this one finds the spool's messages when it starts.
+    pub fn start_deliverer(&mut self, change: impl FnOnce(&mut UpstreamTarget)) {
+        assert!(!self.running, "stop_deliverer first");
+        let stop = self.relay.shutdown.child_token();
+        let (tokens, refresher) = TokenProvider::start(&self.config, stop.clone()).expect("tokens");
+        let (handle, deliverer) = tuned_deliverer(
+            &self.config,
+            &self.relay.spool,
+            &self.tuning,
+            change,
+            tokens.clone(),
+            &self.metrics,
+            &stop,
+        );
+        self.delivery = handle;
+        self.deliverer = deliverer;
+        self.tokens = tokens;
+        self.refresher = Some(refresher);
+        self.deliverer_stop = stop;
+        self.running = true;
     }
 }
 
@@ -79,6 +230,97 @@ pub async fn start_delivering_with(
     sim_config: SimConfig,
     customize: impl FnOnce(&mut Config, &Simulator),
 ) -> DeliveringRelay {
+    let (sim, sim_dir, mut config, dir) = prepare(relay_toml, sim_config).await;
+    customize(&mut config, &sim);
+    let (spool, _) = Spool::open(&config.queue.dir).expect("spool");
+    let shutdown = CancellationToken::new();
+    let deliverer_stop = shutdown.child_token();
+    let metrics = Arc::new(smtp_oauth_relay::metrics::Metrics::default());
+    let running = start_delivery(&config, &spool, &metrics, &deliverer_stop)
+        .expect("delivery starts")
+        .expect("oauth configured");
+    let relay = listen(
+        &config,
+        spool,
+        Some(running.handle.clone()),
+        &running.metrics,
+        shutdown,
+        dir,
+    )
+    .await;
+    DeliveringRelay {
+        relay,
+        sim,
+        delivery: running.handle,
+        tokens: running.tokens,
+        metrics,
+        deliverer: running.deliverer,
+        config,
+        tuning: Tuning::default(),
+        deliverer_stop,
+        refresher: Some(running.refresher),
+        running: true,
+        _sim_dir: sim_dir,
+    }
+}
+
+/// Listener + simulator + a deliverer built here: `tuning` applied, the upstream target changed
+/// by `target`, and `sim_setup` run on the simulator before anything connects to it (faults the
+/// very first token request must meet).
+pub async fn start_tuned(
+    relay_toml: &str,
+    sim_config: SimConfig,
+    sim_setup: impl FnOnce(&Simulator),
+    tuning: Tuning,
+    target: impl FnOnce(&mut UpstreamTarget),
+) -> DeliveringRelay {
+    let (sim, sim_dir, config, dir) = prepare(relay_toml, sim_config).await;
+    sim_setup(&sim);
+    let (spool, _) = Spool::open(&config.queue.dir).expect("spool");
+    let shutdown = CancellationToken::new();
+    let deliverer_stop = shutdown.child_token();
+    let metrics = Arc::new(smtp_oauth_relay::metrics::Metrics::default());
+    let (tokens, refresher) =
+        TokenProvider::start(&config, deliverer_stop.clone()).expect("tokens");
+    let (handle, deliverer) = tuned_deliverer(
+        &config,
+        &spool,
+        &tuning,
+        target,
+        tokens.clone(),
+        &metrics,
+        &deliverer_stop,
+    );
+    let relay = listen(
+        &config,
+        spool,
+        Some(handle.clone()),
+        &metrics,
+        shutdown,
+        dir,
+    )
+    .await;
+    DeliveringRelay {
+        relay,
+        sim,
+        delivery: handle,
+        tokens,
+        metrics,
+        deliverer,
+        config,
+        tuning,
+        deliverer_stop,
+        refresher: Some(refresher),
+        running: true,
+        _sim_dir: sim_dir,
+    }
+}
+
+/// The simulator and a config pointing at it, with a temporary spool.
+async fn prepare(
+    relay_toml: &str,
+    sim_config: SimConfig,
+) -> (Simulator, tempfile::TempDir, Config, tempfile::TempDir) {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let sim_dir = tempfile::tempdir().expect("tempdir");
     let sim = Simulator::start(sim_config, sim_dir.path())
@@ -89,36 +331,77 @@ pub async fn start_delivering_with(
     config.queue.dir = dir.path().join("spool");
     config.queue.min_free_space = smtp_oauth_relay::config::ByteSize(1);
     point_at_simulator(&mut config, &sim).expect("point at simulator");
-    customize(&mut config, &sim);
-    let (spool, _) = Spool::open(&config.queue.dir).expect("spool");
-    let shutdown = CancellationToken::new();
-    let metrics = std::sync::Arc::new(smtp_oauth_relay::metrics::Metrics::default());
-    let running = start_delivery(&config, &spool, &metrics, &shutdown)
-        .expect("delivery starts")
-        .expect("oauth configured");
-    let inbound = InboundSettings::from_config(&config).expect("settings");
+    (sim, sim_dir, config, dir)
+}
+
+async fn listen(
+    config: &Config,
+    spool: Spool,
+    delivery: Option<DeliveryHandle>,
+    metrics: &Arc<smtp_oauth_relay::metrics::Metrics>,
+    shutdown: CancellationToken,
+    dir: tempfile::TempDir,
+) -> Relay {
+    let inbound = InboundSettings::from_config(config).expect("settings");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let server = Server::new(
-        inbound,
-        spool.clone(),
-        Some(running.handle.clone()),
-        running.metrics.clone(),
-    );
+    let server = Server::new(inbound, spool.clone(), delivery, metrics.clone());
     let handle = tokio::spawn(server.run(vec![listener], shutdown.clone()));
-    DeliveringRelay {
-        relay: Relay {
-            addr,
-            spool,
-            shutdown,
-            handle,
-            _dir: dir,
-        },
-        sim,
-        delivery: running.handle,
-        tokens: running.tokens,
-        metrics,
-        deliverer: running.deliverer,
-        _sim_dir: sim_dir,
+    Relay {
+        addr,
+        spool,
+        shutdown,
+        handle,
+        _dir: dir,
     }
+}
+
+/// The deliverer as `daemon::start_delivery` builds it, with `tuning` and `change` applied.
+fn tuned_deliverer(
+    config: &Config,
+    spool: &Spool,
+    tuning: &Tuning,
+    change: impl FnOnce(&mut UpstreamTarget),
+    tokens: TokenProvider,
+    metrics: &Arc<smtp_oauth_relay::metrics::Metrics>,
+    stop: &CancellationToken,
+) -> (DeliveryHandle, tokio::task::JoinHandle<()>) {
+    let mut target = upstream_target(config).expect("target");
+    if let Some(t) = &tuning.timeouts {
+        target.timeouts = t.clone();
+    }
+    change(&mut target);
+    let up = &config.upstream;
+    let mailbox = up.mail_account.clone().expect("mail_account");
+    let settings = DeliverySettings {
+        from: up.from.clone().unwrap_or_else(|| mailbox.clone()),
+        mailbox,
+        rewrite_from: up.rewrite_from,
+        connections: up.connections,
+        rate: up.rate,
+        retry_min: config.queue.retry_min,
+        retry_max: config.queue.retry_max,
+        max_age: config.queue.max_age,
+        notify: config.queue.notify.clone(),
+        reporting_host: config.smtp.hostname.clone(),
+        upstream_host: target.server_name.clone(),
+    };
+    let transport = SmtpTransport::new(
+        target,
+        SmtpSettings {
+            mailbox: settings.mailbox.clone(),
+            session_max_age: Duration::from_secs(600),
+            session_max_idle: tuning.session_max_idle.unwrap_or(Duration::from_secs(60)),
+            refresh_before: config.oauth.refresh_before,
+        },
+        Arc::new(tokens),
+        metrics.clone(),
+    );
+    Deliverer::start(
+        spool.clone(),
+        settings,
+        Arc::new(transport),
+        metrics.clone(),
+        stop.clone(),
+    )
 }

@@ -1,9 +1,24 @@
-//! Test harness: the relay's listener in-process on 127.0.0.1:0 with a temporary spool
-//! (mini-redis style), and a minimal SMTP client that reads whole replies.
+//! The one test harness. Every test file says `mod common;` and takes what it needs:
+//!
+//! - here: the relay's listener in-process on 127.0.0.1:0 with a temporary spool (mini-redis
+//!   style), [`start_relay`];
+//! - [`delivery`]: the listener plus the deliverer and the in-process simulator;
+//! - [`process`]: the real binary as a process (`serve` and the one-shot commands);
+//! - [`sim_process`]: the standalone simulator as a process;
+//! - [`sim`]: the simulator in-process for tests that talk to it directly;
+//! - [`smtp`]: the SMTP client (async, and [`smtp::blocking`] for thread-based tests);
+//! - [`fixtures`]: dot-stuffing, the seeded PRNG, message builders, spool inspection;
+//! - [`logs`]: the in-process log, captured, for tests that await a log line.
 #![allow(dead_code)]
 
 pub mod delivery;
+pub mod fixtures;
+pub mod logs;
+pub mod process;
 pub mod session;
+pub mod sim;
+pub mod sim_process;
+pub mod smtp;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,20 +27,22 @@ use std::time::Duration;
 use smtp_oauth_relay::config::Config;
 use smtp_oauth_relay::inbound::{InboundSettings, Server};
 use smtp_oauth_relay::spool::Spool;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// Replies must arrive within this; a hang fails the test instead of stalling CI.
-pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+// Each test binary uses a different part of the harness.
+#[allow(unused_imports)]
+pub use fixtures::strip_added_headers;
+#[allow(unused_imports)]
+pub use smtp::{Client, REPLY_TIMEOUT, Reply, queued_id};
 
 pub struct Relay {
     pub addr: SocketAddr,
     pub spool: Spool,
     pub shutdown: CancellationToken,
     pub handle: JoinHandle<()>,
-    _dir: tempfile::TempDir,
+    pub(crate) _dir: tempfile::TempDir,
 }
 
 impl Relay {
@@ -44,10 +61,9 @@ impl Relay {
     }
 
     pub fn stored_message(&self, id: &str) -> Vec<u8> {
-        let path = self.spool_dir().join("queue").join(format!("{id}.msg"));
-        let bytes = std::fs::read(&path).expect("read spool file");
-        let header = smtp_oauth_relay::spool::format::decode(&bytes).expect("decodes");
-        bytes[header.header_len as usize..].to_vec()
+        fixtures::read_stored(&fixtures::queued_path(self.spool_dir(), id))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .body
     }
 
     pub fn files_in(&self, sub: &str) -> Vec<PathBuf> {
@@ -56,8 +72,20 @@ impl Relay {
             .unwrap_or_default()
     }
 
-    pub async fn connect(&self) -> Client<TcpStream> {
+    pub async fn connect(&self) -> Client {
         Client::connect(self.addr).await
+    }
+
+    /// Waits (bounded) until the listener refuses connections: the server has seen `shutdown`
+    /// and stopped accepting.
+    pub async fn wait_not_accepting(&self) {
+        for _ in 0..500 {
+            if tokio::net::TcpStream::connect(self.addr).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the listener still accepts connections");
     }
 
     pub async fn stop(self) {
@@ -91,135 +119,5 @@ pub async fn start_relay(toml: &str) -> Relay {
         shutdown,
         handle,
         _dir: dir,
-    }
-}
-
-pub struct Client<S> {
-    stream: BufReader<S>,
-}
-
-impl Client<TcpStream> {
-    pub async fn connect(addr: SocketAddr) -> Client<TcpStream> {
-        let stream = TcpStream::connect(addr).await.expect("connect");
-        Client::new(stream)
-    }
-
-    pub fn into_inner(self) -> TcpStream {
-        assert!(self.stream.buffer().is_empty(), "unread bytes before TLS");
-        self.stream.into_inner()
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
-    pub fn new(stream: S) -> Client<S> {
-        Client {
-            stream: BufReader::new(stream),
-        }
-    }
-
-    /// Reads one complete (possibly multi-line) reply. Empty string on EOF.
-    pub async fn reply(&mut self) -> String {
-        let mut all = String::new();
-        loop {
-            let mut line = String::new();
-            let n = tokio::time::timeout(REPLY_TIMEOUT, self.stream.read_line(&mut line))
-                .await
-                .expect("reply within timeout")
-                .expect("read");
-            if n == 0 {
-                return all;
-            }
-            all.push_str(&line);
-            if line.len() < 4 || line.as_bytes()[3] == b' ' {
-                return all;
-            }
-        }
-    }
-
-    pub async fn send(&mut self, bytes: &[u8]) {
-        self.stream.get_mut().write_all(bytes).await.expect("write");
-    }
-
-    pub async fn cmd(&mut self, line: &str) -> String {
-        self.send(format!("{line}\r\n").as_bytes()).await;
-        self.reply().await
-    }
-
-    /// Asserts the next reply starts with `prefix` (e.g. "250 2.1.0").
-    pub async fn expect(&mut self, prefix: &str) -> String {
-        let r = self.reply().await;
-        assert!(r.starts_with(prefix), "expected {prefix:?}, got {r:?}");
-        r
-    }
-
-    pub async fn cmd_expect(&mut self, line: &str, prefix: &str) -> String {
-        let r = self.cmd(line).await;
-        assert!(
-            r.starts_with(prefix),
-            "{line:?}: expected {prefix:?}, got {r:?}"
-        );
-        r
-    }
-
-    /// True once the server has closed the connection.
-    pub async fn closed(&mut self) -> bool {
-        self.reply().await.is_empty()
-    }
-
-    /// Greeting + EHLO + MAIL + RCPT + DATA, ready for the message bytes.
-    pub async fn begin_message(&mut self, from: &str, to: &[&str]) {
-        self.expect("220 ").await;
-        self.cmd_expect("EHLO client.test", "250").await;
-        self.cmd_expect(&format!("MAIL FROM:<{from}>"), "250 2.1.0")
-            .await;
-        for rcpt in to {
-            self.cmd_expect(&format!("RCPT TO:<{rcpt}>"), "250 2.1.5")
-                .await;
-        }
-        self.cmd_expect("DATA", "354").await;
-    }
-}
-
-/// The id in a `250 2.0.0 queued as <ID>` reply.
-pub fn queued_id(reply: &str) -> String {
-    reply
-        .trim_end()
-        .rsplit(' ')
-        .next()
-        .expect("id in reply")
-        .to_string()
-}
-
-/// The stored message without the relay's trace header and the Date/Message-ID it added
-/// because `sent` (what the client sent) lacked them.
-pub fn strip_added_headers<'a>(stored: &'a [u8], sent: &[u8]) -> &'a [u8] {
-    let headers_end = sent
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or(sent.len());
-    let sent_headers = String::from_utf8_lossy(&sent[..headers_end]).to_ascii_lowercase();
-    let has =
-        |name: &str| sent_headers.starts_with(name) || sent_headers.contains(&format!("\n{name}"));
-    let mut rest = stored;
-    assert!(rest.starts_with(b"Received: "), "no Received header first");
-    rest = skip_field(rest);
-    if !has("date:") {
-        assert!(rest.starts_with(b"Date: "), "Date not added");
-        rest = skip_field(rest);
-    }
-    if !has("message-id:") {
-        assert!(rest.starts_with(b"Message-ID: <"), "Message-ID not added");
-        rest = skip_field(rest);
-    }
-    rest
-}
-
-fn skip_field(mut bytes: &[u8]) -> &[u8] {
-    loop {
-        let end = bytes.windows(2).position(|w| w == b"\r\n").expect("CRLF") + 2;
-        bytes = &bytes[end..];
-        if !bytes.starts_with(b"\t") && !bytes.starts_with(b" ") {
-            return bytes;
-        }
     }
 }
