@@ -24,6 +24,11 @@ pub const ENV_PREFIX: &str = "RELAY_";
 
 const MIB: u64 = 1024 * 1024;
 
+/// Shortest `queue.retry_min`.
+pub const RETRY_MIN_FLOOR: Duration = Duration::from_millis(100);
+/// Longest `queue.retry_min` and `queue.retry_max`: a day between two attempts.
+pub const RETRY_CEILING: Duration = Duration::from_secs(24 * 3600);
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -834,13 +839,43 @@ impl Config {
         if queue.dir.as_os_str().is_empty() {
             issues.push(issue("queue.dir", "must not be empty"));
         }
-        if queue.retry_min.is_zero() {
-            issues.push(issue("queue.retry_min", "must be greater than 0"));
+        let d = |v: Duration| humantime::format_duration(v).to_string();
+        // Faster retries hammer an upstream that is failing (and count towards Exchange's
+        // continuous-error throttle); the tests' 200ms is the fastest anyone needs.
+        if queue.retry_min < RETRY_MIN_FLOOR {
+            issues.push(issue(
+                "queue.retry_min",
+                format!(
+                    "{} is too short: must be at least {}",
+                    d(queue.retry_min),
+                    d(RETRY_MIN_FLOOR)
+                ),
+            ));
+        }
+        // Longer waits leave a message that may live `max_age` (5 days) a handful of
+        // attempts, each up to a day after its cause is gone; RFC 5321 §4.5.4.1 suggests 30m.
+        for (key, value) in [
+            ("queue.retry_min", queue.retry_min),
+            ("queue.retry_max", queue.retry_max),
+        ] {
+            if value > RETRY_CEILING {
+                issues.push(issue(
+                    key,
+                    format!(
+                        "{} is too long: must be at most 24h between two attempts",
+                        d(value)
+                    ),
+                ));
+            }
         }
         if queue.retry_max < queue.retry_min {
             issues.push(issue(
                 "queue.retry_max",
-                "must not be shorter than queue.retry_min",
+                format!(
+                    "{} must not be shorter than queue.retry_min ({})",
+                    d(queue.retry_max),
+                    d(queue.retry_min)
+                ),
             ));
         }
         if queue.max_age < queue.retry_min {
