@@ -211,6 +211,11 @@ pub struct OAuthConfig {
     pub client_id: Option<String>,
     pub client_secret: Option<Secret>,
     pub client_secret_file: Option<PathBuf>,
+    /// The file `client_secret` was read from at load (`client_secret_file`, or the systemd
+    /// credential): the token client reads it again at every request, so a rotated secret
+    /// (a Kubernetes Secret, a new credential) needs no signal. Not a key.
+    #[serde(skip)]
+    pub client_secret_source: Option<PathBuf>,
     pub certificate_file: Option<PathBuf>,
     pub private_key_file: Option<PathBuf>,
     pub assertion_alg: AssertionAlg,
@@ -231,6 +236,7 @@ impl Default for OAuthConfig {
             client_id: None,
             client_secret: None,
             client_secret_file: None,
+            client_secret_source: None,
             certificate_file: None,
             private_key_file: None,
             assertion_alg: AssertionAlg::PS256,
@@ -735,6 +741,7 @@ impl Config {
                         ));
                     } else {
                         oauth.client_secret = Some(Secret::new(value));
+                        oauth.client_secret_source = Some(path);
                     }
                 }
                 Err(e) => issues.push(issue(

@@ -80,6 +80,9 @@ struct Snapshot {
     force: bool,
     /// `reload` replaced the client: request now, whatever the backoff.
     reload: bool,
+    /// Bumped by every `reload`: a token (or error) obtained with an older client is not
+    /// served, since it no longer answers to the configuration in effect.
+    generation: u64,
     stopped: bool,
     /// Requests completed (success or failure).
     completed: u64,
@@ -233,7 +236,9 @@ impl TokenProvider {
     }
 
     /// Replaces the credential and endpoints (SIGHUP) and requests a token with them at once,
-    /// bypassing any backoff. On error the old configuration stays in use.
+    /// bypassing any backoff. The token held so far is dropped: from now on callers get a
+    /// token obtained with the new configuration (waiting for it as for the first token), or
+    /// that request's error. On error nothing changes and the old configuration stays in use.
     pub fn reload(&self, config: &Config) -> Result<(), OAuthError> {
         let client = TokenClient::from_config(config)?;
         *self.inner.client.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(client);
@@ -242,9 +247,13 @@ impl TokenProvider {
             .refresh_before
             .write()
             .unwrap_or_else(|e| e.into_inner()) = config.oauth.refresh_before;
-        self.inner.state.send_if_modified(|s| {
+        self.inner.state.send_modify(|s| {
+            s.generation += 1;
+            s.token = None;
+            s.last_error = None;
+            s.failures = 0;
+            s.force = false;
             s.reload = true;
-            false
         });
         self.inner.wake.notify_one();
         tracing::info!("token provider reloaded its configuration");
@@ -323,10 +332,14 @@ fn random_unit() -> f64 {
 
 async fn run(inner: Arc<Inner>, shutdown: CancellationToken) {
     loop {
+        // The generation before the client: a reload in between makes this request's result
+        // stale (discarded below), never an old client's result current.
+        let mut generation = 0;
         inner.state.send_modify(|s| {
             s.in_flight = true;
             s.force = false;
             s.reload = false;
+            generation = s.generation;
         });
         let client = inner
             .client
@@ -339,6 +352,10 @@ async fn run(inner: Arc<Inner>, shutdown: CancellationToken) {
             r = client.request() => r,
             () = shutdown.cancelled() => break,
         };
+        if inner.state.borrow().generation != generation {
+            tracing::debug!("configuration reloaded during a token request: asking again");
+            continue;
+        }
         let wake_at = match result {
             Ok(token) => {
                 let refresh_before = *inner

@@ -116,22 +116,49 @@ impl fmt::Debug for AccessToken {
     }
 }
 
-/// How the client proves its identity.
+/// How the client proves its identity. Files are read again for every request, so a rotated
+/// Kubernetes Secret or credential file needs no signal; `config::load` (the secret) and
+/// [`TokenClient::from_config`] (certificate and key) read them once before, so an unusable
+/// one is a start-up (or reload) error rather than a delivery one.
 enum Credential {
+    /// `oauth.client_secret` inline.
     Secret(Secret),
-    Certificate(CertificateKey),
-    /// A federated token file (Kubernetes workload identity), re-read for every request.
+    /// `oauth.client_secret_file`, or the systemd credential `client_secret`.
+    SecretFile(PathBuf),
+    Certificate {
+        cert_file: PathBuf,
+        key_file: PathBuf,
+        alg: AssertionAlg,
+        /// As loaded when the client was built (for [`TokenClient::warnings`]).
+        loaded: CertificateKey,
+    },
+    /// A federated token file (Kubernetes workload identity).
     Federated(PathBuf),
 }
 
 impl Credential {
     fn kind(&self) -> &'static str {
         match self {
-            Credential::Secret(_) => "client secret",
-            Credential::Certificate(_) => "certificate",
+            Credential::Secret(_) | Credential::SecretFile(_) => "client secret",
+            Credential::Certificate { .. } => "certificate",
             Credential::Federated(_) => "federated assertion",
         }
     }
+}
+
+/// A client secret file as `config::load` reads it: trailing line ends dropped, not empty.
+async fn read_secret_file(path: &Path) -> Result<Secret, OAuthError> {
+    let text = tokio::fs::read_to_string(path).await.map_err(|e| {
+        OAuthError::Credential(format!("oauth.client_secret_file {}: {e}", path.display()))
+    })?;
+    let value = text.trim_end_matches(['\r', '\n']);
+    if value.is_empty() {
+        return Err(OAuthError::Credential(format!(
+            "oauth.client_secret_file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(Secret::new(value))
 }
 
 /// A certificate and its private key, loaded once (and again on reload).
@@ -283,19 +310,36 @@ impl TokenClient {
             .ok_or_else(|| OAuthError::Config("oauth.client_id is required".into()))?
             .to_string();
         let has_cert = oauth.certificate_file.is_some() || oauth.private_key_file.is_some();
-        let credential = match (&oauth.client_secret, has_cert, &oauth.assertion_file) {
-            (Some(secret), false, None) => Credential::Secret(secret.clone()),
-            (None, true, None) => {
+        // The file the secret came from, if any: it is read again at every request.
+        let secret_file = oauth
+            .client_secret_source
+            .as_ref()
+            .or(oauth.client_secret_file.as_ref());
+        // (After `config::load` a secret from a file is also in `client_secret`.)
+        let credential = match (
+            secret_file,
+            &oauth.client_secret,
+            has_cert,
+            &oauth.assertion_file,
+        ) {
+            (Some(path), _, false, None) => Credential::SecretFile(path.clone()),
+            (None, Some(secret), false, None) => Credential::Secret(secret.clone()),
+            (None, None, true, None) => {
                 let (Some(cert), Some(key)) = (&oauth.certificate_file, &oauth.private_key_file)
                 else {
                     return Err(OAuthError::Config(
                         "oauth.certificate_file and oauth.private_key_file go together".into(),
                     ));
                 };
-                Credential::Certificate(CertificateKey::load(cert, key, oauth.assertion_alg)?)
+                Credential::Certificate {
+                    cert_file: cert.clone(),
+                    key_file: key.clone(),
+                    alg: oauth.assertion_alg,
+                    loaded: CertificateKey::load(cert, key, oauth.assertion_alg)?,
+                }
             }
-            (None, false, Some(file)) => Credential::Federated(file.clone()),
-            (None, false, None) => {
+            (None, None, false, Some(file)) => Credential::Federated(file.clone()),
+            (None, None, false, None) => {
                 return Err(OAuthError::Config(
                     "no credential: set oauth.client_secret (or client_secret_file), \
                      oauth.certificate_file + oauth.private_key_file, or oauth.assertion_file"
@@ -347,7 +391,7 @@ impl TokenClient {
     /// refuse it (a private key that does not belong to the certificate). Also logged.
     pub fn warnings(&self) -> Vec<String> {
         match &self.credential {
-            Credential::Certificate(c) if c.mismatch => vec![
+            Credential::Certificate { loaded: c, .. } if c.mismatch => vec![
                 "oauth.private_key_file does not belong to oauth.certificate_file: \
                  Entra will answer AADSTS700027 (invalid signature)"
                     .to_string(),
@@ -369,9 +413,27 @@ impl TokenClient {
             ("scope", &self.endpoints.scope),
         ];
         let assertion;
+        let from_file;
         match &self.credential {
             Credential::Secret(secret) => form.push(("client_secret", secret.expose())),
-            Credential::Certificate(cert) => {
+            Credential::SecretFile(path) => {
+                from_file = read_secret_file(path).await?;
+                form.push(("client_secret", from_file.expose()));
+            }
+            Credential::Certificate {
+                cert_file,
+                key_file,
+                alg,
+                ..
+            } => {
+                // Read again: a renewed certificate and key replace the files in place.
+                let (cert, key, alg) = (cert_file.clone(), key_file.clone(), *alg);
+                let cert =
+                    tokio::task::spawn_blocking(move || CertificateKey::load(&cert, &key, alg))
+                        .await
+                        .map_err(|e| {
+                            OAuthError::Credential(format!("loading the certificate: {e}"))
+                        })??;
                 assertion = cert.assertion(&self.endpoints.token_url, &self.client_id)?;
                 form.push(("client_assertion_type", JWT_BEARER));
                 form.push(("client_assertion", &assertion));
