@@ -6,7 +6,7 @@
 //! (some Microsoft endpoints reject tokens in their last minutes). The session itself is
 //! [`crate::deliver::upstream`].
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use super::{Attempted, RecipientResult, Reply, Submission, Transport, TransportFuture};
@@ -31,12 +31,25 @@ pub struct SmtpSettings {
 }
 
 pub struct SmtpTransport {
-    target: UpstreamTarget,
-    settings: SmtpSettings,
+    /// Where and how to connect; replaced by [`reconfigure`](Self::reconfigure) (SIGHUP).
+    current: RwLock<Arc<Current>>,
     tokens: Arc<dyn TokenSource>,
     metrics: Arc<Metrics>,
     /// Idle authenticated sessions, reused by the next attempt.
-    pool: Mutex<Vec<UpstreamSession>>,
+    pool: Mutex<Vec<Pooled>>,
+}
+
+/// The settings new sessions are opened with.
+struct Current {
+    target: UpstreamTarget,
+    settings: SmtpSettings,
+    /// Sessions opened under older settings are never reused.
+    generation: u64,
+}
+
+struct Pooled {
+    generation: u64,
+    session: UpstreamSession,
 }
 
 impl SmtpTransport {
@@ -47,17 +60,66 @@ impl SmtpTransport {
         metrics: Arc<Metrics>,
     ) -> SmtpTransport {
         SmtpTransport {
-            target,
-            settings,
+            current: RwLock::new(Arc::new(Current {
+                target,
+                settings,
+                generation: 0,
+            })),
             tokens,
             metrics,
             pool: Mutex::new(Vec::new()),
         }
     }
 
+    /// New upstream settings (a reload): every attempt from now on opens its session with
+    /// them. Idle sessions are closed (QUIT) and sessions in use are not pooled again, so no
+    /// message goes out over a connection made with the old settings or an old token.
+    pub fn reconfigure(&self, target: UpstreamTarget, settings: SmtpSettings) {
+        let idle: Vec<Pooled> = {
+            let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+            let generation = current.generation + 1;
+            *current = Arc::new(Current {
+                target,
+                settings,
+                generation,
+            });
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            pool.drain(..).collect()
+        };
+        tracing::info!(
+            closed = idle.len(),
+            "upstream settings reloaded: new sessions use them"
+        );
+        for pooled in idle {
+            tokio::spawn(pooled.session.quit());
+        }
+    }
+
+    fn current(&self) -> Arc<Current> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Returns a session to the pool, unless it was opened under settings since replaced.
+    fn pool_again(&self, generation: u64, session: UpstreamSession) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if self.current().generation == generation {
+            pool.push(Pooled {
+                generation,
+                session,
+            });
+        } else {
+            drop(pool);
+            tokio::spawn(session.quit());
+        }
+    }
+
     async fn attempt(&self, submission: Submission<'_>) -> Attempted {
         let count = submission.recipients.len();
-        let mut session = match self.session().await {
+        let current = self.current();
+        let mut session = match self.session(&current).await {
             Ok(s) => s,
             Err(failure) => return failure.for_all(count),
         };
@@ -114,9 +176,7 @@ impl SmtpTransport {
                         },
                     })
                     .collect();
-                if let Ok(mut pool) = self.pool.lock() {
-                    pool.push(session);
-                }
+                self.pool_again(current.generation, session);
                 Attempted {
                     recipients,
                     reached: Progress::Transaction,
@@ -130,8 +190,8 @@ impl SmtpTransport {
 
     /// An authenticated session: an idle one from the pool, else a new one. A 535 with a
     /// token close to expiry forces one refresh and one more try.
-    async fn session(&self) -> Result<UpstreamSession, Failure> {
-        if let Some(session) = self.idle_session() {
+    async fn session(&self, current: &Current) -> Result<UpstreamSession, Failure> {
+        if let Some(session) = self.idle_session(current) {
             return Ok(session);
         }
         let mut refreshed = false;
@@ -151,7 +211,9 @@ impl SmtpTransport {
                 }
             };
             let opening = std::time::Instant::now();
-            match UpstreamSession::open(&self.target, &self.settings.mailbox, &token.value).await {
+            match UpstreamSession::open(&current.target, &current.settings.mailbox, &token.value)
+                .await
+            {
                 Ok(session) => {
                     self.metrics.session_seconds.observe(opening.elapsed());
                     return Ok(session);
@@ -160,7 +222,7 @@ impl SmtpTransport {
                     let near_expiry = token
                         .expires_at
                         .duration_since(SystemTime::now())
-                        .map_or(true, |left| left < self.settings.refresh_before);
+                        .map_or(true, |left| left < current.settings.refresh_before);
                     let auth_refused = matches!(&e, SessionError::Reply { stage: Stage::Auth, reply } if reply.code == 535);
                     if auth_refused && near_expiry && !refreshed {
                         tracing::info!(
@@ -178,16 +240,22 @@ impl SmtpTransport {
         }
     }
 
-    fn idle_session(&self) -> Option<UpstreamSession> {
+    fn idle_session(&self, current: &Current) -> Option<UpstreamSession> {
         let mut pool = self.pool.lock().ok()?;
-        while let Some(s) = pool.pop() {
-            if s.reusable(
-                self.settings.session_max_age,
-                self.settings.session_max_idle,
-            ) {
-                return Some(s);
+        while let Some(Pooled {
+            generation,
+            session,
+        }) = pool.pop()
+        {
+            if generation == current.generation
+                && session.reusable(
+                    current.settings.session_max_age,
+                    current.settings.session_max_idle,
+                )
+            {
+                return Some(session);
             }
-            tokio::spawn(s.quit());
+            tokio::spawn(session.quit());
         }
         None
     }
@@ -227,13 +295,13 @@ impl Transport for SmtpTransport {
 
     fn close(&self) -> TransportFuture<'_, ()> {
         Box::pin(async move {
-            let idle: Vec<UpstreamSession> = self
+            let idle: Vec<Pooled> = self
                 .pool
                 .lock()
                 .map(|mut p| p.drain(..).collect())
                 .unwrap_or_default();
-            for session in idle {
-                session.quit().await;
+            for pooled in idle {
+                pooled.session.quit().await;
             }
         })
     }
