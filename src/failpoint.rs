@@ -14,6 +14,11 @@
 //! - `after-250`: the `250 queued as` reply has been written to the client.
 //! - `upstream-mid-data`: the upstream DATA has been accepted (354), body not yet sent.
 //! - `after-upstream-250`: the upstream accepted the message, the spool not yet updated.
+//!
+//! Task points panic instead of aborting (a task that dies inside a process that goes on, the
+//! case the supervisor in `daemon` exists for): `task-inbound`, `task-dispatcher`,
+//! `task-refresher`, `task-admin` and `task-reload` are hit once when that task starts
+//! ([`panic_point`]).
 
 #[cfg(feature = "failpoints")]
 mod imp {
@@ -54,6 +59,15 @@ mod imp {
             std::process::abort();
         }
     }
+
+    pub fn panic_point(name: &str) {
+        if let Some(Some(armed)) = ARMED.get()
+            && armed.name == name
+            && armed.hits.fetch_add(1, Ordering::SeqCst) + 1 == armed.at
+        {
+            panic!("failpoint {name} reached");
+        }
+    }
 }
 
 #[cfg(not(feature = "failpoints"))]
@@ -63,6 +77,9 @@ mod imp {
 
     #[inline(always)]
     pub fn hit(_name: &str) {}
+
+    #[inline(always)]
+    pub fn panic_point(_name: &str) {}
 }
 
 /// Reads `RELAY_FAILPOINT` (once; later calls do nothing). Without the `failpoints` feature this
@@ -75,4 +92,11 @@ pub fn init() {
 #[inline]
 pub fn hit(name: &str) {
     imp::hit(name)
+}
+
+/// Panics (the calling task dies, the process goes on) if the armed failpoint is `name` and
+/// this is its N-th hit.
+#[inline]
+pub fn panic_point(name: &str) {
+    imp::panic_point(name)
 }

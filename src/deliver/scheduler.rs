@@ -6,9 +6,9 @@
 //! reschedules. The spool is the only record: the schedule is rebuilt from it at start, and
 //! whenever an operator command touches `<spool>/wakeup`.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
@@ -102,6 +102,12 @@ impl DeliveryHandle {
         let _ = self.events.send(Event::Queued(id));
     }
 
+    /// New delivery settings (a reload): the next attempts, deferrals and the pacer's limits
+    /// use them; a held mailbox probes at once (the change may be its fix).
+    pub fn reconfigure(&self, settings: DeliverySettings) {
+        let _ = self.events.send(Event::Reconfigure(Box::new(settings)));
+    }
+
     pub fn status(&self) -> MailboxStatus {
         match self.status.lock() {
             Ok(s) => s.clone(),
@@ -113,6 +119,7 @@ impl DeliveryHandle {
 enum Event {
     Queued(String),
     Done(JobReport),
+    Reconfigure(Box<DeliverySettings>),
 }
 
 /// What a job tells the dispatcher.
@@ -144,13 +151,23 @@ struct JobReport {
 
 struct Context {
     spool: Spool,
-    settings: DeliverySettings,
+    /// Replaced by a reload ([`DeliveryHandle::reconfigure`]); each use takes the current one.
+    settings: RwLock<Arc<DeliverySettings>>,
     transport: Arc<dyn Transport>,
     metrics: Arc<Metrics>,
     /// For failure notices: they are spooled, then announced like any new message.
     events: mpsc::UnboundedSender<Event>,
     /// The status last written to `STATUS_FILE`: it is rewritten only when it changes.
     published: Mutex<String>,
+}
+
+impl Context {
+    fn settings(&self) -> Arc<DeliverySettings> {
+        self.settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 pub struct Deliverer;
@@ -178,7 +195,7 @@ impl Deliverer {
         };
         let ctx = Arc::new(Context {
             spool,
-            settings,
+            settings: RwLock::new(Arc::new(settings)),
             transport,
             metrics,
             events: tx.clone(),
@@ -189,19 +206,133 @@ impl Deliverer {
     }
 }
 
+/// The dispatcher's view of the queue: every message in `queue/` is either waiting for its
+/// due time or in flight, never both.
+#[derive(Default)]
 struct Schedule {
     /// (due, id), earliest first.
     due: BTreeSet<(Instant, String)>,
-    /// Ids with a job running or in `due`.
-    known: HashSet<String>,
+    /// The ids in `due`, with their due time.
+    waiting: HashMap<String, Instant>,
+    /// Ids with an attempt running.
     in_flight: HashSet<String>,
+    /// In flight when an operator held or deleted them: not scheduled again afterwards.
+    dropped: HashSet<String>,
 }
 
 impl Schedule {
+    /// Schedules `id` at `at`, unless it is already waiting or in flight.
     fn add(&mut self, id: String, at: Instant) {
-        if self.known.insert(id.clone()) {
-            self.due.insert((at, id));
+        if self.in_flight.contains(&id) || self.waiting.contains_key(&id) {
+            return;
         }
+        self.waiting.insert(id.clone(), at);
+        self.due.insert((at, id));
+    }
+
+    /// The earliest waiting message.
+    fn first(&self) -> Option<(Instant, String)> {
+        self.due.first().cloned()
+    }
+
+    /// `id`, due at `at`, starts its attempt.
+    fn start(&mut self, at: Instant, id: &str) {
+        self.due.remove(&(at, id.to_string()));
+        self.waiting.remove(id);
+        self.in_flight.insert(id.to_string());
+    }
+
+    /// `id`'s attempt ended; false if an operator took it away meanwhile (do not reschedule).
+    fn finished(&mut self, id: &str) -> bool {
+        self.in_flight.remove(id);
+        !self.dropped.remove(id)
+    }
+
+    /// Makes the schedule agree with `queued` (every id in `queue/` with its next attempt):
+    /// new ids are added, ids retried by an operator move to their earlier time, ids no longer
+    /// there (held, deleted) are dropped. Returns how many were added and dropped.
+    fn sync(&mut self, queued: Vec<(String, Instant)>) -> (usize, usize) {
+        let present: HashSet<&str> = queued.iter().map(|(id, _)| id.as_str()).collect();
+        let gone: Vec<String> = self
+            .waiting
+            .keys()
+            .filter(|id| !present.contains(id.as_str()))
+            .cloned()
+            .collect();
+        let mut dropped = gone.len();
+        for id in gone {
+            if let Some(at) = self.waiting.remove(&id) {
+                self.due.remove(&(at, id));
+            }
+        }
+        for id in &self.in_flight {
+            if !present.contains(id.as_str()) && self.dropped.insert(id.clone()) {
+                dropped += 1;
+            }
+        }
+        let mut added = 0;
+        for (id, at) in queued {
+            if self.in_flight.contains(&id) {
+                // Back in queue/ (released again) before its attempt ended.
+                self.dropped.remove(&id);
+                continue;
+            }
+            match self.waiting.get(&id).copied() {
+                Some(was) if at < was => {
+                    self.due.remove(&(was, id.clone()));
+                    self.waiting.insert(id.clone(), at);
+                    self.due.insert((at, id));
+                }
+                Some(_) => {}
+                None => {
+                    self.add(id, at);
+                    added += 1;
+                }
+            }
+        }
+        (added, dropped)
+    }
+
+    /// Messages the deliverer is responsible for (waiting or in flight), each counted once.
+    fn queued(&self) -> usize {
+        self.waiting.len() + self.in_flight.len()
+    }
+}
+
+/// Reports a job's end to the dispatcher even if the job panics: without a report its message
+/// and its session slot would stay "in flight" for ever, and the relay would accept mail it
+/// never delivers.
+struct ReportOnDrop {
+    tx: mpsc::UnboundedSender<Event>,
+    id: String,
+    retry_in: Duration,
+    sent: bool,
+}
+
+impl ReportOnDrop {
+    fn send(mut self, result: JobResult) {
+        self.sent = true;
+        let _ = self.tx.send(Event::Done(JobReport {
+            id: std::mem::take(&mut self.id),
+            result,
+        }));
+    }
+}
+
+impl Drop for ReportOnDrop {
+    fn drop(&mut self) {
+        if self.sent {
+            return;
+        }
+        tracing::error!(id = %self.id, "delivery attempt panicked; the message stays queued");
+        let _ = self.tx.send(Event::Done(JobReport {
+            id: std::mem::take(&mut self.id),
+            result: JobResult::Retry {
+                at: Instant::now() + self.retry_in,
+                throttle: false,
+                reached: Progress::Token,
+            },
+        }));
     }
 }
 
@@ -212,22 +343,9 @@ async fn dispatch(
     status: Arc<Mutex<MailboxStatus>>,
     shutdown: CancellationToken,
 ) {
-    let mut schedule = Schedule {
-        due: BTreeSet::new(),
-        known: HashSet::new(),
-        in_flight: HashSet::new(),
-    };
-    let settings = ctx.settings.clone();
-    let mut pacer = Pacer::new(
-        PacerSettings::new(
-            settings.connections,
-            settings.rate.messages,
-            settings.rate.per,
-            settings.retry_min,
-            settings.retry_max,
-        ),
-        Instant::now(),
-    );
+    crate::failpoint::panic_point("task-dispatcher");
+    let mut schedule = Schedule::default();
+    let mut pacer = Pacer::new(pacer_settings(&ctx.settings()), Instant::now());
     let wakeup_path = ctx.spool.dir().join(WAKEUP_FILE);
     let mut wakeup_seen = modified(&wakeup_path);
     rescan(&ctx, &mut schedule).await;
@@ -237,7 +355,7 @@ async fn dispatch(
         // Start every job that is due, as far as the pacer allows.
         let now = Instant::now();
         let mut wake = now + Duration::from_secs(1);
-        while let Some((at, id)) = schedule.due.first().cloned() {
+        while let Some((at, id)) = schedule.first() {
             if at > now {
                 wake = wake.min(at);
                 break;
@@ -254,22 +372,31 @@ async fn dispatch(
                 }
                 Start::Busy => break,
             }
-            schedule.due.remove(&(at, id.clone()));
-            schedule.in_flight.insert(id.clone());
+            schedule.start(at, &id);
             let ctx = ctx.clone();
-            let tx = tx.clone();
+            let report = ReportOnDrop {
+                tx: tx.clone(),
+                id: id.clone(),
+                retry_in: ctx.settings().retry_max,
+                sent: false,
+            };
             tokio::spawn(async move {
                 let result = deliver_one(&ctx, &id).await;
-                let _ = tx.send(Event::Done(JobReport { id, result }));
+                report.send(result);
             });
         }
 
         tokio::select! {
             event = rx.recv() => match event {
                 Some(Event::Queued(id)) => schedule.add(id, Instant::now()),
+                Some(Event::Reconfigure(settings)) => {
+                    pacer.set_settings(pacer_settings(&settings));
+                    pacer.wake(Instant::now());
+                    *ctx.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(*settings);
+                    tracing::info!("delivery settings reloaded");
+                }
                 Some(Event::Done(report)) => {
-                    schedule.in_flight.remove(&report.id);
-                    schedule.known.remove(&report.id);
+                    let again = schedule.finished(&report.id);
                     let now = Instant::now();
                     let attempt = match &report.result {
                         JobResult::Finished { delivered: true } => Attempt::Delivered,
@@ -302,6 +429,8 @@ async fn dispatch(
                     }
                     match report.result {
                         JobResult::Finished { .. } | JobResult::Skipped => {}
+                        // An operator held or deleted it during the attempt: it stays out.
+                        JobResult::Retry { .. } | JobResult::Hold { .. } if !again => {}
                         JobResult::Retry { at, .. } => schedule.add(report.id, at),
                         // Held: the message waits for the mailbox's next probe.
                         JobResult::Hold { .. } => schedule.add(report.id, now),
@@ -313,7 +442,7 @@ async fn dispatch(
             _ = tokio::time::sleep_until(wake) => {}
             _ = shutdown.cancelled() => break,
         }
-        // Operator commands (`queue retry`) touch the wakeup file.
+        // Operator commands (`queue hold`, `release`, `delete`, `retry`) touch the wakeup file.
         let seen = modified(&wakeup_path);
         if seen != wakeup_seen {
             wakeup_seen = seen;
@@ -331,7 +460,7 @@ async fn dispatch(
             Ok(Some(Event::Done(report))) => {
                 schedule.in_flight.remove(&report.id);
             }
-            Ok(Some(Event::Queued(_))) => {}
+            Ok(Some(Event::Queued(_) | Event::Reconfigure(_))) => {}
             Ok(None) | Err(_) => break,
         }
     }
@@ -343,8 +472,19 @@ fn modified(path: &std::path::Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-/// Re-reads `queue/` and schedules every message not already known, at its recorded next
-/// attempt (or now).
+/// The pacer's limits from the delivery settings.
+fn pacer_settings(settings: &DeliverySettings) -> PacerSettings {
+    PacerSettings::new(
+        settings.connections,
+        settings.rate.messages,
+        settings.rate.per,
+        settings.retry_min,
+        settings.retry_max,
+    )
+}
+
+/// Re-reads `queue/` and makes the schedule agree with it ([`Schedule::sync`]): each message
+/// at its recorded next attempt (or now); held and deleted ones are dropped.
 async fn rescan(ctx: &Arc<Context>, schedule: &mut Schedule) {
     let spool = ctx.spool.clone();
     let listed = tokio::task::spawn_blocking(move || spool.list()).await;
@@ -361,20 +501,22 @@ async fn rescan(ctx: &Arc<Context>, schedule: &mut Schedule) {
     };
     let now_sys = SystemTime::now();
     let now = Instant::now();
-    for entry in entries
+    let queued = entries
         .into_iter()
         .filter(|e| e.state == EntryState::Queued)
-    {
-        if schedule.known.contains(&entry.id) {
-            continue;
-        }
-        let at = entry
-            .delivery
-            .as_ref()
-            .and_then(|d| d.next_attempt)
-            .and_then(|t| t.duration_since(now_sys).ok())
-            .map_or(now, |wait| now + wait);
-        schedule.add(entry.id, at);
+        .map(|entry| {
+            let at = entry
+                .delivery
+                .as_ref()
+                .and_then(|d| d.next_attempt)
+                .and_then(|t| t.duration_since(now_sys).ok())
+                .map_or(now, |wait| now + wait);
+            (entry.id, at)
+        })
+        .collect();
+    let (added, dropped) = schedule.sync(queued);
+    if added + dropped > 0 {
+        tracing::debug!(added, dropped, "schedule follows the spool");
     }
 }
 
@@ -386,7 +528,7 @@ fn enter_hold(
     since: SystemTime,
 ) {
     tracing::error!(
-        mailbox = %ctx.settings.mailbox,
+        mailbox = %ctx.settings().mailbox,
         cause = %cause,
         reply = %reply,
         fix = cause.fix(),
@@ -402,7 +544,7 @@ fn enter_hold(
 }
 
 fn resume(ctx: &Context, status: &Mutex<MailboxStatus>) {
-    tracing::info!(mailbox = %ctx.settings.mailbox, "delivery resumed");
+    tracing::info!(mailbox = %ctx.settings().mailbox, "delivery resumed");
     if let Ok(mut s) = status.lock() {
         s.state = MailboxState::Running;
     }
@@ -412,7 +554,7 @@ fn resume(ctx: &Context, status: &Mutex<MailboxStatus>) {
 fn publish(ctx: &Context, status: &Mutex<MailboxStatus>, schedule: &Schedule) {
     let snapshot = match status.lock() {
         Ok(mut s) => {
-            s.queued = schedule.known.len() + schedule.in_flight.len();
+            s.queued = schedule.queued();
             s.clone()
         }
         Err(_) => return,
@@ -451,7 +593,7 @@ async fn deliver_one(ctx: &Arc<Context>, id: &str) -> JobResult {
         Ok(Err(e)) => {
             tracing::error!(id, error = %e, "cannot read the message; it stays in the spool");
             return JobResult::Retry {
-                at: Instant::now() + ctx.settings.retry_max,
+                at: Instant::now() + ctx.settings().retry_max,
                 throttle: false,
                 reached: Progress::Token,
             };
@@ -459,7 +601,7 @@ async fn deliver_one(ctx: &Arc<Context>, id: &str) -> JobResult {
         Err(e) => {
             tracing::error!(id, error = %e, "delivery task failed");
             return JobResult::Retry {
-                at: Instant::now() + ctx.settings.retry_min,
+                at: Instant::now() + ctx.settings().retry_min,
                 throttle: false,
                 reached: Progress::Token,
             };
@@ -481,7 +623,7 @@ async fn deliver_one(ctx: &Arc<Context>, id: &str) -> JobResult {
     let age = SystemTime::now()
         .duration_since(message.envelope.received_at)
         .unwrap_or_default();
-    if age > ctx.settings.max_age {
+    if age > ctx.settings().max_age {
         let reason = format!(
             "expired after {} in the queue ({} attempts); last reply: {}",
             humantime::format_duration(Duration::from_secs(age.as_secs())),
@@ -529,14 +671,18 @@ async fn attempt(
             reached: Progress::Transaction,
         };
     }
-    let body = apply_sender_policy(&message.body, &ctx.settings.from, ctx.settings.rewrite_from);
+    let body = apply_sender_policy(
+        &message.body,
+        &ctx.settings().from,
+        ctx.settings().rewrite_from,
+    );
     let started = std::time::Instant::now();
     let attempted = ctx
         .transport
         .send(Submission {
             id,
             envelope: &message.envelope,
-            mail_from: &ctx.settings.from,
+            mail_from: &ctx.settings().from,
             recipients: &pending,
             body: &body,
         })
@@ -621,9 +767,16 @@ async fn record(
             let spool = ctx.spool.clone();
             let owned = id.to_string();
             return match tokio::task::spawn_blocking(move || spool.complete(&owned)).await {
-                Ok(Ok(_)) => {
+                Ok(Ok(removed)) => {
                     Metrics::inc(&ctx.metrics.delivered);
                     tracing::info!(id, reply = %outcome.reply, "delivered");
+                    if !removed {
+                        // `complete` only removes from queue/: an operator moved it meanwhile.
+                        tracing::warn!(
+                            id,
+                            "delivered while an operator held or deleted it; a held copy stays in held/"
+                        );
+                    }
                     JobResult::Finished { delivered: true }
                 }
                 Ok(Err(e)) => {
@@ -652,12 +805,12 @@ async fn record(
         Outcome::Retry { throttle } => {
             Metrics::inc(&ctx.metrics.retried);
             let wait = if throttle {
-                ctx.settings.retry_min
+                ctx.settings().retry_min
             } else {
                 backoff(
                     state.attempts,
-                    ctx.settings.retry_min,
-                    ctx.settings.retry_max,
+                    ctx.settings().retry_min,
+                    ctx.settings().retry_max,
                 )
             };
             state.hold_reason = None;
@@ -671,7 +824,7 @@ async fn record(
         }
         // Delivered/Failed for pending recipients cannot happen: they would be final.
         Outcome::Delivered | Outcome::Failed => JobResult::Retry {
-            at: Instant::now() + ctx.settings.retry_min,
+            at: Instant::now() + ctx.settings().retry_min,
             throttle: false,
             reached: outcome.reached,
         },
@@ -713,7 +866,7 @@ async fn finish_failed(
         Err(e) => tracing::error!(id, error = %e, "failure task failed"),
     }
     // A notice is sent for mail from an application, never for a notice (null sender).
-    if let Some(to) = &ctx.settings.notify
+    if let Some(to) = &ctx.settings().notify
         && !message.envelope.mail_from.is_empty()
     {
         match spool_notice(ctx, message, &state, &reason, to).await {
@@ -747,10 +900,10 @@ async fn spool_notice(
             state,
             reason,
             headers: &message.body[..headers_end],
-            from: &ctx.settings.from,
+            from: &ctx.settings().from,
             to,
-            reporting_host: &ctx.settings.reporting_host,
-            upstream_host: &ctx.settings.upstream_host,
+            reporting_host: &ctx.settings().reporting_host,
+            upstream_host: &ctx.settings().upstream_host,
         },
         SystemTime::now(),
     );
@@ -759,7 +912,7 @@ async fn spool_notice(
         mail_params: Default::default(),
         recipients: vec![crate::spool::Recipient::new(to)],
         client: "smtp-oauth-relay".into(),
-        helo: ctx.settings.reporting_host.clone(),
+        helo: ctx.settings().reporting_host.clone(),
         auth_user: None,
         received_at: SystemTime::now(),
     };
@@ -790,6 +943,42 @@ pub fn backoff(attempts: u32, min: Duration, max: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_message_in_flight_counts_once() {
+        let now = Instant::now();
+        let mut s = Schedule::default();
+        s.add("A".into(), now);
+        s.add("B".into(), now + Duration::from_secs(60));
+        assert_eq!(s.queued(), 2);
+        s.start(now, "A");
+        assert_eq!(s.queued(), 2, "A in flight, B waiting");
+        // Adding what is in flight or waiting changes nothing.
+        s.add("A".into(), now);
+        s.add("B".into(), now);
+        assert_eq!(s.queued(), 2);
+        assert!(s.finished("A"));
+        assert_eq!(s.queued(), 1);
+    }
+
+    #[test]
+    fn sync_follows_operator_commands() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(3600);
+        let mut s = Schedule::default();
+        s.add("HELD".into(), later);
+        s.add("RETRIED".into(), later);
+        s.add("FLYING".into(), now);
+        s.start(now, "FLYING");
+        // HELD was held, FLYING deleted during its attempt, RETRIED is due now, NEW released.
+        let (added, dropped) = s.sync(vec![("RETRIED".into(), now), ("NEW".into(), now)]);
+        assert_eq!((added, dropped), (1, 2));
+        assert_eq!(s.first(), Some((now, "NEW".to_string())));
+        assert!(s.waiting.get("RETRIED") == Some(&now));
+        assert!(!s.waiting.contains_key("HELD"));
+        assert!(!s.finished("FLYING"), "not scheduled again");
+        assert_eq!(s.queued(), 2);
+    }
 
     #[test]
     fn backoff_doubles_within_bounds_with_jitter() {

@@ -19,7 +19,8 @@ pub enum QueueCommand {
     Retry(Option<String>),
 }
 
-/// Touched by `queue retry` so a running daemon re-reads the spool (the deliverer watches it).
+/// Touched by every command that changes what is deliverable (`hold`, `release`, `delete`,
+/// `retry`) so that a running daemon re-reads the spool (the deliverer watches it).
 pub const WAKEUP_FILE: &str = "wakeup";
 /// Written by the deliverer: the mailbox's state, shown above the `queue list` table.
 pub const STATUS_FILE: &str = "mailbox.json";
@@ -72,7 +73,6 @@ pub fn run_queue_command(
             if ids.is_empty() {
                 w(writeln!(out, "nothing to retry"))?;
             }
-            wake_daemon(spool_dir)?;
         }
         QueueCommand::Show(id) => {
             let m = spool.show(id)?;
@@ -101,7 +101,24 @@ pub fn run_queue_command(
             w(writeln!(out, "deleted {}", id.to_ascii_uppercase()))?;
         }
     }
+    if cmd.changes_deliverable() {
+        wake_daemon(spool_dir)?;
+    }
     w(out.flush())
+}
+
+impl QueueCommand {
+    /// Whether the command may change what the deliverer should send: the one condition for
+    /// waking a running daemon.
+    pub fn changes_deliverable(&self) -> bool {
+        match self {
+            QueueCommand::List | QueueCommand::Show(_) => false,
+            QueueCommand::Hold(_)
+            | QueueCommand::Release(_)
+            | QueueCommand::Delete(_)
+            | QueueCommand::Retry(_) => true,
+        }
+    }
 }
 
 /// Puts a message back in `queue/`, due now, with its failed recipients pending again.
@@ -122,6 +139,8 @@ fn retry_one(spool: &Spool, id: &str) -> Result<EntryState, SpoolError> {
     spool.move_to(id, EntryState::Queued)
 }
 
+/// Tells a running deliverer that the spool changed: the one notification path of every
+/// operator command (the deliverer notices within a second and re-reads `queue/`).
 fn wake_daemon(spool_dir: &Path) -> Result<(), SpoolError> {
     let path = spool_dir.join(WAKEUP_FILE);
     // The content changes the modification time even on filesystems with coarse timestamps.
