@@ -7,7 +7,9 @@
 //!   reason. Delivery problems never make the relay unready: a sidecar shares its pod's fate.
 //! - `GET /healthz`: JSON for people and monitors: token state and expiry, the mailbox's state
 //!   (running, throttled, held with the reason and the fix), last delivery, queue depth and
-//!   the age of the oldest queued message. Always `200`; read the fields.
+//!   the age of the oldest queued message, and the state of each long-running task (`tasks`:
+//!   `running`, or `died: ...` while a relay with a dead task stops). Always `200`; read the
+//!   fields.
 //! - `GET /metrics`: Prometheus text format (see [`crate::metrics`]).
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -30,6 +32,7 @@ use crate::deliver::{DeliveryHandle, MailboxState};
 use crate::metrics::{Gauges, Metrics};
 use crate::oauth::TokenProvider;
 use crate::spool::Spool;
+use crate::supervise::TaskHealth;
 
 /// What the handlers read. Cheap to clone.
 #[derive(Clone)]
@@ -44,6 +47,8 @@ pub struct AdminState {
     /// `None` when no tenant is configured (mail is only kept).
     pub delivery: Option<DeliveryHandle>,
     pub tokens: Option<TokenProvider>,
+    /// The supervised tasks of `serve` (empty when not run by `serve`).
+    pub tasks: TaskHealth,
 }
 
 impl AdminState {
@@ -55,7 +60,14 @@ impl AdminState {
             metrics: Arc::default(),
             delivery: None,
             tokens: None,
+            tasks: TaskHealth::default(),
         }
+    }
+
+    /// Adds the supervised tasks `/healthz` reports.
+    pub fn with_tasks(mut self, tasks: TaskHealth) -> AdminState {
+        self.tasks = tasks;
+        self
     }
 
     /// Adds what `/healthz` and `/metrics` report about delivery.
@@ -211,6 +223,7 @@ async fn healthz(State(state): State<AdminState>) -> Response {
             "depth": depth,
             "oldest_age_seconds": oldest.map(age),
         },
+        "tasks": state.tasks.to_json(),
     });
     (
         StatusCode::OK,

@@ -1,6 +1,7 @@
 //! `serve`: opens the spool (running recovery), starts the token refresher and the deliverer
-//! when a tenant is configured, binds the listener and runs until shutdown. With `--simulate`
-//! the built-in simulator stands in for Entra ID and Exchange Online.
+//! when a tenant is configured, binds the listener and runs until shutdown, supervising each
+//! of these tasks (a dead one stops the relay with exit 1). With `--simulate` the built-in
+//! simulator stands in for Entra ID and Exchange Online.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,14 +14,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
 use crate::config::{Config, Secret};
-use crate::deliver::upstream::upstream_target;
+use crate::deliver::upstream::{UpstreamTarget, upstream_target};
 use crate::deliver::{Deliverer, DeliveryHandle, DeliverySettings};
+use crate::failpoint;
 use crate::inbound::{InboundError, InboundSettings, Server};
 use crate::metrics::Metrics;
 use crate::oauth::{OAuthError, TokenProvider};
 use crate::service;
 use crate::sim::{SimConfig, SimError, Simulator};
 use crate::spool::{Spool, SpoolError};
+use crate::supervise::{Supervisor, TaskDeath};
 use crate::transport::smtp::{SmtpSettings, SmtpTransport};
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +45,8 @@ pub enum DaemonError {
     },
     #[error("cannot install the SIGHUP handler: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    TaskDied(TaskDeath),
 }
 
 impl DaemonError {
@@ -73,17 +78,21 @@ pub struct ServeOptions {
     pub reload: Option<Option<PathBuf>>,
 }
 
-/// Runs the relay until `shutdown` is cancelled. Returns once sessions and deliveries drained.
+/// Runs the relay until `shutdown` is cancelled. Returns once sessions and deliveries drained,
+/// or with [`DaemonError::TaskDied`] when one of its long-running tasks died (see
+/// [`crate::supervise`]): the relay then stops as on SIGTERM, so that the service manager
+/// restarts it.
 pub async fn serve(
     config: &Config,
     options: ServeOptions,
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
     let mut config = config.clone();
-    let simulator = if options.simulate {
-        Some(start_simulator(&mut config).await?)
+    let (simulator, sim_pointer) = if options.simulate {
+        let (sim, pointer) = start_simulator(&mut config).await?;
+        (Some(sim), Some(pointer))
     } else {
-        None
+        (None, None)
     };
     let settings = InboundSettings::from_config(&config)?;
     let (spool, _report) = Spool::open(&config.queue.dir).map_err(|source| DaemonError::Spool {
@@ -98,35 +107,57 @@ pub async fn serve(
             tracing::info!(%addr, "accepting SMTP");
         }
     }
-    // The configuration in effect; SIGHUP publishes reloads here (restart-only keys keep their
-    // running values, see service::merge_reload).
+    let mut tasks = Supervisor::new();
+    let live = Live {
+        delivery: delivery.as_ref().map(|d| LiveDelivery {
+            tokens: d.tokens.clone(),
+            handle: d.handle.clone(),
+            transport: d.transport.clone(),
+        }),
+        sim: sim_pointer,
+    };
+    let (handle, tokens) = match delivery {
+        Some(d) => {
+            tasks.watch("dispatcher", d.deliverer);
+            tasks.watch("refresher", d.refresher);
+            (Some(d.handle), Some(d.tokens))
+        }
+        None => (None, None),
+    };
+    // The configuration in effect; SIGHUP applies reloads to the running parts and publishes
+    // the result here (see service::merge_reload).
     let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
     if let Some(path) = options.reload {
-        let reload = service::reload_on_sighup(path, config_tx, shutdown.clone())
+        let reload = service::reload_on_sighup(path, config_tx, Arc::new(live), shutdown.clone())
             .map_err(DaemonError::Signal)?;
-        tokio::spawn(reload);
+        tasks.watch(
+            "reload",
+            tokio::spawn(async move {
+                failpoint::panic_point("task-reload");
+                reload.await
+            }),
+        );
     }
-    let admin_state = AdminState::new(spool.clone(), config_rx.clone()).with_delivery(
-        metrics.clone(),
-        delivery.as_ref().map(|d| d.handle.clone()),
-        delivery.as_ref().map(|d| d.tokens.clone()),
-    );
+    let admin_state = AdminState::new(spool.clone(), config_rx.clone())
+        .with_delivery(metrics.clone(), handle.clone(), tokens)
+        .with_tasks(tasks.health());
+    // The admin endpoint outlives the other tasks, so /healthz answers during the drain.
     let admin_stop = CancellationToken::new();
-    let admin_task = match config.admin.listen {
-        Some(addr) => {
-            let listener = admin::bind(addr)
-                .await
-                .map_err(|source| DaemonError::Admin { addr, source })?;
-            tracing::info!(%addr, "admin endpoint: GET /readyz");
-            let router = admin::router(admin_state.clone());
-            Some(tokio::spawn(admin::serve(
-                listener,
-                router,
-                admin_stop.clone(),
-            )))
-        }
-        None => None,
-    };
+    if let Some(addr) = config.admin.listen {
+        let listener = admin::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Admin { addr, source })?;
+        tracing::info!(%addr, "admin endpoint: GET /readyz");
+        let router = admin::router(admin_state.clone());
+        let stop = admin_stop.clone();
+        tasks.watch(
+            "admin",
+            tokio::spawn(async move {
+                failpoint::panic_point("task-admin");
+                admin::serve(listener, router, stop).await
+            }),
+        );
+    }
     admin_state.accepting.store(true, Ordering::Release);
     // READY=1 only now: the listener is bound and spool recovery is done.
     service::ready(&format!("accepting SMTP on {:?}", config.smtp.listen));
@@ -137,29 +168,48 @@ pub async fn serve(
         accepting.store(false, Ordering::Release);
         service::stopping("stopping: draining SMTP sessions");
     });
-    let handle = delivery.as_ref().map(|d| d.handle.clone());
-    let server = Server::new(settings, spool, handle, metrics).run(listeners, shutdown);
-    // WATCHDOG=1 from the task that runs the server: a wedged server stops feeding it.
-    match service::watchdog_interval() {
-        Some(every) => tokio::select! {
-            () = server => {}
-            () = service::feed_watchdog(every) => {}
-        },
-        None => server.await,
-    }
-    if let Some(delivery) = delivery {
-        let _ = delivery.deliverer.await;
-        let _ = delivery.refresher.await;
-    }
-    admin_stop.cancel();
-    if let Some(task) = admin_task {
-        let _ = task.await;
+    let server = Server::new(settings, spool, handle, metrics).run(listeners, shutdown.clone());
+    let watchdog = service::watchdog_interval();
+    tasks.watch(
+        "inbound",
+        tokio::spawn(async move {
+            failpoint::panic_point("task-inbound");
+            // WATCHDOG=1 from the task that runs the server: a wedged server stops feeding it.
+            match watchdog {
+                Some(every) => tokio::select! {
+                    () = server => {}
+                    () = service::feed_watchdog(every) => {}
+                },
+                None => server.await,
+            }
+        }),
+    );
+
+    let mut death = None;
+    while let Some(ended) = tasks.next(|| shutdown.is_cancelled()).await {
+        if let Err(dead) = ended {
+            tracing::error!(
+                task = %dead.task,
+                reason = %dead.reason,
+                "task died: stopping the relay so that the service manager restarts it"
+            );
+            death.get_or_insert(dead);
+            shutdown.cancel();
+        }
+        if tasks.alive() == ["admin"] {
+            admin_stop.cancel();
+        }
     }
     if let Some(sim) = simulator {
         sim.shutdown().await;
     }
-    tracing::info!("stopped");
-    Ok(())
+    match death {
+        Some(dead) => Err(DaemonError::TaskDied(dead)),
+        None => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+    }
 }
 
 /// The delivery side of a running relay.
@@ -167,8 +217,39 @@ pub struct RunningDelivery {
     pub handle: DeliveryHandle,
     pub metrics: Arc<Metrics>,
     pub tokens: TokenProvider,
+    /// The upstream (SIGHUP gives it new settings).
+    pub transport: Arc<SmtpTransport>,
     pub deliverer: tokio::task::JoinHandle<()>,
     pub refresher: tokio::task::JoinHandle<()>,
+}
+
+/// The delivery policy `config` asks for, sending through `target`.
+pub fn delivery_settings(config: &Config, target: &UpstreamTarget) -> DeliverySettings {
+    let up = &config.upstream;
+    // Validation guarantees mail_account once [oauth] is configured.
+    let mailbox = up.mail_account.clone().unwrap_or_default();
+    DeliverySettings {
+        from: up.from.clone().unwrap_or_else(|| mailbox.clone()),
+        mailbox,
+        rewrite_from: up.rewrite_from,
+        connections: up.connections,
+        rate: up.rate,
+        retry_min: config.queue.retry_min,
+        retry_max: config.queue.retry_max,
+        max_age: config.queue.max_age,
+        notify: config.queue.notify.clone(),
+        reporting_host: config.smtp.hostname.clone(),
+        upstream_host: target.server_name.clone(),
+    }
+}
+
+fn smtp_settings(config: &Config, mailbox: &str) -> SmtpSettings {
+    SmtpSettings {
+        mailbox: mailbox.to_string(),
+        session_max_age: Duration::from_secs(600),
+        session_max_idle: Duration::from_secs(60),
+        refresh_before: config.oauth.refresh_before,
+    }
 }
 
 /// Starts the token refresher and the deliverer, or returns `None` when no tenant is configured.
@@ -187,23 +268,8 @@ pub fn start_delivery(
     }
     let endpoints = crate::oauth::endpoints(config)?;
     let (tokens, refresher) = TokenProvider::start(config, shutdown.clone())?;
-    let up = &config.upstream;
     let target = upstream_target(config).map_err(DaemonError::UpstreamTls)?;
-    // Validation guarantees mail_account once [oauth] is configured.
-    let mailbox = up.mail_account.clone().unwrap_or_default();
-    let settings = DeliverySettings {
-        from: up.from.clone().unwrap_or_else(|| mailbox.clone()),
-        mailbox,
-        rewrite_from: up.rewrite_from,
-        connections: up.connections,
-        rate: up.rate,
-        retry_min: config.queue.retry_min,
-        retry_max: config.queue.retry_max,
-        max_age: config.queue.max_age,
-        notify: config.queue.notify.clone(),
-        reporting_host: config.smtp.hostname.clone(),
-        upstream_host: target.server_name.clone(),
-    };
+    let settings = delivery_settings(config, &target);
     tracing::info!(
         upstream = %target.address,
         tls_name = %target.server_name,
@@ -213,21 +279,16 @@ pub fn start_delivery(
         rate = %settings.rate,
         "delivering to Exchange Online"
     );
-    let transport = SmtpTransport::new(
+    let transport = Arc::new(SmtpTransport::new(
         target,
-        SmtpSettings {
-            mailbox: settings.mailbox.clone(),
-            session_max_age: Duration::from_secs(600),
-            session_max_idle: Duration::from_secs(60),
-            refresh_before: config.oauth.refresh_before,
-        },
+        smtp_settings(config, &settings.mailbox),
         Arc::new(tokens.clone()),
         metrics.clone(),
-    );
+    ));
     let (handle, deliverer) = Deliverer::start(
         spool.clone(),
         settings,
-        Arc::new(transport),
+        transport.clone(),
         metrics.clone(),
         shutdown.clone(),
     );
@@ -235,19 +296,69 @@ pub fn start_delivery(
         handle,
         metrics: metrics.clone(),
         tokens,
+        transport,
         deliverer,
         refresher,
     }))
 }
 
+/// What a SIGHUP can change in a running `serve`.
+struct Live {
+    delivery: Option<LiveDelivery>,
+    /// `--simulate`: a reloaded config is pointed at the simulator again.
+    sim: Option<SimPointer>,
+}
+
+struct LiveDelivery {
+    tokens: TokenProvider,
+    handle: DeliveryHandle,
+    transport: Arc<SmtpTransport>,
+}
+
+impl service::LiveParts for Live {
+    fn prepare(&self, config: &mut Config) {
+        if let Some(sim) = &self.sim {
+            sim.apply(config);
+        }
+    }
+
+    fn delivering(&self) -> bool {
+        self.delivery.is_some()
+    }
+
+    fn apply_delivery(&self, new: &Config, changed: &[String]) -> Result<(), String> {
+        let Some(d) = &self.delivery else {
+            return Err("no deliverer is running".into());
+        };
+        // Everything that can fail first, so that a failure changes nothing.
+        let target = upstream_target(new)?;
+        let settings = delivery_settings(new, &target);
+        // The token client depends on [oauth] and on the cloud and CA roots of [upstream].
+        let tokens = changed
+            .iter()
+            .any(|k| k.starts_with("oauth.") || k == "upstream.cloud" || k == "upstream.ca_file");
+        if tokens {
+            d.tokens.reload(new).map_err(|e| e.to_string())?;
+        }
+        // A session is tied to its upstream and to the token it authenticated with.
+        if tokens || changed.iter().any(|k| k.starts_with("upstream.")) {
+            d.transport
+                .reconfigure(target, smtp_settings(new, &settings.mailbox));
+        }
+        d.handle.reconfigure(settings);
+        Ok(())
+    }
+}
+
 /// Starts the simulator beside the spool and points `config` at it.
-async fn start_simulator(config: &mut Config) -> Result<Simulator, DaemonError> {
+async fn start_simulator(config: &mut Config) -> Result<(Simulator, SimPointer), DaemonError> {
     let state_dir = match config.queue.dir.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent.join("simulator"),
         _ => PathBuf::from("simulator"),
     };
     let sim = Simulator::start(SimConfig::default(), &state_dir).await?;
-    point_at_simulator(config, &sim)?;
+    let pointer = SimPointer::of(&sim)?;
+    pointer.apply(config);
     tracing::info!(
         mailbox_dir = %sim.mailbox_dir().display(),
         token_url = %sim.token_url(),
@@ -258,37 +369,70 @@ async fn start_simulator(config: &mut Config) -> Result<Simulator, DaemonError> 
         "smtp-oauth-relay: simulating Microsoft 365; delivered messages appear in {}",
         sim.mailbox_dir().display()
     );
-    Ok(sim)
+    Ok((sim, pointer))
 }
 
 /// Points the upstream and OAuth settings at a running simulator (its first client, with its
 /// client secret, and its first mailbox).
 pub fn point_at_simulator(config: &mut Config, sim: &Simulator) -> Result<(), DaemonError> {
-    let sim_config = sim.config();
-    let (client, mailbox) = match (sim_config.clients.first(), sim_config.mailboxes.first()) {
-        (Some(c), Some(m)) => (c.clone(), m.address.clone()),
-        _ => {
-            return Err(DaemonError::Simulator(SimError::Config(
-                "the simulator has no client or mailbox".into(),
-            )));
-        }
-    };
-    let up = &mut config.upstream;
-    up.host = Some(sim.smtp_addr().ip().to_string());
-    up.port = sim.smtp_addr().port();
-    up.ca_file = Some(sim.ca_file().to_path_buf());
-    up.tls_server_name = Some(sim_config.smtp.host_name.clone());
-    up.mail_account = Some(mailbox.clone());
-    up.from = Some(mailbox.clone());
-    let oauth = &mut config.oauth;
-    oauth.tenant_id = Some(sim_config.tenant_id.clone());
-    oauth.client_id = Some(client.client_id.clone());
-    oauth.client_secret = client.secrets.first().map(|s| Secret::new(s.value.clone()));
-    oauth.client_secret_file = None;
-    oauth.certificate_file = None;
-    oauth.private_key_file = None;
-    oauth.assertion_file = None;
-    oauth.token_url = Some(sim.token_url());
-    oauth.scope = Some("https://outlook.office365.com/.default".into());
+    SimPointer::of(sim)?.apply(config);
     Ok(())
+}
+
+/// The upstream and OAuth values that point a config at a simulator.
+#[derive(Clone)]
+struct SimPointer {
+    addr: SocketAddr,
+    ca_file: PathBuf,
+    server_name: String,
+    mailbox: String,
+    tenant_id: String,
+    client_id: String,
+    secret: Option<String>,
+    token_url: String,
+}
+
+impl SimPointer {
+    fn of(sim: &Simulator) -> Result<SimPointer, DaemonError> {
+        let sim_config = sim.config();
+        let (client, mailbox) = match (sim_config.clients.first(), sim_config.mailboxes.first()) {
+            (Some(c), Some(m)) => (c.clone(), m.address.clone()),
+            _ => {
+                return Err(DaemonError::Simulator(SimError::Config(
+                    "the simulator has no client or mailbox".into(),
+                )));
+            }
+        };
+        Ok(SimPointer {
+            addr: sim.smtp_addr(),
+            ca_file: sim.ca_file().to_path_buf(),
+            server_name: sim_config.smtp.host_name.clone(),
+            mailbox,
+            tenant_id: sim_config.tenant_id.clone(),
+            client_id: client.client_id.clone(),
+            secret: client.secrets.first().map(|s| s.value.clone()),
+            token_url: sim.token_url(),
+        })
+    }
+
+    fn apply(&self, config: &mut Config) {
+        let up = &mut config.upstream;
+        up.host = Some(self.addr.ip().to_string());
+        up.port = self.addr.port();
+        up.ca_file = Some(self.ca_file.clone());
+        up.tls_server_name = Some(self.server_name.clone());
+        up.mail_account = Some(self.mailbox.clone());
+        up.from = Some(self.mailbox.clone());
+        let oauth = &mut config.oauth;
+        oauth.tenant_id = Some(self.tenant_id.clone());
+        oauth.client_id = Some(self.client_id.clone());
+        oauth.client_secret = self.secret.clone().map(Secret::new);
+        oauth.client_secret_file = None;
+        oauth.client_secret_source = None;
+        oauth.certificate_file = None;
+        oauth.private_key_file = None;
+        oauth.assertion_file = None;
+        oauth.token_url = Some(self.token_url.clone());
+        oauth.scope = Some("https://outlook.office365.com/.default".into());
+    }
 }

@@ -8,7 +8,7 @@
 //! - [`spool`]: the durable on-disk queue (commit protocol, recovery, operator commands).
 //! - [`deliver`]: reply classification, the upstream XOAUTH2 session, the scheduler.
 //! - [`oauth`]: Entra ID token sources (secret, certificate, federated) and the refresher.
-//! - [`daemon`]: `serve`, wiring the parts together.
+//! - [`daemon`]: `serve`, wiring the parts together; [`supervise`]: its tasks, watched by name.
 //! - [`service`]: systemd notifications (READY, STOPPING, WATCHDOG, STATUS) and SIGHUP reload.
 //! - [`admin`]: the admin HTTP endpoint (`/readyz`) and the `health` client.
 //! - [`sim`]: a stand-in for Entra ID and Exchange Online, used by tests, `simulate` and `serve --simulate`.
@@ -26,4 +26,5 @@ pub mod oauth;
 pub mod service;
 pub mod sim;
 pub mod spool;
+pub mod supervise;
 pub mod transport;

@@ -109,8 +109,20 @@ pub const RESTART_ONLY: &[&str] = &[
     "log.format",
 ];
 
-fn restart_only(key: &str) -> bool {
-    RESTART_ONLY
+/// Keys a running deliverer takes at a reload ([`LiveParts::apply_delivery`]): the credential
+/// and endpoints (a new token is requested at once), the upstream (new sessions), the retry
+/// timing and the queue's age limit and notices (the next attempts and deferrals).
+pub const DELIVERY: &[&str] = &[
+    "upstream.*",
+    "oauth.*",
+    "queue.retry_min",
+    "queue.retry_max",
+    "queue.max_age",
+    "queue.notify",
+];
+
+fn matches_any(patterns: &[&str], key: &str) -> bool {
+    patterns
         .iter()
         .any(|pattern| match pattern.strip_suffix('*') {
             Some(prefix) => key.starts_with(prefix),
@@ -156,31 +168,131 @@ pub fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
     keys
 }
 
-/// What a reload did, for the log and `STATUS=`.
+/// What a reload did, for the log and `STATUS=`. Every changed key is in exactly one list.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ReloadOutcome {
-    /// Changed keys now in effect (published to subscribers; `log.level` applied).
+    /// Changed keys now in effect for new work.
     pub applied: Vec<String>,
     /// Changed keys that keep their running value until the next restart.
     pub needs_restart: Vec<String>,
+    /// Changed keys that could have been applied but were not (see `error`); their running
+    /// values stay.
+    pub not_applied: Vec<String>,
+    /// Why `not_applied` keys were not applied.
+    pub error: Option<String>,
 }
 
-/// Merges a freshly loaded, valid `new` config into the running one: restart-only keys keep
-/// their running values, everything else is taken from `new`. Returns the config to publish.
-pub fn merge_reload(running: &Config, mut new: Config) -> (Config, ReloadOutcome) {
+/// The parts of a running relay a reload changes. `serve` implements it over its deliverer,
+/// transport and token refresher.
+pub trait LiveParts: Send + Sync + 'static {
+    /// Makes a freshly loaded config comparable with the running one (`serve --simulate`
+    /// points it at its simulator again).
+    fn prepare(&self, _config: &mut Config) {}
+
+    /// True when a deliverer runs, so that the [`DELIVERY`] keys can be applied to it.
+    fn delivering(&self) -> bool;
+
+    /// Applies the [`DELIVERY`] keys of `new` (`changed` names those that changed): new
+    /// tokens with the new credential at once, new upstream sessions with the new settings,
+    /// the new retry timing for the next deferrals. On error nothing was changed.
+    fn apply_delivery(&self, new: &Config, changed: &[String]) -> Result<(), String>;
+
+    /// Applies `log.level`: `Ok(false)` when the process cannot change it (see
+    /// [`reload_log_level`]).
+    fn reload_log_level(&self, level: &str) -> Result<bool, String> {
+        reload_log_level(level)
+    }
+}
+
+/// Nothing to apply beyond the log level: no deliverer runs.
+pub struct NoLiveParts;
+
+impl LiveParts for NoLiveParts {
+    fn delivering(&self) -> bool {
+        false
+    }
+
+    fn apply_delivery(&self, _new: &Config, _changed: &[String]) -> Result<(), String> {
+        Err("no deliverer is running".into())
+    }
+}
+
+/// Merges a freshly loaded, valid `new` config into the running one and applies it to `live`.
+/// A changed key is applied only if something running takes it now; restart-only keys, keys
+/// nothing running reads, and keys whose application failed keep their running values in the
+/// returned config (the one to publish), so that the next reload compares against what is in
+/// effect.
+pub fn merge_reload(
+    running: &Config,
+    mut new: Config,
+    live: &dyn LiveParts,
+) -> (Config, ReloadOutcome) {
     let mut outcome = ReloadOutcome::default();
+    let mut delivery = Vec::new();
+    let mut log_level_kept = false;
     for key in changed_keys(running, &new) {
-        if restart_only(&key) {
+        if key == "log.level" {
+            match live.reload_log_level(&new.log.level) {
+                Ok(true) => outcome.applied.push(key),
+                Ok(false) => {
+                    log_level_kept = true;
+                    outcome.needs_restart.push(key);
+                }
+                Err(e) => {
+                    log_level_kept = true;
+                    outcome.error = Some(format!("log.level: {e}"));
+                    outcome.not_applied.push(key);
+                }
+            }
+        } else if matches_any(RESTART_ONLY, &key) {
             outcome.needs_restart.push(key);
+        } else if matches_any(DELIVERY, &key) {
+            delivery.push(key);
         } else {
-            outcome.applied.push(key);
+            // Nothing running reads it after start.
+            outcome.needs_restart.push(key);
         }
+    }
+    let mut keep_delivery = false;
+    if !delivery.is_empty() {
+        if !live.delivering() || !new.oauth.is_configured() {
+            // Delivery starts (or stops) only at start.
+            keep_delivery = true;
+            outcome.needs_restart.append(&mut delivery);
+        } else {
+            match live.apply_delivery(&new, &delivery) {
+                Ok(()) => outcome.applied.append(&mut delivery),
+                Err(e) => {
+                    keep_delivery = true;
+                    outcome.error = Some(e);
+                    outcome.not_applied.append(&mut delivery);
+                }
+            }
+        }
+    }
+    if keep_delivery {
+        new.upstream = running.upstream.clone();
+        new.oauth = running.oauth.clone();
+        new.queue.retry_min = running.queue.retry_min;
+        new.queue.retry_max = running.queue.retry_max;
+        new.queue.max_age = running.queue.max_age;
+        new.queue.notify = running.queue.notify.clone();
+    }
+    if log_level_kept {
+        new.log.level = running.log.level.clone();
     }
     new.smtp = running.smtp.clone();
     new.queue.dir = running.queue.dir.clone();
     new.queue.min_free_space = running.queue.min_free_space;
     new.admin = running.admin.clone();
     new.log.format = running.log.format;
+    for list in [
+        &mut outcome.applied,
+        &mut outcome.needs_restart,
+        &mut outcome.not_applied,
+    ] {
+        list.sort();
+    }
     (new, outcome)
 }
 
@@ -189,11 +301,13 @@ pub fn merge_reload(running: &Config, mut new: Config) -> (Config, ReloadOutcome
 ///
 /// Each SIGHUP re-runs [`config::load`] with `config_path` (the `--config` given at start, or
 /// the usual lookup), which re-reads secret files and `$CREDENTIALS_DIRECTORY`. An invalid
-/// config is refused with an error log line and the running one stays; a valid one is merged
-/// by [`merge_reload`] and published on `config`.
+/// config is refused with an error log line and the running one stays; a valid one is applied
+/// to `live` and merged by [`merge_reload`], published on `config`, and logged with what was
+/// applied, what needs a restart and what could not be applied.
 pub fn reload_on_sighup(
     config_path: Option<PathBuf>,
     config: watch::Sender<Arc<Config>>,
+    live: Arc<dyn LiveParts>,
     shutdown: CancellationToken,
 ) -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -211,37 +325,17 @@ pub fn reload_on_sighup(
                 .map_err(|e| e.to_string())
                 .and_then(|r| r.map_err(|e| one_line(&e.to_string())));
             match loaded {
-                Ok(new) => {
+                Ok(mut new) => {
+                    live.prepare(&mut new);
                     let running = config.borrow().clone();
-                    let (merged, outcome) = merge_reload(&running, new);
-                    let mut applied = outcome.applied.clone();
-                    if applied.iter().any(|k| k == "log.level") {
-                        match reload_log_level(&merged.log.level) {
-                            Ok(true) => {}
-                            Ok(false) => {}
-                            Err(e) => {
-                                tracing::warn!(error = %e, "log.level not applied");
-                                applied.retain(|k| k != "log.level");
-                            }
-                        }
-                    }
+                    let (merged, outcome) = merge_reload(&running, new, &*live);
                     config.send_replace(Arc::new(merged));
-                    if applied.is_empty() && outcome.needs_restart.is_empty() {
-                        tracing::info!("SIGHUP: configuration reloaded, nothing changed");
+                    log_outcome(&outcome);
+                    reloaded(if outcome.not_applied.is_empty() {
+                        "configuration reloaded"
                     } else {
-                        tracing::info!(
-                            applied = %applied.join(", "),
-                            needs_restart = %outcome.needs_restart.join(", "),
-                            "SIGHUP: configuration reloaded"
-                        );
-                    }
-                    if !outcome.needs_restart.is_empty() {
-                        tracing::warn!(
-                            keys = %outcome.needs_restart.join(", "),
-                            "these changes take effect at the next restart"
-                        );
-                    }
-                    reloaded("configuration reloaded");
+                        "configuration reloaded in part (see the log)"
+                    });
                 }
                 Err(e) => {
                     tracing::error!(
@@ -253,6 +347,38 @@ pub fn reload_on_sighup(
             }
         }
     })
+}
+
+fn log_outcome(outcome: &ReloadOutcome) {
+    let ReloadOutcome {
+        applied,
+        needs_restart,
+        not_applied,
+        error,
+    } = outcome;
+    if applied.is_empty() && needs_restart.is_empty() && not_applied.is_empty() {
+        tracing::info!("SIGHUP: configuration reloaded, nothing changed");
+        return;
+    }
+    tracing::info!(
+        applied = %applied.join(", "),
+        needs_restart = %needs_restart.join(", "),
+        not_applied = %not_applied.join(", "),
+        "SIGHUP: configuration reloaded"
+    );
+    if !not_applied.is_empty() {
+        tracing::error!(
+            keys = %not_applied.join(", "),
+            error = %error.as_deref().unwrap_or("unknown"),
+            "SIGHUP: these changes could not be applied; their running values stay in effect"
+        );
+    }
+    if !needs_restart.is_empty() {
+        tracing::warn!(
+            keys = %needs_restart.join(", "),
+            "these changes take effect at the next restart"
+        );
+    }
 }
 
 /// A multi-line error (one config issue per line) as one log line.
@@ -285,21 +411,89 @@ mod tests {
         assert!(changed_keys(&a, &a.clone()).is_empty());
     }
 
+    /// A deliverer that records what it was asked to apply, and fails when told to.
+    struct FakeLive {
+        delivering: bool,
+        fail: bool,
+        applied: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl LiveParts for FakeLive {
+        fn delivering(&self) -> bool {
+            self.delivering
+        }
+        fn apply_delivery(&self, _new: &Config, changed: &[String]) -> Result<(), String> {
+            if self.fail {
+                return Err("cannot build the token client".into());
+            }
+            self.applied.lock().unwrap().extend(changed.iter().cloned());
+            Ok(())
+        }
+        fn reload_log_level(&self, _level: &str) -> Result<bool, String> {
+            Ok(true)
+        }
+    }
+
+    fn live(delivering: bool, fail: bool) -> FakeLive {
+        FakeLive {
+            delivering,
+            fail,
+            applied: Default::default(),
+        }
+    }
+
+    const OAUTH: &str = "[oauth]\ntenant_id = \"t.example\"\nclient_id = \"0f6a3d44-7c2b-4e1a-9d55-3b2f1c8e7a10\"\nclient_secret = \"one\"\n[upstream]\nmail_account = \"a@b.example\"\n";
+
     #[test]
     fn restart_only_keys_keep_running_values() {
-        let running = cfg("[smtp]\nmax_recipients = 200\n[admin]\nlisten = \"127.0.0.1:9925\"\n");
-        let new = cfg(
-            "[smtp]\nmax_recipients = 300\n[log]\nlevel = \"warn\"\n[queue]\nretry_min = \"2m\"\n",
+        let running = cfg(&format!(
+            "[smtp]\nmax_recipients = 200\n[admin]\nlisten = \"127.0.0.1:9925\"\n{OAUTH}"
+        ));
+        let new = cfg(&format!(
+            "[smtp]\nmax_recipients = 300\n[log]\nlevel = \"warn\"\n[queue]\nretry_min = \"2m\"\n{}",
+            OAUTH.replace("\"one\"", "\"two\"")
+        ));
+        let deliverer = live(true, false);
+        let (merged, outcome) = merge_reload(&running, new, &deliverer);
+        assert_eq!(
+            outcome.applied,
+            vec!["log.level", "oauth.client_secret", "queue.retry_min"]
         );
-        let (merged, outcome) = merge_reload(&running, new);
-        assert_eq!(outcome.applied, vec!["log.level", "queue.retry_min"]);
         assert_eq!(
             outcome.needs_restart,
             vec!["admin.listen", "smtp.max_recipients"]
         );
+        assert!(outcome.not_applied.is_empty());
+        let mut asked = deliverer.applied.lock().unwrap().clone();
+        asked.sort();
+        assert_eq!(asked, vec!["oauth.client_secret", "queue.retry_min"]);
         assert_eq!(merged.smtp.max_recipients, 200);
         assert_eq!(merged.admin.listen, running.admin.listen);
         assert_eq!(merged.log.level, "warn");
         assert_eq!(merged.queue.retry_min, std::time::Duration::from_secs(120));
+    }
+
+    #[test]
+    fn delivery_keys_are_applied_only_to_a_running_deliverer_that_takes_them() {
+        let running = cfg(OAUTH);
+        let new = || cfg(&format!("[queue]\nretry_max = \"2h\"\n{OAUTH}"));
+        // No deliverer (none was started): the change waits for a restart.
+        let (merged, outcome) = merge_reload(&running, new(), &NoLiveParts);
+        assert_eq!(outcome.needs_restart, vec!["queue.retry_max"]);
+        assert!(outcome.applied.is_empty());
+        assert_eq!(merged.queue.retry_max, running.queue.retry_max);
+        // The deliverer refuses it: not applied, the running value stays, the reason is kept.
+        let (merged, outcome) = merge_reload(&running, new(), &live(true, true));
+        assert_eq!(outcome.not_applied, vec!["queue.retry_max"]);
+        assert!(outcome.error.as_deref().unwrap().contains("token client"));
+        assert_eq!(merged.queue.retry_max, running.queue.retry_max);
+        // Taking [oauth] away cannot stop a running deliverer: restart.
+        let (_, outcome) = merge_reload(&running, cfg(""), &live(true, false));
+        assert!(outcome.applied.is_empty(), "{outcome:?}");
+        assert!(
+            outcome
+                .needs_restart
+                .contains(&"oauth.client_id".to_string())
+        );
     }
 }

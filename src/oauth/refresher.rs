@@ -331,6 +331,7 @@ fn random_unit() -> f64 {
 }
 
 async fn run(inner: Arc<Inner>, shutdown: CancellationToken) {
+    crate::failpoint::panic_point("task-refresher");
     loop {
         // The generation before the client: a reload in between makes this request's result
         // stale (discarded below), never an old client's result current.

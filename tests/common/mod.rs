@@ -6,6 +6,7 @@
 //! - [`process`]: the real binary as a process (`serve` and the one-shot commands);
 //! - [`sim_process`]: the standalone simulator as a process;
 //! - [`sim`]: the simulator in-process for tests that talk to it directly;
+//! - [`proxy`]: a counting TCP forwarder (which connections used which upstream settings);
 //! - [`smtp`]: the SMTP client (async, and [`smtp::blocking`] for thread-based tests);
 //! - [`fixtures`]: dot-stuffing, the seeded PRNG, message builders, spool inspection;
 //! - [`logs`]: the in-process log, captured, for tests that await a log line.
@@ -15,6 +16,7 @@ pub mod delivery;
 pub mod fixtures;
 pub mod logs;
 pub mod process;
+pub mod proxy;
 pub mod session;
 pub mod sim;
 pub mod sim_process;
