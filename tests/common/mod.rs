@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod delivery;
+pub mod setup_cli;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
