@@ -9,6 +9,7 @@
 //! - [`deliver`]: reply classification, the upstream XOAUTH2 session, the scheduler.
 //! - [`oauth`]: Entra ID token sources (secret, certificate, federated) and the refresher.
 //! - [`daemon`]: `serve`, wiring the parts together.
+//! - [`setup`]: `smtp-oauth-relay setup`, the setup guide as one command (values, files, script, check).
 //! - [`service`]: systemd notifications (READY, STOPPING, WATCHDOG, STATUS) and SIGHUP reload.
 //! - [`admin`]: the admin HTTP endpoint (`/readyz`) and the `health` client.
 //! - [`sim`]: a stand-in for Entra ID and Exchange Online, used by tests, `simulate` and `serve --simulate`.
@@ -24,6 +25,7 @@ pub mod inbound;
 pub mod metrics;
 pub mod oauth;
 pub mod service;
+pub mod setup;
 pub mod sim;
 pub mod spool;
 pub mod transport;

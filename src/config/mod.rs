@@ -525,6 +525,17 @@ pub fn locate(explicit: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
 /// Loads and validates the configuration. Secrets named by `*_file` keys or provided as systemd
 /// credentials are read here, so a bad path is reported at start-up rather than at first delivery.
 pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    load_with_credentials(explicit, credentials.as_deref())
+}
+
+/// [`load`] as a systemd service with `$CREDENTIALS_DIRECTORY` = `credentials` would see it
+/// (`None`: no credentials). `setup` checks the file it wrote for the service this way, before
+/// systemd has ever loaded the credential.
+pub fn load_with_credentials(
+    explicit: Option<&Path>,
+    credentials: Option<&Path>,
+) -> Result<Config, ConfigError> {
     let path = locate(explicit)?;
     let mut figment = Figment::new();
     if let Some(p) = &path {
@@ -535,7 +546,7 @@ pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
         file: path.clone(),
         issues,
     };
-    extract_and_validate(&figment).map_err(invalid)
+    extract_and_validate(&figment, credentials).map_err(invalid)
 }
 
 /// Deserializes the merged sources, then resolves secrets and validates. A key with a wrong type
@@ -543,12 +554,15 @@ pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
 /// that every other key is still checked and the admin sees every problem at once. Validation
 /// findings about a key already reported as badly typed are left out (they would only describe
 /// the default that stood in for it).
-fn extract_and_validate(figment: &Figment) -> Result<Config, Vec<ConfigIssue>> {
+fn extract_and_validate(
+    figment: &Figment,
+    credentials: Option<&Path>,
+) -> Result<Config, Vec<ConfigIssue>> {
     let (config, mut issues) = extract_all(figment);
     let mut config = config.ok_or_else(|| issues.clone())?;
     let bad_keys: Vec<String> = issues.iter().map(|i| i.key.clone()).collect();
     let mut found = Vec::new();
-    config.resolve_secrets(&mut found);
+    config.resolve_secrets(credentials, &mut found);
     config.validate_into(&mut found);
     found.retain(|i| !bad_keys.iter().any(|k| keys_overlap(k, &i.key)));
     issues.extend(found);
@@ -679,7 +693,8 @@ fn without_source_snippet(text: &str) -> String {
 impl Config {
     /// Parses a configuration from TOML text without touching the environment (tests, fuzzing).
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
-        extract_and_validate(&Figment::from(Toml::string(text)))
+        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        extract_and_validate(&Figment::from(Toml::string(text)), credentials.as_deref())
             .map_err(|issues| ConfigError::Invalid { file: None, issues })
     }
 
@@ -701,7 +716,7 @@ impl Config {
     }
 
     /// Reads `client_secret_file`, or the systemd credential `client_secret`, into `client_secret`.
-    fn resolve_secrets(&mut self, issues: &mut Vec<ConfigIssue>) {
+    fn resolve_secrets(&mut self, credentials: Option<&Path>, issues: &mut Vec<ConfigIssue>) {
         let oauth = &mut self.oauth;
         if oauth.client_secret.is_some() && oauth.client_secret_file.is_some() {
             issues.push(issue(
@@ -715,8 +730,8 @@ impl Config {
             let no_other = oauth.client_secret.is_none()
                 && oauth.certificate_file.is_none()
                 && oauth.assertion_file.is_none();
-            std::env::var_os("CREDENTIALS_DIRECTORY")
-                .map(|d| PathBuf::from(d).join("client_secret"))
+            credentials
+                .map(|d| d.join("client_secret"))
                 .filter(|p| no_other && p.is_file())
         });
         if let Some(path) = file {

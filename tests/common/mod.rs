@@ -16,6 +16,7 @@ pub mod fixtures;
 pub mod logs;
 pub mod process;
 pub mod session;
+pub mod setup_cli;
 pub mod sim;
 pub mod sim_process;
 pub mod smtp;
