@@ -1,12 +1,27 @@
 //! smtp-oauth-relay: accepts plain SMTP on loopback, spools every message durably, and
 //! forwards the spool to Microsoft 365 with SASL XOAUTH2.
 //!
+//! # The flow of a message
+//! 1. [`inbound`] accepts a connection (allow-list, limits) and runs one session per client;
+//!    [`inbound::framing`] finds the end of DATA (only `CRLF . CRLF`) and unstuffs it.
+//! 2. The session streams the message into the [`spool`] (`tmp/` → fsync → rename into
+//!    `queue/` → directory fsync) and only then answers `250 queued as ID`.
+//! 3. The deliverer ([`deliver::scheduler`]) schedules every queued message and asks the
+//!    mailbox's [`deliver::pacer::Pacer`] when an attempt may start (rate, sessions, hold).
+//! 4. Each attempt applies the sender policy ([`deliver::sender`]) and hands the message to a
+//!    [`transport::Transport`]: [`transport::smtp`] signs in with a token from [`oauth`].
+//! 5. The transport's per-recipient outcomes are classified ([`deliver::classify`]: delivered,
+//!    retry, hold, failed) and written back to the spool; failures get a notice
+//!    ([`deliver::notice`]), holds say what to fix in logs, `queue list`, `/healthz` and `check`.
+//!
 //! # Layout
 //! - [`check`]: `smtp-oauth-relay check`, the diagnostic walk config → token → TLS → AUTH → send.
-//! - [`config`]: the `relay.toml` schema, figment loading (defaults, file, `RELAY_*` env), validation.
+//! - [`config`]: the `relay.toml` schema, figment loading (defaults, file, `RELAY_*` env),
+//!   validation; [`config::identity`] owns the rules for the Microsoft 365 values.
 //! - [`inbound`]: the local SMTP listener and the per-connection session state machine.
 //! - [`spool`]: the durable on-disk queue (commit protocol, recovery, operator commands).
-//! - [`deliver`]: reply classification, the upstream XOAUTH2 session, the scheduler.
+//! - [`deliver`]: the scheduler, the per-mailbox pacer, reply classification, sender policy.
+//! - [`transport`]: the Transport seam and its SMTP XOAUTH2 implementation.
 //! - [`oauth`]: Entra ID token sources (secret, certificate, federated) and the refresher.
 //! - [`daemon`]: `serve`, wiring the parts together.
 //! - [`setup`]: `smtp-oauth-relay setup`, the setup guide as one command (values, files, script, check).
