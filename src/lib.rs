@@ -5,6 +5,7 @@
 //! - [`check`]: `smtp-oauth-relay check`, the diagnostic walk config → token → TLS → AUTH → send.
 //! - [`config`]: the `relay.toml` schema, figment loading (defaults, file, `RELAY_*` env), validation.
 //! - [`inbound`]: the local SMTP listener and the per-connection session state machine.
+//! - [`headers`]: the one reader of message header sections (on mail-parser), byte offsets kept.
 //! - [`spool`]: the durable on-disk queue (commit protocol, recovery, operator commands).
 //! - [`deliver`]: reply classification, the upstream XOAUTH2 session, the scheduler.
 //! - [`oauth`]: Entra ID token sources (secret, certificate, federated) and the refresher.
@@ -20,6 +21,7 @@ pub mod config;
 pub mod daemon;
 pub mod deliver;
 pub mod failpoint;
+pub mod headers;
 pub mod inbound;
 pub mod metrics;
 pub mod oauth;
