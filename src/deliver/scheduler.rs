@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::classify::{HoldCause, Outcome, Stage, classify};
+use super::extensions::Needs;
 use super::pacer::{Attempt, Pacer, PacerSettings, Progress, Start, Transition};
 use super::sender::apply_sender_policy;
 use super::upstream::{SessionError, UpstreamSession, UpstreamTarget};
@@ -24,8 +25,7 @@ use crate::config::{Rate, RewriteFrom};
 use crate::metrics::Metrics;
 use crate::spool::admin::{STATUS_FILE, WAKEUP_FILE};
 use crate::spool::{
-    BodyType, DeliveryState, EntryState, LoadedMessage, RecipientState, RecipientStatus, Spool,
-    SpoolError,
+    DeliveryState, EntryState, LoadedMessage, RecipientState, RecipientStatus, Spool, SpoolError,
 };
 
 /// Delivery policy, resolved from the configuration.
@@ -556,14 +556,22 @@ async fn attempt(
         }
     };
     let body = apply_sender_policy(&message.body, &ctx.settings.from, ctx.settings.rewrite_from);
-    let mut params = String::new();
-    let env = &message.envelope;
-    if env.mail_params.body == BodyType::EightBitMime && session.caps.eight_bit {
-        params.push_str(" BODY=8BITMIME");
-    }
-    if env.mail_params.smtputf8 && session.caps.smtputf8 {
-        params.push_str(" SMTPUTF8");
-    }
+    let needs = Needs::of(
+        &ctx.settings.from,
+        &pending,
+        &message.envelope.mail_params,
+        &body,
+    );
+    let params = match needs.mail_params(&session.caps, &ctx.settings.upstream_host) {
+        Ok(params) => params,
+        Err(refusal) => {
+            // Decided here, before MAIL FROM: the session is untouched and stays usable.
+            if let Ok(mut pool) = ctx.pool.lock() {
+                pool.push(session);
+            }
+            return refuse_locally(id, state, &pending, &refusal);
+        }
+    };
     let started = std::time::Instant::now();
     let result = session
         .send(&ctx.settings.from, &params, &pending, &body)
@@ -641,6 +649,31 @@ async fn attempt(
                 },
             }
         }
+    }
+}
+
+/// Every pending recipient fails with `refusal`, a reply the relay made itself because the
+/// upstream server cannot take the message as it is (see [`super::extensions`]).
+fn refuse_locally(
+    id: &str,
+    state: &mut DeliveryState,
+    pending: &[String],
+    refusal: &super::reply::UpstreamReply,
+) -> AttemptOutcome {
+    let reply = refusal.to_string();
+    tracing::warn!(id = %id, reply = %reply, "message refused before sending: the upstream server lacks an extension it needs");
+    for rcpt in state
+        .recipients
+        .iter_mut()
+        .filter(|r| pending.contains(&r.address))
+    {
+        rcpt.status = RecipientStatus::Failed;
+        rcpt.reply = Some(reply.clone());
+    }
+    AttemptOutcome {
+        pending_class: Outcome::Failed,
+        reply,
+        reached: Progress::Transaction,
     }
 }
 
