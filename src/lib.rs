@@ -19,6 +19,7 @@
 //! - [`config`]: the `relay.toml` schema, figment loading (defaults, file, `RELAY_*` env),
 //!   validation; [`config::identity`] owns the rules for the Microsoft 365 values.
 //! - [`inbound`]: the local SMTP listener and the per-connection session state machine.
+//! - [`headers`]: the one reader of message header sections (on mail-parser), byte offsets kept.
 //! - [`spool`]: the durable on-disk queue (commit protocol, recovery, operator commands).
 //! - [`deliver`]: the scheduler, the per-mailbox pacer, reply classification, sender policy.
 //! - [`transport`]: the Transport seam and its SMTP XOAUTH2 implementation.
@@ -36,6 +37,7 @@ pub mod config;
 pub mod daemon;
 pub mod deliver;
 pub mod failpoint;
+pub mod headers;
 pub mod inbound;
 pub mod metrics;
 pub mod oauth;

@@ -735,11 +735,12 @@ async fn spool_notice(
     reason: &str,
     to: &str,
 ) -> Result<String, SpoolError> {
-    let headers_end = message
-        .body
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or(message.body.len().min(64 * 1024), |p| p + 2);
+    let parsed = crate::headers::Headers::parse(&message.body);
+    let headers_end = if parsed.complete() {
+        parsed.section().len()
+    } else {
+        message.body.len().min(64 * 1024)
+    };
     let bytes = super::notice::build(
         &super::notice::NoticeInput {
             id: &message.id,

@@ -357,7 +357,7 @@ impl Spool {
                 body.extend_from_slice(&rest);
             }
             body.truncate(limit);
-            let headers = header_section(&body).to_vec();
+            let headers = crate::headers::Headers::parse(&body).section().to_vec();
             return Ok(ShownMessage {
                 entry,
                 envelope: m.header.envelope,
@@ -534,38 +534,5 @@ impl Spool {
     #[doc(hidden)]
     pub fn stats(&self) -> SpoolStats {
         self.inner.counters.snapshot()
-    }
-}
-
-/// The header section of a message: every line up to (not including) the first empty line.
-fn header_section(body: &[u8]) -> &[u8] {
-    let mut pos = 0;
-    while pos < body.len() {
-        let Some(i) = body[pos..].iter().position(|&b| b == b'\n') else {
-            break;
-        };
-        let line = &body[pos..pos + i + 1];
-        if line == b"\n" || line == b"\r\n" {
-            return &body[..pos];
-        }
-        pos += i + 1;
-    }
-    body
-}
-
-#[cfg(test)]
-mod tests {
-    use super::header_section;
-
-    #[test]
-    fn header_sections() {
-        assert_eq!(
-            header_section(b"A: 1\r\nB: 2\r\n\r\nbody\r\n"),
-            b"A: 1\r\nB: 2\r\n"
-        );
-        assert_eq!(header_section(b"A: 1\n\nbody"), b"A: 1\n");
-        assert_eq!(header_section(b"\r\nbody"), b"");
-        assert_eq!(header_section(b"A: 1\r\nB: 2"), b"A: 1\r\nB: 2");
-        assert_eq!(header_section(b""), b"");
     }
 }

@@ -48,6 +48,9 @@ pub enum Reply {
         stage: Stage,
         reply: UpstreamReply,
     },
+    /// The relay's own refusal, in the form of a reply (e.g. `553 5.6.7` when the upstream
+    /// lacks SMTPUTF8): permanent, decided without sending.
+    Refused(UpstreamReply),
     Local(String),
 }
 
@@ -60,6 +63,7 @@ impl std::fmt::Display for Reply {
                 reply,
             } => write!(f, "{reply}"),
             Reply::Upstream { stage, reply } => write!(f, "{stage:?}: upstream replied {reply}"),
+            Reply::Refused(reply) => write!(f, "{reply}"),
             Reply::Local(text) => f.write_str(text),
         }
     }

@@ -12,10 +12,10 @@ use std::time::{Duration, SystemTime};
 use super::{Attempted, RecipientResult, Reply, Submission, Transport, TransportFuture};
 use crate::deliver::TokenSource;
 use crate::deliver::classify::{HoldCause, Outcome, Stage, classify};
+use crate::deliver::extensions::Needs;
 use crate::deliver::pacer::Progress;
 use crate::deliver::upstream::{SessionError, UpstreamSession, UpstreamTarget};
 use crate::metrics::Metrics;
-use crate::spool::BodyType;
 
 /// What the SMTP transport needs beyond the target.
 #[derive(Debug, Clone)]
@@ -61,14 +61,30 @@ impl SmtpTransport {
             Ok(s) => s,
             Err(failure) => return failure.for_all(count),
         };
-        let env = submission.envelope;
-        let mut params = String::new();
-        if env.mail_params.body == BodyType::EightBitMime && session.caps.eight_bit {
-            params.push_str(" BODY=8BITMIME");
-        }
-        if env.mail_params.smtputf8 && session.caps.smtputf8 {
-            params.push_str(" SMTPUTF8");
-        }
+        // BODY=8BITMIME / SMTPUTF8 as the message needs them; a server that lacks one the
+        // message cannot do without is refused here, before MAIL FROM (RFC 6531 §3.2,
+        // RFC 6152): the session is untouched and stays usable.
+        let needs = Needs::of(
+            submission.mail_from,
+            submission.recipients,
+            &submission.envelope.mail_params,
+            submission.body,
+        );
+        let params = match needs.mail_params(&session.caps, &self.target.server_name) {
+            Ok(params) => params,
+            Err(refusal) => {
+                tracing::warn!(id = %submission.id, reply = %refusal, "message refused before sending: the upstream server lacks an extension it needs");
+                if let Ok(mut pool) = self.pool.lock() {
+                    pool.push(session);
+                }
+                return Attempted::all(
+                    count,
+                    Outcome::Failed,
+                    Reply::Refused(refusal),
+                    Progress::Transaction,
+                );
+            }
+        };
         let started = std::time::Instant::now();
         let result = session
             .send(
