@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::spool::admin::{STATUS_FILE, WAKEUP_FILE};
 use crate::spool::{
     BodyType, DeliveryState, EntryState, LoadedMessage, RecipientState, RecipientStatus, Spool,
-    SpoolError,
+    SpoolError, StateProblem,
 };
 
 /// Delivery policy, resolved from the configuration.
@@ -461,12 +461,16 @@ async fn deliver_one(ctx: &Arc<Context>, id: &str) -> JobResult {
     let owned = id.to_string();
     let loaded = tokio::task::spawn_blocking(move || {
         let message = spool.load(&owned)?;
-        let state = spool.read_state(&owned)?;
-        Ok::<_, SpoolError>((message, state))
+        let Some(state) = usable_state(&spool, &owned)? else {
+            return Ok(None);
+        };
+        Ok::<_, SpoolError>(Some((message, state)))
     })
     .await;
     let (message, state) = match loaded {
-        Ok(Ok(pair)) => pair,
+        Ok(Ok(Some(pair))) => pair,
+        // Held: its state was written by a newer relay.
+        Ok(Ok(None)) => return JobResult::Skipped,
         Ok(Err(SpoolError::NotFound(_))) => return JobResult::Skipped,
         Ok(Err(e)) => {
             tracing::error!(id, error = %e, "cannot read the message; it stays in the spool");
@@ -516,6 +520,45 @@ async fn deliver_one(ctx: &Arc<Context>, id: &str) -> JobResult {
     let outcome = attempt(ctx, &message, &mut state).await;
     state.attempts += 1;
     record(ctx, &message, state, outcome).await
+}
+
+/// The delivery state of `id` (`Some(None)`: never attempted), dealing with a state file this
+/// relay cannot use so that the message is neither hidden nor stuck: an unreadable one is reset
+/// (kept in `corrupt/`; the message is intact), one from a newer relay is not guessed at: the
+/// message is held (`None`) until the operator upgrades or runs `queue retry`.
+fn usable_state(spool: &Spool, id: &str) -> Result<Option<Option<DeliveryState>>, SpoolError> {
+    match spool.read_state(id) {
+        Err(SpoolError::BadState {
+            path,
+            problem: StateProblem::Unreadable(reason),
+        }) => {
+            let kept = spool.reset_state(id)?;
+            tracing::warn!(
+                id,
+                state_file = %path.display(),
+                kept_as = %kept.as_deref().unwrap_or(&path).display(),
+                %reason,
+                "delivery state unreadable: reset, the message is delivered as new \
+                 (recipients an earlier attempt reached may get it twice)"
+            );
+            Ok(Some(None))
+        }
+        Err(SpoolError::BadState {
+            path,
+            problem: problem @ StateProblem::NewerVersion(_),
+        }) => {
+            spool.move_to(id, EntryState::Held)?;
+            tracing::error!(
+                id,
+                state_file = %path.display(),
+                reason = %problem,
+                "message held, not delivered: its delivery state was written by a newer \
+                 smtp-oauth-relay; upgrade, or `queue retry ID` resets the state and sends it"
+            );
+            Ok(None)
+        }
+        other => other.map(Some),
+    }
 }
 
 /// The per-attempt result before it is written down.

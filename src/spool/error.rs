@@ -33,6 +33,12 @@ pub enum SpoolError {
     /// A spool file that cannot be decoded or is truncated.
     #[error("corrupt spool file {}: {reason}", path.display())]
     Corrupt { path: PathBuf, reason: String },
+    /// A message whose delivery state file cannot be used; the message itself is intact.
+    #[error("{}: {problem}", path.display())]
+    BadState {
+        path: PathBuf,
+        problem: super::state::StateProblem,
+    },
     /// `open_for_admin` on a directory that lacks the spool subdirectories.
     #[error("{} is not a spool directory (expected tmp/, queue/, held/, failed/ and state/ inside)", .0.display())]
     NotASpool(PathBuf),

@@ -7,6 +7,10 @@
 //!   exact message bytes (see [`mod@format`]). Its directory is its state: `queue/` (queued),
 //!   `held/`, `failed/`.
 //! - Mutable delivery state lives in `state/<ID>.json` ([`DeliveryState`]), absent = fresh.
+//!   A state file that cannot be used never hides its message: [`Spool::list`] shows the
+//!   message with the [`StateProblem`], and the deliverer resets an unreadable state
+//!   ([`Spool::reset_state`], the old file kept in `corrupt/`) or holds a message whose state a
+//!   newer relay wrote.
 //!
 //! # Commit protocol (see [`IncomingMessage::commit`])
 //! `tmp/<ID>.msg` (O_EXCL, 0600) → header → body (≤ 256 KiB buffered) → patch Body-Length →
@@ -48,7 +52,7 @@ pub use fsutil::{Fault, FaultPoint, SpoolStats};
 pub use id::{is_valid_id, normalize_id};
 pub use incoming::{IncomingMessage, WRITE_BUFFER};
 pub use recovery::RecoveryReport;
-pub use state::{DeliveryState, RecipientState, RecipientStatus, STATE_VERSION};
+pub use state::{DeliveryState, RecipientState, RecipientStatus, STATE_VERSION, StateProblem};
 
 use fsutil::{Counters, Faults};
 use incoming::GroupCommit;
@@ -99,8 +103,10 @@ pub struct QueueEntry {
     pub recipients: Vec<String>,
     /// Message size in bytes (the body after the envelope header).
     pub size: u64,
-    /// Delivery state, if the message was ever attempted.
+    /// Delivery state, if the message was ever attempted (and its state file is usable).
     pub delivery: Option<DeliveryState>,
+    /// Why its state file could not be used; the message is listed all the same.
+    pub state_problem: Option<StateProblem>,
 }
 
 /// One message with its envelope and its header section.
@@ -294,7 +300,13 @@ impl Spool {
                 reason: format!("header Id {} does not match the file name", m.header.id),
             });
         }
-        let delivery = self.read_state(id)?;
+        // A bad state file must not hide the message (it would never be delivered, and
+        // `queue list` would say the queue is empty).
+        let (delivery, state_problem) = match self.read_state(id) {
+            Ok(d) => (d, None),
+            Err(SpoolError::BadState { problem, .. }) => (None, Some(problem)),
+            Err(e) => return Err(e),
+        };
         let env = &m.header.envelope;
         let entry = QueueEntry {
             id: id.to_string(),
@@ -304,6 +316,7 @@ impl Spool {
             recipients: env.recipients.iter().map(|r| r.address.clone()).collect(),
             size: m.header.body_length,
             delivery,
+            state_problem,
         };
         Ok((entry, m))
     }
@@ -483,7 +496,8 @@ impl Spool {
         Ok(true)
     }
 
-    /// The delivery state of a message; `None` if it was never attempted.
+    /// The delivery state of a message; `None` if it was never attempted;
+    /// [`SpoolError::BadState`] if its file cannot be used.
     pub fn read_state(&self, id: &str) -> Result<Option<DeliveryState>, SpoolError> {
         let id = Self::check_id(id)?;
         let p = self.inner.state_path(&id);
@@ -494,7 +508,24 @@ impl Spool {
         };
         state::decode(&bytes)
             .map(Some)
-            .map_err(|reason| SpoolError::Corrupt { path: p, reason })
+            .map_err(|problem| SpoolError::BadState { path: p, problem })
+    }
+
+    /// Forget the delivery state of a message: its state file goes to `corrupt/` (kept for
+    /// the operator, never deleted) and the message counts as never attempted. Returns where
+    /// the file went, or `None` if there was none.
+    pub fn reset_state(&self, id: &str) -> Result<Option<PathBuf>, SpoolError> {
+        let id = Self::check_id(id)?;
+        let p = self.inner.state_path(&id);
+        match fs::symlink_metadata(&p) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(SpoolError::io("stat", &p, e)),
+        }
+        let dst = recovery::quarantine(&self.inner, &p, &format!("{id}.json"))?;
+        fsutil::fsync_dir(&self.inner.sub("corrupt"))?;
+        fsutil::fsync_dir(&self.inner.sub("state"))?;
+        Ok(Some(dst))
     }
 
     /// Durably replace the delivery state of a message (tmp + fsync + rename + fsync `state/`).

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod delivery;
+pub mod logs;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
