@@ -381,19 +381,32 @@ async fn rescan(ctx: &Arc<Context>, schedule: &mut Schedule) {
     };
     let now_sys = SystemTime::now();
     let now = Instant::now();
+    let waiting: std::collections::HashMap<String, Instant> = schedule
+        .due
+        .iter()
+        .map(|(at, id)| (id.clone(), *at))
+        .collect();
     for entry in entries
         .into_iter()
         .filter(|e| e.state == EntryState::Queued)
     {
-        if schedule.known.contains(&entry.id) {
-            continue;
-        }
         let at = entry
             .delivery
             .as_ref()
             .and_then(|d| d.next_attempt)
             .and_then(|t| t.duration_since(now_sys).ok())
             .map_or(now, |wait| now + wait);
+        if schedule.known.contains(&entry.id) {
+            // `queue retry` on a message waiting for its retry cleared its next attempt:
+            // bring it forward ("deliver now"), never push one back.
+            if let Some(&scheduled) = waiting.get(&entry.id)
+                && at < scheduled
+            {
+                schedule.due.remove(&(scheduled, entry.id.clone()));
+                schedule.due.insert((at, entry.id));
+            }
+            continue;
+        }
         schedule.add(entry.id, at);
     }
 }
