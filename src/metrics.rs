@@ -19,6 +19,9 @@ pub struct Metrics {
     pub retried: AtomicU64,
     pub held: AtomicU64,
     pub failed: AtomicU64,
+    /// Attempts that sent the final dot and got no 250 (no reply, or a 4xx): the retry may
+    /// deliver a second copy.
+    pub possible_duplicates: AtomicU64,
     /// Connect + STARTTLS + AUTH to Exchange Online.
     pub session_seconds: Histogram,
     /// MAIL .. final reply of one message.
@@ -84,6 +87,12 @@ impl Metrics {
             "relay_failed_total",
             "Messages failed for good (kept in failed/).",
             load(&self.failed),
+        );
+        counter(
+            &mut out,
+            "relay_possible_duplicates_total",
+            "Delivery attempts that sent the whole message but got no 250 (no reply or a 4xx after the final dot): the retry may deliver it twice.",
+            load(&self.possible_duplicates),
         );
         let gauge = |out: &mut String, name: &str, help: &str, value: f64| {
             let _ = writeln!(out, "# HELP {name} {help}");

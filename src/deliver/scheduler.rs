@@ -24,8 +24,8 @@ use crate::config::{Rate, RewriteFrom};
 use crate::metrics::Metrics;
 use crate::spool::admin::{STATUS_FILE, WAKEUP_FILE};
 use crate::spool::{
-    BodyType, DeliveryState, EntryState, LoadedMessage, RecipientState, RecipientStatus, Spool,
-    SpoolError, StateProblem,
+    BodyType, DeliveryState, EntryState, LoadedMessage, PossibleDuplicate, RecipientState,
+    RecipientStatus, Spool, SpoolError, StateProblem,
 };
 
 /// Delivery policy, resolved from the configuration.
@@ -625,6 +625,20 @@ async fn attempt(
         .send(&ctx.settings.from, &params, &pending, &body)
         .await;
     ctx.metrics.transaction_seconds.observe(started.elapsed());
+    // The whole message went out and no 250 came back: Exchange may have it anyway.
+    if let Some(dot_at) = session.dot_sent_at() {
+        let after_dot = match &result {
+            Err(e) => Some((e.to_string(), e.reply().and_then(|r| r.queue_id()))),
+            Ok(tx) => tx
+                .data_reply
+                .as_ref()
+                .filter(|r| r.is_transient())
+                .map(|r| (r.to_string(), r.queue_id())),
+        };
+        if let Some((what, upstream_id)) = after_dot {
+            note_possible_duplicate(ctx, id, state, dot_at, what, upstream_id);
+        }
+    }
     match result {
         Err(e) => {
             let outcome = AttemptOutcome {
@@ -698,6 +712,40 @@ async fn attempt(
             }
         }
     }
+}
+
+/// Records, logs and counts an attempt that may have delivered without the relay knowing.
+fn note_possible_duplicate(
+    ctx: &Context,
+    id: &str,
+    state: &mut DeliveryState,
+    dot_at: SystemTime,
+    after_dot: String,
+    upstream_id: Option<String>,
+) {
+    let dup = state
+        .possible_duplicate
+        .get_or_insert_with(|| PossibleDuplicate {
+            first_dot_at: dot_at,
+            attempts: 0,
+            after_dot: String::new(),
+            upstream_id: None,
+        });
+    dup.attempts += 1;
+    dup.after_dot = after_dot;
+    if upstream_id.is_some() {
+        dup.upstream_id = upstream_id;
+    }
+    Metrics::inc(&ctx.metrics.possible_duplicates);
+    tracing::warn!(
+        id,
+        first_dot_at = %humantime::format_rfc3339_millis(dup.first_dot_at),
+        attempts_without_250 = dup.attempts,
+        after_dot = %dup.after_dot,
+        upstream_id = %dup.upstream_id.as_deref().unwrap_or("unknown"),
+        "possible duplicate: the whole message was sent but no 250 came back; \
+         the retry may give the recipients a second copy"
+    );
 }
 
 /// An authenticated session: an idle one from the pool, else a new one. A 535 with a token
@@ -797,7 +845,17 @@ async fn record(
             return match tokio::task::spawn_blocking(move || spool.complete(&owned)).await {
                 Ok(Ok(_)) => {
                     Metrics::inc(&ctx.metrics.delivered);
-                    tracing::info!(id, reply = %outcome.reply, "delivered");
+                    match &state.possible_duplicate {
+                        None => tracing::info!(id, reply = %outcome.reply, "delivered"),
+                        Some(dup) => tracing::warn!(
+                            id,
+                            reply = %outcome.reply,
+                            first_dot_at = %humantime::format_rfc3339_millis(dup.first_dot_at),
+                            attempts_without_250 = dup.attempts,
+                            "delivered; possible duplicate: an earlier attempt sent the whole \
+                             message without getting a 250"
+                        ),
+                    }
                     JobResult::Finished { delivered: true }
                 }
                 Ok(Err(e)) => {

@@ -35,7 +35,8 @@ pub const STATUS_FILE: &str = "mailbox.json";
 /// ```
 /// The sender is `<>` for the null sender; recipients beyond three are counted as `+N`; the
 /// delivery column is empty until a delivery was attempted. A message whose state file cannot
-/// be used is listed with `state-problem="..."` there (what the deliverer does about it).
+/// be used is listed with `state-problem="..."` there (what the deliverer does about it), and
+/// one that may already have reached its recipients with `possible-duplicate=...`.
 pub fn run_queue_command(
     spool_dir: &Path,
     cmd: &QueueCommand,
@@ -211,6 +212,27 @@ fn delivery_summary(d: &DeliveryState) -> String {
     if let Some(r) = &d.fail_reason {
         s.push_str(&format!(" fail={}", quoted(r)));
     }
+    if let Some(dup) = &d.possible_duplicate {
+        s.push_str(&format!(
+            " possible-duplicate={}",
+            quoted(&duplicate_summary(dup))
+        ));
+    }
+    s
+}
+
+/// `first dot 2025-11-29T18:34:00Z, 1 attempt, after it: ...[, upstream id ...]`.
+fn duplicate_summary(d: &super::PossibleDuplicate) -> String {
+    let mut s = format!(
+        "final dot sent {}, {} attempt{} without a 250, then: {}",
+        humantime::format_rfc3339_seconds(d.first_dot_at),
+        d.attempts,
+        if d.attempts == 1 { "" } else { "s" },
+        d.after_dot
+    );
+    if let Some(id) = &d.upstream_id {
+        s.push_str(&format!(", upstream id {id}"));
+    }
     s
 }
 
@@ -329,6 +351,13 @@ fn write_show(
             }
             if let Some(r) = &d.fail_reason {
                 writeln!(out, "fail-reason: {}", quoted(r))?;
+            }
+            if let Some(dup) = &d.possible_duplicate {
+                writeln!(
+                    out,
+                    "possible-duplicate: {}",
+                    quoted(&duplicate_summary(dup))
+                )?;
             }
             for r in &d.recipients {
                 let status = match r.status {

@@ -52,7 +52,9 @@ pub use fsutil::{Fault, FaultPoint, SpoolStats};
 pub use id::{is_valid_id, normalize_id};
 pub use incoming::{IncomingMessage, WRITE_BUFFER};
 pub use recovery::RecoveryReport;
-pub use state::{DeliveryState, RecipientState, RecipientStatus, STATE_VERSION, StateProblem};
+pub use state::{
+    DeliveryState, PossibleDuplicate, RecipientState, RecipientStatus, STATE_VERSION, StateProblem,
+};
 
 use fsutil::{Counters, Faults};
 use incoming::GroupCommit;

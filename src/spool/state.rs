@@ -33,6 +33,23 @@ pub struct RecipientState {
     pub reply: Option<String>,
 }
 
+/// An attempt sent the whole message, final dot included, and then got no reply (dropped
+/// connection, timeout) or a 4xx: Exchange may have accepted it anyway, so the retry may give the
+/// recipients a second copy (delivery is at-least-once).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PossibleDuplicate {
+    /// When the final dot of the first such attempt was sent.
+    #[serde(with = "humantime_serde")]
+    pub first_dot_at: SystemTime,
+    /// Attempts that ended this way.
+    pub attempts: u32,
+    /// What followed the final dot the last time (the 4xx, or why there was no reply).
+    pub after_dot: String,
+    /// The upstream's queue id, when its reply named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_id: Option<String>,
+}
+
 /// The mutable delivery state of one message.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct DeliveryState {
@@ -47,6 +64,10 @@ pub struct DeliveryState {
     pub fail_reason: Option<String>,
     #[serde(default)]
     pub recipients: Vec<RecipientState>,
+    /// Set once an attempt may have delivered without the relay knowing (see the type).
+    /// Optional and ignored by older readers: the format version stays 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub possible_duplicate: Option<PossibleDuplicate>,
 }
 
 /// Why a state file could not be used.
@@ -128,6 +149,7 @@ mod tests {
                     reply: None,
                 },
             ],
+            possible_duplicate: None,
         };
         let bytes = encode(&st);
         let text = std::str::from_utf8(&bytes).unwrap();
