@@ -2,9 +2,10 @@
 //!
 //! Routes (built by [`router`] from one shared [`AdminState`]):
 //! - `GET /readyz`: "can accept mail" (DESIGN.md): the SMTP listener is bound and accepting,
-//!   the spool directory is writable (a probe file is created and removed in `tmp/`), and its
-//!   filesystem has at least `config.min_free_space()` free. `200 ready`, else `503` with the
-//!   reason. Delivery problems never make the relay unready: a sidecar shares its pod's fate.
+//!   the spool is writable (asked of the spool, which knows from its own writes and creates no
+//!   file per call: [`Spool::check_writable`]), and its filesystem has at least
+//!   `config.min_free_space()` free. `200 ready`, else `503` with the reason. Delivery problems
+//!   never make the relay unready: a sidecar shares its pod's fate.
 //! - `GET /healthz`: JSON for people and monitors: token state and expiry, the mailbox's state
 //!   (running, throttled, held with the reason and the fix), last delivery, queue depth and
 //!   the age of the oldest queued message. Always `200`; read the fields.
@@ -12,7 +13,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use axum::Router;
@@ -113,19 +114,7 @@ impl AdminState {
 }
 
 fn check_spool(spool: &Spool, min_free: u64) -> Result<(), String> {
-    static PROBE_SEQ: AtomicU64 = AtomicU64::new(0);
-    let probe = spool.dir().join("tmp").join(format!(
-        "readyz-{}-{}.probe",
-        std::process::id(),
-        PROBE_SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&probe)
-        .map_err(|e| format!("spool not writable: {}: {e}", probe.display()))?;
-    std::fs::remove_file(&probe)
-        .map_err(|e| format!("spool not writable: remove {}: {e}", probe.display()))?;
+    spool.check_writable().map_err(|e| e.to_string())?;
     let free = spool
         .free_space()
         .map_err(|e| format!("cannot read free space of the spool: {e}"))?;

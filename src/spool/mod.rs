@@ -38,6 +38,7 @@ mod id;
 mod incoming;
 mod recovery;
 mod state;
+mod writable;
 
 use std::fs::{self, File};
 use std::io::{self, Read};
@@ -55,6 +56,7 @@ pub use recovery::RecoveryReport;
 pub use state::{
     DeliveryState, PossibleDuplicate, RecipientState, RecipientStatus, STATE_VERSION, StateProblem,
 };
+pub use writable::PROBE_EVERY;
 
 use fsutil::{Counters, Faults};
 use incoming::GroupCommit;
@@ -132,6 +134,8 @@ pub(crate) struct Inner {
     counters: Counters,
     group: Arc<GroupCommit>,
     state_tmp_seq: AtomicU64,
+    /// Outcome of the last write, for `/readyz` ([`writable`]).
+    health: writable::WriteHealth,
     _lock: Option<File>,
 }
 
@@ -188,6 +192,7 @@ pub(crate) fn new_inner(dir: &Path, lock: Option<File>) -> Inner {
         counters: Counters::default(),
         group: Arc::new(GroupCommit::new()),
         state_tmp_seq: AtomicU64::new(0),
+        health: writable::WriteHealth::default(),
         _lock: lock,
     }
 }
@@ -222,6 +227,12 @@ impl Spool {
         let lock = fsutil::lock_file(&lock_path)?.ok_or_else(|| SpoolError::Locked(dir.into()))?;
         let inner = Arc::new(new_inner(dir, Some(lock)));
         let report = recovery::recover(&inner)?;
+        // One real write at start; from then on the spool's own writes are the proof.
+        let probed = writable::probe(&inner);
+        if let Err(e) = &probed {
+            tracing::error!(error = %e, "the spool is not writable: mail will be refused with 451");
+        }
+        inner.health.record(&probed);
         Ok((Spool { inner }, report))
     }
 
@@ -239,6 +250,12 @@ impl Spool {
         &self.inner.dir
     }
 
+    /// Whether new mail can be written, for `/readyz`; see [`writable`] for how it is known
+    /// without creating a file per call. Blocks briefly (a few `stat`s).
+    pub fn check_writable(&self) -> Result<(), SpoolError> {
+        writable::check(&self.inner)
+    }
+
     /// Bytes available on the spool's filesystem (`f_bavail * f_frsize`).
     pub fn free_space(&self) -> Result<u64, SpoolError> {
         fsutil::free_space(&self.inner.dir)
@@ -247,7 +264,9 @@ impl Spool {
     /// Start a new message: creates `tmp/<ID>.msg`. Write the body with
     /// [`IncomingMessage::write_all`], then [`IncomingMessage::commit`].
     pub async fn create(&self, envelope: &Envelope) -> Result<IncomingMessage, SpoolError> {
-        IncomingMessage::create(self.inner.clone(), envelope).await
+        let created = IncomingMessage::create(self.inner.clone(), envelope).await;
+        self.inner.health.record(&created);
+        created
     }
 
     /// Every message in `queue/`, `held/` and `failed/`, sorted by id (= arrival order).
@@ -554,6 +573,7 @@ impl Spool {
         if res.is_err() {
             let _ = fs::remove_file(&tmp);
         }
+        self.inner.health.record(&res);
         res
     }
 
