@@ -11,6 +11,7 @@
 //! - [`daemon`]: `serve`, wiring the parts together.
 //! - [`service`]: systemd notifications (READY, STOPPING, WATCHDOG, STATUS) and SIGHUP reload.
 //! - [`admin`]: the admin HTTP endpoint (`/readyz`) and the `health` client.
+//! - [`fds`]: the file-descriptor budget that keeps descriptors free for SMTP.
 //! - [`sim`]: a stand-in for Entra ID and Exchange Online, used by tests, `simulate` and `serve --simulate`.
 //!   It shares no code with the relay's upstream side on purpose: it is the independent party.
 
@@ -20,6 +21,7 @@ pub mod config;
 pub mod daemon;
 pub mod deliver;
 pub mod failpoint;
+pub mod fds;
 pub mod inbound;
 pub mod metrics;
 pub mod oauth;

@@ -4,6 +4,7 @@
 
 pub mod delivery;
 pub mod logs;
+pub mod process;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
