@@ -412,7 +412,7 @@ impl RefusalLog {
 /// no descriptor beyond this call.
 fn refuse(stream: TcpStream) {
     const BODY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n\
-        content-length: 30\r\nconnection: close\r\n\r\ntoo many admin connections\r\n\r\n";
+        content-length: 27\r\nconnection: close\r\n\r\ntoo many admin connections\n";
     let _ = stream.try_write(BODY);
 }
 

@@ -265,7 +265,10 @@ impl Spool {
     /// [`IncomingMessage::write_all`], then [`IncomingMessage::commit`].
     pub async fn create(&self, envelope: &Envelope) -> Result<IncomingMessage, SpoolError> {
         let created = IncomingMessage::create(self.inner.clone(), envelope).await;
-        self.inner.health.record(&created);
+        // Only a whole commit or state write proves the disk; a failure to create disproves it.
+        if let Err(e) = &created {
+            self.inner.health.failed(e);
+        }
         created
     }
 
