@@ -118,10 +118,14 @@ pub async fn serve(
                 .await
                 .map_err(|source| DaemonError::Admin { addr, source })?;
             tracing::info!(%addr, "admin endpoint: GET /readyz");
+            let limits = admin::AdminLimits::from_config(&config);
+            log_fd_budget(&config, &limits);
             let router = admin::router(admin_state.clone());
-            Some(tokio::spawn(admin::serve(
+            Some(tokio::spawn(admin::serve_with(
                 listener,
                 router,
+                limits,
+                metrics.clone(),
                 admin_stop.clone(),
             )))
         }
@@ -160,6 +164,38 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Says how many descriptors the admin endpoint may use, and warns when `RLIMIT_NOFILE` is too
+/// low for it to reach `admin.max_connections` once SMTP's reserve is set aside.
+fn log_fd_budget(config: &Config, limits: &admin::AdminLimits) {
+    let Some(limit) = limits.fds.limit else {
+        tracing::info!("file descriptors: no limit");
+        return;
+    };
+    let open = crate::fds::open_now().unwrap_or(0);
+    let ceiling = limits.fds.ceiling().unwrap_or(limit);
+    let for_admin = ceiling.saturating_sub(open) / admin::FDS_PER_CONNECTION;
+    tracing::info!(
+        limit,
+        open,
+        reserved_for_smtp = limits.fds.reserve,
+        admin_max_connections = limits.max_connections,
+        "file descriptors: the admin endpoint never uses SMTP's reserve"
+    );
+    if for_admin < limits.max_connections as u64 {
+        tracing::warn!(
+            limit,
+            reserved_for_smtp = limits.fds.reserve,
+            "RLIMIT_NOFILE {limit} leaves the admin endpoint room for about {for_admin} \
+             connections once {} are kept for smtp.max_connections = {} and \
+             upstream.connections = {}: raise LimitNOFILE (or ulimit -n), or lower \
+             smtp.max_connections",
+            limits.fds.reserve,
+            config.smtp.max_connections,
+            config.upstream.connections
+        );
+    }
 }
 
 /// The delivery side of a running relay.

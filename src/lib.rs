@@ -28,6 +28,7 @@
 //! - [`setup`]: `smtp-oauth-relay setup`, the setup guide as one command (values, files, script, check).
 //! - [`service`]: systemd notifications (READY, STOPPING, WATCHDOG, STATUS) and SIGHUP reload.
 //! - [`admin`]: the admin HTTP endpoint (`/readyz`) and the `health` client.
+//! - [`fds`]: the file-descriptor budget that keeps descriptors free for SMTP.
 //! - [`sim`]: a stand-in for Entra ID and Exchange Online, used by tests, `simulate` and `serve --simulate`.
 //!   It shares no code with the relay's upstream side on purpose: it is the independent party.
 
@@ -37,6 +38,7 @@ pub mod config;
 pub mod daemon;
 pub mod deliver;
 pub mod failpoint;
+pub mod fds;
 pub mod headers;
 pub mod inbound;
 pub mod metrics;

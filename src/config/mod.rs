@@ -251,10 +251,57 @@ impl OAuthConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
+    /// Admin connections open at once; more are closed at once (probes need a handful).
+    pub max_connections: usize,
+    /// A connection that has not sent a whole request head by then is closed (also the idle
+    /// limit between keep-alive requests).
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+}
+
+/// Bounds of `admin.max_connections`: SMTP's file descriptors come first (see `fds`).
+pub const ADMIN_MAX_CONNECTIONS: std::ops::RangeInclusive<usize> = 1..=1024;
+/// Bounds of `admin.header_timeout`: a probe's request arrives in milliseconds.
+pub const ADMIN_HEADER_TIMEOUT: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(300);
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: None,
+            max_connections: 64,
+            header_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl AdminConfig {
+    fn validate_into(&self, issues: &mut Vec<ConfigIssue>) {
+        if !ADMIN_MAX_CONNECTIONS.contains(&self.max_connections) {
+            issues.push(issue(
+                "admin.max_connections",
+                format!(
+                    "{} is outside {}..={}: each connection holds a file descriptor SMTP may need",
+                    self.max_connections,
+                    ADMIN_MAX_CONNECTIONS.start(),
+                    ADMIN_MAX_CONNECTIONS.end()
+                ),
+            ));
+        }
+        if !ADMIN_HEADER_TIMEOUT.contains(&self.header_timeout) {
+            issues.push(issue(
+                "admin.header_timeout",
+                format!(
+                    "{} is outside 100ms..=5m: longer lets idle clients hold connections",
+                    humantime::format_duration(self.header_timeout)
+                ),
+            ));
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -757,6 +804,7 @@ impl Config {
 
     /// Every rule in one pass, so the admin sees all problems at once.
     fn validate_into(&self, issues: &mut Vec<ConfigIssue>) {
+        self.admin.validate_into(issues);
         let smtp = &self.smtp;
         if smtp.listen.is_empty() {
             issues.push(issue("smtp.listen", "at least one address is required"));

@@ -109,6 +109,24 @@ impl UpstreamReply {
     pub fn has(&self, code: u16, enhanced: Enhanced) -> bool {
         self.code == code && self.enhanced == Some(enhanced)
     }
+
+    /// The id the server gave the message, when its reply names one: Postfix-style
+    /// `queued as X`, else the first `<...>` (Exchange: `250 2.0.0 OK <id@host> [Hostname=...]`).
+    pub fn queue_id(&self) -> Option<String> {
+        let clean = |s: &str| {
+            s.trim_matches(|c: char| !c.is_ascii_alphanumeric())
+                .to_string()
+        };
+        if let Some(pos) = self.text.find("queued as ") {
+            let word = self.text[pos + "queued as ".len()..]
+                .split_whitespace()
+                .next()?;
+            return Some(clean(word)).filter(|w| !w.is_empty());
+        }
+        let start = self.text.find('<')?;
+        let end = start + self.text[start..].find('>')?;
+        Some(self.text[start + 1..end].to_string()).filter(|w| !w.is_empty())
+    }
 }
 
 impl fmt::Display for UpstreamReply {
@@ -164,6 +182,16 @@ mod tests {
         assert_eq!((r.code, r.enhanced), (354, None));
         assert!(UpstreamReply::parse(&["hello".to_string()]).is_none());
         assert!(UpstreamReply::parse(&["250 ok".into(), "251 other".into()]).is_none());
+    }
+
+    #[test]
+    fn queue_ids() {
+        let r = parse(&["250 2.0.0 OK <AB12@SA1PR.prod.outlook.com> [Hostname=SA1PR]"]);
+        assert_eq!(r.queue_id().as_deref(), Some("AB12@SA1PR.prod.outlook.com"));
+        let r = parse(&["250 2.0.0 Ok: queued as 4F3A21C0B9."]);
+        assert_eq!(r.queue_id().as_deref(), Some("4F3A21C0B9"));
+        let r = parse(&["451 4.7.0 Temporary server error. Please try again later. PRX4 [x]"]);
+        assert_eq!(r.queue_id(), None);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use super::{Attempted, RecipientResult, Reply, Submission, Transport, TransportFuture};
+use super::{AfterDot, Attempted, RecipientResult, Reply, Submission, Transport, TransportFuture};
 use crate::deliver::TokenSource;
 use crate::deliver::classify::{HoldCause, Outcome, Stage, classify};
 use crate::deliver::extensions::Needs;
@@ -95,11 +95,27 @@ impl SmtpTransport {
             )
             .await;
         self.metrics.transaction_seconds.observe(started.elapsed());
+        let after_dot = session.dot_sent_at().and_then(|dot_at| {
+            let (what, upstream_id) = match &result {
+                Err(e) => (e.to_string(), e.reply().and_then(|r| r.queue_id())),
+                Ok(tx) => {
+                    let r = tx.data_reply.as_ref().filter(|r| r.is_transient())?;
+                    (r.to_string(), r.queue_id())
+                }
+            };
+            Some(AfterDot {
+                dot_at,
+                what,
+                upstream_id,
+            })
+        });
         match result {
             Err(e) => {
                 // A session that failed mid-transaction is not reused.
                 tokio::spawn(session.quit());
-                Failure::from_session(&e, Progress::Transaction).for_all(count)
+                let mut attempted = Failure::from_session(&e, Progress::Transaction).for_all(count);
+                attempted.after_dot = after_dot;
+                attempted
             }
             Ok(tx) => {
                 let data = tx.data_reply.as_ref().map(|r| {
@@ -136,6 +152,7 @@ impl SmtpTransport {
                 Attempted {
                     recipients,
                     reached: Progress::Transaction,
+                    after_dot,
                     summary: data.map(|(_, reply)| reply).unwrap_or_else(|| {
                         Reply::Local("every recipient refused: nothing was sent".into())
                     }),

@@ -13,6 +13,7 @@
 
 pub mod delivery;
 pub mod fixtures;
+pub mod limited;
 pub mod logs;
 pub mod process;
 pub mod session;
