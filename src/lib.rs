@@ -8,6 +8,7 @@
 //! - [`spool`]: the durable on-disk queue (commit protocol, recovery, operator commands).
 //! - [`deliver`]: reply classification, the upstream XOAUTH2 session, the scheduler.
 //! - [`oauth`]: Entra ID token sources (secret, certificate, federated) and the refresher.
+//! - [`redact`]: the scrubber that removes every encoding of every held secret from upstream text.
 //! - [`daemon`]: `serve`, wiring the parts together.
 //! - [`service`]: systemd notifications (READY, STOPPING, WATCHDOG, STATUS) and SIGHUP reload.
 //! - [`admin`]: the admin HTTP endpoint (`/readyz`) and the `health` client.
@@ -23,6 +24,7 @@ pub mod failpoint;
 pub mod inbound;
 pub mod metrics;
 pub mod oauth;
+pub mod redact;
 pub mod service;
 pub mod sim;
 pub mod spool;

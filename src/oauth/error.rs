@@ -332,9 +332,11 @@ pub(crate) fn parse_token_response(
     }
     match serde_json::from_slice::<ErrorBody>(body) {
         Ok(b) if b.error.is_some() => {
-            let full = b.error_description.unwrap_or_default();
+            // Scrubbed whole before it is cut: a secret spanning lines (a PEM key) or the
+            // length limit must not leave a piece behind.
+            let full = scrub(&b.error_description.unwrap_or_default(), sensitive);
             let first = full.lines().next().unwrap_or("").trim();
-            let mut description = scrub(first, sensitive);
+            let mut description = first.to_string();
             if description.len() > MAX_DESCRIPTION {
                 let mut cut = MAX_DESCRIPTION;
                 while !description.is_char_boundary(cut) {
@@ -372,15 +374,10 @@ pub(crate) fn parse_token_response(
     }
 }
 
-/// Replaces every credential value with `<redacted>`.
+/// Every encoding of every secret the relay holds, and of the request's own credential values,
+/// replaced with `<redacted>` (see [`crate::redact`]).
 fn scrub(text: &str, sensitive: &[&str]) -> String {
-    let mut out = text.to_string();
-    for s in sensitive.iter().filter(|s| s.len() >= 4) {
-        if out.contains(*s) {
-            out = out.replace(*s, "<redacted>");
-        }
-    }
-    out
+    crate::redact::scrub_with(text, sensitive)
 }
 
 /// The AADSTS numbers mentioned in a description (when `error_codes` is absent).

@@ -73,6 +73,8 @@ pub struct TokenStatus {
 #[derive(Clone, Default)]
 struct Snapshot {
     token: Option<AccessToken>,
+    /// The token before `token`: sessions may still use it, so the scrubber keeps knowing it.
+    previous: Option<AccessToken>,
     last_error: Option<OAuthError>,
     failures: u32,
     in_flight: bool,
@@ -353,7 +355,7 @@ async fn run(inner: Arc<Inner>, shutdown: CancellationToken) {
                 );
                 let deadline = token.deadline();
                 inner.state.send_modify(|s| {
-                    s.token = Some(token);
+                    s.previous = s.token.replace(token);
                     s.last_error = None;
                     s.failures = 0;
                     s.in_flight = false;

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod delivery;
+pub mod echo;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
