@@ -844,6 +844,11 @@ impl Config {
         if up.port == 0 {
             issues.push(issue("upstream.port", "must not be 0"));
         }
+        if let Some(host) = &up.host
+            && let Err(e) = check_host(host)
+        {
+            issues.push(issue("upstream.host", e));
+        }
         if let Some(ca) = &up.ca_file {
             readable_file(issues, "upstream.ca_file", ca);
         }
@@ -931,6 +936,11 @@ impl Config {
         {
             issues.push(issue("oauth.token_url", e));
         }
+        if let Some(scope) = &oauth.scope
+            && let Err(e) = check_scope(scope)
+        {
+            issues.push(issue("oauth.scope", e));
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             issues.push(issue(
                 "log.level",
@@ -945,31 +955,86 @@ impl Config {
     }
 }
 
-/// `https://` always; plain `http://` only for a loopback host (simulators, tests).
+/// `https://` always; plain `http://` only for a loopback host (simulators, tests). The host is
+/// the one the HTTP client connects to: the URL is parsed with the parser reqwest uses, and user
+/// information (`user:password@` before the host) is refused, since `http://localhost:1@192.0.2.10/`
+/// reads like loopback but connects to 192.0.2.10. Messages show the URL without its user
+/// information and query, which may hold secrets.
 pub fn check_token_url(url: &str) -> Result<(), String> {
-    if url.starts_with("https://") {
-        return Ok(());
+    let parsed = parse_url_key(url)?;
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if is_loopback_host(&parsed) => Ok(()),
+        "http" => Err(format!(
+            "`{}` must use https:// (plain http is allowed only for a loopback host)",
+            shown_url(&parsed)
+        )),
+        _ => Err(format!("`{}` is not an http(s) URL", shown_url(&parsed))),
     }
-    if let Some(rest) = url.strip_prefix("http://") {
-        let authority = rest.split('/').next().unwrap_or("");
-        let host = if let Some(v6) = authority.strip_prefix('[') {
-            v6.split(']').next().unwrap_or("")
-        } else {
-            authority.rsplit_once(':').map_or(authority, |(h, _)| h)
-        };
-        let loopback = host == "localhost"
-            || host
-                .parse::<IpAddr>()
-                .map(|ip| ip.is_loopback())
-                .unwrap_or(false);
-        if loopback {
-            return Ok(());
-        }
+}
+
+/// A URL-valued key: parsed, with a host, and without user information.
+fn parse_url_key(url: &str) -> Result<url::Url, String> {
+    // The parser's message never quotes the value, and neither does this one.
+    let parsed = url::Url::parse(url.trim()).map_err(|e| format!("is not a URL ({e})"))?;
+    if parsed.host().is_none() {
+        return Err(format!("`{}` names no host", shown_url(&parsed)));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
         return Err(format!(
-            "`{url}` must use https:// (plain http is allowed only for a loopback host)"
+            "must not contain user information (`...@` before the host): the connection would go \
+             to {}, not to what precedes the `@`",
+            parsed.host_str().unwrap_or("?")
         ));
     }
-    Err(format!("`{url}` is not an http(s) URL"))
+    Ok(parsed)
+}
+
+/// `oauth.scope` when it is a URL (`https://outlook.office365.com/.default`): no user
+/// information. Other scope forms (`api://...` with a GUID, a bare GUID) are left to Entra.
+fn check_scope(scope: &str) -> Result<(), String> {
+    match url::Url::parse(scope.trim()) {
+        Ok(u) if !u.username().is_empty() || u.password().is_some() => Err(
+            "must not contain user information (`...@` before the host): a scope names a \
+             resource, e.g. https://outlook.office365.com/.default"
+                .into(),
+        ),
+        _ => Ok(()),
+    }
+}
+
+fn is_loopback_host(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// `scheme://host[:port]/path`: what a URL is, without the parts that may hold a secret.
+fn shown_url(url: &url::Url) -> String {
+    let mut shown = format!("{}://{}", url.scheme(), url.host_str().unwrap_or(""));
+    if let Some(port) = url.port() {
+        shown.push_str(&format!(":{port}"));
+    }
+    shown.push_str(url.path());
+    shown
+}
+
+/// `upstream.host`: a host name or an IP address, nothing around it (no scheme, port or `@`).
+fn check_host(host: &str) -> Result<(), String> {
+    if host.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    match url::Host::parse(host) {
+        Ok(url::Host::Domain(_)) if !host.contains(['@', ':', '/']) => Ok(()),
+        _ => Err(
+            "must be a host name or an IP address, without scheme, port (see upstream.port) or \
+             user information"
+                .into(),
+        ),
+    }
 }
 
 /// A rule of [`identity`] as a configuration issue: what is wrong, then the fix.
@@ -1166,6 +1231,38 @@ mod tests {
         assert!(check_token_url("http://localhost/t").is_ok());
         assert!(check_token_url("http://login.example.com/t").is_err());
         assert!(check_token_url("ftp://x").is_err());
+    }
+
+    #[test]
+    fn token_url_host_is_the_one_connected_to_and_userinfo_is_refused() {
+        for url in [
+            "http://localhost:1@192.0.2.10/t",
+            "http://[::1]@192.0.2.10/t",
+            "http://127.0.0.1@192.0.2.10/t",
+            "http://user:pass@127.0.0.1:8080/t",
+            "https://user@login.microsoftonline.com/t",
+        ] {
+            let e = check_token_url(url).unwrap_err();
+            assert!(e.contains("user information"), "{url}: {e}");
+            assert!(!e.contains("pass") && !e.contains("localhost:1"), "{e}");
+        }
+        assert!(check_token_url("http://localhost.example.com/t").is_err());
+        assert!(check_token_url("http://127.0.0.1.example.com/t").is_err());
+        assert!(check_token_url("not a url").is_err());
+        let e = check_token_url("http://login.example.com/t?client_secret=x1y2").unwrap_err();
+        assert!(!e.contains("x1y2"), "{e}");
+    }
+
+    #[test]
+    fn hosts_and_scopes_have_no_userinfo() {
+        assert!(check_host("smtp.office365.com").is_ok());
+        assert!(check_host("127.0.0.1").is_ok() && check_host("::1").is_ok());
+        for bad in ["user@smtp.office365.com", "smtp.office365.com:587", "smtp://x", ""] {
+            assert!(check_host(bad).is_err(), "{bad}");
+        }
+        assert!(check_scope("https://outlook.office365.com/.default").is_ok());
+        assert!(check_scope("api://0f6a3d44-7c2b-4e1a-9d55-3b2f1c8e7a10/.default").is_ok());
+        assert!(check_scope("https://u:p@outlook.office365.com/.default").is_err());
     }
 
     #[test]
