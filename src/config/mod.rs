@@ -616,12 +616,53 @@ fn remove_key(dict: &mut figment::value::Dict, path: &[String]) -> bool {
     }
 }
 
+/// The relay's variables are `RELAY_<SECTION>__<KEY>`: the double underscore marks them.
+/// Everything else with the prefix belongs to someone else and is ignored: Kubernetes injects
+/// `RELAY_PORT`, `RELAY_SERVICE_HOST`, `RELAY_SERVICE_PORT_SMTP`, ... for a Service named
+/// `relay` (its names never hold `__`), `RELAY_CONFIG` names the file and `RELAY_FAILPOINT` arms
+/// a test crash point (src/failpoint.rs). A typo with the double underscore
+/// (`RELAY_OAUTH__CLIENT_IDD`) is still the relay's, and an error naming the variable.
 fn env_provider() -> Env {
-    // `RELAY_CONFIG` names the file and `RELAY_FAILPOINT` arms a test crash point
-    // (src/failpoint.rs); neither is a key.
     Env::prefixed(ENV_PREFIX)
-        .ignore(&["CONFIG", "FAILPOINT"])
+        .filter(|rest| is_key_variable(rest.as_str()))
         .split("__")
+}
+
+fn is_key_variable(after_prefix: &str) -> bool {
+    after_prefix.contains("__")
+}
+
+/// The key path a variable of ours sets: `RELAY_OAUTH__CLIENT_ID` → `oauth.client_id`.
+fn variable_key(name: &str) -> Option<String> {
+    let rest = name.get(ENV_PREFIX.len()..)?;
+    (name[..ENV_PREFIX.len()].eq_ignore_ascii_case(ENV_PREFIX) && is_key_variable(rest))
+        .then(|| rest.to_ascii_lowercase().replace("__", "."))
+}
+
+/// The `RELAY_*` variables that are not the relay's and are ignored (names only: a value may be
+/// anything, even a secret put in a misspelt variable). `serve` logs them at debug level.
+pub fn foreign_env_vars() -> Vec<String> {
+    let mut names: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| {
+            k.get(..ENV_PREFIX.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(ENV_PREFIX))
+                && variable_key(k).is_none()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// The variables of ours that set `path` or a key inside it, for messages.
+fn variables_setting(path: &[String]) -> Vec<String> {
+    let key = path.join(".").to_ascii_lowercase();
+    let mut names: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| variable_key(k).is_some_and(|v| keys_overlap(&v, &key)))
+        .collect();
+    names.sort();
+    names
 }
 
 fn figment_issues(error: figment::Error) -> Vec<ConfigIssue> {
@@ -634,11 +675,19 @@ fn figment_issue(e: &figment::Error) -> ConfigIssue {
     } else {
         e.path.join(".")
     };
-    let origin = e
-        .metadata
-        .as_ref()
-        .map(|m| format!(" (from {})", m.name))
-        .unwrap_or_default();
+    let origin = match &e.metadata {
+        // Name the variable itself: the admin has to find it in a unit file or a pod spec.
+        Some(m) if m.name.contains("environment") => {
+            let names = variables_setting(&e.path);
+            if names.is_empty() {
+                format!(" (from {})", m.name)
+            } else {
+                format!(" (from environment variable {})", names.join(", "))
+            }
+        }
+        Some(m) => format!(" (from {})", m.name),
+        None => String::new(),
+    };
     let message = if key.contains("secret") {
         // The value may be quoted in the error ("invalid type: found ..."): never show it.
         "invalid value (not shown: it is a secret)".to_string()
