@@ -525,7 +525,9 @@ pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
         file: path.clone(),
         issues,
     };
-    extract_and_validate(&figment).map_err(invalid)
+    // Kept to name the key of a TOML syntax error, which figment reports without one.
+    let source = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok());
+    extract_and_validate(&figment, source.as_deref()).map_err(invalid)
 }
 
 /// Deserializes the merged sources, then resolves secrets and validates. A key with a wrong type
@@ -533,8 +535,11 @@ pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
 /// that every other key is still checked and the admin sees every problem at once. Validation
 /// findings about a key already reported as badly typed are left out (they would only describe
 /// the default that stood in for it).
-fn extract_and_validate(figment: &Figment) -> Result<Config, Vec<ConfigIssue>> {
-    let (config, mut issues) = extract_all(figment);
+fn extract_and_validate(
+    figment: &Figment,
+    source: Option<&str>,
+) -> Result<Config, Vec<ConfigIssue>> {
+    let (config, mut issues) = extract_all(figment, source);
     let mut config = config.ok_or_else(|| issues.clone())?;
     let bad_keys: Vec<String> = issues.iter().map(|i| i.key.clone()).collect();
     let mut found = Vec::new();
@@ -560,14 +565,14 @@ fn keys_overlap(a: &str, b: &str) -> bool {
 
 /// Extracts a [`Config`], collecting the type errors of every key (see [`extract_and_validate`]).
 /// Returns no config only when the sources themselves cannot be read (e.g. TOML syntax).
-fn extract_all(figment: &Figment) -> (Option<Config>, Vec<ConfigIssue>) {
+fn extract_all(figment: &Figment, source: Option<&str>) -> (Option<Config>, Vec<ConfigIssue>) {
     let mut errors = match figment.extract::<Config>() {
         Ok(config) => return (Some(config), Vec::new()),
         Err(e) => e,
     };
     let mut dict = match figment.extract::<figment::value::Dict>() {
         Ok(dict) => dict,
-        Err(e) => return (None, figment_issues(e)),
+        Err(e) => return (None, figment_issues(e, source)),
     };
     let mut issues = Vec::new();
     // Each round removes at least one key, so this ends; the bound is belt and braces.
@@ -665,8 +670,70 @@ fn variables_setting(path: &[String]) -> Vec<String> {
     names
 }
 
-fn figment_issues(error: figment::Error) -> Vec<ConfigIssue> {
-    error.into_iter().map(|e| figment_issue(&e)).collect()
+/// Issues for errors that may come without a key path: a TOML syntax error names a line, and
+/// the key on that line of `source` is named instead of `(file)` (a value too large for TOML's
+/// 64-bit integers is such an error).
+fn figment_issues(error: figment::Error, source: Option<&str>) -> Vec<ConfigIssue> {
+    error
+        .into_iter()
+        .map(|e| {
+            let mut found = figment_issue(&e);
+            if found.key == "(file)"
+                && let Some(key) = source.and_then(|src| key_of_error_line(src, &found.message))
+            {
+                found.key = key;
+            }
+            found
+        })
+        .collect()
+}
+
+/// The dotted key on the line a TOML parse error names (`TOML parse error at line 2, ...`):
+/// only a bare key under one of the schema's sections, so that nothing but a key name is
+/// ever taken from the file (a line inside a multi-line string may hold a secret).
+fn key_of_error_line(source: &str, message: &str) -> Option<String> {
+    const SECTIONS: [&str; 6] = ["smtp", "queue", "upstream", "oauth", "admin", "log"];
+    let rest = &message[message.find("at line ")? + "at line ".len()..];
+    let line: usize = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
+    let mut table = "";
+    // Inside a multi-line string (`"""` or `'''`) a line is text, not a key.
+    let mut open: Option<&str> = None;
+    for (i, text) in source.lines().enumerate() {
+        let t = text.trim();
+        if open.is_none() && t.starts_with('[') {
+            table = t.trim_matches(['[', ']']).trim();
+        }
+        if i + 1 == line {
+            if open.is_some() {
+                return None;
+            }
+            let key = t.split_once('=')?.0.trim();
+            let bare = !key.is_empty()
+                && key.len() <= 64
+                && key
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            return (bare && SECTIONS.contains(&table)).then(|| format!("{table}.{key}"));
+        }
+        let mut rest = text;
+        loop {
+            let next = match open {
+                Some(quote) => rest.find(quote).map(|at| (at, quote)),
+                None => ["\"\"\"", "'''"]
+                    .iter()
+                    .filter_map(|q| rest.find(q).map(|at| (at, *q)))
+                    .min(),
+            };
+            let Some((at, quote)) = next else { break };
+            open = if open.is_some() { None } else { Some(quote) };
+            rest = &rest[at + 3..];
+        }
+    }
+    None
 }
 
 fn figment_issue(e: &figment::Error) -> ConfigIssue {
@@ -718,7 +785,7 @@ fn without_source_snippet(text: &str) -> String {
 impl Config {
     /// Parses a configuration from TOML text without touching the environment (tests, fuzzing).
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
-        extract_and_validate(&Figment::from(Toml::string(text)))
+        extract_and_validate(&Figment::from(Toml::string(text)), Some(text))
             .map_err(|issues| ConfigError::Invalid { file: None, issues })
     }
 
@@ -808,38 +875,48 @@ impl Config {
         if smtp.hostname.trim().is_empty() || smtp.hostname.contains(char::is_whitespace) {
             issues.push(issue("smtp.hostname", "must be a host name without spaces"));
         }
-        // RFC 5321 §4.5.3.1.7: a server must accept messages of at least 64K octets.
-        if smtp.max_message_size.0 < 65536 {
-            issues.push(issue(
-                "smtp.max_message_size",
-                format!(
-                    "{} is below the 64 KiB minimum of RFC 5321 §4.5.3.1.7",
-                    smtp.max_message_size
-                ),
-            ));
-        }
-        // RFC 5321 §4.5.3.1.8: refusing fewer than 100 recipients is a violation.
-        if smtp.max_recipients < 100 {
-            issues.push(issue(
-                "smtp.max_recipients",
-                format!(
-                    "{} is below the 100 recipients RFC 5321 §4.5.3.1.8 requires",
-                    smtp.max_recipients
-                ),
-            ));
-        }
-        if smtp.max_connections == 0 {
-            issues.push(issue("smtp.max_connections", "must be at least 1"));
-        }
-        if smtp.command_timeout < Duration::from_secs(1) {
-            issues.push(issue("smtp.command_timeout", "must be at least 1s"));
-        }
-        if smtp.data_timeout < Duration::from_secs(1) {
-            issues.push(issue("smtp.data_timeout", "must be at least 1s"));
-        }
-        if smtp.max_errors == 0 {
-            issues.push(issue("smtp.max_errors", "must be at least 1"));
-        }
+        within(
+            issues,
+            "smtp.max_message_size",
+            smtp.max_message_size.0,
+            bounds::MAX_MESSAGE_SIZE,
+            |n| ByteSize(n).to_string(),
+        );
+        within(
+            issues,
+            "smtp.max_recipients",
+            smtp.max_recipients,
+            bounds::MAX_RECIPIENTS,
+            |n| n.to_string(),
+        );
+        within(
+            issues,
+            "smtp.max_connections",
+            smtp.max_connections,
+            bounds::MAX_CONNECTIONS,
+            |n| n.to_string(),
+        );
+        within(
+            issues,
+            "smtp.command_timeout",
+            smtp.command_timeout,
+            bounds::COMMAND_TIMEOUT,
+            duration_text,
+        );
+        within(
+            issues,
+            "smtp.data_timeout",
+            smtp.data_timeout,
+            bounds::DATA_TIMEOUT,
+            duration_text,
+        );
+        within(
+            issues,
+            "smtp.max_errors",
+            smtp.max_errors,
+            bounds::MAX_ERRORS,
+            |n| n.to_string(),
+        );
         match (&smtp.tls_cert_file, &smtp.tls_key_file) {
             (Some(cert), Some(key)) => {
                 readable_file(issues, "smtp.tls_cert_file", cert);
@@ -873,6 +950,20 @@ impl Config {
                 "must not be shorter than queue.retry_min",
             ));
         }
+        within(
+            issues,
+            "queue.max_age",
+            queue.max_age,
+            bounds::MAX_AGE,
+            duration_text,
+        );
+        within(
+            issues,
+            "queue.min_free_space",
+            queue.min_free_space.0,
+            bounds::MIN_FREE_SPACE,
+            |n| ByteSize(n).to_string(),
+        );
         if queue.max_age < queue.retry_min {
             issues.push(issue(
                 "queue.max_age",
@@ -890,9 +981,13 @@ impl Config {
                 ),
             ));
         }
-        if up.port == 0 {
-            issues.push(issue("upstream.port", "must not be 0"));
-        }
+        within(
+            issues,
+            "upstream.port",
+            up.port,
+            bounds::PORT,
+            |n| n.to_string(),
+        );
         if let Some(host) = &up.host
             && let Err(e) = check_host(host)
         {
@@ -912,14 +1007,34 @@ impl Config {
                 issues.push(issue(key, format!("`{v}` is not an e-mail address")));
             }
         }
-        if up.connections == 0 {
-            issues.push(issue("upstream.connections", "must be at least 1"));
-        }
+        within(
+            issues,
+            "upstream.connections",
+            up.connections,
+            bounds::CONNECTIONS,
+            |n| n.to_string(),
+        );
         if up.rate.messages == 0 {
             issues.push(issue("upstream.rate", "must allow at least 1 message"));
+        } else if up.rate.per / up.rate.messages < bounds::RATE_MIN_SPACING {
+            issues.push(issue(
+                "upstream.rate",
+                format!(
+                    "{} is faster than 1000/s, the most the relay paces (Exchange Online allows \
+                     30/min per mailbox)",
+                    up.rate
+                ),
+            ));
         }
 
         let oauth = &self.oauth;
+        within(
+            issues,
+            "oauth.refresh_before",
+            oauth.refresh_before,
+            bounds::REFRESH_BEFORE,
+            duration_text,
+        );
         if oauth.is_configured() {
             match &oauth.tenant_id {
                 None => issues.push(issue(
@@ -1086,6 +1201,118 @@ fn check_host(host: &str) -> Result<(), String> {
     }
 }
 
+/// The allowed range of every numeric and duration key, with its reason. Validation refuses
+/// anything outside (exit 2, key named), so no value can overflow a timer, a semaphore or a
+/// size computation later. (`queue.retry_min` and `retry_max` have their own rules.)
+pub mod bounds {
+    use std::time::Duration;
+
+    /// A range and why it is what it is.
+    #[derive(Debug, Clone, Copy)]
+    pub struct Bound<T> {
+        pub min: T,
+        pub max: T,
+        pub why: &'static str,
+    }
+
+    const MIB: u64 = 1024 * 1024;
+    const MINUTE: Duration = Duration::from_secs(60);
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    pub const MAX_MESSAGE_SIZE: Bound<u64> = Bound {
+        min: 64 * 1024,
+        max: 150 * MIB,
+        why: "RFC 5321 §4.5.3.1.7 requires at least 64 KiB; Exchange Online accepts at most \
+              150 MiB (its EHLO SIZE 157286400)",
+    };
+    pub const MAX_RECIPIENTS: Bound<usize> = Bound {
+        min: 100,
+        max: 1000,
+        why: "RFC 5321 §4.5.3.1.8 requires at least 100; Exchange Online takes at most 1000 \
+              recipients per message (500 unless the admin raised it)",
+    };
+    pub const MAX_CONNECTIONS: Bound<usize> = Bound {
+        min: 1,
+        max: 10_000,
+        why: "each connection holds a file descriptor and a task, and the systemd unit allows \
+              the process 4096 descriptors",
+    };
+    pub const COMMAND_TIMEOUT: Bound<Duration> = Bound {
+        min: Duration::from_secs(1),
+        max: HOUR,
+        why: "RFC 5321 §4.5.3.2.7 asks for 5 minutes; beyond an hour a silent client only holds \
+              one of smtp.max_connections",
+    };
+    pub const DATA_TIMEOUT: Bound<Duration> = Bound {
+        min: Duration::from_secs(1),
+        max: HOUR,
+        why: "RFC 5321 §4.5.3.2.5 asks for 3 minutes per block; beyond an hour a stalled client \
+              only holds one of smtp.max_connections",
+    };
+    pub const MAX_ERRORS: Bound<u32> = Bound {
+        min: 1,
+        max: 1000,
+        why: "a client that provokes more error replies is not going to succeed",
+    };
+    pub const MAX_AGE: Bound<Duration> = Bound {
+        min: MINUTE,
+        max: Duration::from_secs(30 * 86_400),
+        why: "RFC 5321 §4.5.4.1 suggests 4-5 days; mail a month old is of no use to its \
+              recipient",
+    };
+    pub const MIN_FREE_SPACE: Bound<u64> = Bound {
+        min: 0,
+        max: i64::MAX as u64,
+        why: "no filesystem is larger than 8 EiB (the most XFS supports), so more would refuse \
+              all mail",
+    };
+    pub const PORT: Bound<u16> = Bound {
+        min: 1,
+        max: u16::MAX,
+        why: "a TCP port",
+    };
+    pub const CONNECTIONS: Bound<usize> = Bound {
+        min: 1,
+        max: 3,
+        why: "Exchange Online allows 3 concurrent SMTP connections per mailbox and answers more \
+              with 432 4.3.2",
+    };
+    /// `upstream.rate`: at most 1000 messages a second (the pacer's timers count milliseconds).
+    pub const RATE_MIN_SPACING: Duration = Duration::from_millis(1);
+    pub const REFRESH_BEFORE: Bound<Duration> = Bound {
+        min: MINUTE,
+        max: HOUR,
+        why: "a session needs the token to outlive its AUTH; Entra tokens live 60-90 minutes and \
+              are refreshed at half their lifetime at the latest",
+    };
+}
+
+/// Refuses `value` outside `bound`, naming the range and its reason.
+fn within<T: PartialOrd + Copy>(
+    issues: &mut Vec<ConfigIssue>,
+    key: &str,
+    value: T,
+    bound: bounds::Bound<T>,
+    show: impl Fn(T) -> String,
+) {
+    if value < bound.min || value > bound.max {
+        issues.push(issue(
+            key,
+            format!(
+                "{} is outside {}..={} ({})",
+                show(value),
+                show(bound.min),
+                show(bound.max),
+                bound.why
+            ),
+        ));
+    }
+}
+
+fn duration_text(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
 /// A rule of [`identity`] as a configuration issue: what is wrong, then the fix.
 fn value_rule(issues: &mut Vec<ConfigIssue>, rule: Result<(), identity::ValueProblem>) {
     if let Err(p) = rule {
@@ -1164,6 +1391,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!e.contains("s3cr3t-value"), "{e}");
+    }
+
+    #[test]
+    fn integers_too_large_for_toml_name_their_key() {
+        assert_eq!(
+            keys("[smtp]\nhostname = \"x\"\nmax_connections = 18446744073709551615\n"),
+            vec!["smtp.max_connections"]
+        );
+        // Never a piece of a value: a line inside a multi-line string is not a key.
+        let k = keys("[oauth]\nclient_secret = \"\"\"\nab=cd\"\"\" 1\n");
+        assert!(k.iter().all(|k| !k.contains("ab")), "{k:?}");
     }
 
     #[test]
