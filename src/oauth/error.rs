@@ -288,6 +288,8 @@ struct ErrorBody {
 
 /// Longest description kept (Entra's first lines are well below this).
 const MAX_DESCRIPTION: usize = 400;
+/// Longest token lifetime believed (token lifetime policies allow at most one day).
+pub const MAX_LIFETIME: Duration = Duration::from_secs(86_400);
 
 /// Interprets one token endpoint answer. `retry_after` is the raw `Retry-After` header;
 /// `sensitive` lists the credential values the request carried, which are scrubbed from any text
@@ -323,7 +325,14 @@ pub(crate) fn parse_token_response(
             .as_ref()
             .and_then(NumberOrString::seconds)
             .ok_or_else(|| malformed("expires_in missing or not a number of seconds".into()))?;
-        let refresh_in = parsed.refresh_in.as_ref().and_then(NumberOrString::seconds);
+        let refresh_in = parsed
+            .refresh_in
+            .as_ref()
+            .and_then(NumberOrString::seconds)
+            .map(|r| r.min(MAX_LIFETIME));
+        // Entra's longest configurable lifetime is a day: a longer claim is not believed, so
+        // the refresher never sleeps for years on a token that expires in an hour.
+        let expires_in = expires_in.min(MAX_LIFETIME);
         return Ok(TokenResponse {
             access_token,
             expires_in,

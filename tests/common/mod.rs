@@ -2,6 +2,7 @@
 //! (mini-redis style), and a minimal SMTP client that reads whole replies.
 #![allow(dead_code)]
 
+pub mod counting_token;
 pub mod delivery;
 pub mod echo;
 
