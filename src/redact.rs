@@ -373,7 +373,12 @@ mod tests {
             ("base64url".into(), URL_SAFE.encode(secret)),
             ("base64 of form".into(), STANDARD.encode(&form)),
         ];
-        for prefix in ["a", "ab", "abc", "user=relay@contoso.example\x01auth=Bearer "] {
+        for prefix in [
+            "a",
+            "ab",
+            "abc",
+            "user=relay@contoso.example\x01auth=Bearer ",
+        ] {
             let framed = format!("{prefix}{secret}\x01\x01");
             v.push((format!("base64 after {prefix:?}"), STANDARD.encode(&framed)));
             v.push((
@@ -398,7 +403,10 @@ mod tests {
     fn a_base64_run_goes_whole_and_its_label_stays() {
         let value = "label-keeping-secret";
         let _r = register(value).unwrap();
-        let text = format!("line={} next=1", STANDARD.encode(format!("user=x\x01{value}")));
+        let text = format!(
+            "line={} next=1",
+            STANDARD.encode(format!("user=x\x01{value}"))
+        );
         assert_eq!(scrub(&text), format!("line={REDACTED} next=1"));
     }
 

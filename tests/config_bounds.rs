@@ -25,44 +25,102 @@ const CASES: &[(&str, &str, &[&str])] = &[
         "max_message_size",
         &["0", "-1", HUGE, U64_MAX, "\"151MiB\"", "\"99999999999GiB\""],
     ),
-    ("smtp", "max_recipients", &["0", "-1", "99", "1001", HUGE, U64_MAX]),
-    ("smtp", "max_connections", &["0", "-1", "10001", HUGE, I64_MAX, U64_MAX]),
+    (
+        "smtp",
+        "max_recipients",
+        &["0", "-1", "99", "1001", HUGE, U64_MAX],
+    ),
+    (
+        "smtp",
+        "max_connections",
+        &["0", "-1", "10001", HUGE, I64_MAX, U64_MAX],
+    ),
     (
         "smtp",
         "command_timeout",
-        &["\"0s\"", "\"-1s\"", "\"2h\"", "\"500000000y\"", "\"18446744073709551615s\"", "\"99999999999999999999y\"", "3"],
+        &[
+            "\"0s\"",
+            "\"-1s\"",
+            "\"2h\"",
+            "\"500000000y\"",
+            "\"18446744073709551615s\"",
+            "\"99999999999999999999y\"",
+            "3",
+        ],
     ),
     (
         "smtp",
         "data_timeout",
-        &["\"0s\"", "\"-1s\"", "\"2h\"", "\"500000000y\"", "\"18446744073709551615s\""],
+        &[
+            "\"0s\"",
+            "\"-1s\"",
+            "\"2h\"",
+            "\"500000000y\"",
+            "\"18446744073709551615s\"",
+        ],
     ),
-    ("smtp", "max_errors", &["0", "-1", "1001", "4294967296", U64_MAX]),
+    (
+        "smtp",
+        "max_errors",
+        &["0", "-1", "1001", "4294967296", U64_MAX],
+    ),
     (
         "queue",
         "max_age",
-        &["\"0s\"", "\"-5d\"", "\"31d\"", "\"500000000y\"", "\"18446744073709551615s\""],
+        &[
+            "\"0s\"",
+            "\"-5d\"",
+            "\"31d\"",
+            "\"500000000y\"",
+            "\"18446744073709551615s\"",
+        ],
     ),
-    ("queue", "min_free_space", &["-1", U64_MAX, "\"9EiB\"", "\"99999999999GiB\""]),
+    (
+        "queue",
+        "min_free_space",
+        &["-1", U64_MAX, "\"9EiB\"", "\"99999999999GiB\""],
+    ),
     ("upstream", "port", &["0", "-1", "65536", HUGE, U64_MAX]),
     ("upstream", "connections", &["0", "-1", "4", HUGE, U64_MAX]),
     (
         "upstream",
         "rate",
-        &["\"0/min\"", "\"-1/min\"", "\"4294967295/s\"", "\"4294967296/s\"", "\"3600001/h\"", "\"1/0s\""],
+        &[
+            "\"0/min\"",
+            "\"-1/min\"",
+            "\"4294967295/s\"",
+            "\"4294967296/s\"",
+            "\"3600001/h\"",
+            "\"1/0s\"",
+        ],
     ),
     (
         "oauth",
         "refresh_before",
-        &["\"0s\"", "\"-1m\"", "\"2h\"", "\"500000000y\"", "\"18446744073709551615s\""],
+        &[
+            "\"0s\"",
+            "\"-1m\"",
+            "\"2h\"",
+            "\"500000000y\"",
+            "\"18446744073709551615s\"",
+        ],
     ),
 ];
 
 /// A valid relay.toml (free port, private spool) with `section.key = value` added.
 fn config(dir: &Path, section: &str, line: &str) -> std::path::PathBuf {
-    let mut sections = vec![
-        ("smtp", format!("listen = [\"127.0.0.1:{}\"]\nhostname = \"relay.test\"", free_port())),
-        ("queue", format!("dir = \"{}\"", dir.join("spool").display())),
+    let mut sections = [
+        (
+            "smtp",
+            format!(
+                "listen = [\"127.0.0.1:{}\"]\nhostname = \"relay.test\"",
+                free_port()
+            ),
+        ),
+        (
+            "queue",
+            format!("dir = \"{}\"", dir.join("spool").display()),
+        ),
         ("upstream", String::new()),
         ("oauth", String::new()),
     ];
@@ -84,7 +142,12 @@ fn config(dir: &Path, section: &str, line: &str) -> std::path::PathBuf {
 fn assert_refused(what: &str, out: &std::process::Output, key: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_ne!(out.status.code(), Some(101), "{what} panicked:\n{stderr}");
-    assert_eq!(out.status.code(), Some(2), "{what}: exit {:?}\n{stderr}", out.status.code());
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{what}: exit {:?}\n{stderr}",
+        out.status.code()
+    );
     assert!(stderr.contains(key), "{what}: {key} not named:\n{stderr}");
     assert!(!stderr.contains("panicked"), "{what}:\n{stderr}");
 }
@@ -120,12 +183,27 @@ fn extreme_values_of_every_numeric_key_exit_2_naming_the_key() {
 fn the_limits_themselves_are_accepted() {
     let dir = tempfile::tempdir().expect("tempdir");
     for (section, line) in [
-        ("smtp", "max_message_size = \"150MiB\"\nmax_recipients = 1000\nmax_connections = 10000"),
-        ("smtp", "max_message_size = \"64KiB\"\nmax_recipients = 100\nmax_connections = 1"),
-        ("smtp", "command_timeout = \"1h\"\ndata_timeout = \"1s\"\nmax_errors = 1000"),
+        (
+            "smtp",
+            "max_message_size = \"150MiB\"\nmax_recipients = 1000\nmax_connections = 10000",
+        ),
+        (
+            "smtp",
+            "max_message_size = \"64KiB\"\nmax_recipients = 100\nmax_connections = 1",
+        ),
+        (
+            "smtp",
+            "command_timeout = \"1h\"\ndata_timeout = \"1s\"\nmax_errors = 1000",
+        ),
         ("queue", "max_age = \"30d\"\nmin_free_space = 0"),
-        ("queue", "max_age = \"1m\"\nretry_min = \"1m\"\nmin_free_space = 9000000000000000000"),
-        ("upstream", "port = 65535\nconnections = 3\nrate = \"1000/s\""),
+        (
+            "queue",
+            "max_age = \"1m\"\nretry_min = \"1m\"\nmin_free_space = 9000000000000000000",
+        ),
+        (
+            "upstream",
+            "port = 65535\nconnections = 3\nrate = \"1000/s\"",
+        ),
         ("upstream", "port = 1\nconnections = 1\nrate = \"1/h\""),
         ("oauth", "refresh_before = \"1h\""),
         ("oauth", "refresh_before = \"1m\""),
@@ -151,5 +229,8 @@ fn the_error_says_the_range_and_its_reason() {
     assert!(stderr.contains("descriptor"), "{stderr}");
     let file = config(dir.path(), "smtp", "max_recipients = 5000");
     let stderr = String::from_utf8_lossy(&run_cli(&file, &["config"], &[]).stderr).into_owned();
-    assert!(stderr.contains("RFC 5321") && stderr.contains("100..=1000"), "{stderr}");
+    assert!(
+        stderr.contains("RFC 5321") && stderr.contains("100..=1000"),
+        "{stderr}"
+    );
 }

@@ -54,7 +54,10 @@ fn kubernetes_service_variables_do_not_stop_config_or_check() {
         "config refused the Kubernetes variables:\n{}",
         String::from_utf8_lossy(&with.stderr)
     );
-    assert_eq!(with.stdout, clean.stdout, "the effective configuration changed");
+    assert_eq!(
+        with.stdout, clean.stdout,
+        "the effective configuration changed"
+    );
     // `check` gets past step 1 (it then fails for want of [oauth], with exit 1, not 2).
     let check = run_cli(&file, &["check"], KUBERNETES);
     assert_eq!(
@@ -103,15 +106,24 @@ fn serve_starts_with_kubernetes_service_variables_and_names_them_at_debug() {
     let _ = child.kill();
     let _ = child.wait();
     let text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(up && exited.is_none(), "serve did not run ({exited:?}):\n{text}");
+    assert!(
+        up && exited.is_none(),
+        "serve did not run ({exited:?}):\n{text}"
+    );
     for (name, value) in KUBERNETES {
-        assert!(text.contains(name), "{name} not named at debug level:\n{text}");
+        assert!(
+            text.contains(name),
+            "{name} not named at debug level:\n{text}"
+        );
         assert!(
             !text.contains(&format!("{name}={value}")),
             "the value of {name} is logged"
         );
     }
-    assert!(!text.contains("tcp://10.0.0.1"), "a value is logged:\n{text}");
+    assert!(
+        !text.contains("tcp://10.0.0.1"),
+        "a value is logged:\n{text}"
+    );
 }
 
 #[test]

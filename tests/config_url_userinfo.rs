@@ -46,7 +46,11 @@ const REFUSED: &[(&str, &[&str], &str)] = &[
         &["localhost:1"],
         "192.0.2.10",
     ),
-    ("http://[::1]@192.0.2.10/t/oauth2/v2.0/token", &["[::1]@"], "192.0.2.10"),
+    (
+        "http://[::1]@192.0.2.10/t/oauth2/v2.0/token",
+        &["[::1]@"],
+        "192.0.2.10",
+    ),
     (
         "http://127.0.0.1:Pa55word-77@192.0.2.10/t",
         &["Pa55word-77"],
@@ -68,12 +72,24 @@ const REFUSED: &[(&str, &[&str], &str)] = &[
 fn token_urls_with_userinfo_are_refused_by_config_check_and_serve() {
     let dir = tempfile::tempdir().expect("tempdir");
     for (i, (url, hidden, host)) in REFUSED.iter().enumerate() {
-        let file = config(dir.path(), &format!("r{i}.toml"), &format!("token_url = \"{url}\""));
+        let file = config(
+            dir.path(),
+            &format!("r{i}.toml"),
+            &format!("token_url = \"{url}\""),
+        );
         for args in [&["config"][..], &["check"], &["serve"]] {
             let r = run(&file, args, &[]);
             let all = format!("{}{}", r.stdout, r.stderr);
-            assert_eq!(r.code, Some(2), "{args:?} with {url}: exit {:?}\n{all}", r.code);
-            assert!(all.contains("oauth.token_url"), "{args:?} {url}: key not named\n{all}");
+            assert_eq!(
+                r.code,
+                Some(2),
+                "{args:?} with {url}: exit {:?}\n{all}",
+                r.code
+            );
+            assert!(
+                all.contains("oauth.token_url"),
+                "{args:?} {url}: key not named\n{all}"
+            );
             assert!(
                 all.contains("user information") && all.contains(host),
                 "{args:?} {url}: says neither why nor where it would connect\n{all}"
@@ -88,7 +104,11 @@ fn token_urls_with_userinfo_are_refused_by_config_check_and_serve() {
         assert_eq!(r.code, Some(2), "env {url}: {}", r.stderr);
         assert!(r.stderr.contains("oauth.token_url"), "{}", r.stderr);
         for part in *hidden {
-            assert!(!r.stderr.contains(part), "env: echoes {part:?}: {}", r.stderr);
+            assert!(
+                !r.stderr.contains(part),
+                "env: echoes {part:?}: {}",
+                r.stderr
+            );
         }
     }
 }

@@ -89,7 +89,11 @@ fn assert_backs_off(what: &str, at: &[f64]) {
         last_gap >= 60.0,
         "{what}: still asking every {last_gap:.1}s after 10 minutes: {at:?}"
     );
-    assert!(at.len() <= 20, "{what}: {} requests in 10 minutes: {at:?}", at.len());
+    assert!(
+        at.len() <= 20,
+        "{what}: {} requests in 10 minutes: {at:?}",
+        at.len()
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -122,7 +126,10 @@ async fn short_huge_and_odd_lifetimes_stay_under_the_cap() {
     let endpoint = CountingTokenEndpoint::start(token_body(json!(2))).await;
     let at = observe(&endpoint, &config(&endpoint), 10 * MINUTE).await;
     assert_paced("expires_in 2", &at);
-    assert!(at.len() >= 10, "two-second tokens are still renewed: {at:?}");
+    assert!(
+        at.len() >= 10,
+        "two-second tokens are still renewed: {at:?}"
+    );
 
     // A normal token with refresh_in 0: not a request a second.
     let endpoint = CountingTokenEndpoint::start(json!({
@@ -134,7 +141,12 @@ async fn short_huge_and_odd_lifetimes_stay_under_the_cap() {
 
     // A lifetime of years is believed for a day at most: refreshed within 12 h, not never.
     let endpoint = CountingTokenEndpoint::start(token_body(json!(100_000_000u64))).await;
-    let at = observe(&endpoint, &config(&endpoint), Duration::from_secs(12 * 3600 + 60)).await;
+    let at = observe(
+        &endpoint,
+        &config(&endpoint),
+        Duration::from_secs(12 * 3600 + 60),
+    )
+    .await;
     assert_paced("expires_in 1e8", &at);
     assert_eq!(at.len(), 2, "refreshed once after at most 12 h: {at:?}");
     assert!((at[1] - 43_200.0).abs() < 0.01, "{at:?}");
@@ -180,7 +192,10 @@ async fn a_normal_lifetime_still_refreshes_refresh_before_ahead() {
     let at = observe(&endpoint, &c, 20 * MINUTE).await;
     assert_eq!(at.len(), 4, "{at:?}");
     for (i, t) in at.iter().enumerate() {
-        assert!((t - 360.0 * i as f64).abs() < 0.01, "request {i} at {t}: {at:?}");
+        assert!(
+            (t - 360.0 * i as f64).abs() < 0.01,
+            "request {i} at {t}: {at:?}"
+        );
     }
     // Entra's usual 3599 s: at half the lifetime (well over 10 minutes ahead).
     let endpoint = CountingTokenEndpoint::start(token_body(json!(3599))).await;

@@ -10,8 +10,12 @@
 //! encoding, in `/healthz`, `check`, `check --json`, `queue list`, `queue show`, the trace-level
 //! log or any file in the spool; each of those must still show the echo, scrubbed (every label
 //! followed by `<redacted>`), so the assertion cannot pass because the text never got there.
+//!
+//! In process: a federated assertion echoed by the token endpoint, the private key while a
+//! client holds it, and the current and previous access tokens are known to the scrubber too.
 
 mod common;
+mod oauth_fake;
 mod proc_support;
 
 use std::io::{Read, Write};
@@ -23,6 +27,9 @@ use std::time::Duration;
 use base64::Engine as _;
 use common::echo::{EchoSmtp, EchoTokenEndpoint, encodings, scrubbed_echo_markers};
 use proc_support::{bin, free_port, run_cli, scrub_env};
+use smtp_oauth_relay::config::Config;
+use smtp_oauth_relay::oauth::{TokenClient, TokenProvider};
+use smtp_oauth_relay::redact::{REDACTED, scrub};
 
 const TENANT: &str = "9188040d-6c67-4c5b-b112-36a304b66dad";
 const CLIENT_ID: &str = "0f6a3d44-7c2b-4e1a-9d55-3b2f1c8e7a10";
@@ -304,12 +311,6 @@ fn an_smtp_upstream_echoing_the_auth_line_leaves_no_encoding_of_the_token() {
 // ---------------------------------------------------------------------------------------------
 // In process: the other secrets the scrubber must know.
 
-mod oauth_fake;
-
-use smtp_oauth_relay::config::Config;
-use smtp_oauth_relay::oauth::{TokenClient, TokenProvider};
-use smtp_oauth_relay::redact::{REDACTED, scrub};
-
 #[tokio::test]
 async fn a_federated_assertion_echoed_by_the_token_endpoint_is_scrubbed() {
     let endpoint = EchoTokenEndpoint::start(None).await;
@@ -360,7 +361,11 @@ async fn the_private_key_is_known_while_a_client_holds_it() {
     );
     assert_eq!(scrub(&echoed(&der_b64)), echoed(REDACTED));
     drop(client);
-    assert_eq!(scrub(&der_b64), der_b64, "forgotten once no client holds it");
+    assert_eq!(
+        scrub(&der_b64),
+        der_b64,
+        "forgotten once no client holds it"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -981,13 +981,9 @@ impl Config {
                 ),
             ));
         }
-        within(
-            issues,
-            "upstream.port",
-            up.port,
-            bounds::PORT,
-            |n| n.to_string(),
-        );
+        within(issues, "upstream.port", up.port, bounds::PORT, |n| {
+            n.to_string()
+        });
         if let Some(host) = &up.host
             && let Err(e) = check_host(host)
         {
@@ -1544,7 +1540,12 @@ mod tests {
     fn hosts_and_scopes_have_no_userinfo() {
         assert!(check_host("smtp.office365.com").is_ok());
         assert!(check_host("127.0.0.1").is_ok() && check_host("::1").is_ok());
-        for bad in ["user@smtp.office365.com", "smtp.office365.com:587", "smtp://x", ""] {
+        for bad in [
+            "user@smtp.office365.com",
+            "smtp.office365.com:587",
+            "smtp://x",
+            "",
+        ] {
             assert!(check_host(bad).is_err(), "{bad}");
         }
         assert!(check_scope("https://outlook.office365.com/.default").is_ok());

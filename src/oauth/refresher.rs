@@ -535,10 +535,7 @@ mod tests {
         // Never a hot loop.
         assert_eq!(refresh_delay(Duration::ZERO, None, rb), REFRESH_MIN);
         // refresh_in brings it forward, but not before a quarter of the lifetime.
-        assert_eq!(
-            refresh_delay(60 * MIN, Some(Duration::ZERO), rb),
-            15 * MIN
-        );
+        assert_eq!(refresh_delay(60 * MIN, Some(Duration::ZERO), rb), 15 * MIN);
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! a client secret, a certificate-signed client assertion, or a federated assertion read from a
 //! file (`reference/exchange-online-protocol.md` §1.2, §1.3).
 
-use std::fmt;
 use std::collections::VecDeque;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -196,7 +196,10 @@ async fn session(
     counter: Arc<AtomicU64>,
 ) -> std::io::Result<()> {
     let mut plain = BufReader::new(stream);
-    plain.get_mut().write_all(b"220 echo.test ESMTP\r\n").await?;
+    plain
+        .get_mut()
+        .write_all(b"220 echo.test ESMTP\r\n")
+        .await?;
     for _ in 0..20 {
         let line = read_line(&mut plain).await?;
         let verb = line.to_ascii_uppercase();
@@ -210,7 +213,10 @@ async fn session(
             let tls = acceptor.accept(plain.into_inner()).await?;
             return secured(BufReader::new(tls), counter).await;
         } else {
-            plain.get_mut().write_all(b"530 5.7.0 STARTTLS first\r\n").await?;
+            plain
+                .get_mut()
+                .write_all(b"530 5.7.0 STARTTLS first\r\n")
+                .await?;
         }
     }
     Ok(())
