@@ -198,7 +198,7 @@ fn the_limits_themselves_are_accepted() {
         ("queue", "max_age = \"30d\"\nmin_free_space = 0"),
         (
             "queue",
-            "max_age = \"1m\"\nretry_min = \"1m\"\nmin_free_space = 9000000000000000000",
+            "max_age = \"1s\"\nretry_min = \"1s\"\nmin_free_space = 9000000000000000000",
         ),
         (
             "upstream",

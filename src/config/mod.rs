@@ -1251,10 +1251,10 @@ pub mod bounds {
         why: "a client that provokes more error replies is not going to succeed",
     };
     pub const MAX_AGE: Bound<Duration> = Bound {
-        min: MINUTE,
+        min: Duration::from_secs(1),
         max: Duration::from_secs(30 * 86_400),
-        why: "RFC 5321 §4.5.4.1 suggests 4-5 days; mail a month old is of no use to its \
-              recipient",
+        why: "a message must live for one attempt at least; RFC 5321 §4.5.4.1 suggests 4-5 \
+              days, and mail a month old is of no use to its recipient",
     };
     pub const MIN_FREE_SPACE: Bound<u64> = Bound {
         min: 0,

@@ -307,7 +307,13 @@ pub(crate) fn parse_token_response(
             detail,
         };
         let parsed: SuccessBody = serde_json::from_slice(body)
-            .map_err(|e| malformed(format!("not a JSON token response ({e})")))?;
+            // serde_json may quote a value of the body in its message.
+            .map_err(|e| {
+                malformed(format!(
+                    "not a JSON token response ({})",
+                    scrub(&e.to_string(), sensitive)
+                ))
+            })?;
         let access_token = parsed
             .access_token
             .filter(|t| !t.is_empty())
