@@ -24,6 +24,7 @@
 //! - [`deliver`]: the scheduler, the per-mailbox pacer, reply classification, sender policy.
 //! - [`transport`]: the Transport seam and its SMTP XOAUTH2 implementation.
 //! - [`oauth`]: Entra ID token sources (secret, certificate, federated) and the refresher.
+//! - [`redact`]: the scrubber that removes every encoding of every held secret from upstream text.
 //! - [`daemon`]: `serve`, wiring the parts together.
 //! - [`setup`]: `smtp-oauth-relay setup`, the setup guide as one command (values, files, script, check).
 //! - [`service`]: systemd notifications (READY, STOPPING, WATCHDOG, STATUS) and SIGHUP reload.
@@ -43,6 +44,7 @@ pub mod headers;
 pub mod inbound;
 pub mod metrics;
 pub mod oauth;
+pub mod redact;
 pub mod service;
 pub mod setup;
 pub mod sim;

@@ -321,6 +321,9 @@ fn health(config: &Config) -> ExitCode {
 
 fn serve(config: &Config, options: smtp_oauth_relay::daemon::ServeOptions) -> ExitCode {
     init_logging(config);
+    for name in config::foreign_env_vars() {
+        tracing::debug!(variable = %name, "ignored: not a RELAY_<SECTION>__<KEY> variable");
+    }
     // One process-wide rustls provider, chosen explicitly (aws-lc-rs, no OpenSSL).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let runtime = match runtime(true) {

@@ -79,6 +79,9 @@ impl UpstreamReply {
             }
             text.push_str(rest);
         }
+        // An upstream may echo what it was sent (the AUTH line): no secret is kept, and it is
+        // removed before the text is cut so that no piece of one remains.
+        let mut text = crate::redact::scrub(&text);
         // A class digit that disagrees with the basic code is ignored (RFC 3463 §2).
         if enhanced.is_some_and(|e| u16::from(e.class) != code / 100) {
             enhanced = None;

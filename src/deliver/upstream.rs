@@ -503,7 +503,9 @@ impl UpstreamSession {
             stage,
             what: format!(
                 "unparseable reply {:?}",
-                lines.first().map(|l| truncate(l, 80))
+                lines
+                    .first()
+                    .map(|l| truncate(&crate::redact::scrub(l), 80))
             ),
         })?;
         Ok((lines, reply))

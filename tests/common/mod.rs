@@ -11,7 +11,9 @@
 //! - [`logs`]: the in-process log, captured, for tests that await a log line.
 #![allow(dead_code)]
 
+pub mod counting_token;
 pub mod delivery;
+pub mod echo;
 pub mod fixtures;
 pub mod limited;
 pub mod logs;
