@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -223,23 +222,8 @@ pub fn start_delivery(
     }
     let endpoints = crate::oauth::endpoints(config)?;
     let (tokens, refresher) = TokenProvider::start(config, shutdown.clone())?;
-    let up = &config.upstream;
     let target = upstream_target(config).map_err(DaemonError::UpstreamTls)?;
-    // Validation guarantees mail_account once [oauth] is configured.
-    let mailbox = up.mail_account.clone().unwrap_or_default();
-    let settings = DeliverySettings {
-        from: up.from.clone().unwrap_or_else(|| mailbox.clone()),
-        mailbox,
-        rewrite_from: up.rewrite_from,
-        connections: up.connections,
-        rate: up.rate,
-        retry_min: config.queue.retry_min,
-        retry_max: config.queue.retry_max,
-        max_age: config.queue.max_age,
-        notify: config.queue.notify.clone(),
-        reporting_host: config.smtp.hostname.clone(),
-        upstream_host: target.server_name.clone(),
-    };
+    let settings = DeliverySettings::from_config(config, &target.server_name);
     tracing::info!(
         upstream = %target.address,
         tls_name = %target.server_name,
@@ -251,12 +235,7 @@ pub fn start_delivery(
     );
     let transport = SmtpTransport::new(
         target,
-        SmtpSettings {
-            mailbox: settings.mailbox.clone(),
-            session_max_age: Duration::from_secs(600),
-            session_max_idle: Duration::from_secs(60),
-            refresh_before: config.oauth.refresh_before,
-        },
+        SmtpSettings::from_config(config),
         Arc::new(tokens.clone()),
         metrics.clone(),
     );

@@ -48,6 +48,28 @@ pub struct DeliverySettings {
     pub upstream_host: String,
 }
 
+impl DeliverySettings {
+    /// The policy `serve` delivers with; `upstream_host` is the TLS name of the upstream (for
+    /// failure notices). Validation guarantees `mail_account` once `[oauth]` is configured.
+    pub fn from_config(config: &crate::config::Config, upstream_host: &str) -> DeliverySettings {
+        let up = &config.upstream;
+        let mailbox = up.mail_account.clone().unwrap_or_default();
+        DeliverySettings {
+            from: up.from.clone().unwrap_or_else(|| mailbox.clone()),
+            mailbox,
+            rewrite_from: up.rewrite_from,
+            connections: up.connections,
+            rate: up.rate,
+            retry_min: config.queue.retry_min,
+            retry_max: config.queue.retry_max,
+            max_age: config.queue.max_age,
+            notify: config.queue.notify.clone(),
+            reporting_host: config.smtp.hostname.clone(),
+            upstream_host: upstream_host.to_string(),
+        }
+    }
+}
+
 /// The mailbox as a whole, shown by logs, `queue list` and (later) `/healthz`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MailboxState {

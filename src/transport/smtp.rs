@@ -30,6 +30,19 @@ pub struct SmtpSettings {
     pub refresh_before: Duration,
 }
 
+impl SmtpSettings {
+    /// The settings `serve` uses: sessions reused for 10 minutes, 60 s idle at most (Exchange
+    /// closes idle connections), the configured `oauth.refresh_before`.
+    pub fn from_config(config: &crate::config::Config) -> SmtpSettings {
+        SmtpSettings {
+            mailbox: config.upstream.mail_account.clone().unwrap_or_default(),
+            session_max_age: Duration::from_secs(600),
+            session_max_idle: Duration::from_secs(60),
+            refresh_before: config.oauth.refresh_before,
+        }
+    }
+}
+
 pub struct SmtpTransport {
     target: UpstreamTarget,
     settings: SmtpSettings,

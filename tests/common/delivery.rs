@@ -391,32 +391,12 @@ fn tuned_deliverer(
         target.timeouts = t.clone();
     }
     change(&mut target);
-    let up = &config.upstream;
-    let mailbox = up.mail_account.clone().expect("mail_account");
-    let settings = DeliverySettings {
-        from: up.from.clone().unwrap_or_else(|| mailbox.clone()),
-        mailbox,
-        rewrite_from: up.rewrite_from,
-        connections: up.connections,
-        rate: up.rate,
-        retry_min: config.queue.retry_min,
-        retry_max: config.queue.retry_max,
-        max_age: config.queue.max_age,
-        notify: config.queue.notify.clone(),
-        reporting_host: config.smtp.hostname.clone(),
-        upstream_host: target.server_name.clone(),
-    };
-    let transport = SmtpTransport::new(
-        target,
-        SmtpSettings {
-            mailbox: settings.mailbox.clone(),
-            session_max_age: Duration::from_secs(600),
-            session_max_idle: tuning.session_max_idle.unwrap_or(Duration::from_secs(60)),
-            refresh_before: config.oauth.refresh_before,
-        },
-        Arc::new(tokens),
-        metrics.clone(),
-    );
+    let settings = DeliverySettings::from_config(config, &target.server_name);
+    let mut smtp = SmtpSettings::from_config(config);
+    if let Some(idle) = tuning.session_max_idle {
+        smtp.session_max_idle = idle;
+    }
+    let transport = SmtpTransport::new(target, smtp, Arc::new(tokens), metrics.clone());
     Deliverer::start(
         spool.clone(),
         settings,
