@@ -2,20 +2,26 @@
 //!
 //! Routes (built by [`router`] from one shared [`AdminState`]):
 //! - `GET /readyz`: "can accept mail" (DESIGN.md): the SMTP listener is bound and accepting,
-//!   the spool directory is writable (a probe file is created and removed in `tmp/`), and its
-//!   filesystem has at least `config.min_free_space()` free. `200 ready`, else `503` with the
-//!   reason. Delivery problems never make the relay unready: a sidecar shares its pod's fate.
+//!   the spool is writable (asked of the spool, which knows from its own writes and creates no
+//!   file per call: [`Spool::check_writable`]), and its filesystem has at least
+//!   `config.min_free_space()` free. `200 ready`, else `503` with the reason. Delivery problems
+//!   never make the relay unready: a sidecar shares its pod's fate.
 //! - `GET /healthz`: JSON for people and monitors: token state and expiry, the mailbox's state
 //!   (running, throttled, held with the reason and the fix), last delivery, queue depth and
 //!   the age of the oldest queued message, and the state of each long-running task (`tasks`:
 //!   `running`, or `died: ...` while a relay with a dead task stops). Always `200`; read the
 //!   fields.
 //! - `GET /metrics`: Prometheus text format (see [`crate::metrics`]).
+//!
+//! The endpoint must never cost SMTP anything: [`serve_with`] runs its own accept loop with a
+//! connection cap (`admin.max_connections`, the excess closed at once with a 503), a header
+//! timeout (`admin.header_timeout`, also the keep-alive idle limit), a lifetime per connection,
+//! and the file-descriptor budget of [`crate::fds`]; accept errors (`EMFILE`) pause it briefly.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::Router;
 use axum::extract::State;
@@ -24,11 +30,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::deliver::{DeliveryHandle, MailboxState};
+use crate::fds::FdBudget;
 use crate::metrics::{Gauges, Metrics};
 use crate::oauth::TokenProvider;
 use crate::spool::Spool;
@@ -125,19 +133,7 @@ impl AdminState {
 }
 
 fn check_spool(spool: &Spool, min_free: u64) -> Result<(), String> {
-    static PROBE_SEQ: AtomicU64 = AtomicU64::new(0);
-    let probe = spool.dir().join("tmp").join(format!(
-        "readyz-{}-{}.probe",
-        std::process::id(),
-        PROBE_SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&probe)
-        .map_err(|e| format!("spool not writable: {}: {e}", probe.display()))?;
-    std::fs::remove_file(&probe)
-        .map_err(|e| format!("spool not writable: remove {}: {e}", probe.display()))?;
+    spool.check_writable().map_err(|e| e.to_string())?;
     let free = spool
         .free_space()
         .map_err(|e| format!("cannot read free space of the spool: {e}"))?;
@@ -251,6 +247,8 @@ async fn metrics(State(state): State<AdminState>) -> Response {
             .delivery
             .as_ref()
             .is_some_and(|d| matches!(d.status().state, MailboxState::Held { .. })),
+        open_fds: crate::fds::open_now().ok(),
+        max_fds: crate::fds::soft_limit(),
     };
     (
         StatusCode::OK,
@@ -268,14 +266,224 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Serves `router` on `listener` until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) {
-    if let Err(e) = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-    {
-        tracing::error!(error = %e, "admin endpoint failed");
+/// How the admin endpoint protects the rest of the relay.
+#[derive(Debug, Clone)]
+pub struct AdminLimits {
+    /// `admin.max_connections`.
+    pub max_connections: usize,
+    /// `admin.header_timeout`.
+    pub header_timeout: Duration,
+    /// Descriptors kept for SMTP and delivery.
+    pub fds: FdBudget,
+}
+
+impl Default for AdminLimits {
+    fn default() -> Self {
+        let config = crate::config::AdminConfig::default();
+        AdminLimits {
+            max_connections: config.max_connections,
+            header_timeout: config.header_timeout,
+            fds: FdBudget::with_reserve(0),
+        }
     }
+}
+
+impl AdminLimits {
+    /// The limits `serve` uses: `[admin]` keys and the descriptor reserve for `[smtp]`.
+    pub fn from_config(config: &Config) -> AdminLimits {
+        AdminLimits {
+            max_connections: config.admin.max_connections,
+            header_timeout: config.admin.header_timeout,
+            fds: FdBudget::for_config(config),
+        }
+    }
+}
+
+/// A connection lives at most this long, so that nothing (a client that reads its response
+/// slowly, a request body that never ends) holds a slot forever; probes reconnect.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Descriptors one admin connection may use: its socket and a directory read (`/healthz`).
+pub const FDS_PER_CONNECTION: u64 = 2;
+/// Refusals are logged at most this often (a flood must not flood the log).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Serves `router` on `listener` with the default [`AdminLimits`] until `shutdown` is cancelled.
+pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) {
+    serve_with(
+        listener,
+        router,
+        AdminLimits::default(),
+        Arc::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// Why a connection was closed at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    Limit,
+    Descriptors,
+}
+
+/// Serves `router` on `listener` within `limits` until `shutdown` is cancelled, counting
+/// connections in `metrics`.
+pub async fn serve_with(
+    listener: TcpListener,
+    router: Router,
+    limits: AdminLimits,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let connections = TaskTracker::new();
+    let mut pause = ACCEPT_PAUSE_MIN;
+    let mut refusals = RefusalLog::default();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = shutdown.cancelled() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => {
+                pause = ACCEPT_PAUSE_MIN;
+                pair
+            }
+            Err(e) => {
+                pause = accept_failed("admin", &e, pause, &shutdown).await;
+                continue;
+            }
+        };
+        // The cap first: a flood of connections costs one accept and one close each.
+        let refusal = match slots.clone().try_acquire_owned() {
+            Err(_) => Err(Refusal::Limit),
+            Ok(permit) if limits.fds.allows(FDS_PER_CONNECTION) => Ok(permit),
+            Ok(_) => Err(Refusal::Descriptors),
+        };
+        match refusal {
+            Ok(permit) => {
+                Metrics::inc(&metrics.admin_accepted);
+                let router = router.clone();
+                let shutdown = shutdown.clone();
+                let header_timeout = limits.header_timeout;
+                connections.spawn(async move {
+                    serve_connection(stream, router, header_timeout, permit, shutdown).await;
+                });
+            }
+            Err(why) => {
+                Metrics::inc(match why {
+                    Refusal::Limit => &metrics.admin_refused_limit,
+                    Refusal::Descriptors => &metrics.admin_refused_descriptors,
+                });
+                refuse(stream);
+                refusals.note(why, peer, &limits);
+            }
+        }
+    }
+    connections.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
+}
+
+/// Logs the first refusal at once and then a count at most every [`REFUSAL_LOG_EVERY`].
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl RefusalLog {
+    fn note(&mut self, why: Refusal, peer: SocketAddr, limits: &AdminLimits) {
+        self.since += 1;
+        if self.last.is_some_and(|t| t.elapsed() < REFUSAL_LOG_EVERY) {
+            return;
+        }
+        let reason = match why {
+            Refusal::Limit => format!(
+                "admin.max_connections ({}) connections are open",
+                limits.max_connections
+            ),
+            Refusal::Descriptors => format!(
+                "file descriptors are kept for SMTP (limit {}, {} reserved)",
+                limits
+                    .fds
+                    .limit
+                    .map_or_else(|| "unlimited".to_string(), |l| l.to_string()),
+                limits.fds.reserve
+            ),
+        };
+        tracing::warn!(
+            client = %peer,
+            refused = self.since,
+            "admin connections closed at once: {reason}"
+        );
+        self.last = Some(Instant::now());
+        self.since = 0;
+    }
+}
+
+/// Closes a connection with a 503, without waiting for anything: a refusal holds no slot and
+/// no descriptor beyond this call.
+fn refuse(stream: TcpStream) {
+    const BODY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n\
+        content-length: 27\r\nconnection: close\r\n\r\ntoo many admin connections\n";
+    let _ = stream.try_write(BODY);
+}
+
+/// One HTTP/1.1 connection under the header timeout and [`CONNECTION_LIFETIME`]; its slot is
+/// `permit`, released when it ends.
+async fn serve_connection(
+    stream: TcpStream,
+    router: Router,
+    header_timeout: Duration,
+    permit: OwnedSemaphorePermit,
+    shutdown: CancellationToken,
+) {
+    let _permit = permit;
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "admin connection ended");
+            }
+            return;
+        }
+        () = tokio::time::sleep(CONNECTION_LIFETIME) => {}
+        () = shutdown.cancelled() => {}
+    }
+    // Let a request in progress finish, briefly.
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+}
+
+/// First pause after a failed accept; it doubles up to [`ACCEPT_PAUSE_MAX`].
+pub const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(10);
+pub const ACCEPT_PAUSE_MAX: Duration = Duration::from_millis(500);
+
+/// After a failed accept (`EMFILE`: out of descriptors): log, pause (tokio would otherwise
+/// retry at once and spin, since the pending connection stays in the backlog), and return the
+/// next pause. Never ends the loop.
+pub async fn accept_failed(
+    listener: &str,
+    e: &std::io::Error,
+    pause: Duration,
+    shutdown: &CancellationToken,
+) -> Duration {
+    if crate::fds::is_resource_exhaustion(e) {
+        tracing::warn!(listener, error = %e, pause_ms = pause.as_millis() as u64, "accept failed: out of resources; pausing");
+    } else {
+        tracing::debug!(listener, error = %e, "accept failed");
+    }
+    tokio::select! {
+        () = tokio::time::sleep(pause) => {}
+        () = shutdown.cancelled() => {}
+    }
+    (pause * 2).min(ACCEPT_PAUSE_MAX)
 }
 
 /// Timeout of the whole `health` request (connect, send, read).

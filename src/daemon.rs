@@ -7,14 +7,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
 use crate::config::{Config, Secret};
-use crate::deliver::upstream::{UpstreamTarget, upstream_target};
+use crate::deliver::upstream::upstream_target;
 use crate::deliver::{Deliverer, DeliveryHandle, DeliverySettings};
 use crate::failpoint;
 use crate::inbound::{InboundError, InboundSettings, Server};
@@ -148,13 +147,15 @@ pub async fn serve(
             .await
             .map_err(|source| DaemonError::Admin { addr, source })?;
         tracing::info!(%addr, "admin endpoint: GET /readyz");
+        let limits = admin::AdminLimits::from_config(&config);
+        log_fd_budget(&config, &limits);
         let router = admin::router(admin_state.clone());
-        let stop = admin_stop.clone();
+        let (stop, metrics) = (admin_stop.clone(), metrics.clone());
         tasks.watch(
             "admin",
             tokio::spawn(async move {
                 failpoint::panic_point("task-admin");
-                admin::serve(listener, router, stop).await
+                admin::serve_with(listener, router, limits, metrics, stop).await
             }),
         );
     }
@@ -212,6 +213,38 @@ pub async fn serve(
     }
 }
 
+/// Says how many descriptors the admin endpoint may use, and warns when `RLIMIT_NOFILE` is too
+/// low for it to reach `admin.max_connections` once SMTP's reserve is set aside.
+fn log_fd_budget(config: &Config, limits: &admin::AdminLimits) {
+    let Some(limit) = limits.fds.limit else {
+        tracing::info!("file descriptors: no limit");
+        return;
+    };
+    let open = crate::fds::open_now().unwrap_or(0);
+    let ceiling = limits.fds.ceiling().unwrap_or(limit);
+    let for_admin = ceiling.saturating_sub(open) / admin::FDS_PER_CONNECTION;
+    tracing::info!(
+        limit,
+        open,
+        reserved_for_smtp = limits.fds.reserve,
+        admin_max_connections = limits.max_connections,
+        "file descriptors: the admin endpoint never uses SMTP's reserve"
+    );
+    if for_admin < limits.max_connections as u64 {
+        tracing::warn!(
+            limit,
+            reserved_for_smtp = limits.fds.reserve,
+            "RLIMIT_NOFILE {limit} leaves the admin endpoint room for about {for_admin} \
+             connections once {} are kept for smtp.max_connections = {} and \
+             upstream.connections = {}: raise LimitNOFILE (or ulimit -n), or lower \
+             smtp.max_connections",
+            limits.fds.reserve,
+            config.smtp.max_connections,
+            config.upstream.connections
+        );
+    }
+}
+
 /// The delivery side of a running relay.
 pub struct RunningDelivery {
     pub handle: DeliveryHandle,
@@ -221,35 +254,6 @@ pub struct RunningDelivery {
     pub transport: Arc<SmtpTransport>,
     pub deliverer: tokio::task::JoinHandle<()>,
     pub refresher: tokio::task::JoinHandle<()>,
-}
-
-/// The delivery policy `config` asks for, sending through `target`.
-pub fn delivery_settings(config: &Config, target: &UpstreamTarget) -> DeliverySettings {
-    let up = &config.upstream;
-    // Validation guarantees mail_account once [oauth] is configured.
-    let mailbox = up.mail_account.clone().unwrap_or_default();
-    DeliverySettings {
-        from: up.from.clone().unwrap_or_else(|| mailbox.clone()),
-        mailbox,
-        rewrite_from: up.rewrite_from,
-        connections: up.connections,
-        rate: up.rate,
-        retry_min: config.queue.retry_min,
-        retry_max: config.queue.retry_max,
-        max_age: config.queue.max_age,
-        notify: config.queue.notify.clone(),
-        reporting_host: config.smtp.hostname.clone(),
-        upstream_host: target.server_name.clone(),
-    }
-}
-
-fn smtp_settings(config: &Config, mailbox: &str) -> SmtpSettings {
-    SmtpSettings {
-        mailbox: mailbox.to_string(),
-        session_max_age: Duration::from_secs(600),
-        session_max_idle: Duration::from_secs(60),
-        refresh_before: config.oauth.refresh_before,
-    }
 }
 
 /// Starts the token refresher and the deliverer, or returns `None` when no tenant is configured.
@@ -269,7 +273,7 @@ pub fn start_delivery(
     let endpoints = crate::oauth::endpoints(config)?;
     let (tokens, refresher) = TokenProvider::start(config, shutdown.clone())?;
     let target = upstream_target(config).map_err(DaemonError::UpstreamTls)?;
-    let settings = delivery_settings(config, &target);
+    let settings = DeliverySettings::from_config(config, &target.server_name);
     tracing::info!(
         upstream = %target.address,
         tls_name = %target.server_name,
@@ -281,7 +285,7 @@ pub fn start_delivery(
     );
     let transport = Arc::new(SmtpTransport::new(
         target,
-        smtp_settings(config, &settings.mailbox),
+        SmtpSettings::from_config(config),
         Arc::new(tokens.clone()),
         metrics.clone(),
     ));
@@ -332,7 +336,7 @@ impl service::LiveParts for Live {
         };
         // Everything that can fail first, so that a failure changes nothing.
         let target = upstream_target(new)?;
-        let settings = delivery_settings(new, &target);
+        let settings = DeliverySettings::from_config(new, &target.server_name);
         // The token client depends on [oauth] and on the cloud and CA roots of [upstream].
         let tokens = changed
             .iter()
@@ -343,7 +347,7 @@ impl service::LiveParts for Live {
         // A session is tied to its upstream and to the token it authenticated with.
         if tokens || changed.iter().any(|k| k.starts_with("upstream.")) {
             d.transport
-                .reconfigure(target, smtp_settings(new, &settings.mailbox));
+                .reconfigure(target, SmtpSettings::from_config(new));
         }
         d.handle.reconfigure(settings);
         Ok(())

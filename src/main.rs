@@ -54,9 +54,65 @@ enum Command {
     /// Run only the Entra ID + Exchange Online simulator and print a relay.toml fragment that
     /// points at it (--config names a simulator config such as sim.toml)
     Simulate,
+    /// Configure a Microsoft 365 tenant: ask (or take from flags) the setup guide's five values,
+    /// write relay.toml and the secret file (0600), run check, print the Exchange Online
+    /// PowerShell with the values filled in
+    Setup(Box<SetupArgs>),
     /// Query the admin endpoint's /readyz (container HEALTHCHECK): exit 0 when ready, 1 when
     /// not, 2 when [admin] listen is not set
     Health,
+}
+
+/// `setup`'s flags: every question also a flag, for scripts (see README "Setup").
+#[derive(clap::Args)]
+struct SetupArgs {
+    /// Directory (tenant) ID: a GUID or a verified domain (contoso.onmicrosoft.com)
+    #[arg(long, value_name = "ID")]
+    tenant_id: Option<String>,
+    /// Application (client) ID of the app registration (a GUID)
+    #[arg(long, value_name = "GUID")]
+    client_id: Option<String>,
+    /// A file holding the client secret Value (relay.toml then names this file)
+    #[arg(long, value_name = "FILE", conflicts_with = "client_secret_stdin")]
+    client_secret_file: Option<PathBuf>,
+    /// Read the client secret Value from stdin (a pipe or a file)
+    #[arg(long)]
+    client_secret_stdin: bool,
+    /// Mail Account: the mailbox the relay signs in as
+    #[arg(long, value_name = "ADDR")]
+    mail_account: Option<String>,
+    /// From: the sender address (default: the mail account)
+    #[arg(long, value_name = "ADDR")]
+    from: Option<String>,
+    /// upstream.cloud: global, gcc-high, dod or china
+    #[arg(long, value_name = "CLOUD")]
+    cloud: Option<String>,
+    /// The Object ID on Enterprise applications (for the script when setup cannot read it from
+    /// the app's token)
+    #[arg(long, value_name = "GUID")]
+    object_id: Option<String>,
+    /// The relay.toml to write or edit (default: --config, $RELAY_CONFIG, ./relay.toml).
+    /// /etc/smtp-oauth-relay/relay.toml puts the secret where the systemd unit loads it
+    #[arg(long, value_name = "FILE")]
+    config_out: Option<PathBuf>,
+    /// Also write the Microsoft 365 script (Azure CLI + Exchange Online PowerShell) here
+    #[arg(long, value_name = "FILE")]
+    script_out: Option<PathBuf>,
+    /// Have check send a real test message to this address
+    #[arg(long, value_name = "ADDR")]
+    send_to: Option<String>,
+    /// Any other key of relay.toml, e.g. upstream.host=127.0.0.1 (repeatable; no secrets)
+    #[arg(long, value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
+    /// Lay the secret out for the systemd unit (implied by /etc/smtp-oauth-relay/relay.toml)
+    #[arg(long)]
+    systemd: bool,
+    /// Never ask: every value from flags or the existing file (exit 2 naming what is missing)
+    #[arg(long)]
+    non_interactive: bool,
+    /// Write the files and print the script, but do not run check
+    #[arg(long)]
+    no_check: bool,
 }
 
 #[derive(Subcommand)]
@@ -125,7 +181,30 @@ fn main() -> ExitCode {
             serve(config, options)
         }),
         Command::Health => with_config(path, health),
+        Command::Setup(args) => setup(*args, cli.config),
     }
+}
+
+fn setup(a: SetupArgs, config: Option<PathBuf>) -> ExitCode {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let options = smtp_oauth_relay::setup::SetupOptions {
+        tenant_id: a.tenant_id,
+        client_id: a.client_id,
+        mail_account: a.mail_account,
+        from: a.from,
+        client_secret_file: a.client_secret_file,
+        client_secret_stdin: a.client_secret_stdin,
+        object_id: a.object_id,
+        config_out: a.config_out.or(config),
+        script_out: a.script_out,
+        send_to: a.send_to,
+        cloud: a.cloud,
+        set: a.set,
+        systemd: a.systemd,
+        non_interactive: a.non_interactive,
+        no_check: a.no_check,
+    };
+    ExitCode::from(smtp_oauth_relay::setup::run(options))
 }
 
 /// A tokio runtime (multi-threaded for the daemons, single for one-shot commands).
@@ -242,6 +321,9 @@ fn health(config: &Config) -> ExitCode {
 
 fn serve(config: &Config, options: smtp_oauth_relay::daemon::ServeOptions) -> ExitCode {
     init_logging(config);
+    for name in config::foreign_env_vars() {
+        tracing::debug!(variable = %name, "ignored: not a RELAY_<SECTION>__<KEY> variable");
+    }
     // One process-wide rustls provider, chosen explicitly (aws-lc-rs, no OpenSSL).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let runtime = match runtime(true) {

@@ -19,6 +19,14 @@ pub struct Metrics {
     pub retried: AtomicU64,
     pub held: AtomicU64,
     pub failed: AtomicU64,
+    /// Attempts that sent the final dot and got no 250 (no reply, or a 4xx): the retry may
+    /// deliver a second copy.
+    pub possible_duplicates: AtomicU64,
+    /// Admin endpoint connections served, and closed at once because `admin.max_connections`
+    /// were open or because the descriptors left are SMTP's.
+    pub admin_accepted: AtomicU64,
+    pub admin_refused_limit: AtomicU64,
+    pub admin_refused_descriptors: AtomicU64,
     /// Connect + STARTTLS + AUTH to Exchange Online.
     pub session_seconds: Histogram,
     /// MAIL .. final reply of one message.
@@ -85,6 +93,28 @@ impl Metrics {
             "Messages failed for good (kept in failed/).",
             load(&self.failed),
         );
+        counter(
+            &mut out,
+            "relay_possible_duplicates_total",
+            "Delivery attempts that sent the whole message but got no 250 (no reply or a 4xx after the final dot): the retry may deliver it twice.",
+            load(&self.possible_duplicates),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP relay_admin_connections_total Admin endpoint connections: served, or closed at once (limit: admin.max_connections open; descriptors: the rest are kept for SMTP)."
+        );
+        let _ = writeln!(out, "# TYPE relay_admin_connections_total counter");
+        for (result, c) in [
+            ("accepted", &self.admin_accepted),
+            ("refused_limit", &self.admin_refused_limit),
+            ("refused_descriptors", &self.admin_refused_descriptors),
+        ] {
+            let _ = writeln!(
+                out,
+                "relay_admin_connections_total{{result=\"{result}\"}} {}",
+                load(c)
+            );
+        }
         let gauge = |out: &mut String, name: &str, help: &str, value: f64| {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} gauge");
@@ -114,6 +144,22 @@ impl Metrics {
             "1 while delivery is held for a configuration problem.",
             if gauges.held { 1.0 } else { 0.0 },
         );
+        if let Some(open) = gauges.open_fds {
+            gauge(
+                &mut out,
+                "process_open_fds",
+                "Open file descriptors.",
+                open as f64,
+            );
+        }
+        if let Some(max) = gauges.max_fds {
+            gauge(
+                &mut out,
+                "process_max_fds",
+                "Maximum number of open file descriptors (RLIMIT_NOFILE).",
+                max as f64,
+            );
+        }
         self.session_seconds.render(
             &mut out,
             "relay_upstream_session_seconds",
@@ -135,6 +181,8 @@ pub struct Gauges {
     pub oldest_age_seconds: f64,
     pub token_seconds_left: f64,
     pub held: bool,
+    pub open_fds: Option<u64>,
+    pub max_fds: Option<u64>,
 }
 
 /// Upper bounds in seconds: loopback sessions take milliseconds, Exchange hundreds of them.

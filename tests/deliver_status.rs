@@ -42,6 +42,7 @@ impl Transport for GatedTransport {
                 ],
                 reached: Progress::Transaction,
                 summary: ok,
+                after_dot: None,
             }
         })
     }

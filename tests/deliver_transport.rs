@@ -62,6 +62,7 @@ impl Transport for ScriptedTransport {
                 recipients,
                 reached: Progress::Transaction,
                 summary: reply("250 2.0.0 OK <id@upstream>", Stage::DataEnd),
+                after_dot: None,
             }
         })
     }

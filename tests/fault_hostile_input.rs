@@ -19,18 +19,17 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use smtp_oauth_relay::config::Config;
-use smtp_oauth_relay::inbound::{InboundSettings, Session, Shared};
+use smtp_oauth_relay::inbound::Session;
 use smtp_oauth_relay::spool::Spool;
 use smtp_oauth_relay::spool::format;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use common::fixtures::{Rng, report};
+use common::session::SessionRig;
 
 fn iters(default: usize) -> usize {
     std::env::var("FUZZ_ITERS")
@@ -146,34 +145,12 @@ const SESSION_EXTRAS: &[&[u8]] = &[
     b"POST /x HTTP/1.0\r\n",
 ];
 
-struct SessionRig {
-    shared: Arc<Shared>,
-    spool: Spool,
-    _dir: tempfile::TempDir,
-}
-
+/// The session environment of these campaigns: small limits so that the limits are reached.
 fn session_rig(extra_toml: &str) -> SessionRig {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = Config::from_toml_str(&format!(
+    common::session::session_rig(&format!(
         "[smtp]\nhostname = \"relay.test\"\nmax_message_size = \"64KiB\"\nmax_recipients = 100\n\
          command_timeout = \"2s\"\ndata_timeout = \"2s\"\n{extra_toml}"
     ))
-    .expect("config");
-    config.queue.dir = dir.path().join("spool");
-    config.queue.min_free_space = smtp_oauth_relay::config::ByteSize(1);
-    let (spool, _) = Spool::open(&config.queue.dir).expect("spool");
-    let settings = InboundSettings::from_config(&config).expect("settings");
-    SessionRig {
-        shared: Arc::new(Shared {
-            settings,
-            spool: spool.clone(),
-            accepted: AtomicU64::new(0),
-            delivery: None,
-            metrics: Default::default(),
-        }),
-        spool,
-        _dir: dir,
-    }
 }
 
 /// Runs one session over an in-memory stream: `input` is written in `chunks`, then the client

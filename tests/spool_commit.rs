@@ -328,6 +328,7 @@ async fn delivery_state_round_trip() {
             status: RecipientStatus::Delivered,
             reply: Some("250 2.1.5 Recipient OK".into()),
         }],
+        possible_duplicate: None,
     };
     spool.write_state(&id, &st).unwrap();
     assert_eq!(spool.read_state(&id).unwrap(), Some(st.clone()));

@@ -128,6 +128,10 @@ impl Step {
 pub struct Report {
     pub steps: Vec<Step>,
     config_file: Option<PathBuf>,
+    /// The `oid` of the app-only token: the object ID of the app's service principal, i.e. the
+    /// Object ID on the app's *Enterprise applications* page (what `New-ServicePrincipal
+    /// -ObjectId` wants; not the App registrations one). `None` when no token was obtained.
+    pub service_principal_id: Option<String>,
 }
 
 impl Report {
@@ -216,7 +220,11 @@ impl Report {
         for step in ["token", "token_contents", "tls", "auth", "send"] {
             steps.push(Step::skipped(step, "the configuration is invalid"));
         }
-        Report { steps, config_file }
+        Report {
+            steps,
+            config_file,
+            service_principal_id: None,
+        }
     }
 
     /// The steps as a JSON array of `{step, status, detail, fix}`.
@@ -229,9 +237,11 @@ impl Report {
 /// the timeouts in `options`.
 pub async fn run(config: &Config, options: &CheckOptions) -> Report {
     let mut steps = Vec::new();
-    let report = |steps| Report {
+    let mut service_principal_id = None;
+    let report = |steps, service_principal_id| Report {
         steps,
         config_file: options.config_file.clone(),
+        service_principal_id,
     };
     let names = Names::of(config);
     const LATER: [&str; 5] = ["token", "token_contents", "tls", "auth", "send"];
@@ -241,7 +251,7 @@ pub async fn run(config: &Config, options: &CheckOptions) -> Report {
     steps.push(config_step);
     if failed {
         steps.extend(LATER.iter().map(|s| Step::skipped(s, SKIPPED)));
-        return report(steps);
+        return report(steps, service_principal_id);
     }
 
     let token = match fetch_token(config).await {
@@ -252,12 +262,13 @@ pub async fn run(config: &Config, options: &CheckOptions) -> Report {
         Err(step) => {
             steps.push(step);
             steps.extend(LATER[1..].iter().map(|s| Step::skipped(s, SKIPPED)));
-            return report(steps);
+            return report(steps, service_principal_id);
         }
     };
 
     let contents = inspect_token(config, token.secret());
     let lacks_role = contents.lacks_role;
+    service_principal_id = contents.oid;
     steps.push(contents.step);
 
     let mut target = match upstream_target(config) {
@@ -269,7 +280,7 @@ pub async fn run(config: &Config, options: &CheckOptions) -> Report {
                 "Fix upstream.host, upstream.ca_file or upstream.cloud.",
             ));
             steps.extend(LATER[3..].iter().map(|s| Step::skipped(s, SKIPPED)));
-            return report(steps);
+            return report(steps, service_principal_id);
         }
     };
     target.timeouts = options.timeouts.clone().unwrap_or_else(check_timeouts);
@@ -281,7 +292,7 @@ pub async fn run(config: &Config, options: &CheckOptions) -> Report {
         Err(step) => {
             steps.push(step);
             steps.extend(LATER[3..].iter().map(|s| Step::skipped(s, SKIPPED)));
-            return report(steps);
+            return report(steps, service_principal_id);
         }
     };
 
@@ -302,7 +313,7 @@ pub async fn run(config: &Config, options: &CheckOptions) -> Report {
             steps.push(Step::failed("auth", session_detail(&e), fix));
             steps.push(Step::skipped("send", SKIPPED));
             session.quit().await;
-            return report(steps);
+            return report(steps, service_principal_id);
         }
     }
 
@@ -314,7 +325,7 @@ pub async fn run(config: &Config, options: &CheckOptions) -> Report {
         Some(to) => steps.push(send_test(&mut session, &names, to).await),
     }
     session.quit().await;
-    report(steps)
+    report(steps, service_principal_id)
 }
 
 const SKIPPED: &str = "an earlier step failed";
@@ -554,6 +565,7 @@ mod tests {
     #[test]
     fn report_renders_and_counts() {
         let report = Report {
+            service_principal_id: None,
             steps: vec![
                 Step::ok("config", "fine"),
                 Step::failed("token", "AADSTS7000215: bad", "Copy the Value."),

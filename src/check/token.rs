@@ -127,6 +127,10 @@ pub(super) struct Contents {
     pub(super) step: Step,
     /// The token carries no SMTP.SendAsApp role (explains a later 535 5.7.3).
     pub(super) lacks_role: bool,
+    /// The `oid` claim when it is a GUID: for an app-only token, the app's service principal
+    /// (Entra access token claims reference: "the verified identity of the user or service
+    /// principal").
+    pub(super) oid: Option<String>,
 }
 
 /// The claims of a JWT, decoded without verifying its signature (diagnostics only).
@@ -149,12 +153,14 @@ pub(super) fn inspect_token(config: &Config, token: &str) -> Contents {
                 fix: None,
             },
             lacks_role: false,
+            oid: None,
         };
     };
     let text = |k: &str| claims.get(k).and_then(|v| v.as_str()).map(str::to_string);
     let aud = text("aud").unwrap_or_default();
     let appid = text("appid").or_else(|| text("azp")).unwrap_or_default();
     let tid = text("tid").unwrap_or_default();
+    let oid = text("oid").filter(|o| is_guid(o));
     let roles: Option<Vec<String>> = claims.get("roles").and_then(|r| r.as_array()).map(|r| {
         r.iter()
             .filter_map(|v| v.as_str().map(str::to_string))
@@ -175,6 +181,9 @@ pub(super) fn inspect_token(config: &Config, token: &str) -> Contents {
         format!("appid {}", or_dash(&appid)),
         format!("tid {}", or_dash(&tid)),
     ];
+    if let Some(oid) = &oid {
+        details.push(format!("oid {oid} (Enterprise applications Object ID)"));
+    }
     let mut warnings: Vec<String> = Vec::new();
     let mut fixes: Vec<String> = Vec::new();
     match exp {
@@ -263,6 +272,7 @@ pub(super) fn inspect_token(config: &Config, token: &str) -> Contents {
             fix: (!fixes.is_empty()).then(|| fixes.join(" ")),
         },
         lacks_role: !has_role,
+        oid,
     }
 }
 

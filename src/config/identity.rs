@@ -34,6 +34,33 @@ const MAIL_ACCOUNT_FIX: &str = "Set upstream.mail_account to the mailbox the rel
 const FROM_FIX: &str = "Set upstream.from to the sender address shown in outgoing mail (or remove \
                         it to use upstream.mail_account).";
 
+const OBJECT_ID_FIX: &str = "Use the Object ID on Microsoft Entra admin center > Enterprise \
+                             applications > your app > Overview. It is neither the Object ID on \
+                             App registrations > your app > Overview nor the Application (client) \
+                             ID; with either of those Exchange answers 535 5.7.3.";
+
+/// The Object ID of the app's *Enterprise application* (its service principal), which
+/// `New-ServicePrincipal -ObjectId` wants: a GUID, and not the Application (client) ID, the
+/// other GUID on the same page that people paste. (That it is not the App registrations Object
+/// ID cannot be seen from the value; `setup` compares it with the token's `oid` claim.)
+pub fn enterprise_object_id(value: &str, client_id: &str) -> Result<(), ValueProblem> {
+    let v = value.trim();
+    let what = if v.is_empty() {
+        "is empty".to_string()
+    } else if !is_guid(v) {
+        format!("`{v}` is not a GUID")
+    } else if v.eq_ignore_ascii_case(client_id.trim()) {
+        format!("`{v}` is the Application (client) ID, not the Enterprise application's Object ID")
+    } else {
+        return Ok(());
+    };
+    Err(ValueProblem {
+        key: "Enterprise application Object ID",
+        what,
+        fix: OBJECT_ID_FIX,
+    })
+}
+
 /// `oauth.tenant_id`: a GUID or a verified domain. The multi-tenant aliases cannot issue
 /// app-only tokens (AADSTS90002-like failures at the first refresh).
 pub fn tenant_id(value: &str) -> Result<(), ValueProblem> {
@@ -183,5 +210,9 @@ mod tests {
         assert!(mail_account("relay").is_err());
         assert!(mail_account("relay@contoso.com").is_ok());
         assert!(from("<a@b.c>").is_err());
+        let client = "8a7b6c5d-1234-4e5f-9a8b-0c1d2e3f4a5b";
+        assert!(enterprise_object_id(client, client).is_err());
+        assert!(enterprise_object_id("app-object", client).is_err());
+        assert!(enterprise_object_id("6233fba6-0198-4277-892f-9275bf728bcc", client).is_ok());
     }
 }

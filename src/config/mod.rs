@@ -262,10 +262,57 @@ impl OAuthConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
+    /// Admin connections open at once; more are closed at once (probes need a handful).
+    pub max_connections: usize,
+    /// A connection that has not sent a whole request head by then is closed (also the idle
+    /// limit between keep-alive requests).
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+}
+
+/// Bounds of `admin.max_connections`: SMTP's file descriptors come first (see `fds`).
+pub const ADMIN_MAX_CONNECTIONS: std::ops::RangeInclusive<usize> = 1..=1024;
+/// Bounds of `admin.header_timeout`: a probe's request arrives in milliseconds.
+pub const ADMIN_HEADER_TIMEOUT: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(300);
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: None,
+            max_connections: 64,
+            header_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl AdminConfig {
+    fn validate_into(&self, issues: &mut Vec<ConfigIssue>) {
+        if !ADMIN_MAX_CONNECTIONS.contains(&self.max_connections) {
+            issues.push(issue(
+                "admin.max_connections",
+                format!(
+                    "{} is outside {}..={}: each connection holds a file descriptor SMTP may need",
+                    self.max_connections,
+                    ADMIN_MAX_CONNECTIONS.start(),
+                    ADMIN_MAX_CONNECTIONS.end()
+                ),
+            ));
+        }
+        if !ADMIN_HEADER_TIMEOUT.contains(&self.header_timeout) {
+            issues.push(issue(
+                "admin.header_timeout",
+                format!(
+                    "{} is outside 100ms..=5m: longer lets idle clients hold connections",
+                    humantime::format_duration(self.header_timeout)
+                ),
+            ));
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -536,6 +583,17 @@ pub fn locate(explicit: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
 /// Loads and validates the configuration. Secrets named by `*_file` keys or provided as systemd
 /// credentials are read here, so a bad path is reported at start-up rather than at first delivery.
 pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    load_with_credentials(explicit, credentials.as_deref())
+}
+
+/// [`load`] as a systemd service with `$CREDENTIALS_DIRECTORY` = `credentials` would see it
+/// (`None`: no credentials). `setup` checks the file it wrote for the service this way, before
+/// systemd has ever loaded the credential.
+pub fn load_with_credentials(
+    explicit: Option<&Path>,
+    credentials: Option<&Path>,
+) -> Result<Config, ConfigError> {
     let path = locate(explicit)?;
     let mut figment = Figment::new();
     if let Some(p) = &path {
@@ -546,7 +604,9 @@ pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
         file: path.clone(),
         issues,
     };
-    extract_and_validate(&figment).map_err(invalid)
+    // Kept to name the key of a TOML syntax error, which figment reports without one.
+    let source = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok());
+    extract_and_validate(&figment, credentials, source.as_deref()).map_err(invalid)
 }
 
 /// Deserializes the merged sources, then resolves secrets and validates. A key with a wrong type
@@ -554,12 +614,16 @@ pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
 /// that every other key is still checked and the admin sees every problem at once. Validation
 /// findings about a key already reported as badly typed are left out (they would only describe
 /// the default that stood in for it).
-fn extract_and_validate(figment: &Figment) -> Result<Config, Vec<ConfigIssue>> {
-    let (config, mut issues) = extract_all(figment);
+fn extract_and_validate(
+    figment: &Figment,
+    credentials: Option<&Path>,
+    source: Option<&str>,
+) -> Result<Config, Vec<ConfigIssue>> {
+    let (config, mut issues) = extract_all(figment, source);
     let mut config = config.ok_or_else(|| issues.clone())?;
     let bad_keys: Vec<String> = issues.iter().map(|i| i.key.clone()).collect();
     let mut found = Vec::new();
-    config.resolve_secrets(&mut found);
+    config.resolve_secrets(credentials, &mut found);
     config.validate_into(&mut found);
     found.retain(|i| !bad_keys.iter().any(|k| keys_overlap(k, &i.key)));
     issues.extend(found);
@@ -581,14 +645,14 @@ fn keys_overlap(a: &str, b: &str) -> bool {
 
 /// Extracts a [`Config`], collecting the type errors of every key (see [`extract_and_validate`]).
 /// Returns no config only when the sources themselves cannot be read (e.g. TOML syntax).
-fn extract_all(figment: &Figment) -> (Option<Config>, Vec<ConfigIssue>) {
+fn extract_all(figment: &Figment, source: Option<&str>) -> (Option<Config>, Vec<ConfigIssue>) {
     let mut errors = match figment.extract::<Config>() {
         Ok(config) => return (Some(config), Vec::new()),
         Err(e) => e,
     };
     let mut dict = match figment.extract::<figment::value::Dict>() {
         Ok(dict) => dict,
-        Err(e) => return (None, figment_issues(e)),
+        Err(e) => return (None, figment_issues(e, source)),
     };
     let mut issues = Vec::new();
     // Each round removes at least one key, so this ends; the bound is belt and braces.
@@ -637,16 +701,119 @@ fn remove_key(dict: &mut figment::value::Dict, path: &[String]) -> bool {
     }
 }
 
+/// The relay's variables are `RELAY_<SECTION>__<KEY>`: the double underscore marks them.
+/// Everything else with the prefix belongs to someone else and is ignored: Kubernetes injects
+/// `RELAY_PORT`, `RELAY_SERVICE_HOST`, `RELAY_SERVICE_PORT_SMTP`, ... for a Service named
+/// `relay` (its names never hold `__`), `RELAY_CONFIG` names the file and `RELAY_FAILPOINT` arms
+/// a test crash point (src/failpoint.rs). A typo with the double underscore
+/// (`RELAY_OAUTH__CLIENT_IDD`) is still the relay's, and an error naming the variable.
 fn env_provider() -> Env {
-    // `RELAY_CONFIG` names the file and `RELAY_FAILPOINT` arms a test crash point
-    // (src/failpoint.rs); neither is a key.
     Env::prefixed(ENV_PREFIX)
-        .ignore(&["CONFIG", "FAILPOINT"])
+        .filter(|rest| is_key_variable(rest.as_str()))
         .split("__")
 }
 
-fn figment_issues(error: figment::Error) -> Vec<ConfigIssue> {
-    error.into_iter().map(|e| figment_issue(&e)).collect()
+fn is_key_variable(after_prefix: &str) -> bool {
+    after_prefix.contains("__")
+}
+
+/// The key path a variable of ours sets: `RELAY_OAUTH__CLIENT_ID` → `oauth.client_id`.
+fn variable_key(name: &str) -> Option<String> {
+    let rest = name.get(ENV_PREFIX.len()..)?;
+    (name[..ENV_PREFIX.len()].eq_ignore_ascii_case(ENV_PREFIX) && is_key_variable(rest))
+        .then(|| rest.to_ascii_lowercase().replace("__", "."))
+}
+
+/// The `RELAY_*` variables that are not the relay's and are ignored (names only: a value may be
+/// anything, even a secret put in a misspelt variable). `serve` logs them at debug level.
+pub fn foreign_env_vars() -> Vec<String> {
+    let mut names: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| {
+            k.get(..ENV_PREFIX.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(ENV_PREFIX))
+                && variable_key(k).is_none()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// The variables of ours that set `path` or a key inside it, for messages.
+fn variables_setting(path: &[String]) -> Vec<String> {
+    let key = path.join(".").to_ascii_lowercase();
+    let mut names: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| variable_key(k).is_some_and(|v| keys_overlap(&v, &key)))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Issues for errors that may come without a key path: a TOML syntax error names a line, and
+/// the key on that line of `source` is named instead of `(file)` (a value too large for TOML's
+/// 64-bit integers is such an error).
+fn figment_issues(error: figment::Error, source: Option<&str>) -> Vec<ConfigIssue> {
+    error
+        .into_iter()
+        .map(|e| {
+            let mut found = figment_issue(&e);
+            if found.key == "(file)"
+                && let Some(key) = source.and_then(|src| key_of_error_line(src, &found.message))
+            {
+                found.key = key;
+            }
+            found
+        })
+        .collect()
+}
+
+/// The dotted key on the line a TOML parse error names (`TOML parse error at line 2, ...`):
+/// only a bare key under one of the schema's sections, so that nothing but a key name is
+/// ever taken from the file (a line inside a multi-line string may hold a secret).
+fn key_of_error_line(source: &str, message: &str) -> Option<String> {
+    const SECTIONS: [&str; 6] = ["smtp", "queue", "upstream", "oauth", "admin", "log"];
+    let rest = &message[message.find("at line ")? + "at line ".len()..];
+    let line: usize = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
+    let mut table = "";
+    // Inside a multi-line string (`"""` or `'''`) a line is text, not a key.
+    let mut open: Option<&str> = None;
+    for (i, text) in source.lines().enumerate() {
+        let t = text.trim();
+        if open.is_none() && t.starts_with('[') {
+            table = t.trim_matches(['[', ']']).trim();
+        }
+        if i + 1 == line {
+            if open.is_some() {
+                return None;
+            }
+            let key = t.split_once('=')?.0.trim();
+            let bare = !key.is_empty()
+                && key.len() <= 64
+                && key
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            return (bare && SECTIONS.contains(&table)).then(|| format!("{table}.{key}"));
+        }
+        let mut rest = text;
+        loop {
+            let next = match open {
+                Some(quote) => rest.find(quote).map(|at| (at, quote)),
+                None => ["\"\"\"", "'''"]
+                    .iter()
+                    .filter_map(|q| rest.find(q).map(|at| (at, *q)))
+                    .min(),
+            };
+            let Some((at, quote)) = next else { break };
+            open = if open.is_some() { None } else { Some(quote) };
+            rest = &rest[at + 3..];
+        }
+    }
+    None
 }
 
 fn figment_issue(e: &figment::Error) -> ConfigIssue {
@@ -655,11 +822,19 @@ fn figment_issue(e: &figment::Error) -> ConfigIssue {
     } else {
         e.path.join(".")
     };
-    let origin = e
-        .metadata
-        .as_ref()
-        .map(|m| format!(" (from {})", m.name))
-        .unwrap_or_default();
+    let origin = match &e.metadata {
+        // Name the variable itself: the admin has to find it in a unit file or a pod spec.
+        Some(m) if m.name.contains("environment") => {
+            let names = variables_setting(&e.path);
+            if names.is_empty() {
+                format!(" (from {})", m.name)
+            } else {
+                format!(" (from environment variable {})", names.join(", "))
+            }
+        }
+        Some(m) => format!(" (from {})", m.name),
+        None => String::new(),
+    };
     let message = if key.contains("secret") {
         // The value may be quoted in the error ("invalid type: found ..."): never show it.
         "invalid value (not shown: it is a secret)".to_string()
@@ -690,8 +865,13 @@ fn without_source_snippet(text: &str) -> String {
 impl Config {
     /// Parses a configuration from TOML text without touching the environment (tests, fuzzing).
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
-        extract_and_validate(&Figment::from(Toml::string(text)))
-            .map_err(|issues| ConfigError::Invalid { file: None, issues })
+        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        extract_and_validate(
+            &Figment::from(Toml::string(text)),
+            credentials.as_deref(),
+            Some(text),
+        )
+        .map_err(|issues| ConfigError::Invalid { file: None, issues })
     }
 
     /// The networks allowed to connect: the configured list, or loopback only.
@@ -712,7 +892,7 @@ impl Config {
     }
 
     /// Reads `client_secret_file`, or the systemd credential `client_secret`, into `client_secret`.
-    fn resolve_secrets(&mut self, issues: &mut Vec<ConfigIssue>) {
+    fn resolve_secrets(&mut self, credentials: Option<&Path>, issues: &mut Vec<ConfigIssue>) {
         let oauth = &mut self.oauth;
         if oauth.client_secret.is_some() && oauth.client_secret_file.is_some() {
             issues.push(issue(
@@ -726,8 +906,8 @@ impl Config {
             let no_other = oauth.client_secret.is_none()
                 && oauth.certificate_file.is_none()
                 && oauth.assertion_file.is_none();
-            std::env::var_os("CREDENTIALS_DIRECTORY")
-                .map(|d| PathBuf::from(d).join("client_secret"))
+            credentials
+                .map(|d| d.join("client_secret"))
                 .filter(|p| no_other && p.is_file())
         });
         if let Some(path) = file {
@@ -754,6 +934,7 @@ impl Config {
 
     /// Every rule in one pass, so the admin sees all problems at once.
     fn validate_into(&self, issues: &mut Vec<ConfigIssue>) {
+        self.admin.validate_into(issues);
         let smtp = &self.smtp;
         if smtp.listen.is_empty() {
             issues.push(issue("smtp.listen", "at least one address is required"));
@@ -781,47 +962,62 @@ impl Config {
         if smtp.hostname.trim().is_empty() || smtp.hostname.contains(char::is_whitespace) {
             issues.push(issue("smtp.hostname", "must be a host name without spaces"));
         }
-        // RFC 5321 §4.5.3.1.7: a server must accept messages of at least 64K octets.
-        if smtp.max_message_size.0 < 65536 {
-            issues.push(issue(
-                "smtp.max_message_size",
-                format!(
-                    "{} is below the 64 KiB minimum of RFC 5321 §4.5.3.1.7",
-                    smtp.max_message_size
-                ),
-            ));
-        }
-        // RFC 5321 §4.5.3.1.8: refusing fewer than 100 recipients is a violation.
-        if smtp.max_recipients < 100 {
-            issues.push(issue(
-                "smtp.max_recipients",
-                format!(
-                    "{} is below the 100 recipients RFC 5321 §4.5.3.1.8 requires",
-                    smtp.max_recipients
-                ),
-            ));
-        }
-        if smtp.max_connections == 0 {
-            issues.push(issue("smtp.max_connections", "must be at least 1"));
-        }
-        if smtp.command_timeout < Duration::from_secs(1) {
-            issues.push(issue("smtp.command_timeout", "must be at least 1s"));
-        }
-        if smtp.data_timeout < Duration::from_secs(1) {
-            issues.push(issue("smtp.data_timeout", "must be at least 1s"));
-        }
-        if smtp.write_timeout < Duration::from_secs(1) {
-            issues.push(issue("smtp.write_timeout", "must be at least 1s"));
-        }
-        if smtp.min_data_rate == 0 {
-            issues.push(issue(
-                "smtp.min_data_rate",
-                "must be at least 1 (bytes per second)",
-            ));
-        }
-        if smtp.max_errors == 0 {
-            issues.push(issue("smtp.max_errors", "must be at least 1"));
-        }
+        within(
+            issues,
+            "smtp.max_message_size",
+            smtp.max_message_size.0,
+            bounds::MAX_MESSAGE_SIZE,
+            |n| ByteSize(n).to_string(),
+        );
+        within(
+            issues,
+            "smtp.max_recipients",
+            smtp.max_recipients,
+            bounds::MAX_RECIPIENTS,
+            |n| n.to_string(),
+        );
+        within(
+            issues,
+            "smtp.max_connections",
+            smtp.max_connections,
+            bounds::MAX_CONNECTIONS,
+            |n| n.to_string(),
+        );
+        within(
+            issues,
+            "smtp.command_timeout",
+            smtp.command_timeout,
+            bounds::COMMAND_TIMEOUT,
+            duration_text,
+        );
+        within(
+            issues,
+            "smtp.data_timeout",
+            smtp.data_timeout,
+            bounds::DATA_TIMEOUT,
+            duration_text,
+        );
+        within(
+            issues,
+            "smtp.max_errors",
+            smtp.max_errors,
+            bounds::MAX_ERRORS,
+            |n| n.to_string(),
+        );
+        within(
+            issues,
+            "smtp.write_timeout",
+            smtp.write_timeout,
+            bounds::WRITE_TIMEOUT,
+            duration_text,
+        );
+        within(
+            issues,
+            "smtp.min_data_rate",
+            smtp.min_data_rate,
+            bounds::MIN_DATA_RATE,
+            |n| n.to_string(),
+        );
         match (&smtp.tls_cert_file, &smtp.tls_key_file) {
             (Some(cert), Some(key)) => {
                 readable_file(issues, "smtp.tls_cert_file", cert);
@@ -885,6 +1081,20 @@ impl Config {
                 ),
             ));
         }
+        within(
+            issues,
+            "queue.max_age",
+            queue.max_age,
+            bounds::MAX_AGE,
+            duration_text,
+        );
+        within(
+            issues,
+            "queue.min_free_space",
+            queue.min_free_space.0,
+            bounds::MIN_FREE_SPACE,
+            |n| ByteSize(n).to_string(),
+        );
         if queue.max_age < queue.retry_min {
             issues.push(issue(
                 "queue.max_age",
@@ -902,8 +1112,13 @@ impl Config {
                 ),
             ));
         }
-        if up.port == 0 {
-            issues.push(issue("upstream.port", "must not be 0"));
+        within(issues, "upstream.port", up.port, bounds::PORT, |n| {
+            n.to_string()
+        });
+        if let Some(host) = &up.host
+            && let Err(e) = check_host(host)
+        {
+            issues.push(issue("upstream.host", e));
         }
         if let Some(ca) = &up.ca_file {
             readable_file(issues, "upstream.ca_file", ca);
@@ -919,14 +1134,34 @@ impl Config {
                 issues.push(issue(key, format!("`{v}` is not an e-mail address")));
             }
         }
-        if up.connections == 0 {
-            issues.push(issue("upstream.connections", "must be at least 1"));
-        }
+        within(
+            issues,
+            "upstream.connections",
+            up.connections,
+            bounds::CONNECTIONS,
+            |n| n.to_string(),
+        );
         if up.rate.messages == 0 {
             issues.push(issue("upstream.rate", "must allow at least 1 message"));
+        } else if up.rate.per / up.rate.messages < bounds::RATE_MIN_SPACING {
+            issues.push(issue(
+                "upstream.rate",
+                format!(
+                    "{} is faster than 1000/s, the most the relay paces (Exchange Online allows \
+                     30/min per mailbox)",
+                    up.rate
+                ),
+            ));
         }
 
         let oauth = &self.oauth;
+        within(
+            issues,
+            "oauth.refresh_before",
+            oauth.refresh_before,
+            bounds::REFRESH_BEFORE,
+            duration_text,
+        );
         if oauth.is_configured() {
             match &oauth.tenant_id {
                 None => issues.push(issue(
@@ -992,6 +1227,11 @@ impl Config {
         {
             issues.push(issue("oauth.token_url", e));
         }
+        if let Some(scope) = &oauth.scope
+            && let Err(e) = check_scope(scope)
+        {
+            issues.push(issue("oauth.scope", e));
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             issues.push(issue(
                 "log.level",
@@ -1006,31 +1246,210 @@ impl Config {
     }
 }
 
-/// `https://` always; plain `http://` only for a loopback host (simulators, tests).
+/// `https://` always; plain `http://` only for a loopback host (simulators, tests). The host is
+/// the one the HTTP client connects to: the URL is parsed with the parser reqwest uses, and user
+/// information (`user:password@` before the host) is refused, since `http://localhost:1@192.0.2.10/`
+/// reads like loopback but connects to 192.0.2.10. Messages show the URL without its user
+/// information and query, which may hold secrets.
 pub fn check_token_url(url: &str) -> Result<(), String> {
-    if url.starts_with("https://") {
-        return Ok(());
+    let parsed = parse_url_key(url)?;
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if is_loopback_host(&parsed) => Ok(()),
+        "http" => Err(format!(
+            "`{}` must use https:// (plain http is allowed only for a loopback host)",
+            shown_url(&parsed)
+        )),
+        _ => Err(format!("`{}` is not an http(s) URL", shown_url(&parsed))),
     }
-    if let Some(rest) = url.strip_prefix("http://") {
-        let authority = rest.split('/').next().unwrap_or("");
-        let host = if let Some(v6) = authority.strip_prefix('[') {
-            v6.split(']').next().unwrap_or("")
-        } else {
-            authority.rsplit_once(':').map_or(authority, |(h, _)| h)
-        };
-        let loopback = host == "localhost"
-            || host
-                .parse::<IpAddr>()
-                .map(|ip| ip.is_loopback())
-                .unwrap_or(false);
-        if loopback {
-            return Ok(());
-        }
+}
+
+/// A URL-valued key: parsed, with a host, and without user information.
+fn parse_url_key(url: &str) -> Result<url::Url, String> {
+    // The parser's message never quotes the value, and neither does this one.
+    let parsed = url::Url::parse(url.trim()).map_err(|e| format!("is not a URL ({e})"))?;
+    if parsed.host().is_none() {
+        return Err(format!("`{}` names no host", shown_url(&parsed)));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
         return Err(format!(
-            "`{url}` must use https:// (plain http is allowed only for a loopback host)"
+            "must not contain user information (`...@` before the host): the connection would go \
+             to {}, not to what precedes the `@`",
+            parsed.host_str().unwrap_or("?")
         ));
     }
-    Err(format!("`{url}` is not an http(s) URL"))
+    Ok(parsed)
+}
+
+/// `oauth.scope` when it is a URL (`https://outlook.office365.com/.default`): no user
+/// information. Other scope forms (`api://...` with a GUID, a bare GUID) are left to Entra.
+fn check_scope(scope: &str) -> Result<(), String> {
+    match url::Url::parse(scope.trim()) {
+        Ok(u) if !u.username().is_empty() || u.password().is_some() => Err(
+            "must not contain user information (`...@` before the host): a scope names a \
+             resource, e.g. https://outlook.office365.com/.default"
+                .into(),
+        ),
+        _ => Ok(()),
+    }
+}
+
+fn is_loopback_host(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// `scheme://host[:port]/path`: what a URL is, without the parts that may hold a secret.
+fn shown_url(url: &url::Url) -> String {
+    let mut shown = format!("{}://{}", url.scheme(), url.host_str().unwrap_or(""));
+    if let Some(port) = url.port() {
+        shown.push_str(&format!(":{port}"));
+    }
+    shown.push_str(url.path());
+    shown
+}
+
+/// `upstream.host`: a host name or an IP address, nothing around it (no scheme, port or `@`).
+fn check_host(host: &str) -> Result<(), String> {
+    if host.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    match url::Host::parse(host) {
+        Ok(url::Host::Domain(_)) if !host.contains(['@', ':', '/']) => Ok(()),
+        _ => Err(
+            "must be a host name or an IP address, without scheme, port (see upstream.port) or \
+             user information"
+                .into(),
+        ),
+    }
+}
+
+/// The allowed range of every numeric and duration key, with its reason. Validation refuses
+/// anything outside (exit 2, key named), so no value can overflow a timer, a semaphore or a
+/// size computation later. (`queue.retry_min` and `retry_max` have their own rules.)
+pub mod bounds {
+    use std::time::Duration;
+
+    /// A range and why it is what it is.
+    #[derive(Debug, Clone, Copy)]
+    pub struct Bound<T> {
+        pub min: T,
+        pub max: T,
+        pub why: &'static str,
+    }
+
+    const MIB: u64 = 1024 * 1024;
+    const MINUTE: Duration = Duration::from_secs(60);
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    pub const MAX_MESSAGE_SIZE: Bound<u64> = Bound {
+        min: 64 * 1024,
+        max: 150 * MIB,
+        why: "RFC 5321 §4.5.3.1.7 requires at least 64 KiB; Exchange Online accepts at most \
+              150 MiB (its EHLO SIZE 157286400)",
+    };
+    pub const MAX_RECIPIENTS: Bound<usize> = Bound {
+        min: 100,
+        max: 1000,
+        why: "RFC 5321 §4.5.3.1.8 requires at least 100; Exchange Online takes at most 1000 \
+              recipients per message (500 unless the admin raised it)",
+    };
+    pub const MAX_CONNECTIONS: Bound<usize> = Bound {
+        min: 1,
+        max: 10_000,
+        why: "each connection holds a file descriptor and a task, and the systemd unit allows \
+              the process 4096 descriptors",
+    };
+    pub const COMMAND_TIMEOUT: Bound<Duration> = Bound {
+        min: Duration::from_secs(1),
+        max: HOUR,
+        why: "RFC 5321 §4.5.3.2.7 asks for 5 minutes; beyond an hour a silent client only holds \
+              one of smtp.max_connections",
+    };
+    pub const DATA_TIMEOUT: Bound<Duration> = Bound {
+        min: Duration::from_secs(1),
+        max: HOUR,
+        why: "RFC 5321 §4.5.3.2.5 asks for 3 minutes per block; beyond an hour a stalled client \
+              only holds one of smtp.max_connections",
+    };
+    pub const WRITE_TIMEOUT: Bound<Duration> = Bound {
+        min: Duration::from_secs(1),
+        max: HOUR,
+        why: "a client that reads nothing holds a connection slot for this long (Postfix \
+              bounds writes with smtpd_timeout, 300s)",
+    };
+    pub const MIN_DATA_RATE: Bound<u64> = Bound {
+        min: 1,
+        max: 1_000_000_000,
+        why: "bytes per second a client must keep up during DATA (Postfix smtpd_min_data_rate, \
+              500); above 1 GB/s no client could send",
+    };
+    pub const MAX_ERRORS: Bound<u32> = Bound {
+        min: 1,
+        max: 1000,
+        why: "a client that provokes more error replies is not going to succeed",
+    };
+    pub const MAX_AGE: Bound<Duration> = Bound {
+        min: Duration::from_secs(1),
+        max: Duration::from_secs(30 * 86_400),
+        why: "a message must live for one attempt at least; RFC 5321 §4.5.4.1 suggests 4-5 \
+              days, and mail a month old is of no use to its recipient",
+    };
+    pub const MIN_FREE_SPACE: Bound<u64> = Bound {
+        min: 0,
+        max: i64::MAX as u64,
+        why: "no filesystem is larger than 8 EiB (the most XFS supports), so more would refuse \
+              all mail",
+    };
+    pub const PORT: Bound<u16> = Bound {
+        min: 1,
+        max: u16::MAX,
+        why: "a TCP port",
+    };
+    pub const CONNECTIONS: Bound<usize> = Bound {
+        min: 1,
+        max: 3,
+        why: "Exchange Online allows 3 concurrent SMTP connections per mailbox and answers more \
+              with 432 4.3.2",
+    };
+    /// `upstream.rate`: at most 1000 messages a second (the pacer's timers count milliseconds).
+    pub const RATE_MIN_SPACING: Duration = Duration::from_millis(1);
+    pub const REFRESH_BEFORE: Bound<Duration> = Bound {
+        min: MINUTE,
+        max: HOUR,
+        why: "a session needs the token to outlive its AUTH; Entra tokens live 60-90 minutes and \
+              are refreshed at half their lifetime at the latest",
+    };
+}
+
+/// Refuses `value` outside `bound`, naming the range and its reason.
+fn within<T: PartialOrd + Copy>(
+    issues: &mut Vec<ConfigIssue>,
+    key: &str,
+    value: T,
+    bound: bounds::Bound<T>,
+    show: impl Fn(T) -> String,
+) {
+    if value < bound.min || value > bound.max {
+        issues.push(issue(
+            key,
+            format!(
+                "{} is outside {}..={} ({})",
+                show(value),
+                show(bound.min),
+                show(bound.max),
+                bound.why
+            ),
+        ));
+    }
+}
+
+fn duration_text(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
 }
 
 /// A rule of [`identity`] as a configuration issue: what is wrong, then the fix.
@@ -1111,6 +1530,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!e.contains("s3cr3t-value"), "{e}");
+    }
+
+    #[test]
+    fn integers_too_large_for_toml_name_their_key() {
+        assert_eq!(
+            keys("[smtp]\nhostname = \"x\"\nmax_connections = 18446744073709551615\n"),
+            vec!["smtp.max_connections"]
+        );
+        // Never a piece of a value: a line inside a multi-line string is not a key.
+        let k = keys("[oauth]\nclient_secret = \"\"\"\nab=cd\"\"\" 1\n");
+        assert!(k.iter().all(|k| !k.contains("ab")), "{k:?}");
     }
 
     #[test]
@@ -1227,6 +1657,43 @@ mod tests {
         assert!(check_token_url("http://localhost/t").is_ok());
         assert!(check_token_url("http://login.example.com/t").is_err());
         assert!(check_token_url("ftp://x").is_err());
+    }
+
+    #[test]
+    fn token_url_host_is_the_one_connected_to_and_userinfo_is_refused() {
+        for url in [
+            "http://localhost:1@192.0.2.10/t",
+            "http://[::1]@192.0.2.10/t",
+            "http://127.0.0.1@192.0.2.10/t",
+            "http://user:pass@127.0.0.1:8080/t",
+            "https://user@login.microsoftonline.com/t",
+        ] {
+            let e = check_token_url(url).unwrap_err();
+            assert!(e.contains("user information"), "{url}: {e}");
+            assert!(!e.contains("pass") && !e.contains("localhost:1"), "{e}");
+        }
+        assert!(check_token_url("http://localhost.example.com/t").is_err());
+        assert!(check_token_url("http://127.0.0.1.example.com/t").is_err());
+        assert!(check_token_url("not a url").is_err());
+        let e = check_token_url("http://login.example.com/t?client_secret=x1y2").unwrap_err();
+        assert!(!e.contains("x1y2"), "{e}");
+    }
+
+    #[test]
+    fn hosts_and_scopes_have_no_userinfo() {
+        assert!(check_host("smtp.office365.com").is_ok());
+        assert!(check_host("127.0.0.1").is_ok() && check_host("::1").is_ok());
+        for bad in [
+            "user@smtp.office365.com",
+            "smtp.office365.com:587",
+            "smtp://x",
+            "",
+        ] {
+            assert!(check_host(bad).is_err(), "{bad}");
+        }
+        assert!(check_scope("https://outlook.office365.com/.default").is_ok());
+        assert!(check_scope("api://0f6a3d44-7c2b-4e1a-9d55-3b2f1c8e7a10/.default").is_ok());
+        assert!(check_scope("https://u:p@outlook.office365.com/.default").is_err());
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Delivery to Exchange Online: reply classification, the upstream SMTP session, the sender
-//! policy, and the scheduler that drains the spool at the pace Microsoft allows.
+//! policy, the SMTP extensions a message needs, and the scheduler that drains the spool at the
+//! pace Microsoft allows.
 
 pub mod classify;
+pub mod extensions;
 pub mod notice;
 pub mod pacer;
 pub mod reply;

@@ -6,6 +6,10 @@
 
 use std::time::SystemTime;
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+
+use crate::headers::{HeaderName, Headers};
 use crate::inbound::message::rfc5322_date;
 use crate::spool::{DeliveryState, Envelope, RecipientStatus};
 
@@ -28,7 +32,10 @@ pub struct NoticeInput<'a> {
 /// The notice as message bytes (CRLF line ends).
 pub fn build(input: &NoticeInput<'_>, now: SystemTime) -> Vec<u8> {
     let boundary = format!("=_smtp-oauth-relay-{}", input.id);
-    let subject = header_value(input.headers, "subject").unwrap_or_default();
+    let subject: String = Headers::parse(input.headers)
+        .text(&HeaderName::Subject)
+        .map(|s| one_line(&s).trim().chars().take(200).collect())
+        .unwrap_or_default();
     let mut text = String::new();
     let mut push = |line: &str| {
         text.push_str(line);
@@ -39,9 +46,9 @@ pub fn build(input: &NoticeInput<'_>, now: SystemTime) -> Vec<u8> {
     push(&format!(
         "Subject: Undelivered mail: {}",
         if subject.is_empty() {
-            "(no subject)"
+            "(no subject)".to_string()
         } else {
-            &subject
+            encoded_words(&subject)
         }
     ));
     push(&format!("Date: {}", rfc5322_date(now)));
@@ -115,28 +122,28 @@ fn one_line(text: &str) -> String {
         .collect()
 }
 
-/// The unfolded value of a header field in `headers`.
-fn header_value(headers: &[u8], name: &str) -> Option<String> {
-    let text = String::from_utf8_lossy(headers);
-    let mut lines = text.split("\r\n").peekable();
-    while let Some(line) = lines.next() {
-        let Some((field, value)) = line.split_once(':') else {
-            continue;
-        };
-        if field.eq_ignore_ascii_case(name) {
-            let mut value = value.trim().to_string();
-            while let Some(next) = lines.peek() {
-                if !next.starts_with([' ', '\t']) {
-                    break;
-                }
-                value.push(' ');
-                value.push_str(next.trim());
-                lines.next();
-            }
-            return Some(one_line(&value).chars().take(200).collect());
-        }
+/// Text for an unstructured header the relay writes: as is when ASCII, else RFC 2047
+/// encoded words in UTF-8 (the charset the decoded text is known to be in), folded so that no
+/// word exceeds 75 characters (RFC 2047 §2). The notice header stays 7-bit.
+fn encoded_words(text: &str) -> String {
+    if text.is_ascii() {
+        return text.to_string();
     }
-    None
+    // 45 bytes of UTF-8 are 60 base64 characters: with "=?utf-8?b?" and "?=", 72.
+    const MAX_BYTES: usize = 45;
+    let mut words = Vec::new();
+    let mut chunk = String::new();
+    for c in text.chars() {
+        if chunk.len() + c.len_utf8() > MAX_BYTES {
+            words.push(format!("=?utf-8?b?{}?=", STANDARD.encode(&chunk)));
+            chunk.clear();
+        }
+        chunk.push(c);
+    }
+    if !chunk.is_empty() {
+        words.push(format!("=?utf-8?b?{}?=", STANDARD.encode(&chunk)));
+    }
+    words.join("\r\n ")
 }
 
 #[cfg(test)]
@@ -202,5 +209,15 @@ mod tests {
         assert!(!text.contains("Final-Recipient: rfc822; ok@example.org"));
         assert!(text.contains("Content-Type: text/rfc822-headers\r\n\r\nSubject: Invoice"));
         assert!(text.ends_with("--=_smtp-oauth-relay-01TESTID--\r\n"));
+    }
+
+    #[test]
+    fn a_non_ascii_subject_is_encoded_not_sent_raw() {
+        assert_eq!(encoded_words("Invoice 42"), "Invoice 42");
+        assert_eq!(encoded_words("Grüße"), "=?utf-8?b?R3LDvMOfZQ==?=");
+        let long = encoded_words(&"ü".repeat(40));
+        assert!(long.is_ascii());
+        assert!(long.split("\r\n ").all(|w| w.len() <= 75), "{long}");
+        assert_eq!(long.split("\r\n ").count(), 2);
     }
 }

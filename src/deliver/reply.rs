@@ -79,6 +79,9 @@ impl UpstreamReply {
             }
             text.push_str(rest);
         }
+        // An upstream may echo what it was sent (the AUTH line): no secret is kept, and it is
+        // removed before the text is cut so that no piece of one remains.
+        let mut text = crate::redact::scrub(&text);
         // A class digit that disagrees with the basic code is ignored (RFC 3463 §2).
         if enhanced.is_some_and(|e| u16::from(e.class) != code / 100) {
             enhanced = None;
@@ -108,6 +111,24 @@ impl UpstreamReply {
 
     pub fn has(&self, code: u16, enhanced: Enhanced) -> bool {
         self.code == code && self.enhanced == Some(enhanced)
+    }
+
+    /// The id the server gave the message, when its reply names one: Postfix-style
+    /// `queued as X`, else the first `<...>` (Exchange: `250 2.0.0 OK <id@host> [Hostname=...]`).
+    pub fn queue_id(&self) -> Option<String> {
+        let clean = |s: &str| {
+            s.trim_matches(|c: char| !c.is_ascii_alphanumeric())
+                .to_string()
+        };
+        if let Some(pos) = self.text.find("queued as ") {
+            let word = self.text[pos + "queued as ".len()..]
+                .split_whitespace()
+                .next()?;
+            return Some(clean(word)).filter(|w| !w.is_empty());
+        }
+        let start = self.text.find('<')?;
+        let end = start + self.text[start..].find('>')?;
+        Some(self.text[start + 1..end].to_string()).filter(|w| !w.is_empty())
     }
 }
 
@@ -164,6 +185,16 @@ mod tests {
         assert_eq!((r.code, r.enhanced), (354, None));
         assert!(UpstreamReply::parse(&["hello".to_string()]).is_none());
         assert!(UpstreamReply::parse(&["250 ok".into(), "251 other".into()]).is_none());
+    }
+
+    #[test]
+    fn queue_ids() {
+        let r = parse(&["250 2.0.0 OK <AB12@SA1PR.prod.outlook.com> [Hostname=SA1PR]"]);
+        assert_eq!(r.queue_id().as_deref(), Some("AB12@SA1PR.prod.outlook.com"));
+        let r = parse(&["250 2.0.0 Ok: queued as 4F3A21C0B9."]);
+        assert_eq!(r.queue_id().as_deref(), Some("4F3A21C0B9"));
+        let r = parse(&["451 4.7.0 Temporary server error. Please try again later. PRX4 [x]"]);
+        assert_eq!(r.queue_id(), None);
     }
 
     #[test]

@@ -23,7 +23,8 @@ use crate::config::{Rate, RewriteFrom};
 use crate::metrics::Metrics;
 use crate::spool::admin::{STATUS_FILE, WAKEUP_FILE};
 use crate::spool::{
-    DeliveryState, EntryState, LoadedMessage, RecipientState, RecipientStatus, Spool, SpoolError,
+    DeliveryState, EntryState, LoadedMessage, PossibleDuplicate, RecipientState, RecipientStatus,
+    Spool, SpoolError, StateProblem,
 };
 use crate::transport::{Submission, Transport};
 
@@ -45,6 +46,28 @@ pub struct DeliverySettings {
     /// Our name in reports (`smtp.hostname`) and the upstream's.
     pub reporting_host: String,
     pub upstream_host: String,
+}
+
+impl DeliverySettings {
+    /// The policy `serve` delivers with; `upstream_host` is the TLS name of the upstream (for
+    /// failure notices). Validation guarantees `mail_account` once `[oauth]` is configured.
+    pub fn from_config(config: &crate::config::Config, upstream_host: &str) -> DeliverySettings {
+        let up = &config.upstream;
+        let mailbox = up.mail_account.clone().unwrap_or_default();
+        DeliverySettings {
+            from: up.from.clone().unwrap_or_else(|| mailbox.clone()),
+            mailbox,
+            rewrite_from: up.rewrite_from,
+            connections: up.connections,
+            rate: up.rate,
+            retry_min: config.queue.retry_min,
+            retry_max: config.queue.retry_max,
+            max_age: config.queue.max_age,
+            notify: config.queue.notify.clone(),
+            reporting_host: config.smtp.hostname.clone(),
+            upstream_host: upstream_host.to_string(),
+        }
+    }
 }
 
 /// The mailbox as a whole, shown by logs, `queue list` and (later) `/healthz`.
@@ -583,12 +606,16 @@ async fn deliver_one(ctx: &Arc<Context>, id: &str) -> JobResult {
     let owned = id.to_string();
     let loaded = tokio::task::spawn_blocking(move || {
         let message = spool.load(&owned)?;
-        let state = spool.read_state(&owned)?;
-        Ok::<_, SpoolError>((message, state))
+        let Some(state) = usable_state(&spool, &owned)? else {
+            return Ok(None);
+        };
+        Ok::<_, SpoolError>(Some((message, state)))
     })
     .await;
     let (message, state) = match loaded {
-        Ok(Ok(pair)) => pair,
+        Ok(Ok(Some(pair))) => pair,
+        // Held: its state was written by a newer relay.
+        Ok(Ok(None)) => return JobResult::Skipped,
         Ok(Err(SpoolError::NotFound(_))) => return JobResult::Skipped,
         Ok(Err(e)) => {
             tracing::error!(id, error = %e, "cannot read the message; it stays in the spool");
@@ -640,6 +667,45 @@ async fn deliver_one(ctx: &Arc<Context>, id: &str) -> JobResult {
     record(ctx, &message, state, outcome).await
 }
 
+/// The delivery state of `id` (`Some(None)`: never attempted), dealing with a state file this
+/// relay cannot use so that the message is neither hidden nor stuck: an unreadable one is reset
+/// (kept in `corrupt/`; the message is intact), one from a newer relay is not guessed at: the
+/// message is held (`None`) until the operator upgrades or runs `queue retry`.
+fn usable_state(spool: &Spool, id: &str) -> Result<Option<Option<DeliveryState>>, SpoolError> {
+    match spool.read_state(id) {
+        Err(SpoolError::BadState {
+            path,
+            problem: StateProblem::Unreadable(reason),
+        }) => {
+            let kept = spool.reset_state(id)?;
+            tracing::warn!(
+                id,
+                state_file = %path.display(),
+                kept_as = %kept.as_deref().unwrap_or(&path).display(),
+                %reason,
+                "delivery state unreadable: reset, the message is delivered as new \
+                 (recipients an earlier attempt reached may get it twice)"
+            );
+            Ok(Some(None))
+        }
+        Err(SpoolError::BadState {
+            path,
+            problem: problem @ StateProblem::NewerVersion(_),
+        }) => {
+            spool.move_to(id, EntryState::Held)?;
+            tracing::error!(
+                id,
+                state_file = %path.display(),
+                reason = %problem,
+                "message held, not delivered: its delivery state was written by a newer \
+                 smtp-oauth-relay; upgrade, or `queue retry ID` resets the state and sends it"
+            );
+            Ok(None)
+        }
+        other => other.map(Some),
+    }
+}
+
 /// The per-attempt result before it is written down.
 struct AttemptOutcome {
     /// The class that applies to every recipient still pending after this attempt.
@@ -687,6 +753,17 @@ async fn attempt(
             body: &body,
         })
         .await;
+    // The whole message went out and no 250 came back: Exchange may have it anyway.
+    if let Some(after) = &attempted.after_dot {
+        note_possible_duplicate(
+            ctx,
+            id,
+            state,
+            after.dot_at,
+            after.what.clone(),
+            after.upstream_id.clone(),
+        );
+    }
     let mut decisive: Option<(Outcome, String)> = None;
     for (address, result) in pending.iter().zip(&attempted.recipients) {
         let Some(rcpt) = state.recipients.iter_mut().find(|r| &r.address == address) else {
@@ -742,6 +819,40 @@ async fn attempt(
     }
 }
 
+/// Records, logs and counts an attempt that may have delivered without the relay knowing.
+fn note_possible_duplicate(
+    ctx: &Context,
+    id: &str,
+    state: &mut DeliveryState,
+    dot_at: SystemTime,
+    after_dot: String,
+    upstream_id: Option<String>,
+) {
+    let dup = state
+        .possible_duplicate
+        .get_or_insert_with(|| PossibleDuplicate {
+            first_dot_at: dot_at,
+            attempts: 0,
+            after_dot: String::new(),
+            upstream_id: None,
+        });
+    dup.attempts += 1;
+    dup.after_dot = after_dot;
+    if upstream_id.is_some() {
+        dup.upstream_id = upstream_id;
+    }
+    Metrics::inc(&ctx.metrics.possible_duplicates);
+    tracing::warn!(
+        id,
+        first_dot_at = %humantime::format_rfc3339_millis(dup.first_dot_at),
+        attempts_without_250 = dup.attempts,
+        after_dot = %dup.after_dot,
+        upstream_id = %dup.upstream_id.as_deref().unwrap_or("unknown"),
+        "possible duplicate: the whole message was sent but no 250 came back; \
+         the retry may give the recipients a second copy"
+    );
+}
+
 /// Writes the attempt down and tells the dispatcher what comes next.
 async fn record(
     ctx: &Arc<Context>,
@@ -769,7 +880,17 @@ async fn record(
             return match tokio::task::spawn_blocking(move || spool.complete(&owned)).await {
                 Ok(Ok(removed)) => {
                     Metrics::inc(&ctx.metrics.delivered);
-                    tracing::info!(id, reply = %outcome.reply, "delivered");
+                    match &state.possible_duplicate {
+                        None => tracing::info!(id, reply = %outcome.reply, "delivered"),
+                        Some(dup) => tracing::warn!(
+                            id,
+                            reply = %outcome.reply,
+                            first_dot_at = %humantime::format_rfc3339_millis(dup.first_dot_at),
+                            attempts_without_250 = dup.attempts,
+                            "delivered; possible duplicate: an earlier attempt sent the whole \
+                             message without getting a 250"
+                        ),
+                    }
                     if !removed {
                         // `complete` only removes from queue/: an operator moved it meanwhile.
                         tracing::warn!(
@@ -888,11 +1009,12 @@ async fn spool_notice(
     reason: &str,
     to: &str,
 ) -> Result<String, SpoolError> {
-    let headers_end = message
-        .body
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or(message.body.len().min(64 * 1024), |p| p + 2);
+    let parsed = crate::headers::Headers::parse(&message.body);
+    let headers_end = if parsed.complete() {
+        parsed.section().len()
+    } else {
+        message.body.len().min(64 * 1024)
+    };
     let bytes = super::notice::build(
         &super::notice::NoticeInput {
             id: &message.id,

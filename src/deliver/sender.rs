@@ -1,11 +1,17 @@
 //! Sender policy: Exchange refuses a header From the mailbox may not send as (5.7.60 / 5.2.252).
 //! Per `upstream.rewrite_from`, such a From becomes the relay's `from` address with the original
-//! display name, and the original address moves to Reply-To (when there is none) so replies still
-//! reach the application's intended sender. Nothing else in the message changes.
+//! display name, and the original mailboxes move to Reply-To (when there is none) so replies
+//! still reach the application's intended sender. Nothing else in the message changes.
+//!
+//! Bytes are kept: the display name is copied byte for byte (raw ISO-8859-1 from an ERP system,
+//! RFC 2047 words, quoted strings alike), Reply-To is the original From value as sent, and a
+//! mailbox without a domain (`root (Cron Daemon)` from cron) is never put in Reply-To, where a
+//! reply could not reach it.
 
 use std::borrow::Cow;
 
 use crate::config::RewriteFrom;
+use crate::headers::{HeaderName, Headers, Mailbox};
 
 /// The message as it goes upstream.
 pub fn apply_sender_policy<'a>(
@@ -16,100 +22,91 @@ pub fn apply_sender_policy<'a>(
     if policy == RewriteFrom::Never {
         return Cow::Borrowed(message);
     }
-    let header_end = message
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| p + 2)
-        .unwrap_or(if message.starts_with(b"\r\n") {
-            0
-        } else {
-            message.len()
-        });
-    let headers = &message[..header_end];
-    let Some(field) = find_field(headers, b"from") else {
-        // RFC 5322 §3.6 requires a From; Exchange refuses mail without one.
-        let mut out = format!("From: <{from}>\r\n").into_bytes();
-        out.extend_from_slice(message);
-        return Cow::Owned(out);
+    let headers = Headers::parse(message);
+    let Some(field) = headers.field(&HeaderName::From) else {
+        // RFC 5322 §3.6 requires a From; Exchange refuses mail without one. It goes below the
+        // trace block, which stays together at the top (RFC 5321 §4.4).
+        let at = headers.trace_end();
+        let mut added = Vec::new();
+        if at > 0 && message[at - 1] != b'\n' {
+            added.extend_from_slice(b"\r\n");
+        }
+        added.extend_from_slice(format!("From: <{from}>\r\n").as_bytes());
+        return Cow::Owned(splice(message, at..at, &added));
     };
-    let value = unfold(&headers[field.value_start..field.end]);
-    let (display, address) = split_mailbox(&value);
-    if address.eq_ignore_ascii_case(from) {
+    let addresses = field.addresses();
+    let allowed = !field.is_group()
+        && addresses.len() == 1
+        && addresses[0].is_some_and(|a| a.eq_ignore_ascii_case(from));
+    if allowed {
         return Cow::Borrowed(message);
     }
-    let mut replacement = match display {
-        Some(name) => format!("From: {name} <{from}>\r\n"),
-        None => format!("From: <{from}>\r\n"),
-    };
-    if find_field(headers, b"reply-to").is_none() && !value.trim().is_empty() {
-        replacement.push_str(&format!("Reply-To: {}\r\n", value.trim()));
+    let mailboxes = field.mailboxes();
+    let name = mailboxes
+        .as_ref()
+        .and_then(|m| m.first())
+        .and_then(|m| m.name)
+        .map(|n| n.phrase());
+    let mut replacement = b"From: ".to_vec();
+    if let Some(name) = &name {
+        replacement.extend_from_slice(name);
+        replacement.push(b' ');
     }
-    let mut out = Vec::with_capacity(message.len() + replacement.len());
-    out.extend_from_slice(&message[..field.start]);
-    out.extend_from_slice(replacement.as_bytes());
-    out.extend_from_slice(&message[field.end..]);
-    Cow::Owned(out)
-}
-
-/// The envelope address and display name of a From field value.
-fn split_mailbox(value: &str) -> (Option<String>, String) {
-    let value = value.trim();
-    match (value.rfind('<'), value.rfind('>')) {
-        (Some(open), Some(close)) if open < close => {
-            let name = value[..open].trim();
-            let address = value[open + 1..close].trim().to_string();
-            ((!name.is_empty()).then(|| name.to_string()), address)
-        }
-        _ => (None, value.to_string()),
-    }
-}
-
-struct Field {
-    /// Start of the field line.
-    start: usize,
-    /// Just after the colon.
-    value_start: usize,
-    /// After the CRLF of the last continuation line.
-    end: usize,
-}
-
-/// Finds a header field by lower-case name among `headers` (complete lines).
-fn find_field(headers: &[u8], name: &[u8]) -> Option<Field> {
-    let mut pos = 0;
-    while pos < headers.len() {
-        let line_end = headers[pos..]
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .map_or(headers.len(), |p| pos + p + 2);
-        let line = &headers[pos..line_end];
-        let is_match = line.len() > name.len()
-            && line[..name.len()].eq_ignore_ascii_case(name)
-            && line[name.len()] == b':';
-        if is_match {
-            let mut end = line_end;
-            // Folded continuation lines start with whitespace (RFC 5322 §2.2.3).
-            while end < headers.len() && matches!(headers[end], b' ' | b'\t') {
-                end = headers[end..]
-                    .windows(2)
-                    .position(|w| w == b"\r\n")
-                    .map_or(headers.len(), |p| end + p + 2);
+    replacement.extend_from_slice(format!("<{from}>\r\n").as_bytes());
+    if !headers.has(&HeaderName::ReplyTo) {
+        match reply_to(field.raw_value(), &addresses, mailboxes.as_deref()) {
+            Some(value) => {
+                replacement.extend_from_slice(b"Reply-To:");
+                replacement.extend_from_slice(&value);
+                if !value.ends_with(b"\n") {
+                    replacement.extend_from_slice(b"\r\n");
+                }
             }
-            return Some(Field {
-                start: pos,
-                value_start: pos + name.len() + 1,
-                end,
-            });
+            None if !addresses.is_empty() => {
+                tracing::debug!(
+                    "header From has no address a reply could reach; no Reply-To added"
+                );
+            }
+            None => {}
         }
-        pos = line_end;
     }
-    None
+    Cow::Owned(splice(message, field.start()..field.end(), &replacement))
 }
 
-fn unfold(value: &[u8]) -> String {
-    String::from_utf8_lossy(value)
-        .replace("\r\n", "")
-        .trim()
-        .to_string()
+/// The Reply-To value (after the colon) that keeps the original From reachable: the value as
+/// sent when every address in it is qualified, else only its qualified mailboxes, else none.
+fn reply_to(
+    raw_value: &[u8],
+    addresses: &[Option<&str>],
+    mailboxes: Option<&[Mailbox<'_>]>,
+) -> Option<Vec<u8>> {
+    let qualified = |a: &Option<&str>| a.is_some_and(crate::headers::is_qualified);
+    if !addresses.is_empty()
+        && addresses.iter().all(qualified)
+        && mailboxes.is_none_or(|m| m.iter().all(Mailbox::is_qualified))
+    {
+        return Some(raw_value.to_vec());
+    }
+    let kept: Vec<&[u8]> = mailboxes?
+        .iter()
+        .filter(|m| m.is_qualified())
+        .map(|m| m.raw)
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    let mut value = b" ".to_vec();
+    value.extend_from_slice(&kept.join(&b", "[..]));
+    value.extend_from_slice(b"\r\n");
+    Some(value)
+}
+
+fn splice(message: &[u8], range: std::ops::Range<usize>, with: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len() + with.len());
+    out.extend_from_slice(&message[..range.start]);
+    out.extend_from_slice(with);
+    out.extend_from_slice(&message[range.end..]);
+    out
 }
 
 #[cfg(test)]
@@ -164,6 +161,58 @@ mod tests {
         assert_eq!(
             out,
             "From: <relay@contoso.com>\r\nSubject: s\r\n\r\nFrom: not a header\r\n"
+        );
+    }
+
+    fn apply_bytes(message: &[u8]) -> Vec<u8> {
+        apply_sender_policy(message, FROM, RewriteFrom::WhenDifferent).into_owned()
+    }
+
+    #[test]
+    fn raw_8bit_and_encoded_names_keep_their_bytes() {
+        assert_eq!(
+            apply_bytes(b"From: M\xfcller GmbH <erp@contoso.com>\r\n\r\nx\r\n"),
+            b"From: M\xfcller GmbH <relay@contoso.com>\r\nReply-To: M\xfcller GmbH <erp@contoso.com>\r\n\r\nx\r\n"
+        );
+        assert_eq!(
+            apply_bytes(b"From: =?iso-8859-1?q?M=FCller?= <erp@contoso.com>\r\n\r\nx\r\n"),
+            b"From: =?iso-8859-1?q?M=FCller?= <relay@contoso.com>\r\nReply-To: =?iso-8859-1?q?M=FCller?= <erp@contoso.com>\r\n\r\nx\r\n"
+        );
+    }
+
+    #[test]
+    fn unqualified_senders_keep_their_name_and_get_no_reply_to() {
+        assert_eq!(
+            apply_bytes(b"From: root (Cron Daemon)\r\nSubject: s\r\n\r\nx\r\n"),
+            b"From: Cron Daemon <relay@contoso.com>\r\nSubject: s\r\n\r\nx\r\n"
+        );
+        assert_eq!(
+            apply_bytes(b"From: \"(Cron Daemon)\" <root>\r\n\r\nx\r\n"),
+            b"From: \"(Cron Daemon)\" <relay@contoso.com>\r\n\r\nx\r\n"
+        );
+        assert_eq!(
+            apply_bytes(b"From: root\r\n\r\nx\r\n"),
+            b"From: root <relay@contoso.com>\r\n\r\nx\r\n"
+        );
+        assert_eq!(
+            apply_bytes(b"From: Ops <ops@contoso.com>, root\r\n\r\nx\r\n"),
+            b"From: Ops <relay@contoso.com>\r\nReply-To: Ops <ops@contoso.com>\r\n\r\nx\r\n"
+        );
+    }
+
+    #[test]
+    fn a_group_moves_to_reply_to_as_sent() {
+        assert_eq!(
+            apply_bytes(b"From: Accounts: erp@contoso.com, ap@contoso.com;\r\n\r\nx\r\n"),
+            b"From: <relay@contoso.com>\r\nReply-To: Accounts: erp@contoso.com, ap@contoso.com;\r\n\r\nx\r\n"
+        );
+    }
+
+    #[test]
+    fn a_missing_from_goes_below_the_trace_block() {
+        assert_eq!(
+            apply_bytes(b"Received: from a\r\n\tby b; now\r\nReturn-Path: <x@y>\r\nSubject: s\r\n\r\nx\r\n"),
+            b"Received: from a\r\n\tby b; now\r\nReturn-Path: <x@y>\r\nFrom: <relay@contoso.com>\r\nSubject: s\r\n\r\nx\r\n"
         );
     }
 }

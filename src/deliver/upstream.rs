@@ -177,6 +177,9 @@ pub struct UpstreamSession {
     pub transactions: u32,
     /// A failed transaction leaves state on the server: RSET before the next one.
     needs_rset: bool,
+    /// When the last `send` wrote its final dot (`None` if it did not get that far): after
+    /// that instant the server may have the message, whatever happens to its reply.
+    dot_sent_at: Option<std::time::SystemTime>,
     peer: Option<std::net::SocketAddr>,
 }
 
@@ -306,6 +309,7 @@ impl UpstreamSession {
             last_used: now,
             transactions: 0,
             needs_rset: false,
+            dot_sent_at: None,
             peer: None,
         }
     }
@@ -380,6 +384,7 @@ impl UpstreamSession {
         recipients: &[String],
         body: &[u8],
     ) -> Result<TransactionResult, SessionError> {
+        self.dot_sent_at = None;
         if self.needs_rset {
             self.command(Stage::MailFrom, b"RSET\r\n", 250).await?;
             self.needs_rset = false;
@@ -420,6 +425,7 @@ impl UpstreamSession {
         out.clear();
         stuffer.finish(body, &mut out);
         self.write(Stage::DataEnd, &out).await?;
+        self.dot_sent_at = Some(std::time::SystemTime::now());
         let (_, reply) = self
             .read_reply(Stage::DataEnd, self.target_timeouts.data_end)
             .await?;
@@ -430,6 +436,11 @@ impl UpstreamSession {
             recipients: results,
             data_reply: Some(reply),
         })
+    }
+
+    /// When the last [`send`](Self::send) finished writing the final dot, if it did.
+    pub fn dot_sent_at(&self) -> Option<std::time::SystemTime> {
+        self.dot_sent_at
     }
 
     /// Whether the connection may carry another message.
@@ -492,7 +503,9 @@ impl UpstreamSession {
             stage,
             what: format!(
                 "unparseable reply {:?}",
-                lines.first().map(|l| truncate(l, 80))
+                lines
+                    .first()
+                    .map(|l| truncate(&crate::redact::scrub(l), 80))
             ),
         })?;
         Ok((lines, reply))

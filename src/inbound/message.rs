@@ -2,9 +2,12 @@
 //! `Received:` header is prepended, and `Date:` / `Message-ID:` are added when the client left
 //! them out (RFC 6409 §8.2, §8.3). The bytes arrive here already decoded by `framing.rs`
 //! (dot-unstuffed, bare CR and bare LF turned into CRLF); everything else is stored as sent.
+//! The added fields go below any trace fields the message already carries, so the trace block
+//! stays one block (RFC 5321 §4.4); which fields exist is [`crate::headers`]' answer.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::headers::{self, HeaderName, Headers};
 use crate::spool::{IncomingMessage, SpoolError};
 
 /// How much of the header section is kept in memory to look for `Date:` and `Message-ID:`.
@@ -66,8 +69,9 @@ impl MessageWriter {
     async fn write_decoded(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
         match &mut self.header_scan {
             Some(scan) => {
+                let seen = scan.len();
                 scan.extend_from_slice(bytes);
-                if header_section_end(scan).is_some() || scan.len() >= HEADER_SCAN_LIMIT {
+                if headers::empty_line_since(scan, seen) || scan.len() >= HEADER_SCAN_LIMIT {
                     self.flush_header_section().await?;
                 }
                 Ok(())
@@ -78,10 +82,15 @@ impl MessageWriter {
 
     async fn flush_header_section(&mut self) -> Result<(), SpoolError> {
         if let Some(scan) = self.header_scan.take() {
-            let headers_end = header_section_end(&scan).unwrap_or(scan.len());
-            let prefix = trace_headers(&self.trace, self.incoming.id(), &scan[..headers_end]);
-            self.incoming.write_all(prefix.as_bytes()).await?;
-            self.incoming.write_all(&scan).await?;
+            let id = self.incoming.id().to_string();
+            let parsed = Headers::parse(&scan);
+            let at = added_fields_offset(&parsed, &scan);
+            let received = received_header(&self.trace, &id);
+            let added = missing_fields(&self.trace, &id, &parsed);
+            self.incoming.write_all(received.as_bytes()).await?;
+            self.incoming.write_all(&scan[..at]).await?;
+            self.incoming.write_all(added.as_bytes()).await?;
+            self.incoming.write_all(&scan[at..]).await?;
         }
         Ok(())
     }
@@ -97,32 +106,21 @@ impl MessageWriter {
     }
 }
 
-/// Offset just past the blank line that ends the header section, if it has been seen. A message
-/// that starts with a blank line has an empty header section.
-fn header_section_end(bytes: &[u8]) -> Option<usize> {
-    if bytes.starts_with(b"\r\n") {
-        return Some(0);
+/// Where `Date:` and `Message-ID:` go: below the message's own trace block. A section cut off
+/// by the scan limit inside that block, or a block without a final line end, puts them
+/// directly under the relay's `Received:` instead, never into the middle of a field.
+fn added_fields_offset(headers: &Headers<'_>, scan: &[u8]) -> usize {
+    let at = headers.trace_end();
+    let settled = headers.complete() || at < scan.len();
+    if at > 0 && settled && scan[at - 1] == b'\n' {
+        at
+    } else {
+        0
     }
-    bytes
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| p + 2)
 }
 
-/// True if a header field with this name (case-insensitive) starts a line of `headers`.
-fn has_header(headers: &[u8], name: &str) -> bool {
-    headers
-        .split(|b| *b == b'\n')
-        .filter(|line| !line.starts_with(b" ") && !line.starts_with(b"\t"))
-        .any(|line| {
-            line.len() > name.len()
-                && line[..name.len()].eq_ignore_ascii_case(name.as_bytes())
-                && line[name.len()] == b':'
-        })
-}
-
-/// The `Received:` header, then `Date:` and `Message-ID:` if `headers` lacks them.
-pub fn trace_headers(trace: &TraceInfo, id: &str, headers: &[u8]) -> String {
+/// The `Received:` header the relay prepends (RFC 5321 §4.4).
+pub fn received_header(trace: &TraceInfo, id: &str) -> String {
     let date = rfc5322_date(trace.received_at);
     let helo = sanitize(&trace.helo);
     let mut out = format!(
@@ -135,10 +133,16 @@ pub fn trace_headers(trace: &TraceInfo, id: &str, headers: &[u8]) -> String {
         out.push_str(&format!("\r\n\tfor <{}>", sanitize(rcpt)));
     }
     out.push_str(&format!(";\r\n\t{date}\r\n"));
-    if !has_header(headers, "Date") {
-        out.push_str(&format!("Date: {date}\r\n"));
+    out
+}
+
+/// `Date:` and `Message-ID:`, each only if the message lacks it.
+pub fn missing_fields(trace: &TraceInfo, id: &str, headers: &Headers<'_>) -> String {
+    let mut out = String::new();
+    if !headers.has(&HeaderName::Date) {
+        out.push_str(&format!("Date: {}\r\n", rfc5322_date(trace.received_at)));
     }
-    if !has_header(headers, "Message-ID") {
+    if !headers.has(&HeaderName::MessageId) {
         out.push_str(&format!(
             "Message-ID: <{id}@{}>\r\n",
             sanitize(&trace.hostname)
@@ -212,21 +216,6 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn header_detection_is_case_insensitive_and_ignores_folded_lines() {
-        let h = b"Subject: x\r\n date: folded\r\nmessage-id: <a@b>\r\n";
-        assert!(!has_header(h, "Date"));
-        assert!(has_header(h, "Message-ID"));
-        assert!(!has_header(b"Dated: x\r\n", "Date"));
-    }
-
-    #[test]
-    fn header_section_end_is_found() {
-        assert_eq!(header_section_end(b"\r\nbody"), Some(0));
-        assert_eq!(header_section_end(b"A: b\r\n\r\nbody"), Some(6));
-        assert_eq!(header_section_end(b"A: b\r\n"), None);
-    }
-
-    #[test]
     fn dates_render_like_rfc5322() {
         let t = UNIX_EPOCH + Duration::from_secs(1_795_977_102);
         assert_eq!(rfc5322_date(t), "Sun, 29 Nov 2026 18:31:42 +0000");
@@ -245,12 +234,29 @@ mod tests {
             single_recipient: Some("b@example.org".into()),
             received_at: UNIX_EPOCH,
         };
-        let full = trace_headers(&trace, "ID1", b"Date: x\r\nMessage-ID: <y@z>\r\n");
-        assert!(full.starts_with("Received: from app.local ([127.0.0.1])\r\n\tby relay.example"));
-        assert!(full.contains("for <b@example.org>;"));
-        assert!(!full.contains("\r\nDate:"));
-        let bare = trace_headers(&trace, "ID1", b"Subject: s\r\n");
-        assert!(bare.contains("\r\nDate: Thu, 01 Jan 1970 00:00:00 +0000\r\n"));
-        assert!(bare.ends_with("Message-ID: <ID1@relay.example>\r\n"));
+        let received = received_header(&trace, "ID1");
+        assert!(
+            received.starts_with("Received: from app.local ([127.0.0.1])\r\n\tby relay.example")
+        );
+        assert!(received.contains("for <b@example.org>;"));
+        let full = Headers::parse(b"Date: x\r\nMessage-ID: <y@z>\r\n\r\n");
+        assert_eq!(missing_fields(&trace, "ID1", &full), "");
+        let bare = Headers::parse(b"Subject: s\r\n\r\n");
+        assert_eq!(
+            missing_fields(&trace, "ID1", &bare),
+            "Date: Thu, 01 Jan 1970 00:00:00 +0000\r\nMessage-ID: <ID1@relay.example>\r\n"
+        );
+    }
+
+    #[test]
+    fn added_fields_go_below_the_trace_block_but_never_inside_a_field() {
+        let msg = b"Received: from a\r\n\tby b; now\r\nSubject: s\r\n\r\n";
+        let at = added_fields_offset(&Headers::parse(msg), msg);
+        assert!(msg[at..].starts_with(b"Subject: s"));
+        // Cut off inside the trace block (scan limit): directly below the relay's Received.
+        let cut = b"Received: from a\r\n\tby b";
+        assert_eq!(added_fields_offset(&Headers::parse(cut), cut), 0);
+        let plain = b"Subject: s\r\n\r\n";
+        assert_eq!(added_fields_offset(&Headers::parse(plain), plain), 0);
     }
 }

@@ -288,6 +288,8 @@ struct ErrorBody {
 
 /// Longest description kept (Entra's first lines are well below this).
 const MAX_DESCRIPTION: usize = 400;
+/// Longest token lifetime believed (token lifetime policies allow at most one day).
+pub const MAX_LIFETIME: Duration = Duration::from_secs(86_400);
 
 /// Interprets one token endpoint answer. `retry_after` is the raw `Retry-After` header;
 /// `sensitive` lists the credential values the request carried, which are scrubbed from any text
@@ -305,7 +307,13 @@ pub(crate) fn parse_token_response(
             detail,
         };
         let parsed: SuccessBody = serde_json::from_slice(body)
-            .map_err(|e| malformed(format!("not a JSON token response ({e})")))?;
+            // serde_json may quote a value of the body in its message.
+            .map_err(|e| {
+                malformed(format!(
+                    "not a JSON token response ({})",
+                    scrub(&e.to_string(), sensitive)
+                ))
+            })?;
         let access_token = parsed
             .access_token
             .filter(|t| !t.is_empty())
@@ -323,7 +331,14 @@ pub(crate) fn parse_token_response(
             .as_ref()
             .and_then(NumberOrString::seconds)
             .ok_or_else(|| malformed("expires_in missing or not a number of seconds".into()))?;
-        let refresh_in = parsed.refresh_in.as_ref().and_then(NumberOrString::seconds);
+        let refresh_in = parsed
+            .refresh_in
+            .as_ref()
+            .and_then(NumberOrString::seconds)
+            .map(|r| r.min(MAX_LIFETIME));
+        // Entra's longest configurable lifetime is a day: a longer claim is not believed, so
+        // the refresher never sleeps for years on a token that expires in an hour.
+        let expires_in = expires_in.min(MAX_LIFETIME);
         return Ok(TokenResponse {
             access_token,
             expires_in,
@@ -332,9 +347,11 @@ pub(crate) fn parse_token_response(
     }
     match serde_json::from_slice::<ErrorBody>(body) {
         Ok(b) if b.error.is_some() => {
-            let full = b.error_description.unwrap_or_default();
+            // Scrubbed whole before it is cut: a secret spanning lines (a PEM key) or the
+            // length limit must not leave a piece behind.
+            let full = scrub(&b.error_description.unwrap_or_default(), sensitive);
             let first = full.lines().next().unwrap_or("").trim();
-            let mut description = scrub(first, sensitive);
+            let mut description = first.to_string();
             if description.len() > MAX_DESCRIPTION {
                 let mut cut = MAX_DESCRIPTION;
                 while !description.is_char_boundary(cut) {
@@ -372,15 +389,10 @@ pub(crate) fn parse_token_response(
     }
 }
 
-/// Replaces every credential value with `<redacted>`.
+/// Every encoding of every secret the relay holds, and of the request's own credential values,
+/// replaced with `<redacted>` (see [`crate::redact`]).
 fn scrub(text: &str, sensitive: &[&str]) -> String {
-    let mut out = text.to_string();
-    for s in sensitive.iter().filter(|s| s.len() >= 4) {
-        if out.contains(*s) {
-            out = out.replace(*s, "<redacted>");
-        }
-    }
-    out
+    crate::redact::scrub_with(text, sensitive)
 }
 
 /// The AADSTS numbers mentioned in a description (when `error_codes` is absent).

@@ -7,8 +7,16 @@
 //! arrives. On failure: exponential backoff with jitter from 1 s to 5 min for transient errors,
 //! about 5 min for permanent ones, never sooner than `Retry-After`. One request at a time.
 //!
+//! Whatever the endpoint answers, requests stay few: a token that expires within
+//! [`MIN_USEFUL_LIFETIME`] (`expires_in: 0`) counts as a failure and backs off like one, a
+//! `refresh_in` never brings a refresh before a quarter of the lifetime, a lifetime beyond a day
+//! is cut to a day (`oauth::error`), and below all rules two limits hold for every request,
+//! scheduled, forced or after a reload: [`REQUEST_FLOOR`] between two, and at most
+//! [`MAX_REQUESTS_PER_MINUTE`] in any minute.
+//!
 //! All scheduling uses `tokio::time`, so a test with a paused clock sees the real schedule.
 
+use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -39,6 +47,16 @@ pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(3600);
 pub const FORCE_MIN_INTERVAL: Duration = Duration::from_secs(5);
 /// Shortest refresh delay, whatever lifetime the endpoint announces.
 pub const REFRESH_MIN: Duration = Duration::from_secs(1);
+/// No request starts sooner than this after the previous one started, whatever the reason.
+pub const REQUEST_FLOOR: Duration = Duration::from_secs(1);
+/// At most this many requests start in any 60 s. A healthy relay sends one every half hour;
+/// an outage's backoff sends 6 in its first minute; this bounds everything else (a flood of
+/// forced refreshes or reloads, tokens of a few seconds).
+pub const MAX_REQUESTS_PER_MINUTE: usize = 10;
+/// A token valid for less than this cannot be refreshed at half its lifetime without breaking
+/// [`REQUEST_FLOOR`]: it is treated as a failed request (transient, so it backs off).
+pub const MIN_USEFUL_LIFETIME: Duration = Duration::from_secs(2);
+const MINUTE: Duration = Duration::from_secs(60);
 
 /// The token's state for `/healthz` and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +91,8 @@ pub struct TokenStatus {
 #[derive(Clone, Default)]
 struct Snapshot {
     token: Option<AccessToken>,
+    /// The token before `token`: sessions may still use it, so the scrubber keeps knowing it.
+    previous: Option<AccessToken>,
     last_error: Option<OAuthError>,
     failures: u32,
     in_flight: bool,
@@ -249,7 +269,10 @@ impl TokenProvider {
             .unwrap_or_else(|e| e.into_inner()) = config.oauth.refresh_before;
         self.inner.state.send_modify(|s| {
             s.generation += 1;
-            s.token = None;
+            // Sessions may still use it: keep it where the scrubber looks.
+            if let Some(old) = s.token.take() {
+                s.previous = Some(old);
+            }
             s.last_error = None;
             s.failures = 0;
             s.force = false;
@@ -295,9 +318,35 @@ pub fn refresh_delay(
         delay = delay.min(latest);
     }
     if let Some(r) = refresh_in {
-        delay = delay.min(r);
+        // An absurd `refresh_in` (0, 1 s) must not turn into a request a second.
+        delay = delay.min(r.max(lifetime / 4));
     }
     delay.max(REFRESH_MIN)
+}
+
+/// When the next request may start, given the start times of the recent ones (oldest first):
+/// [`REQUEST_FLOOR`] after the last, and no more than [`MAX_REQUESTS_PER_MINUTE`] in a minute.
+pub fn earliest_request(recent: &VecDeque<Instant>, now: Instant) -> Instant {
+    let mut at = now;
+    if let Some(last) = recent.back() {
+        at = at.max(*last + REQUEST_FLOOR);
+    }
+    if recent.len() >= MAX_REQUESTS_PER_MINUTE {
+        at = at.max(recent[recent.len() - MAX_REQUESTS_PER_MINUTE] + MINUTE);
+    }
+    at
+}
+
+/// A token that expires before it can be refreshed, as the failure it is.
+fn too_short(token: &AccessToken) -> OAuthError {
+    OAuthError::Malformed {
+        http_status: 200,
+        detail: format!(
+            "expires_in {}s: a token this short-lived cannot be used (Entra issues them for \
+             60-90 minutes)",
+            token.lifetime().as_secs()
+        ),
+    }
 }
 
 /// The delay before retrying after the `failures`-th consecutive failure with `error`.
@@ -332,7 +381,21 @@ fn random_unit() -> f64 {
 
 async fn run(inner: Arc<Inner>, shutdown: CancellationToken) {
     crate::failpoint::panic_point("task-refresher");
+    // Start times of the requests of the last minute, for the floor and the cap.
+    let mut recent: VecDeque<Instant> = VecDeque::with_capacity(MAX_REQUESTS_PER_MINUTE + 1);
     loop {
+        let earliest = earliest_request(&recent, Instant::now());
+        if earliest > Instant::now() {
+            tracing::debug!(
+                wait_ms = (earliest - Instant::now()).as_millis() as u64,
+                "token request deferred: at most {MAX_REQUESTS_PER_MINUTE} a minute, {}s apart",
+                REQUEST_FLOOR.as_secs()
+            );
+            tokio::select! {
+                () = tokio::time::sleep_until(earliest) => {}
+                () = shutdown.cancelled() => break,
+            }
+        }
         // The generation before the client: a reload in between makes this request's result
         // stale (discarded below), never an old client's result current.
         let mut generation = 0;
@@ -348,6 +411,10 @@ async fn run(inner: Arc<Inner>, shutdown: CancellationToken) {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let started = Instant::now();
+        recent.push_back(started);
+        while recent.front().is_some_and(|t| started - *t >= MINUTE) {
+            recent.pop_front();
+        }
         inner.requests.fetch_add(1, Ordering::Relaxed);
         let result = tokio::select! {
             r = client.request() => r,
@@ -357,6 +424,10 @@ async fn run(inner: Arc<Inner>, shutdown: CancellationToken) {
             tracing::debug!("configuration reloaded during a token request: asking again");
             continue;
         }
+        let result = match result {
+            Ok(token) if token.lifetime() < MIN_USEFUL_LIFETIME => Err(too_short(&token)),
+            other => other,
+        };
         let wake_at = match result {
             Ok(token) => {
                 let refresh_before = *inner
@@ -371,7 +442,10 @@ async fn run(inner: Arc<Inner>, shutdown: CancellationToken) {
                 );
                 let deadline = token.deadline();
                 inner.state.send_modify(|s| {
-                    s.token = Some(token);
+                    // (After a reload `token` is empty: the pre-reload one stays `previous`.)
+                    if let Some(old) = s.token.replace(token) {
+                        s.previous = Some(old);
+                    }
                     s.last_error = None;
                     s.failures = 0;
                     s.in_flight = false;
@@ -484,6 +558,22 @@ mod tests {
         assert_eq!(refresh_delay(60 * MIN, Some(50 * MIN), rb), 30 * MIN);
         // Never a hot loop.
         assert_eq!(refresh_delay(Duration::ZERO, None, rb), REFRESH_MIN);
+        // refresh_in brings it forward, but not before a quarter of the lifetime.
+        assert_eq!(refresh_delay(60 * MIN, Some(Duration::ZERO), rb), 15 * MIN);
+    }
+
+    #[test]
+    fn requests_keep_a_floor_and_a_cap_per_minute() {
+        let t0 = Instant::now();
+        let mut recent = VecDeque::new();
+        assert_eq!(earliest_request(&recent, t0), t0);
+        recent.push_back(t0);
+        assert_eq!(earliest_request(&recent, t0), t0 + REQUEST_FLOOR);
+        for i in 1..MAX_REQUESTS_PER_MINUTE as u64 {
+            recent.push_back(t0 + Duration::from_secs(i));
+        }
+        let now = t0 + Duration::from_secs(20);
+        assert_eq!(earliest_request(&recent, now), t0 + MINUTE);
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! a client secret, a certificate-signed client assertion, or a federated assertion read from a
 //! file (`reference/exchange-online-protocol.md` §1.2, §1.3).
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -14,6 +16,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha1::Digest as _;
 
 use crate::config::{AssertionAlg, Config, Secret};
+use crate::redact::{self, Registration};
 
 use super::cloud::{Endpoints, endpoints};
 use super::error::{OAuthError, parse_token_response};
@@ -27,12 +30,15 @@ pub const ASSERTION_LIFETIME: Duration = Duration::from_secs(600);
 const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// Larger answers are not token responses.
 const MAX_BODY: usize = 256 * 1024;
+/// Client assertions the scrubber keeps knowing: the current one and the one before.
+const KEPT_ASSERTIONS: usize = 2;
 
 /// An access token. The value is only reachable through [`AccessToken::secret`]; `Debug` shows
-/// its length, never its text.
+/// its length, never its text. While any copy is alive the scrubber knows it ([`redact`]).
 #[derive(Clone)]
 pub struct AccessToken {
     value: String,
+    _registered: Option<Arc<Registration>>,
     /// When the token stops being valid (wall clock, for logs and `/healthz`).
     pub expires_at: SystemTime,
     /// When the request that obtained it was sent.
@@ -64,6 +70,7 @@ impl AccessToken {
         started: tokio::time::Instant,
     ) -> AccessToken {
         AccessToken {
+            _registered: redact::register(&value).map(Arc::new),
             value,
             expires_at: issued_at + lifetime,
             issued_at,
@@ -171,6 +178,8 @@ struct CertificateKey {
     x5t: String,
     /// The private key's public half differs from the certificate's.
     mismatch: bool,
+    /// The key file's text and DER, known to the scrubber while the key is loaded.
+    _registered: Vec<Registration>,
 }
 
 impl CertificateKey {
@@ -190,6 +199,12 @@ impl CertificateKey {
         };
         let key_der = PrivateKeyDer::from_pem_file(key_file)
             .map_err(|e| key_problem(pem_problem(&e, "private key")))?;
+        let mut registered: Vec<Registration> = redact::register_bytes(key_der.secret_der())
+            .into_iter()
+            .collect();
+        if let Ok(text) = std::fs::read_to_string(key_file) {
+            registered.extend(redact::register(text.trim()));
+        }
         let key = match &key_der {
             PrivateKeyDer::Pkcs1(k) => EncodingKey::from_rsa_der(k.secret_pkcs1_der()),
             PrivateKeyDer::Pkcs8(k) => {
@@ -213,6 +228,7 @@ impl CertificateKey {
             x5t_s256: URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(cert.as_ref())),
             x5t: URL_SAFE_NO_PAD.encode(sha1::Sha1::digest(cert.as_ref())),
             mismatch: key_mismatch(&cert, &key_der),
+            _registered: registered,
         };
         // Sign once now, so an unusable key is a start-up error rather than a delivery one.
         loaded
@@ -284,6 +300,10 @@ pub struct TokenClient {
     endpoints: Endpoints,
     client_id: String,
     credential: Credential,
+    /// The client secret, known to the scrubber while this client exists.
+    _secret_registered: Option<Registration>,
+    /// The last client assertions sent (an echo may arrive after the next one is made).
+    assertions: Mutex<VecDeque<Registration>>,
 }
 
 impl fmt::Debug for TokenClient {
@@ -371,11 +391,17 @@ impl TokenClient {
         let http = builder
             .build()
             .map_err(|e| OAuthError::Config(format!("cannot build the HTTP client: {e}")))?;
+        let secret_registered = match &credential {
+            Credential::Secret(secret) => redact::register(secret.expose()),
+            _ => None,
+        };
         let client = TokenClient {
             http,
             endpoints,
             client_id,
             credential,
+            _secret_registered: secret_registered,
+            assertions: Mutex::new(VecDeque::new()),
         };
         for w in client.warnings() {
             tracing::warn!("{w}");
@@ -442,6 +468,17 @@ impl TokenClient {
                 assertion = read_assertion(path).await?;
                 form.push(("client_assertion_type", JWT_BEARER));
                 form.push(("client_assertion", &assertion));
+            }
+        }
+        if let Some(a) = form
+            .iter()
+            .find(|(k, _)| *k == "client_assertion")
+            .and_then(|(_, v)| redact::register(v))
+        {
+            let mut kept = self.assertions.lock().unwrap_or_else(|e| e.into_inner());
+            kept.push_back(a);
+            while kept.len() > KEPT_ASSERTIONS {
+                kept.pop_front();
             }
         }
         let sensitive: Vec<&str> = form
@@ -524,9 +561,7 @@ fn transport_error(e: &reqwest::Error, sensitive: &[&str]) -> OAuthError {
         }
         source = s.source();
     }
-    for s in sensitive.iter().filter(|s| s.len() >= 4) {
-        text = text.replace(*s, "<redacted>");
-    }
+    let text = redact::scrub_with(&text, sensitive);
     if e.is_timeout() {
         OAuthError::Timeout(text)
     } else {

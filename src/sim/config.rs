@@ -147,6 +147,12 @@ pub struct SmtpConfig {
     pub send_as_reply: SendAsReply,
     /// After this many SendAs denials in a row a mailbox gets 550 5.2.252 "Sender throttled"; 0 = never.
     pub continuous_error_threshold: u32,
+    /// EHLO offers 8BITMIME (and BINARYMIME), as Exchange does. Off (a server that does not):
+    /// `BODY=8BITMIME` gets 501 5.5.4.
+    pub eight_bit_mime: bool,
+    /// EHLO offers SMTPUTF8, as Exchange does. Off: the `SMTPUTF8` parameter, or a non-ASCII
+    /// address without it, gets 501 5.5.4.
+    pub smtputf8: bool,
 }
 
 impl Default for SimConfig {
@@ -224,6 +230,8 @@ impl Default for SmtpConfig {
             rbac_mode: false,
             send_as_reply: SendAsReply::Code5760,
             continuous_error_threshold: 0,
+            eight_bit_mime: true,
+            smtputf8: true,
         }
     }
 }

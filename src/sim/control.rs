@@ -353,6 +353,14 @@ impl Control {
         self.set(|c| c.smtp.continuous_error_threshold = n);
     }
 
+    /// Whether EHLO offers 8BITMIME and SMTPUTF8 (a server other than Exchange may offer neither).
+    pub fn set_extensions(&self, eight_bit_mime: bool, smtputf8: bool) {
+        self.set(|c| {
+            c.smtp.eight_bit_mime = eight_bit_mime;
+            c.smtp.smtputf8 = smtputf8;
+        });
+    }
+
     /// Registers a certificate (PEM) on a client; its key may then sign assertions.
     pub fn add_client_certificate(&self, client_id: &str, pem: &str) -> Result<(), SimError> {
         let id = client_id.to_string();

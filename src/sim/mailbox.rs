@@ -22,6 +22,9 @@ pub struct Envelope {
     /// `appid` of the token used.
     pub client_id: String,
     pub mail_from: String,
+    /// The MAIL FROM parameters as sent (`SIZE=... BODY=8BITMIME SMTPUTF8`).
+    #[serde(default)]
+    pub mail_params: String,
     pub rcpt_to: Vec<String>,
     /// DATA or BDAT.
     pub transfer: String,

@@ -35,7 +35,9 @@ pub const STATUS_FILE: &str = "mailbox.json";
 /// 01JDQ6Z8X1V3K5M7N9P0R2S4T6  5m  app@example.com  a@x,b@x,c@x,+2  1234  queued  attempts=2 next=2025-11-29T18:40:00Z last="451 4.7.500 Server busy"
 /// ```
 /// The sender is `<>` for the null sender; recipients beyond three are counted as `+N`; the
-/// delivery column is empty until a delivery was attempted.
+/// delivery column is empty until a delivery was attempted. A message whose state file cannot
+/// be used is listed with `state-problem="..."` there (what the deliverer does about it), and
+/// one that may already have reached its recipients with `possible-duplicate=...`.
 pub fn run_queue_command(
     spool_dir: &Path,
     cmd: &QueueCommand,
@@ -121,11 +123,20 @@ impl QueueCommand {
     }
 }
 
-/// Puts a message back in `queue/`, due now, with its failed recipients pending again.
+/// Puts a message back in `queue/`, due now, with its failed recipients pending again. A state
+/// file this relay cannot use (unreadable, or from a newer relay) is the operator's to reset:
+/// it goes to `corrupt/` and the message is sent as new.
 fn retry_one(spool: &Spool, id: &str) -> Result<EntryState, SpoolError> {
     use super::RecipientStatus;
+    let state = match spool.read_state(id) {
+        Err(SpoolError::BadState { .. }) => {
+            spool.reset_state(id)?;
+            None
+        }
+        other => other?,
+    };
     // The state first: once the file is back in queue/, the deliverer may pick it up.
-    if let Some(mut state) = spool.read_state(id)? {
+    if let Some(mut state) = state {
         state.next_attempt = None;
         state.hold_reason = None;
         state.fail_reason = None;
@@ -220,7 +231,40 @@ fn delivery_summary(d: &DeliveryState) -> String {
     if let Some(r) = &d.fail_reason {
         s.push_str(&format!(" fail={}", quoted(r)));
     }
+    if let Some(dup) = &d.possible_duplicate {
+        s.push_str(&format!(
+            " possible-duplicate={}",
+            quoted(&duplicate_summary(dup))
+        ));
+    }
     s
+}
+
+/// `first dot 2025-11-29T18:34:00Z, 1 attempt, after it: ...[, upstream id ...]`.
+fn duplicate_summary(d: &super::PossibleDuplicate) -> String {
+    let mut s = format!(
+        "final dot sent {}, {} attempt{} without a 250, then: {}",
+        humantime::format_rfc3339_seconds(d.first_dot_at),
+        d.attempts,
+        if d.attempts == 1 { "" } else { "s" },
+        d.after_dot
+    );
+    if let Some(id) = &d.upstream_id {
+        s.push_str(&format!(", upstream id {id}"));
+    }
+    s
+}
+
+/// What the deliverer does with a message whose state file cannot be used.
+fn state_problem_summary(p: &super::StateProblem) -> String {
+    match p {
+        super::StateProblem::Unreadable(_) => {
+            format!("{p}; the deliverer moves it to corrupt/ and sends the message as new")
+        }
+        super::StateProblem::NewerVersion(_) => {
+            format!("{p}; the deliverer holds it: upgrade the relay, or `queue retry ID` resets it")
+        }
+    }
 }
 
 /// Remove characters that would break a tab-separated line.
@@ -245,10 +289,11 @@ fn write_list(entries: &[QueueEntry], now: SystemTime, out: &mut dyn Write) -> s
             cell(&recipients_summary(&e.recipients)),
             e.size,
             e.state,
-            e.delivery
-                .as_ref()
-                .map(delivery_summary)
-                .unwrap_or_default()
+            match (&e.delivery, &e.state_problem) {
+                (_, Some(p)) => format!("state-problem={}", quoted(&state_problem_summary(p))),
+                (Some(d), None) => delivery_summary(d),
+                (None, None) => String::new(),
+            }
         )?;
     }
     Ok(())
@@ -302,7 +347,11 @@ fn write_show(
         writeln!(out, "{line}")?;
     }
     writeln!(out, "size: {}", e.size)?;
+    if let Some(p) = &e.state_problem {
+        writeln!(out, "delivery-state: {}", quoted(&state_problem_summary(p)))?;
+    }
     match &e.delivery {
+        None if e.state_problem.is_some() => {}
         None => writeln!(out, "delivery: never attempted")?,
         Some(d) => {
             writeln!(out, "attempts: {}", d.attempts)?;
@@ -321,6 +370,13 @@ fn write_show(
             }
             if let Some(r) = &d.fail_reason {
                 writeln!(out, "fail-reason: {}", quoted(r))?;
+            }
+            if let Some(dup) = &d.possible_duplicate {
+                writeln!(
+                    out,
+                    "possible-duplicate: {}",
+                    quoted(&duplicate_summary(dup))
+                )?;
             }
             for r in &d.recipients {
                 let status = match r.status {

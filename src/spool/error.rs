@@ -33,6 +33,16 @@ pub enum SpoolError {
     /// A spool file that cannot be decoded or is truncated.
     #[error("corrupt spool file {}: {reason}", path.display())]
     Corrupt { path: PathBuf, reason: String },
+    /// A message whose delivery state file cannot be used; the message itself is intact.
+    #[error("{}: {problem}", path.display())]
+    BadState {
+        path: PathBuf,
+        problem: super::state::StateProblem,
+    },
+    /// `/readyz`: a spool directory cannot take new files, or the last write failed and a
+    /// probe confirmed it.
+    #[error("spool not writable: {}: {reason}", path.display())]
+    NotWritable { path: PathBuf, reason: String },
     /// `open_for_admin` on a directory that lacks the spool subdirectories.
     #[error("{} is not a spool directory (expected tmp/, queue/, held/, failed/ and state/ inside)", .0.display())]
     NotASpool(PathBuf),
@@ -60,6 +70,12 @@ impl SpoolError {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => SpoolError::NoSpace { op, path, source },
             _ => SpoolError::Io { op, path, source },
         }
+    }
+
+    /// A failure of the disk or the filesystem (as opposed to a bad id, envelope or file):
+    /// what makes the spool unable to take mail.
+    pub(crate) fn is_write_failure(&self) -> bool {
+        matches!(self, SpoolError::Io { .. } | SpoolError::NoSpace { .. })
     }
 
     /// True when the underlying I/O error is "not found".

@@ -253,3 +253,31 @@ pub(crate) fn open_message(path: &Path) -> Result<OpenedMessage, SpoolError> {
         }
     }
 }
+
+/// `path` is a directory this process may create files in (`faccessat(W_OK|X_OK)`, which
+/// also answers `EROFS` on a read-only mount). Creates nothing.
+pub(crate) fn check_writable_dir(path: &Path) -> io::Result<()> {
+    let meta = std::fs::symlink_metadata(path)?;
+    if !meta.is_dir() {
+        return Err(io::Error::other("not a directory"));
+    }
+    let c = cstr(path)?;
+    // SAFETY: `c` is NUL-terminated; access(2) only reads it.
+    let rc = unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether the filesystem holding `path` is mounted read-only (`statvfs` `ST_RDONLY`).
+pub(crate) fn is_read_only(path: &Path) -> io::Result<bool> {
+    let c = cstr(path)?;
+    // SAFETY: zeroed statvfs is a valid out-parameter; `c` is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_flag & libc::ST_RDONLY != 0)
+}

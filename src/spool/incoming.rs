@@ -157,7 +157,8 @@ impl IncomingMessage {
                 }
             }
         })
-        .await?;
+        .await
+        .inspect_err(|e| self.inner.health.failed(e))?;
         buf.clear();
         self.file = Some(file);
         self.buf = buf;
@@ -211,10 +212,12 @@ impl IncomingMessage {
                 }
                 res
             })
-            .await?;
+            .await
+            .inspect_err(|e| self.inner.health.failed(e))?;
         }
         // Committed (renamed) but not yet durable.
         if let Err(e) = GroupCommit::sync(&self.inner).await {
+            self.inner.health.failed(&e);
             // Durability cannot be promised: withdraw the message so the client's retry does
             // not create a duplicate (see the module docs for the crash case).
             let _ = blocking(move || {
@@ -225,6 +228,7 @@ impl IncomingMessage {
             return Err(e);
         }
         crate::failpoint::hit("after-dir-fsync");
+        self.inner.health.ok();
         self.phase = Phase::Committed;
         self.inner.counters.commits.fetch_add(1, Ordering::Relaxed);
         Ok(self.id.clone())

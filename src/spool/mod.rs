@@ -7,6 +7,10 @@
 //!   exact message bytes (see [`mod@format`]). Its directory is its state: `queue/` (queued),
 //!   `held/`, `failed/`.
 //! - Mutable delivery state lives in `state/<ID>.json` ([`DeliveryState`]), absent = fresh.
+//!   A state file that cannot be used never hides its message: [`Spool::list`] shows the
+//!   message with the [`StateProblem`], and the deliverer resets an unreadable state
+//!   ([`Spool::reset_state`], the old file kept in `corrupt/`) or holds a message whose state a
+//!   newer relay wrote.
 //!
 //! # Commit protocol (see [`IncomingMessage::commit`])
 //! `tmp/<ID>.msg` (O_EXCL, 0600) → header → body (≤ 256 KiB buffered) → patch Body-Length →
@@ -34,6 +38,7 @@ mod id;
 mod incoming;
 mod recovery;
 mod state;
+mod writable;
 
 use std::fs::{self, File};
 use std::io::{self, Read};
@@ -48,7 +53,10 @@ pub use fsutil::{Fault, FaultPoint, SpoolStats};
 pub use id::{is_valid_id, normalize_id};
 pub use incoming::{IncomingMessage, WRITE_BUFFER};
 pub use recovery::RecoveryReport;
-pub use state::{DeliveryState, RecipientState, RecipientStatus, STATE_VERSION};
+pub use state::{
+    DeliveryState, PossibleDuplicate, RecipientState, RecipientStatus, STATE_VERSION, StateProblem,
+};
+pub use writable::PROBE_EVERY;
 
 use fsutil::{Counters, Faults};
 use incoming::GroupCommit;
@@ -99,8 +107,10 @@ pub struct QueueEntry {
     pub recipients: Vec<String>,
     /// Message size in bytes (the body after the envelope header).
     pub size: u64,
-    /// Delivery state, if the message was ever attempted.
+    /// Delivery state, if the message was ever attempted (and its state file is usable).
     pub delivery: Option<DeliveryState>,
+    /// Why its state file could not be used; the message is listed all the same.
+    pub state_problem: Option<StateProblem>,
 }
 
 /// One message with its envelope and its header section.
@@ -124,6 +134,8 @@ pub(crate) struct Inner {
     counters: Counters,
     group: Arc<GroupCommit>,
     state_tmp_seq: AtomicU64,
+    /// Outcome of the last write, for `/readyz` ([`writable`]).
+    health: writable::WriteHealth,
     _lock: Option<File>,
 }
 
@@ -180,6 +192,7 @@ pub(crate) fn new_inner(dir: &Path, lock: Option<File>) -> Inner {
         counters: Counters::default(),
         group: Arc::new(GroupCommit::new()),
         state_tmp_seq: AtomicU64::new(0),
+        health: writable::WriteHealth::default(),
         _lock: lock,
     }
 }
@@ -214,6 +227,12 @@ impl Spool {
         let lock = fsutil::lock_file(&lock_path)?.ok_or_else(|| SpoolError::Locked(dir.into()))?;
         let inner = Arc::new(new_inner(dir, Some(lock)));
         let report = recovery::recover(&inner)?;
+        // One real write at start; from then on the spool's own writes are the proof.
+        let probed = writable::probe(&inner);
+        if let Err(e) = &probed {
+            tracing::error!(error = %e, "the spool is not writable: mail will be refused with 451");
+        }
+        inner.health.record(&probed);
         Ok((Spool { inner }, report))
     }
 
@@ -231,6 +250,12 @@ impl Spool {
         &self.inner.dir
     }
 
+    /// Whether new mail can be written, for `/readyz`; see [`writable`] for how it is known
+    /// without creating a file per call. Blocks briefly (a few `stat`s).
+    pub fn check_writable(&self) -> Result<(), SpoolError> {
+        writable::check(&self.inner)
+    }
+
     /// Bytes available on the spool's filesystem (`f_bavail * f_frsize`).
     pub fn free_space(&self) -> Result<u64, SpoolError> {
         fsutil::free_space(&self.inner.dir)
@@ -239,7 +264,12 @@ impl Spool {
     /// Start a new message: creates `tmp/<ID>.msg`. Write the body with
     /// [`IncomingMessage::write_all`], then [`IncomingMessage::commit`].
     pub async fn create(&self, envelope: &Envelope) -> Result<IncomingMessage, SpoolError> {
-        IncomingMessage::create(self.inner.clone(), envelope).await
+        let created = IncomingMessage::create(self.inner.clone(), envelope).await;
+        // Only a whole commit or state write proves the disk; a failure to create disproves it.
+        if let Err(e) = &created {
+            self.inner.health.failed(e);
+        }
+        created
     }
 
     /// Every message in `queue/`, `held/` and `failed/`, sorted by id (= arrival order).
@@ -294,7 +324,13 @@ impl Spool {
                 reason: format!("header Id {} does not match the file name", m.header.id),
             });
         }
-        let delivery = self.read_state(id)?;
+        // A bad state file must not hide the message (it would never be delivered, and
+        // `queue list` would say the queue is empty).
+        let (delivery, state_problem) = match self.read_state(id) {
+            Ok(d) => (d, None),
+            Err(SpoolError::BadState { problem, .. }) => (None, Some(problem)),
+            Err(e) => return Err(e),
+        };
         let env = &m.header.envelope;
         let entry = QueueEntry {
             id: id.to_string(),
@@ -304,6 +340,7 @@ impl Spool {
             recipients: env.recipients.iter().map(|r| r.address.clone()).collect(),
             size: m.header.body_length,
             delivery,
+            state_problem,
         };
         Ok((entry, m))
     }
@@ -357,7 +394,7 @@ impl Spool {
                 body.extend_from_slice(&rest);
             }
             body.truncate(limit);
-            let headers = header_section(&body).to_vec();
+            let headers = crate::headers::Headers::parse(&body).section().to_vec();
             return Ok(ShownMessage {
                 entry,
                 envelope: m.header.envelope,
@@ -483,7 +520,8 @@ impl Spool {
         Ok(true)
     }
 
-    /// The delivery state of a message; `None` if it was never attempted.
+    /// The delivery state of a message; `None` if it was never attempted;
+    /// [`SpoolError::BadState`] if its file cannot be used.
     pub fn read_state(&self, id: &str) -> Result<Option<DeliveryState>, SpoolError> {
         let id = Self::check_id(id)?;
         let p = self.inner.state_path(&id);
@@ -494,7 +532,24 @@ impl Spool {
         };
         state::decode(&bytes)
             .map(Some)
-            .map_err(|reason| SpoolError::Corrupt { path: p, reason })
+            .map_err(|problem| SpoolError::BadState { path: p, problem })
+    }
+
+    /// Forget the delivery state of a message: its state file goes to `corrupt/` (kept for
+    /// the operator, never deleted) and the message counts as never attempted. Returns where
+    /// the file went, or `None` if there was none.
+    pub fn reset_state(&self, id: &str) -> Result<Option<PathBuf>, SpoolError> {
+        let id = Self::check_id(id)?;
+        let p = self.inner.state_path(&id);
+        match fs::symlink_metadata(&p) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(SpoolError::io("stat", &p, e)),
+        }
+        let dst = recovery::quarantine(&self.inner, &p, &format!("{id}.json"))?;
+        fsutil::fsync_dir(&self.inner.sub("corrupt"))?;
+        fsutil::fsync_dir(&self.inner.sub("state"))?;
+        Ok(Some(dst))
     }
 
     /// Durably replace the delivery state of a message (tmp + fsync + rename + fsync `state/`).
@@ -521,6 +576,7 @@ impl Spool {
         if res.is_err() {
             let _ = fs::remove_file(&tmp);
         }
+        self.inner.health.record(&res);
         res
     }
 
@@ -534,38 +590,5 @@ impl Spool {
     #[doc(hidden)]
     pub fn stats(&self) -> SpoolStats {
         self.inner.counters.snapshot()
-    }
-}
-
-/// The header section of a message: every line up to (not including) the first empty line.
-fn header_section(body: &[u8]) -> &[u8] {
-    let mut pos = 0;
-    while pos < body.len() {
-        let Some(i) = body[pos..].iter().position(|&b| b == b'\n') else {
-            break;
-        };
-        let line = &body[pos..pos + i + 1];
-        if line == b"\n" || line == b"\r\n" {
-            return &body[..pos];
-        }
-        pos += i + 1;
-    }
-    body
-}
-
-#[cfg(test)]
-mod tests {
-    use super::header_section;
-
-    #[test]
-    fn header_sections() {
-        assert_eq!(
-            header_section(b"A: 1\r\nB: 2\r\n\r\nbody\r\n"),
-            b"A: 1\r\nB: 2\r\n"
-        );
-        assert_eq!(header_section(b"A: 1\n\nbody"), b"A: 1\n");
-        assert_eq!(header_section(b"\r\nbody"), b"");
-        assert_eq!(header_section(b"A: 1\r\nB: 2"), b"A: 1\r\nB: 2");
-        assert_eq!(header_section(b""), b"");
     }
 }

@@ -62,7 +62,7 @@ fn read_dir_names(dir: &Path) -> Result<Vec<String>, SpoolError> {
 }
 
 /// Move `src` into `corrupt/` under `name` (or `name.N` if taken). Never deletes.
-fn quarantine(inner: &Inner, src: &Path, name: &str) -> Result<PathBuf, SpoolError> {
+pub(crate) fn quarantine(inner: &Inner, src: &Path, name: &str) -> Result<PathBuf, SpoolError> {
     let dir = inner.sub("corrupt");
     if !dir.is_dir() {
         fs::create_dir(&dir).map_err(|e| SpoolError::io("create directory", &dir, e))?;

@@ -1,5 +1,10 @@
 //! Mutable delivery state: `state/<ID>.json`, rewritten (tmp + fsync + rename) only when it
 //! changes. Absent means "fresh, never attempted".
+//!
+//! A state file that cannot be read is a [`StateProblem`], never a reason to hide its message:
+//! an unreadable one (empty, truncated, not JSON) is reset by the deliverer (the message itself
+//! is intact); one of a newer version is left alone and its message held, since guessing what a
+//! newer relay recorded could send it twice or never.
 
 use std::time::SystemTime;
 
@@ -28,6 +33,23 @@ pub struct RecipientState {
     pub reply: Option<String>,
 }
 
+/// An attempt sent the whole message, final dot included, and then got no reply (dropped
+/// connection, timeout) or a 4xx: Exchange may have accepted it anyway, so the retry may give the
+/// recipients a second copy (delivery is at-least-once).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PossibleDuplicate {
+    /// When the final dot of the first such attempt was sent.
+    #[serde(with = "humantime_serde")]
+    pub first_dot_at: SystemTime,
+    /// Attempts that ended this way.
+    pub attempts: u32,
+    /// What followed the final dot the last time (the 4xx, or why there was no reply).
+    pub after_dot: String,
+    /// The upstream's queue id, when its reply named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_id: Option<String>,
+}
+
 /// The mutable delivery state of one message.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct DeliveryState {
@@ -42,6 +64,21 @@ pub struct DeliveryState {
     pub fail_reason: Option<String>,
     #[serde(default)]
     pub recipients: Vec<RecipientState>,
+    /// Set once an attempt may have delivered without the relay knowing (see the type).
+    /// Optional and ignored by older readers: the format version stays 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub possible_duplicate: Option<PossibleDuplicate>,
+}
+
+/// Why a state file could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateProblem {
+    /// Empty, truncated or not the expected JSON: what was recorded is lost.
+    #[error("unreadable delivery state: {0}")]
+    Unreadable(String),
+    /// Written by a newer relay: this one does not know what it says.
+    #[error("delivery state version {0} is newer than this relay reads ({STATE_VERSION})")]
+    NewerVersion(u32),
 }
 
 /// On-disk wrapper carrying the version.
@@ -62,11 +99,28 @@ pub(crate) fn encode(st: &DeliveryState) -> Vec<u8> {
     v
 }
 
-pub(crate) fn decode(bytes: &[u8]) -> Result<DeliveryState, String> {
-    let f: StateFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-    if f.version != STATE_VERSION {
-        return Err(format!("unsupported state version {}", f.version));
+pub(crate) fn decode(bytes: &[u8]) -> Result<DeliveryState, StateProblem> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(StateProblem::Unreadable("empty file".into()));
     }
+    // The version first: a newer file whose fields this code cannot parse is still "newer",
+    // not "unreadable" (which would reset it).
+    #[derive(Deserialize)]
+    struct Version {
+        version: u32,
+    }
+    let unreadable = |e: serde_json::Error| StateProblem::Unreadable(e.to_string());
+    let v: Version = serde_json::from_slice(bytes).map_err(unreadable)?;
+    if v.version > STATE_VERSION {
+        return Err(StateProblem::NewerVersion(v.version));
+    }
+    if v.version != STATE_VERSION {
+        return Err(StateProblem::Unreadable(format!(
+            "version {} was never written by any relay",
+            v.version
+        )));
+    }
+    let f: StateFile = serde_json::from_slice(bytes).map_err(unreadable)?;
     Ok(f.state)
 }
 
@@ -95,6 +149,7 @@ mod tests {
                     reply: None,
                 },
             ],
+            possible_duplicate: None,
         };
         let bytes = encode(&st);
         let text = std::str::from_utf8(&bytes).unwrap();
@@ -106,8 +161,31 @@ mod tests {
         assert!(text.contains("\"status\": \"delivered\""), "{text}");
         assert_eq!(decode(&bytes).unwrap(), st);
         let v2 = text.replace("\"version\": 1", "\"version\": 2");
-        assert!(decode(v2.as_bytes()).unwrap_err().contains("version"));
-        assert!(decode(b"{\"attempts\": 1}").is_err(), "version is required");
+        assert_eq!(decode(v2.as_bytes()), Err(StateProblem::NewerVersion(2)));
+        // A newer version stays "newer" even when its fields changed shape.
+        assert_eq!(
+            decode(b"{\"version\": 7, \"attempts\": \"many\"}"),
+            Err(StateProblem::NewerVersion(7))
+        );
+        assert!(
+            matches!(
+                decode(b"{\"attempts\": 1}"),
+                Err(StateProblem::Unreadable(_))
+            ),
+            "version is required"
+        );
+        for bad in [
+            &b""[..],
+            b"\n",
+            &bytes[..bytes.len() / 2],
+            b"{\"version\": 0}",
+        ] {
+            assert!(
+                matches!(decode(bad), Err(StateProblem::Unreadable(_))),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
         assert_eq!(
             decode(b"{\"version\": 1, \"attempts\": 0}").unwrap(),
             DeliveryState::default()

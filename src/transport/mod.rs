@@ -48,6 +48,9 @@ pub enum Reply {
         stage: Stage,
         reply: UpstreamReply,
     },
+    /// The relay's own refusal, in the form of a reply (e.g. `553 5.6.7` when the upstream
+    /// lacks SMTPUTF8): permanent, decided without sending.
+    Refused(UpstreamReply),
     Local(String),
 }
 
@@ -60,6 +63,7 @@ impl std::fmt::Display for Reply {
                 reply,
             } => write!(f, "{reply}"),
             Reply::Upstream { stage, reply } => write!(f, "{stage:?}: upstream replied {reply}"),
+            Reply::Refused(reply) => write!(f, "{reply}"),
             Reply::Local(text) => f.write_str(text),
         }
     }
@@ -74,6 +78,20 @@ pub struct Attempted {
     pub reached: Progress,
     /// The reply that sums the attempt up for the log: the final dot's, or the failure's.
     pub summary: Reply,
+    /// The whole message was handed over and no success came back (a drop, a timeout or a
+    /// 4xx after the final dot): the upstream may have it, and a retry may deliver it twice.
+    pub after_dot: Option<AfterDot>,
+}
+
+/// What is known of an attempt that may have delivered without the relay knowing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AfterDot {
+    /// When the end of the message was written.
+    pub dot_at: std::time::SystemTime,
+    /// What came instead of the success (the reply or the error).
+    pub what: String,
+    /// The upstream's queue id, when its reply named one.
+    pub upstream_id: Option<String>,
 }
 
 impl Attempted {
@@ -90,6 +108,7 @@ impl Attempted {
             ],
             reached,
             summary: reply,
+            after_dot: None,
         }
     }
 }

@@ -9,13 +9,13 @@
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use super::{Attempted, RecipientResult, Reply, Submission, Transport, TransportFuture};
+use super::{AfterDot, Attempted, RecipientResult, Reply, Submission, Transport, TransportFuture};
 use crate::deliver::TokenSource;
 use crate::deliver::classify::{HoldCause, Outcome, Stage, classify};
+use crate::deliver::extensions::Needs;
 use crate::deliver::pacer::Progress;
 use crate::deliver::upstream::{SessionError, UpstreamSession, UpstreamTarget};
 use crate::metrics::Metrics;
-use crate::spool::BodyType;
 
 /// What the SMTP transport needs beyond the target.
 #[derive(Debug, Clone)]
@@ -28,6 +28,19 @@ pub struct SmtpSettings {
     pub session_max_idle: Duration,
     /// A 535 with a token this close to expiry forces one refresh and one retry.
     pub refresh_before: Duration,
+}
+
+impl SmtpSettings {
+    /// The settings `serve` uses: sessions reused for 10 minutes, 60 s idle at most (Exchange
+    /// closes idle connections), the configured `oauth.refresh_before`.
+    pub fn from_config(config: &crate::config::Config) -> SmtpSettings {
+        SmtpSettings {
+            mailbox: config.upstream.mail_account.clone().unwrap_or_default(),
+            session_max_age: Duration::from_secs(600),
+            session_max_idle: Duration::from_secs(60),
+            refresh_before: config.oauth.refresh_before,
+        }
+    }
 }
 
 pub struct SmtpTransport {
@@ -123,14 +136,28 @@ impl SmtpTransport {
             Ok(s) => s,
             Err(failure) => return failure.for_all(count),
         };
-        let env = submission.envelope;
-        let mut params = String::new();
-        if env.mail_params.body == BodyType::EightBitMime && session.caps.eight_bit {
-            params.push_str(" BODY=8BITMIME");
-        }
-        if env.mail_params.smtputf8 && session.caps.smtputf8 {
-            params.push_str(" SMTPUTF8");
-        }
+        // BODY=8BITMIME / SMTPUTF8 as the message needs them; a server that lacks one the
+        // message cannot do without is refused here, before MAIL FROM (RFC 6531 §3.2,
+        // RFC 6152): the session is untouched and stays usable.
+        let needs = Needs::of(
+            submission.mail_from,
+            submission.recipients,
+            &submission.envelope.mail_params,
+            submission.body,
+        );
+        let params = match needs.mail_params(&session.caps, &current.target.server_name) {
+            Ok(params) => params,
+            Err(refusal) => {
+                tracing::warn!(id = %submission.id, reply = %refusal, "message refused before sending: the upstream server lacks an extension it needs");
+                self.pool_again(current.generation, session);
+                return Attempted::all(
+                    count,
+                    Outcome::Failed,
+                    Reply::Refused(refusal),
+                    Progress::Transaction,
+                );
+            }
+        };
         let started = std::time::Instant::now();
         let result = session
             .send(
@@ -141,11 +168,27 @@ impl SmtpTransport {
             )
             .await;
         self.metrics.transaction_seconds.observe(started.elapsed());
+        let after_dot = session.dot_sent_at().and_then(|dot_at| {
+            let (what, upstream_id) = match &result {
+                Err(e) => (e.to_string(), e.reply().and_then(|r| r.queue_id())),
+                Ok(tx) => {
+                    let r = tx.data_reply.as_ref().filter(|r| r.is_transient())?;
+                    (r.to_string(), r.queue_id())
+                }
+            };
+            Some(AfterDot {
+                dot_at,
+                what,
+                upstream_id,
+            })
+        });
         match result {
             Err(e) => {
                 // A session that failed mid-transaction is not reused.
                 tokio::spawn(session.quit());
-                Failure::from_session(&e, Progress::Transaction).for_all(count)
+                let mut attempted = Failure::from_session(&e, Progress::Transaction).for_all(count);
+                attempted.after_dot = after_dot;
+                attempted
             }
             Ok(tx) => {
                 let data = tx.data_reply.as_ref().map(|r| {
@@ -180,6 +223,7 @@ impl SmtpTransport {
                 Attempted {
                     recipients,
                     reached: Progress::Transaction,
+                    after_dot,
                     summary: data.map(|(_, reply)| reply).unwrap_or_else(|| {
                         Reply::Local("every recipient refused: nothing was sent".into())
                     }),

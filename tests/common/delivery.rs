@@ -167,6 +167,26 @@ impl DeliveringRelay {
         }
     }
 
+    /// Submits `message` (bytes as the client means them, no leading dots) with `mail` as the
+    /// whole MAIL FROM argument (e.g. `<a@b> SMTPUTF8 BODY=8BITMIME`); returns the queue id.
+    pub async fn submit(&self, mail: &str, rcpts: &[&str], message: &[u8]) -> String {
+        let mut c = self.relay.connect().await;
+        c.expect("220 ").await;
+        c.cmd_expect("EHLO client.test", "250").await;
+        c.cmd_expect(&format!("MAIL FROM:{mail}"), "250 2.1.0")
+            .await;
+        for rcpt in rcpts {
+            c.cmd_expect(&format!("RCPT TO:<{rcpt}>"), "250 2.1.5")
+                .await;
+        }
+        c.cmd_expect("DATA", "354").await;
+        c.send(message).await;
+        c.send(b".\r\n").await;
+        let reply = c.expect("250 2.0.0 queued as").await;
+        c.cmd_expect("QUIT", "221").await;
+        super::queued_id(&reply)
+    }
+
     /// Waits (bounded) until `check` holds for the relay's spool.
     pub async fn wait_for(&self, what: &str, check: impl Fn(&Relay) -> bool) {
         for _ in 0..300 {
@@ -371,32 +391,12 @@ fn tuned_deliverer(
         target.timeouts = t.clone();
     }
     change(&mut target);
-    let up = &config.upstream;
-    let mailbox = up.mail_account.clone().expect("mail_account");
-    let settings = DeliverySettings {
-        from: up.from.clone().unwrap_or_else(|| mailbox.clone()),
-        mailbox,
-        rewrite_from: up.rewrite_from,
-        connections: up.connections,
-        rate: up.rate,
-        retry_min: config.queue.retry_min,
-        retry_max: config.queue.retry_max,
-        max_age: config.queue.max_age,
-        notify: config.queue.notify.clone(),
-        reporting_host: config.smtp.hostname.clone(),
-        upstream_host: target.server_name.clone(),
-    };
-    let transport = SmtpTransport::new(
-        target,
-        SmtpSettings {
-            mailbox: settings.mailbox.clone(),
-            session_max_age: Duration::from_secs(600),
-            session_max_idle: tuning.session_max_idle.unwrap_or(Duration::from_secs(60)),
-            refresh_before: config.oauth.refresh_before,
-        },
-        Arc::new(tokens),
-        metrics.clone(),
-    );
+    let settings = DeliverySettings::from_config(config, &target.server_name);
+    let mut smtp = SmtpSettings::from_config(config);
+    if let Some(idle) = tuning.session_max_idle {
+        smtp.session_max_idle = idle;
+    }
+    let transport = SmtpTransport::new(target, smtp, Arc::new(tokens), metrics.clone());
     Deliverer::start(
         spool.clone(),
         settings,
@@ -404,4 +404,26 @@ fn tuned_deliverer(
         metrics.clone(),
         stop.clone(),
     )
+}
+
+/// A delivered message without the `Received:` field the relay prepended (asserted to be
+/// there, first, naming the test client), i.e. the bytes to compare with what was sent.
+pub fn after_relay_received(delivered: &[u8]) -> &[u8] {
+    assert!(
+        delivered.starts_with(b"Received: from client.test ("),
+        "the relay's Received is not first: {:?}",
+        String::from_utf8_lossy(delivered)
+    );
+    let mut rest = delivered;
+    loop {
+        let end = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("CRLF in the Received field")
+            + 2;
+        rest = &rest[end..];
+        if !rest.starts_with(b"\t") && !rest.starts_with(b" ") {
+            return rest;
+        }
+    }
 }

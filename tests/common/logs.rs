@@ -26,7 +26,7 @@ impl std::io::Write for Buffer {
 static CAPTURED: OnceLock<Buffer> = OnceLock::new();
 
 /// Starts capturing (once per test binary) everything at info and above.
-pub fn capture() {
+pub fn capture() -> Logs {
     CAPTURED.get_or_init(|| {
         let buffer = Buffer::default();
         let writer = buffer.clone();
@@ -38,6 +38,22 @@ pub fn capture() {
         assert!(installed.is_ok(), "another tracing subscriber is installed");
         buffer
     });
+    Logs
+}
+
+/// A handle on the captured log (the same buffer for every caller).
+pub struct Logs;
+
+impl Logs {
+    /// Everything captured so far.
+    pub fn text(&self) -> String {
+        lines_with(&[]).join("\n")
+    }
+
+    /// Lines that contain every one of `needles`.
+    pub fn lines_with(&self, needles: &[&str]) -> Vec<String> {
+        lines_with(needles)
+    }
 }
 
 /// Every captured line containing all of `needles`.

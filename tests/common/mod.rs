@@ -12,12 +12,16 @@
 //! - [`logs`]: the in-process log, captured, for tests that await a log line.
 #![allow(dead_code)]
 
+pub mod counting_token;
 pub mod delivery;
+pub mod echo;
 pub mod fixtures;
+pub mod limited;
 pub mod logs;
 pub mod process;
 pub mod proxy;
 pub mod session;
+pub mod setup_cli;
 pub mod sim;
 pub mod sim_process;
 pub mod smtp;

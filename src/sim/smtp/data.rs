@@ -200,6 +200,7 @@ impl Session {
                 .await;
         }
         let mail_from = self.mail_from.take().unwrap_or_default();
+        let mail_params = std::mem::take(&mut self.mail_params);
         let rcpts = std::mem::take(&mut self.rcpts);
         self.reset_transaction();
         let Some(auth) = &self.auth else {
@@ -214,6 +215,7 @@ impl Session {
             auth_user: mailbox.clone(),
             client_id: appid,
             mail_from: mail_from.clone(),
+            mail_params,
             rcpt_to: rcpts.clone(),
             transfer: transfer.to_string(),
             size: 0,

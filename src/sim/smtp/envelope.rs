@@ -48,8 +48,17 @@ impl Session {
         let Some((address, params)) = parse_path(args, "FROM:") else {
             return self.reply(conn, "501 5.5.4 Invalid arguments").await;
         };
+        let mut smtputf8 = false;
         for p in params.split_whitespace() {
-            if let Some(size) = p.to_ascii_uppercase().strip_prefix("SIZE=") {
+            let upper = p.to_ascii_uppercase();
+            // Parameters of extensions the EHLO did not offer are syntax errors (RFC 5321 §4.1.1.11).
+            let unoffered = (upper.starts_with("BODY=") && !cfg.smtp.eight_bit_mime)
+                || (upper == "SMTPUTF8" && !cfg.smtp.smtputf8);
+            if unoffered {
+                return self.reply(conn, "501 5.5.4 Invalid arguments").await;
+            }
+            smtputf8 |= upper == "SMTPUTF8";
+            if let Some(size) = upper.strip_prefix("SIZE=") {
                 match size.parse::<u64>() {
                     Ok(n) if n > cfg.smtp.advertised_size => {
                         return self
@@ -64,7 +73,12 @@ impl Session {
                 }
             }
         }
+        if !address.is_ascii() && !smtputf8 {
+            return self.reply(conn, "501 5.5.4 Invalid arguments").await;
+        }
         self.mail_from = Some(address);
+        self.mail_params = params;
+        self.smtputf8 = smtputf8;
         self.reply(conn, "250 2.1.0 Sender OK").await
     }
 
@@ -80,6 +94,9 @@ impl Session {
         let Some((address, _)) = parse_path(args, "TO:").filter(|(a, _)| !a.is_empty()) else {
             return self.reply(conn, "501 5.5.4 Invalid arguments").await;
         };
+        if !address.is_ascii() && !self.smtputf8 {
+            return self.reply(conn, "501 5.5.4 Invalid arguments").await;
+        }
         if self.rcpts.len() >= cfg.smtp.max_recipients {
             return self.reply(conn, "452 4.5.3 Too many recipients").await;
         }

@@ -35,7 +35,14 @@ impl Session {
         } else {
             "STARTTLS".into()
         });
-        caps.extend(["8BITMIME", "BINARYMIME", "CHUNKING", "SMTPUTF8"].map(String::from));
+        if cfg.smtp.eight_bit_mime {
+            caps.push("8BITMIME".into());
+            caps.push("BINARYMIME".into());
+        }
+        caps.push("CHUNKING".into());
+        if cfg.smtp.smtputf8 {
+            caps.push("SMTPUTF8".into());
+        }
         let last = caps.len() - 1;
         let text = caps
             .iter()

@@ -160,6 +160,10 @@ struct Session {
     helo: bool,
     auth: Option<Authenticated>,
     mail_from: Option<String>,
+    /// The MAIL FROM parameters, as sent.
+    mail_params: String,
+    /// MAIL FROM carried SMTPUTF8: non-ASCII addresses are allowed in this transaction.
+    smtputf8: bool,
     rcpts: Vec<String>,
     /// BDAT chunks so far (Some while a BDAT transfer is open).
     bdat: Option<Vec<u8>>,
@@ -175,6 +179,8 @@ async fn run_session(ctx: Arc<SmtpCtx>, tcp: TcpStream, peer: SocketAddr) {
         helo: false,
         auth: None,
         mail_from: None,
+        mail_params: String::new(),
+        smtputf8: false,
         rcpts: Vec::new(),
         bdat: None,
         bdat_too_big: false,
@@ -237,6 +243,8 @@ impl Session {
 
     fn reset_transaction(&mut self) {
         self.mail_from = None;
+        self.mail_params.clear();
+        self.smtputf8 = false;
         self.rcpts.clear();
         self.bdat = None;
         self.bdat_too_big = false;
