@@ -153,6 +153,17 @@ impl Credential {
     }
 }
 
+/// What the last request read from a credential file, with its scrubber registration.
+enum LastRead {
+    Secret {
+        value: Secret,
+        _registered: Option<Registration>,
+    },
+    Key {
+        _key: CertificateKey,
+    },
+}
+
 /// A client secret file as `config::load` reads it: trailing line ends dropped, not empty.
 async fn read_secret_file(path: &Path) -> Result<Secret, OAuthError> {
     let text = tokio::fs::read_to_string(path).await.map_err(|e| {
@@ -302,6 +313,9 @@ pub struct TokenClient {
     credential: Credential,
     /// The client secret, known to the scrubber while this client exists.
     _secret_registered: Option<Registration>,
+    /// The secret or key last read from its file (it may have been rotated since the client
+    /// was built), known to the scrubber until the next read replaces it.
+    last_read: Mutex<Option<LastRead>>,
     /// The last client assertions sent (an echo may arrive after the next one is made).
     assertions: Mutex<VecDeque<Registration>>,
 }
@@ -391,8 +405,11 @@ impl TokenClient {
         let http = builder
             .build()
             .map_err(|e| OAuthError::Config(format!("cannot build the HTTP client: {e}")))?;
-        let secret_registered = match &credential {
-            Credential::Secret(secret) => redact::register(secret.expose()),
+        // A secret from a file was read by `config::load` too: that value is known at once.
+        let secret_registered = match (&credential, &oauth.client_secret) {
+            (Credential::Secret(secret), _) | (Credential::SecretFile(_), Some(secret)) => {
+                redact::register(secret.expose())
+            }
             _ => None,
         };
         let client = TokenClient {
@@ -401,6 +418,7 @@ impl TokenClient {
             client_id,
             credential,
             _secret_registered: secret_registered,
+            last_read: Mutex::new(None),
             assertions: Mutex::new(VecDeque::new()),
         };
         for w in client.warnings() {
@@ -431,6 +449,18 @@ impl TokenClient {
         self.credential.kind()
     }
 
+    /// Keeps what a request read from a credential file (a secret only when it changed).
+    fn remember(&self, read: LastRead) {
+        let mut last = self.last_read.lock().unwrap_or_else(|e| e.into_inner());
+        if let (LastRead::Secret { value: new, .. }, Some(LastRead::Secret { value: old, .. })) =
+            (&read, &*last)
+            && new == old
+        {
+            return;
+        }
+        *last = Some(read);
+    }
+
     /// One token request: one HTTP POST, bounded by [`CONNECT_TIMEOUT`] and [`REQUEST_TIMEOUT`].
     pub async fn request(&self) -> Result<AccessToken, OAuthError> {
         let mut form: Vec<(&str, &str)> = vec![
@@ -444,6 +474,10 @@ impl TokenClient {
             Credential::Secret(secret) => form.push(("client_secret", secret.expose())),
             Credential::SecretFile(path) => {
                 from_file = read_secret_file(path).await?;
+                self.remember(LastRead::Secret {
+                    value: from_file.clone(),
+                    _registered: redact::register(from_file.expose()),
+                });
                 form.push(("client_secret", from_file.expose()));
             }
             Credential::Certificate {
@@ -461,6 +495,8 @@ impl TokenClient {
                             OAuthError::Credential(format!("loading the certificate: {e}"))
                         })??;
                 assertion = cert.assertion(&self.endpoints.token_url, &self.client_id)?;
+                // Keeps the (maybe renewed) key registered with the scrubber.
+                self.remember(LastRead::Key { _key: cert });
                 form.push(("client_assertion_type", JWT_BEARER));
                 form.push(("client_assertion", &assertion));
             }
