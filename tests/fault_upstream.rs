@@ -32,7 +32,8 @@ fn tuning() -> Tuning {
             command: Duration::from_secs(1),
             data_end: Duration::from_secs(2),
         }),
-        session_max_idle: Some(Duration::from_millis(50)),
+        // Zero: never reused, whatever the machine's load (50 ms let a busy CI reuse one).
+        session_max_idle: Some(Duration::ZERO),
     }
 }
 
