@@ -39,13 +39,13 @@ use crate::deliver::{DeliveryHandle, MailboxState};
 use crate::fds::FdBudget;
 use crate::metrics::{Gauges, Metrics};
 use crate::oauth::TokenProvider;
-use crate::spool::Spool;
+use crate::store::{Depth, Store};
 use crate::supervise::TaskHealth;
 
 /// What the handlers read. Cheap to clone.
 #[derive(Clone)]
 pub struct AdminState {
-    pub spool: Spool,
+    pub store: Arc<dyn Store>,
     /// The current configuration; follows SIGHUP reloads.
     pub config: watch::Receiver<Arc<Config>>,
     /// True while the SMTP listener is bound and accepting (false before start and once
@@ -60,9 +60,9 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    pub fn new(spool: Spool, config: watch::Receiver<Arc<Config>>) -> AdminState {
+    pub fn new(store: Arc<dyn Store>, config: watch::Receiver<Arc<Config>>) -> AdminState {
         AdminState {
-            spool,
+            store,
             config,
             accepting: Arc::new(AtomicBool::new(false)),
             metrics: Arc::default(),
@@ -91,58 +91,14 @@ impl AdminState {
         self
     }
 
-    /// Queue depth and oldest message, from `queue/` file names (ULIDs carry their time), so a
-    /// scrape never reads message files.
-    async fn queue_gauges(&self) -> (usize, Option<SystemTime>) {
-        let dir = self.spool.dir().join("queue");
-        tokio::task::spawn_blocking(move || {
-            let mut depth = 0;
-            let mut oldest: Option<String> = None;
-            if let Ok(entries) = std::fs::read_dir(&dir) {
-                for entry in entries.flatten() {
-                    let name = entry.file_name().to_string_lossy().into_owned();
-                    let Some(id) = name.strip_suffix(".msg") else {
-                        continue;
-                    };
-                    depth += 1;
-                    if oldest.as_deref().is_none_or(|o| id < o) {
-                        oldest = Some(id.to_string());
-                    }
-                }
-            }
-            let oldest = oldest
-                .and_then(|id| ulid::Ulid::from_string(&id).ok())
-                .map(|u| u.datetime());
-            (depth, oldest)
-        })
-        .await
-        .unwrap_or((0, None))
-    }
-
     /// The `/readyz` verdict: `Ok` or the first reason the relay cannot take mail.
     pub async fn readiness(&self) -> Result<(), String> {
         if !self.accepting.load(Ordering::Acquire) {
             return Err("SMTP listener is not accepting (starting or shutting down)".into());
         }
-        let spool = self.spool.clone();
         let min_free = self.config.borrow().min_free_space();
-        tokio::task::spawn_blocking(move || check_spool(&spool, min_free))
-            .await
-            .unwrap_or_else(|e| Err(format!("spool check failed: {e}")))
+        self.store.readiness(min_free).await
     }
-}
-
-fn check_spool(spool: &Spool, min_free: u64) -> Result<(), String> {
-    spool.check_writable().map_err(|e| e.to_string())?;
-    let free = spool
-        .free_space()
-        .map_err(|e| format!("cannot read free space of the spool: {e}"))?;
-    if free < min_free {
-        return Err(format!(
-            "spool disk nearly full: {free} bytes free, {min_free} required (queue.min_free_space)"
-        ));
-    }
-    Ok(())
 }
 
 /// The admin routes over `state`.
@@ -172,7 +128,10 @@ async fn readyz(State(state): State<AdminState>) -> Response {
 
 async fn healthz(State(state): State<AdminState>) -> Response {
     let now = SystemTime::now();
-    let (depth, oldest) = state.queue_gauges().await;
+    let Depth {
+        queued: depth,
+        oldest,
+    } = state.store.depth().await;
     let age = |t: SystemTime| now.duration_since(t).map(|d| d.as_secs()).unwrap_or(0);
     let rfc3339 = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
     let token = match &state.tokens {
@@ -231,7 +190,10 @@ async fn healthz(State(state): State<AdminState>) -> Response {
 
 async fn metrics(State(state): State<AdminState>) -> Response {
     let now = SystemTime::now();
-    let (queue_depth, oldest) = state.queue_gauges().await;
+    let Depth {
+        queued: queue_depth,
+        oldest,
+    } = state.store.depth().await;
     let gauges = Gauges {
         queue_depth,
         oldest_age_seconds: oldest

@@ -21,7 +21,7 @@ use crate::metrics::Metrics;
 use crate::oauth::{OAuthError, TokenProvider};
 use crate::service;
 use crate::sim::{SimConfig, SimError, Simulator};
-use crate::spool::{Spool, SpoolError};
+use crate::store::Store;
 use crate::supervise::{Supervisor, TaskDeath};
 use crate::transport::smtp::{SmtpSettings, SmtpTransport};
 
@@ -29,8 +29,8 @@ use crate::transport::smtp::{SmtpSettings, SmtpTransport};
 pub enum DaemonError {
     #[error(transparent)]
     Inbound(#[from] InboundError),
-    #[error("spool {dir}: {source}")]
-    Spool { dir: String, source: SpoolError },
+    #[error(transparent)]
+    Store(#[from] crate::store::OpenError),
     #[error("oauth: {0}")]
     OAuth(Box<OAuthError>),
     #[error("{0}")]
@@ -94,12 +94,9 @@ pub async fn serve(
         (None, None)
     };
     let settings = InboundSettings::from_config(&config)?;
-    let (spool, _report) = Spool::open(&config.queue.dir).map_err(|source| DaemonError::Spool {
-        dir: config.queue.dir.display().to_string(),
-        source,
-    })?;
+    let (store, _recovered) = crate::store::open(&config.queue)?;
     let metrics = Arc::new(Metrics::default());
-    let delivery = start_delivery(&config, &spool, &metrics, &shutdown)?;
+    let delivery = start_delivery(&config, &store, &metrics, &shutdown)?;
     let listeners = Server::bind(&config.smtp.listen).await?;
     for listener in &listeners {
         if let Ok(addr) = listener.local_addr() {
@@ -137,7 +134,7 @@ pub async fn serve(
             }),
         );
     }
-    let admin_state = AdminState::new(spool.clone(), config_rx.clone())
+    let admin_state = AdminState::new(store.clone(), config_rx.clone())
         .with_delivery(metrics.clone(), handle.clone(), tokens)
         .with_tasks(tasks.health());
     // The admin endpoint outlives the other tasks, so /healthz answers during the drain.
@@ -169,7 +166,7 @@ pub async fn serve(
         accepting.store(false, Ordering::Release);
         service::stopping("stopping: draining SMTP sessions");
     });
-    let server = Server::new(settings, spool, handle, metrics).run(listeners, shutdown.clone());
+    let server = Server::new(settings, store, metrics).run(listeners, shutdown.clone());
     let watchdog = service::watchdog_interval();
     tasks.watch(
         "inbound",
@@ -259,7 +256,7 @@ pub struct RunningDelivery {
 /// Starts the token refresher and the deliverer, or returns `None` when no tenant is configured.
 pub fn start_delivery(
     config: &Config,
-    spool: &Spool,
+    store: &Arc<dyn Store>,
     metrics: &Arc<Metrics>,
     shutdown: &CancellationToken,
 ) -> Result<Option<RunningDelivery>, DaemonError> {
@@ -290,7 +287,7 @@ pub fn start_delivery(
         metrics.clone(),
     ));
     let (handle, deliverer) = Deliverer::start(
-        spool.clone(),
+        store.clone(),
         settings,
         transport.clone(),
         metrics.clone(),

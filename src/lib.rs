@@ -4,14 +4,15 @@
 //! # The flow of a message
 //! 1. [`inbound`] accepts a connection (allow-list, limits) and runs one session per client;
 //!    [`inbound::framing`] finds the end of DATA (only `CRLF . CRLF`) and unstuffs it.
-//! 2. The session streams the message into the [`spool`] (`tmp/` → fsync → rename into
-//!    `queue/` → directory fsync) and only then answers `250 queued as ID`.
-//! 3. The deliverer ([`deliver::scheduler`]) schedules every queued message and asks the
-//!    mailbox's [`deliver::pacer::Pacer`] when an attempt may start (rate, sessions, hold).
+//! 2. The session streams the message into the [`store::Store`] (the file [`spool`]: `tmp/` →
+//!    fsync → rename into `queue/` → directory fsync) and only then answers `250 queued as ID`.
+//! 3. The store announces the commit; the deliverer ([`deliver::scheduler`]) schedules every
+//!    queued message, claims it when due, and asks the mailbox's [`deliver::pacer::Pacer`]
+//!    when an attempt may start (rate, sessions, hold).
 //! 4. Each attempt applies the sender policy ([`deliver::sender`]) and hands the message to a
 //!    [`transport::Transport`]: [`transport::smtp`] signs in with a token from [`oauth`].
 //! 5. The transport's per-recipient outcomes are classified ([`deliver::classify`]: delivered,
-//!    retry, hold, failed) and written back to the spool; failures get a notice
+//!    retry, hold, failed) and written back to the store; failures get a notice
 //!    ([`deliver::notice`]), holds say what to fix in logs, `queue list`, `/healthz` and `check`.
 //!
 //! # Layout
@@ -20,7 +21,9 @@
 //!   validation; [`config::identity`] owns the rules for the Microsoft 365 values.
 //! - [`inbound`]: the local SMTP listener and the per-connection session state machine.
 //! - [`headers`]: the one reader of message header sections (on mail-parser), byte offsets kept.
-//! - [`spool`]: the durable on-disk queue (commit protocol, recovery, operator commands).
+//! - [`store`]: the Store seam, the one owner of where messages live (put, claim, update,
+//!   complete, fail, hold, release, delete, retry, events); [`spool`] is its file
+//!   implementation (commit protocol, recovery); [`queue_command`]: `queue ...` over it.
 //! - [`deliver`]: the scheduler, the per-mailbox pacer, reply classification, sender policy.
 //! - [`transport`]: the Transport seam and its SMTP XOAUTH2 implementation.
 //! - [`oauth`]: Entra ID token sources (secret, certificate, federated) and the refresher.
@@ -44,10 +47,12 @@ pub mod headers;
 pub mod inbound;
 pub mod metrics;
 pub mod oauth;
+pub mod queue_command;
 pub mod redact;
 pub mod service;
 pub mod setup;
 pub mod sim;
 pub mod spool;
+pub mod store;
 pub mod supervise;
 pub mod transport;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use smtp_oauth_relay::config::{self, Config, LogFormat};
-use smtp_oauth_relay::spool::admin::{QueueCommand, run_queue_command};
+use smtp_oauth_relay::queue_command::{self, QueueCommand};
 use tokio_util::sync::CancellationToken;
 
 const EXIT_RUNTIME: u8 = 1;
@@ -279,13 +279,21 @@ fn queue(config: &Config, args: QueueArgs) -> ExitCode {
         QueueArgs::Delete { id } => QueueCommand::Delete(id),
         QueueArgs::Retry { id, .. } => QueueCommand::Retry(id),
     };
+    let store = match smtp_oauth_relay::store::open_for_operator(&config.queue) {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("smtp-oauth-relay: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let runtime = match runtime(false) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    match run_queue_command(&config.queue.dir, &cmd, &mut out) {
-        Ok(()) => {
-            let _ = out.flush();
-            ExitCode::SUCCESS
-        }
+    match runtime.block_on(queue_command::run(&*store, &cmd, &mut out)) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("smtp-oauth-relay: {e}");
             ExitCode::from(EXIT_RUNTIME)

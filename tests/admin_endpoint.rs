@@ -17,7 +17,7 @@ const FAST: &str =
 async fn serve_admin(r: &DeliveringRelay) -> String {
     let config = smtp_oauth_relay::config::Config::from_toml_str("").expect("config");
     let (_tx, rx) = tokio::sync::watch::channel(Arc::new(config));
-    let state = AdminState::new(r.relay.spool.clone(), rx).with_delivery(
+    let state = AdminState::new(std::sync::Arc::new(r.relay.spool.clone()), rx).with_delivery(
         r.metrics.clone(),
         Some(r.delivery.clone()),
         Some(r.tokens.clone()),

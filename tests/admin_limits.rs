@@ -242,7 +242,7 @@ async fn idle_and_slow_admin_connections_are_closed_by_the_header_timeout() {
         smtp_oauth_relay::spool::Spool::open(&dir.path().join("spool")).expect("spool");
     let config = smtp_oauth_relay::config::Config::from_toml_str("").expect("config");
     let (_tx, rx) = tokio::sync::watch::channel(Arc::new(config));
-    let state = smtp_oauth_relay::admin::AdminState::new(spool, rx);
+    let state = smtp_oauth_relay::admin::AdminState::new(std::sync::Arc::new(spool), rx);
     let listener = smtp_oauth_relay::admin::bind("127.0.0.1:0".parse().expect("addr"))
         .await
         .expect("bind");

@@ -70,7 +70,7 @@ async fn readyz_creates_no_file() {
     let mut config = Config::from_toml_str("").expect("config");
     config.queue.min_free_space = smtp_oauth_relay::config::ByteSize(1);
     let (_tx, rx) = tokio::sync::watch::channel(Arc::new(config));
-    let state = AdminState::new(spool, rx);
+    let state = AdminState::new(std::sync::Arc::new(spool), rx);
     state.accepting.store(true, Ordering::Release);
     let listener = smtp_oauth_relay::admin::bind("127.0.0.1:0".parse().expect("addr"))
         .await

@@ -7,6 +7,7 @@ use common::delivery::{MAILBOX, start_delivering};
 use common::strip_added_headers;
 use smtp_oauth_relay::deliver::MailboxState;
 use smtp_oauth_relay::deliver::classify::HoldCause;
+use smtp_oauth_relay::queue_command::QueueCommand;
 use smtp_oauth_relay::sim::SimConfig;
 use smtp_oauth_relay::spool::EntryState;
 
@@ -140,27 +141,18 @@ async fn send_as_denied_holds_then_queue_retry_resumes_after_the_fix() {
     assert_eq!(cause, HoldCause::SendAsDenied);
     assert!(reply.contains("550 5.7.60"), "{reply}");
     // queue list tells the operator what Exchange said and what to do.
-    let mut listing = Vec::new();
-    smtp_oauth_relay::spool::admin::run_queue_command(
-        r.relay.spool_dir(),
-        &smtp_oauth_relay::spool::admin::QueueCommand::List,
-        &mut listing,
-    )
-    .expect("list");
-    let listing = String::from_utf8_lossy(&listing).to_string();
+    let listing = common::queue_command(r.relay.spool_dir(), &QueueCommand::List)
+        .await
+        .expect("list");
     assert!(listing.starts_with("DELIVERY HELD since"), "{listing}");
     assert!(listing.contains("Add-RecipientPermission"), "{listing}");
     // Fix it in "Exchange", then ask for a retry: delivered long before the 30 s probe.
     r.sim
         .control()
         .set_send_as(MAILBOX, vec!["billing@contoso.example".into()]);
-    let mut out = Vec::new();
-    smtp_oauth_relay::spool::admin::run_queue_command(
-        r.relay.spool_dir(),
-        &smtp_oauth_relay::spool::admin::QueueCommand::Retry(None),
-        &mut out,
-    )
-    .expect("retry");
+    common::queue_command(r.relay.spool_dir(), &QueueCommand::Retry(None))
+        .await
+        .expect("retry");
     let got = r.wait_delivered(1).await;
     assert!(got[0].text().contains("From: billing@contoso.example"));
     r.wait_for("empty spool", |relay| {

@@ -12,19 +12,19 @@ use std::time::SystemTime;
 
 use common::delivery::{DeliveringRelay, start_delivering};
 use smtp_oauth_relay::metrics::Gauges;
+use smtp_oauth_relay::queue_command::QueueCommand;
 use smtp_oauth_relay::sim::{SimConfig, SmtpFault, SmtpStage};
 use smtp_oauth_relay::spool::DeliveryState;
-use smtp_oauth_relay::spool::admin::{QueueCommand, run_queue_command};
 
 /// Retries far away: each retry here is the operator's `queue retry`, so the state between the
 /// two attempts can be read without racing the deliverer.
 const SLOW_RETRY: &str =
     "[queue]\nretry_min = \"1h\"\nretry_max = \"2h\"\n[upstream]\nrate = \"1000/s\"\n";
 
-fn queue(dir: &Path, cmd: QueueCommand) -> String {
-    let mut out = Vec::new();
-    run_queue_command(dir, &cmd, &mut out).expect("queue command");
-    String::from_utf8(out).expect("utf-8")
+async fn queue(dir: &Path, cmd: QueueCommand) -> String {
+    common::queue_command(dir, &cmd)
+        .await
+        .expect("queue command")
 }
 
 fn duplicates_counted(r: &DeliveringRelay) -> u64 {
@@ -79,13 +79,13 @@ async fn a_connection_dropped_after_the_final_dot_is_a_possible_duplicate() {
     assert!(warned[0].contains("upstream_id=unknown"), "{}", warned[0]);
 
     let dir = r.relay.spool_dir().to_path_buf();
-    let show = queue(&dir, QueueCommand::Show(id.clone()));
+    let show = queue(&dir, QueueCommand::Show(id.clone())).await;
     assert!(
         show.lines()
             .any(|l| l.starts_with("possible-duplicate: \"final dot sent ")),
         "{show}"
     );
-    let list = queue(&dir, QueueCommand::List);
+    let list = queue(&dir, QueueCommand::List).await;
     assert!(
         list.lines()
             .any(|l| l.starts_with(&id) && l.contains("possible-duplicate=")),
@@ -93,7 +93,7 @@ async fn a_connection_dropped_after_the_final_dot_is_a_possible_duplicate() {
     );
 
     // The retry delivers: the mailbox now really has it twice, and the log says so.
-    queue(&dir, QueueCommand::Retry(Some(id.clone())));
+    queue(&dir, QueueCommand::Retry(Some(id.clone()))).await;
     let got = r.wait_delivered(2).await;
     assert_eq!(got.len(), 2);
     assert!(
@@ -144,9 +144,13 @@ async fn a_4xx_before_the_final_dot_is_not_a_possible_duplicate() {
     assert_eq!(state.possible_duplicate, None, "{state:?}");
     assert_eq!(duplicates_counted(&r), 0);
     let dir = r.relay.spool_dir().to_path_buf();
-    assert!(!queue(&dir, QueueCommand::Show(id.clone())).contains("possible-duplicate"));
+    assert!(
+        !queue(&dir, QueueCommand::Show(id.clone()))
+            .await
+            .contains("possible-duplicate")
+    );
 
-    queue(&dir, QueueCommand::Retry(Some(id.clone())));
+    queue(&dir, QueueCommand::Retry(Some(id.clone()))).await;
     let got = r.wait_delivered(1).await;
     assert_eq!(got.len(), 1);
     r.wait_for("the message to leave the spool", |relay| {

@@ -112,7 +112,7 @@ async fn a_message_in_flight_is_counted_once() {
         upstream_host: "upstream.test".into(),
     };
     let (handle, task) = Deliverer::start(
-        spool.clone(),
+        std::sync::Arc::new(spool.clone()),
         settings,
         transport.clone(),
         Default::default(),

@@ -119,7 +119,7 @@ async fn the_deliverer_records_per_recipient_outcomes_from_any_transport() {
         upstream_host: "upstream.test".into(),
     };
     let (_handle, task) = Deliverer::start(
-        spool.clone(),
+        std::sync::Arc::new(spool.clone()),
         settings,
         transport.clone(),
         Default::default(),

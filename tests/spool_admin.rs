@@ -4,10 +4,13 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use smtp_oauth_relay::spool::admin::{QueueCommand, run_queue_command};
+mod common;
+
+use smtp_oauth_relay::queue_command::{QueueCommand, QueueCommandError};
 use smtp_oauth_relay::spool::{
     BodyType, DeliveryState, EntryState, Envelope, MailParams, Recipient, Spool, SpoolError,
 };
+use smtp_oauth_relay::store::StoreError;
 
 fn envelope(from: &str, rcpts: &[&str], age: Duration) -> Envelope {
     Envelope {
@@ -30,10 +33,8 @@ async fn store(spool: &Spool, env: &Envelope, body: &[u8]) -> String {
     m.commit().await.unwrap()
 }
 
-fn run(dir: &Path, cmd: QueueCommand) -> Result<String, SpoolError> {
-    let mut out = Vec::new();
-    run_queue_command(dir, &cmd, &mut out)?;
-    Ok(String::from_utf8(out).unwrap())
+async fn run(dir: &Path, cmd: QueueCommand) -> Result<String, QueueCommandError> {
+    common::queue_command(dir, &cmd).await
 }
 
 const BODY: &[u8] =
@@ -44,7 +45,10 @@ async fn list_show_hold_release_delete() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let (spool, _) = Spool::open(dir).unwrap();
-    assert_eq!(run(dir, QueueCommand::List).unwrap(), "queue is empty\n");
+    assert_eq!(
+        run(dir, QueueCommand::List).await.unwrap(),
+        "queue is empty\n"
+    );
 
     let a = store(
         &spool,
@@ -94,7 +98,7 @@ async fn list_show_hold_release_delete() {
         )
         .unwrap();
 
-    let list = run(dir, QueueCommand::List).unwrap();
+    let list = run(dir, QueueCommand::List).await.unwrap();
     let lines: Vec<&str> = list.lines().collect();
     assert_eq!(lines.len(), 4, "{list}");
     assert_eq!(lines[0], "ID\tAGE\tFROM\tRECIPIENTS\tSIZE\tSTATE\tDELIVERY");
@@ -120,7 +124,7 @@ async fn list_show_hold_release_delete() {
         )
     );
 
-    let show = run(dir, QueueCommand::Show(c.clone())).unwrap();
+    let show = run(dir, QueueCommand::Show(c.clone())).await.unwrap();
     let expected_tail =
         "\n\nSubject: Invoice 42\r\nFrom: App <app@example.com>\r\nTo: a@example.com\r\n";
     assert!(show.ends_with(expected_tail), "{show}");
@@ -143,55 +147,71 @@ async fn list_show_hold_release_delete() {
 
     // hold / release, including the no-op cases and lower-case ids.
     assert_eq!(
-        run(dir, QueueCommand::Hold(a.clone())).unwrap(),
+        run(dir, QueueCommand::Hold(a.clone())).await.unwrap(),
         format!("held {a} (was queued)\n")
     );
     assert_eq!(spool.state_of(&a).unwrap(), EntryState::Held);
     assert!(dir.join("held").join(format!("{a}.msg")).exists());
     assert!(!dir.join("queue").join(format!("{a}.msg")).exists());
     assert_eq!(
-        run(dir, QueueCommand::Hold(a.to_lowercase())).unwrap(),
+        run(dir, QueueCommand::Hold(a.to_lowercase()))
+            .await
+            .unwrap(),
         format!("{a} is already held\n")
     );
-    assert!(run(dir, QueueCommand::List).unwrap().contains(&format!(
-        "\tapp@example.com\ta@example.com\t{}\theld\t",
-        BODY.len()
-    )));
+    assert!(
+        run(dir, QueueCommand::List)
+            .await
+            .unwrap()
+            .contains(&format!(
+                "\tapp@example.com\ta@example.com\t{}\theld\t",
+                BODY.len()
+            ))
+    );
     assert!(
         run(dir, QueueCommand::Show(a.clone()))
+            .await
             .unwrap()
             .contains("state: held\n")
     );
     assert_eq!(
-        run(dir, QueueCommand::Release(a.clone())).unwrap(),
+        run(dir, QueueCommand::Release(a.clone())).await.unwrap(),
         format!("released {a} (was held)\n")
     );
     assert_eq!(
-        run(dir, QueueCommand::Release(a.clone())).unwrap(),
+        run(dir, QueueCommand::Release(a.clone())).await.unwrap(),
         format!("{a} is already queued\n")
     );
     assert_eq!(spool.state_of(&a).unwrap(), EntryState::Queued);
 
     // A failed message can be held or released too.
     spool.move_to(&b, EntryState::Failed).unwrap();
-    assert!(run(dir, QueueCommand::List).unwrap().contains("\tfailed\t"));
+    assert!(
+        run(dir, QueueCommand::List)
+            .await
+            .unwrap()
+            .contains("\tfailed\t")
+    );
     assert_eq!(
-        run(dir, QueueCommand::Release(b.clone())).unwrap(),
+        run(dir, QueueCommand::Release(b.clone())).await.unwrap(),
         format!("released {b} (was failed)\n")
     );
 
     // delete removes the message and its state.
     assert_eq!(
-        run(dir, QueueCommand::Delete(c.clone())).unwrap(),
+        run(dir, QueueCommand::Delete(c.clone())).await.unwrap(),
         format!("deleted {c}\n")
     );
     assert!(!dir.join("queue").join(format!("{c}.msg")).exists());
     assert!(!dir.join("state").join(format!("{c}.json")).exists());
     assert!(matches!(
-        run(dir, QueueCommand::Delete(c.clone())),
-        Err(SpoolError::NotFound(_))
+        run(dir, QueueCommand::Delete(c.clone())).await,
+        Err(QueueCommandError::Store(StoreError::NotFound(_)))
     ));
-    assert_eq!(run(dir, QueueCommand::List).unwrap().lines().count(), 3);
+    assert_eq!(
+        run(dir, QueueCommand::List).await.unwrap().lines().count(),
+        3
+    );
 
     // The daemon's handle sees the operator's changes.
     let ids: Vec<String> = spool.list().unwrap().into_iter().map(|e| e.id).collect();
@@ -219,8 +239,11 @@ async fn invalid_and_unknown_ids() {
             QueueCommand::Release(bad.into()),
             QueueCommand::Delete(bad.into()),
         ] {
-            let e = run(dir, cmd.clone()).unwrap_err();
-            assert!(matches!(e, SpoolError::InvalidId(_)), "{cmd:?}: {e}");
+            let e = run(dir, cmd.clone()).await.unwrap_err();
+            assert!(
+                matches!(e, QueueCommandError::Store(StoreError::InvalidId(_))),
+                "{cmd:?}: {e}"
+            );
         }
     }
     assert!(dir.join("secret.msg").exists());
@@ -231,9 +254,9 @@ async fn invalid_and_unknown_ids() {
         QueueCommand::Release(unknown.into()),
         QueueCommand::Delete(unknown.into()),
     ] {
-        let e = run(dir, cmd.clone()).unwrap_err();
+        let e = run(dir, cmd.clone()).await.unwrap_err();
         assert!(
-            matches!(e, SpoolError::NotFound(ref id) if id == unknown),
+            matches!(e, QueueCommandError::Store(StoreError::NotFound(ref id)) if id == unknown),
             "{cmd:?}: {e}"
         );
         assert!(e.to_string().contains(unknown));
@@ -252,7 +275,10 @@ async fn admin_never_touches_tmp_or_runs_recovery() {
     // And a corrupt file that recovery would move.
     fs::write(dir.join("queue/01JDQ6Z8X1V3K5M7N9P0R2S4T6.msg"), "garbage").unwrap();
     let admin = Spool::open_for_admin(dir).unwrap();
-    assert_eq!(run(dir, QueueCommand::List).unwrap(), "queue is empty\n");
+    assert_eq!(
+        run(dir, QueueCommand::List).await.unwrap(),
+        "queue is empty\n"
+    );
     assert!(admin.list().unwrap().is_empty());
     assert!(
         dir.join("tmp")
@@ -262,12 +288,12 @@ async fn admin_never_touches_tmp_or_runs_recovery() {
     assert!(dir.join("queue/01JDQ6Z8X1V3K5M7N9P0R2S4T6.msg").exists());
     // The in-flight message still commits and is then visible to the admin.
     let id = inflight.commit().await.unwrap();
-    assert!(run(dir, QueueCommand::List).unwrap().contains(&id));
+    assert!(run(dir, QueueCommand::List).await.unwrap().contains(&id));
     // Not a spool.
     let other = tempfile::tempdir().unwrap();
     assert!(matches!(
-        run(other.path(), QueueCommand::List),
-        Err(SpoolError::NotASpool(_))
+        run(other.path(), QueueCommand::List).await,
+        Err(QueueCommandError::Open(ref e)) if e.to_string().contains("is not a spool directory")
     ));
 }
 

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use common::delivery::start_delivering_with;
+use smtp_oauth_relay::queue_command::QueueCommand;
 use smtp_oauth_relay::sim::SimConfig;
-use smtp_oauth_relay::spool::admin::{QueueCommand, run_queue_command};
 use smtp_oauth_relay::spool::{DeliveryState, EntryState, Envelope, Recipient, Spool};
 
 const FAST: &str =
@@ -51,10 +51,10 @@ async fn spool_with_bad_state(state: &[u8], subject: &str) -> (tempfile::TempDir
     (tmp, dir, id)
 }
 
-fn queue(dir: &Path, cmd: QueueCommand) -> String {
-    let mut out = Vec::new();
-    run_queue_command(dir, &cmd, &mut out).expect("queue command");
-    String::from_utf8(out).expect("utf-8")
+async fn queue(dir: &Path, cmd: QueueCommand) -> String {
+    common::queue_command(dir, &cmd)
+        .await
+        .expect("queue command")
 }
 
 fn files_in(dir: &Path, sub: &str) -> Vec<String> {
@@ -74,7 +74,7 @@ async fn unreadable_state_is_reset_and_delivered(state: &[u8], case: &str) {
     let (_tmp, dir, id) = spool_with_bad_state(state, case).await;
 
     // Visible before any daemon runs, with what will happen to it.
-    let list = queue(&dir, QueueCommand::List);
+    let list = queue(&dir, QueueCommand::List).await;
     let line = list
         .lines()
         .find(|l| l.starts_with(&id))
@@ -84,7 +84,7 @@ async fn unreadable_state_is_reset_and_delivered(state: &[u8], case: &str) {
         line.contains("state-problem=\"unreadable delivery state"),
         "{case}: {line}"
     );
-    let show = queue(&dir, QueueCommand::Show(id.clone()));
+    let show = queue(&dir, QueueCommand::Show(id.clone())).await;
     assert!(
         show.contains("delivery-state: \"unreadable"),
         "{case}: {show}"
@@ -139,7 +139,7 @@ async fn a_state_of_a_newer_version_holds_the_message_until_the_operator_retries
     let logs = common::logs::capture();
     let newer = b"{\"version\": 2, \"attempts\": 1, \"delivered_to\": [\"b@example.org\"]}\n";
     let (_tmp, dir, id) = spool_with_bad_state(newer, "newer-state").await;
-    let list = queue(&dir, QueueCommand::List);
+    let list = queue(&dir, QueueCommand::List).await;
     assert!(
         list.lines().any(|l| l.starts_with(&id)
             && l.contains("state-problem=\"delivery state version 2 is newer")),
@@ -161,7 +161,7 @@ async fn a_state_of_a_newer_version_holds_the_message_until_the_operator_retries
         std::fs::read(dir.join("state").join(format!("{id}.json"))).expect("state kept"),
         newer
     );
-    let list = queue(&dir, QueueCommand::List);
+    let list = queue(&dir, QueueCommand::List).await;
     let line = list
         .lines()
         .find(|l| l.starts_with(&id))
@@ -174,7 +174,7 @@ async fn a_state_of_a_newer_version_holds_the_message_until_the_operator_retries
     assert!(logged[0].contains("version 2"), "{}", logged[0]);
 
     // The operator decides: retry resets the state (kept in corrupt/) and delivers.
-    let out = queue(&dir, QueueCommand::Retry(Some(id.clone())));
+    let out = queue(&dir, QueueCommand::Retry(Some(id.clone()))).await;
     assert!(out.contains(&format!("retry {id} (was held)")), "{out}");
     let got = r.wait_delivered(1).await;
     assert!(got[0].text().contains("newer-state"));

@@ -1,13 +1,13 @@
-//! The deliverer: drains the spool to Exchange Online at the pace Microsoft allows.
+//! The deliverer: drains the queue to Exchange Online at the pace Microsoft allows.
 //!
 //! One dispatcher task owns the schedule (which message is due when). It starts a delivery job
 //! when a message is due, a connection slot is free (`upstream.connections`), the rate allows
 //! (`upstream.rate`, evenly spaced) and the mailbox is not held. Jobs report back; the dispatcher
-//! reschedules. The spool is the only record: the schedule is rebuilt from it at start, and
-//! whenever an operator command touches `<spool>/wakeup`.
+//! reschedules. The store is the only record: the schedule is rebuilt from it at start and
+//! whenever the store says that something changed outside the deliverer (an operator command);
+//! each committed message is announced by the store ([`StoreEvent::Committed`]).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -21,10 +21,9 @@ use super::pacer::{Attempt, Pacer, PacerSettings, Progress, Start, Transition};
 use super::sender::apply_sender_policy;
 use crate::config::{Rate, RewriteFrom};
 use crate::metrics::Metrics;
-use crate::spool::admin::{STATUS_FILE, WAKEUP_FILE};
-use crate::spool::{
+use crate::store::{
     DeliveryState, EntryState, LoadedMessage, PossibleDuplicate, RecipientState, RecipientStatus,
-    Spool, SpoolError, StateProblem,
+    Store, StoreError, StoreEvent,
 };
 use crate::transport::{Submission, Transport};
 
@@ -83,7 +82,7 @@ pub enum MailboxState {
 }
 
 impl MailboxState {
-    /// The state as JSON for `/healthz` and the spool's status file (read by `queue list`).
+    /// The state as JSON for `/healthz` and the store's published status (read by `queue list`).
     pub fn to_json(&self) -> serde_json::Value {
         match self {
             MailboxState::Running => serde_json::json!({ "state": "running" }),
@@ -112,7 +111,8 @@ pub struct MailboxStatus {
     pub queued: usize,
 }
 
-/// Lets the listener and the daemon talk to the deliverer.
+/// Lets the daemon and the admin endpoint talk to the deliverer (new mail reaches it through
+/// the store's events).
 #[derive(Clone)]
 pub struct DeliveryHandle {
     events: mpsc::UnboundedSender<Event>,
@@ -120,11 +120,6 @@ pub struct DeliveryHandle {
 }
 
 impl DeliveryHandle {
-    /// A message was committed to `queue/`: deliver it now.
-    pub fn queued(&self, id: String) {
-        let _ = self.events.send(Event::Queued(id));
-    }
-
     /// New delivery settings (a reload): the next attempts, deferrals and the pacer's limits
     /// use them; a held mailbox probes at once (the change may be its fix).
     pub fn reconfigure(&self, settings: DeliverySettings) {
@@ -140,7 +135,6 @@ impl DeliveryHandle {
 }
 
 enum Event {
-    Queued(String),
     Done(JobReport),
     Reconfigure(Box<DeliverySettings>),
 }
@@ -173,15 +167,11 @@ struct JobReport {
 }
 
 struct Context {
-    spool: Spool,
+    store: Arc<dyn Store>,
     /// Replaced by a reload ([`DeliveryHandle::reconfigure`]); each use takes the current one.
     settings: RwLock<Arc<DeliverySettings>>,
     transport: Arc<dyn Transport>,
     metrics: Arc<Metrics>,
-    /// For failure notices: they are spooled, then announced like any new message.
-    events: mpsc::UnboundedSender<Event>,
-    /// The status last written to `STATUS_FILE`: it is rewritten only when it changes.
-    published: Mutex<String>,
 }
 
 impl Context {
@@ -198,7 +188,7 @@ pub struct Deliverer;
 impl Deliverer {
     /// Starts the dispatcher. It runs until `shutdown`, then waits for jobs in flight.
     pub fn start(
-        spool: Spool,
+        store: Arc<dyn Store>,
         settings: DeliverySettings,
         transport: Arc<dyn Transport>,
         metrics: Arc<Metrics>,
@@ -216,20 +206,20 @@ impl Deliverer {
             events: tx.clone(),
             status: status.clone(),
         };
+        // Subscribed before the first read of the queue: nothing committed in between is missed.
+        let changes = store.events();
         let ctx = Arc::new(Context {
-            spool,
+            store,
             settings: RwLock::new(Arc::new(settings)),
             transport,
             metrics,
-            events: tx.clone(),
-            published: Mutex::new(String::new()),
         });
-        let task = tokio::spawn(dispatch(ctx, tx, rx, status, shutdown));
+        let task = tokio::spawn(dispatch(ctx, tx, rx, changes, status, shutdown));
         (handle, task)
     }
 }
 
-/// The dispatcher's view of the queue: every message in `queue/` is either waiting for its
+/// The dispatcher's view of the queue: every queued message is either waiting for its
 /// due time or in flight, never both.
 #[derive(Default)]
 struct Schedule {
@@ -363,16 +353,18 @@ async fn dispatch(
     ctx: Arc<Context>,
     tx: mpsc::UnboundedSender<Event>,
     mut rx: mpsc::UnboundedReceiver<Event>,
+    mut changes: tokio::sync::broadcast::Receiver<StoreEvent>,
     status: Arc<Mutex<MailboxStatus>>,
     shutdown: CancellationToken,
 ) {
+    use tokio::sync::broadcast::error::RecvError;
     crate::failpoint::panic_point("task-dispatcher");
     let mut schedule = Schedule::default();
     let mut pacer = Pacer::new(pacer_settings(&ctx.settings()), Instant::now());
-    let wakeup_path = ctx.spool.dir().join(WAKEUP_FILE);
-    let mut wakeup_seen = modified(&wakeup_path);
     rescan(&ctx, &mut schedule).await;
-    publish(&ctx, &status, &schedule);
+    publish(&ctx, &status, &schedule).await;
+    // False once the store's event channel closed (the store is gone): no busy loop on it.
+    let mut listening = true;
 
     loop {
         // Start every job that is due, as far as the pacer allows.
@@ -410,8 +402,17 @@ async fn dispatch(
         }
 
         tokio::select! {
+            change = changes.recv(), if listening => match change {
+                Ok(StoreEvent::Committed(id)) => schedule.add(id, Instant::now()),
+                // An operator command (or more changes than the backlog holds): read it all.
+                Ok(StoreEvent::Changed) | Err(RecvError::Lagged(_)) => {
+                    rescan(&ctx, &mut schedule).await;
+                    pacer.wake(Instant::now());
+                    publish(&ctx, &status, &schedule).await;
+                }
+                Err(RecvError::Closed) => listening = false,
+            },
             event = rx.recv() => match event {
-                Some(Event::Queued(id)) => schedule.add(id, Instant::now()),
                 Some(Event::Reconfigure(settings)) => {
                     pacer.set_settings(pacer_settings(&settings));
                     pacer.wake(Instant::now());
@@ -458,21 +459,12 @@ async fn dispatch(
                         // Held: the message waits for the mailbox's next probe.
                         JobResult::Hold { .. } => schedule.add(report.id, now),
                     }
-                    publish(&ctx, &status, &schedule);
+                    publish(&ctx, &status, &schedule).await;
                 }
                 None => break,
             },
             _ = tokio::time::sleep_until(wake) => {}
             _ = shutdown.cancelled() => break,
-        }
-        // Operator commands (`queue hold`, `release`, `delete`, `retry`) touch the wakeup file.
-        let seen = modified(&wakeup_path);
-        if seen != wakeup_seen {
-            wakeup_seen = seen;
-            tracing::info!("spool changed by an operator command: re-reading the queue");
-            rescan(&ctx, &mut schedule).await;
-            pacer.wake(Instant::now());
-            publish(&ctx, &status, &schedule);
         }
     }
 
@@ -483,16 +475,12 @@ async fn dispatch(
             Ok(Some(Event::Done(report))) => {
                 schedule.in_flight.remove(&report.id);
             }
-            Ok(Some(Event::Queued(_) | Event::Reconfigure(_))) => {}
+            Ok(Some(Event::Reconfigure(_))) => {}
             Ok(None) | Err(_) => break,
         }
     }
     ctx.transport.close().await;
     tracing::info!("deliverer stopped");
-}
-
-fn modified(path: &std::path::Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 /// The pacer's limits from the delivery settings.
@@ -506,19 +494,13 @@ fn pacer_settings(settings: &DeliverySettings) -> PacerSettings {
     )
 }
 
-/// Re-reads `queue/` and makes the schedule agree with it ([`Schedule::sync`]): each message
+/// Reads the queue and makes the schedule agree with it ([`Schedule::sync`]): each message
 /// at its recorded next attempt (or now); held and deleted ones are dropped.
 async fn rescan(ctx: &Arc<Context>, schedule: &mut Schedule) {
-    let spool = ctx.spool.clone();
-    let listed = tokio::task::spawn_blocking(move || spool.list()).await;
-    let entries = match listed {
-        Ok(Ok(entries)) => entries,
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "cannot list the spool");
-            return;
-        }
+    let entries = match ctx.store.list().await {
+        Ok(entries) => entries,
         Err(e) => {
-            tracing::error!(error = %e, "spool listing task failed");
+            tracing::error!(error = %e, "cannot list the queue");
             return;
         }
     };
@@ -539,7 +521,7 @@ async fn rescan(ctx: &Arc<Context>, schedule: &mut Schedule) {
         .collect();
     let (added, dropped) = schedule.sync(queued);
     if added + dropped > 0 {
-        tracing::debug!(added, dropped, "schedule follows the spool");
+        tracing::debug!(added, dropped, "schedule follows the queue");
     }
 }
 
@@ -555,7 +537,7 @@ fn enter_hold(
         cause = %cause,
         reply = %reply,
         fix = cause.fix(),
-        "delivery held: every message stays in the spool until this is fixed"
+        "delivery held: every message stays queued until this is fixed"
     );
     if let Ok(mut s) = status.lock() {
         s.state = MailboxState::Held {
@@ -573,8 +555,8 @@ fn resume(ctx: &Context, status: &Mutex<MailboxStatus>) {
     }
 }
 
-/// Writes the mailbox status for `queue list` (best effort; the spool is the record).
-fn publish(ctx: &Context, status: &Mutex<MailboxStatus>, schedule: &Schedule) {
+/// Publishes the mailbox status for `queue list` (best effort; the store is the record).
+async fn publish(ctx: &Context, status: &Mutex<MailboxStatus>, schedule: &Schedule) {
     let snapshot = match status.lock() {
         Ok(mut s) => {
             s.queued = schedule.queued();
@@ -582,59 +564,29 @@ fn publish(ctx: &Context, status: &Mutex<MailboxStatus>, schedule: &Schedule) {
         }
         Err(_) => return,
     };
-    let json = snapshot.state.to_json().to_string();
-    // Called after every delivery: skip the write (create + rename on the dispatcher's thread,
-    // the largest cost of the drain path in profiles) when nothing changed.
-    let Ok(mut last) = ctx.published.lock() else {
-        return;
-    };
-    if *last == json {
-        return;
-    }
-    let dir = ctx.spool.dir();
-    let tmp: PathBuf = dir
-        .join("tmp")
-        .join(format!("{STATUS_FILE}.{}", std::process::id()));
-    if std::fs::write(&tmp, &json).is_ok() && std::fs::rename(&tmp, dir.join(STATUS_FILE)).is_ok() {
-        *last = json;
-    }
+    let mailbox = ctx.settings().mailbox.clone();
+    ctx.store
+        .publish_status(&mailbox, &snapshot.state.to_json())
+        .await;
 }
 
 /// One delivery attempt for one message.
 async fn deliver_one(ctx: &Arc<Context>, id: &str) -> JobResult {
-    let spool = ctx.spool.clone();
-    let owned = id.to_string();
-    let loaded = tokio::task::spawn_blocking(move || {
-        let message = spool.load(&owned)?;
-        let Some(state) = usable_state(&spool, &owned)? else {
-            return Ok(None);
-        };
-        Ok::<_, SpoolError>(Some((message, state)))
-    })
-    .await;
-    let (message, state) = match loaded {
-        Ok(Ok(Some(pair))) => pair,
-        // Held: its state was written by a newer relay.
-        Ok(Ok(None)) => return JobResult::Skipped,
-        Ok(Err(SpoolError::NotFound(_))) => return JobResult::Skipped,
-        Ok(Err(e)) => {
-            tracing::error!(id, error = %e, "cannot read the message; it stays in the spool");
+    let claimed = match ctx.store.claim(id).await {
+        Ok(Some(claimed)) => claimed,
+        // No longer queued, or held by the store (its state was written by a newer relay).
+        Ok(None) | Err(StoreError::NotFound(_)) => return JobResult::Skipped,
+        Err(e) => {
+            tracing::error!(id, error = %e, "cannot read the message; it stays in the queue");
             return JobResult::Retry {
                 at: Instant::now() + ctx.settings().retry_max,
                 throttle: false,
                 reached: Progress::Token,
             };
         }
-        Err(e) => {
-            tracing::error!(id, error = %e, "delivery task failed");
-            return JobResult::Retry {
-                at: Instant::now() + ctx.settings().retry_min,
-                throttle: false,
-                reached: Progress::Token,
-            };
-        }
     };
-    let mut state = state.unwrap_or_default();
+    let message = &claimed.message;
+    let mut state = claimed.state.clone().unwrap_or_default();
     if state.recipients.is_empty() {
         state.recipients = message
             .envelope
@@ -658,52 +610,13 @@ async fn deliver_one(ctx: &Arc<Context>, id: &str) -> JobResult {
             state.last_reply.as_deref().unwrap_or("none")
         );
         // Nothing was sent: the mailbox learnt nothing from it.
-        finish_failed(ctx, &message, state, reason).await;
+        finish_failed(ctx, message, state, reason).await;
         return JobResult::Skipped;
     }
 
-    let outcome = attempt(ctx, &message, &mut state).await;
+    let outcome = attempt(ctx, message, &mut state).await;
     state.attempts += 1;
-    record(ctx, &message, state, outcome).await
-}
-
-/// The delivery state of `id` (`Some(None)`: never attempted), dealing with a state file this
-/// relay cannot use so that the message is neither hidden nor stuck: an unreadable one is reset
-/// (kept in `corrupt/`; the message is intact), one from a newer relay is not guessed at: the
-/// message is held (`None`) until the operator upgrades or runs `queue retry`.
-fn usable_state(spool: &Spool, id: &str) -> Result<Option<Option<DeliveryState>>, SpoolError> {
-    match spool.read_state(id) {
-        Err(SpoolError::BadState {
-            path,
-            problem: StateProblem::Unreadable(reason),
-        }) => {
-            let kept = spool.reset_state(id)?;
-            tracing::warn!(
-                id,
-                state_file = %path.display(),
-                kept_as = %kept.as_deref().unwrap_or(&path).display(),
-                %reason,
-                "delivery state unreadable: reset, the message is delivered as new \
-                 (recipients an earlier attempt reached may get it twice)"
-            );
-            Ok(Some(None))
-        }
-        Err(SpoolError::BadState {
-            path,
-            problem: problem @ StateProblem::NewerVersion(_),
-        }) => {
-            spool.move_to(id, EntryState::Held)?;
-            tracing::error!(
-                id,
-                state_file = %path.display(),
-                reason = %problem,
-                "message held, not delivered: its delivery state was written by a newer \
-                 smtp-oauth-relay; upgrade, or `queue retry ID` resets the state and sends it"
-            );
-            Ok(None)
-        }
-        other => other.map(Some),
-    }
+    record(ctx, message, state, outcome).await
 }
 
 /// The per-attempt result before it is written down.
@@ -875,10 +788,8 @@ async fn record(
             .collect();
         if failed.is_empty() {
             crate::failpoint::hit("after-upstream-250");
-            let spool = ctx.spool.clone();
-            let owned = id.to_string();
-            return match tokio::task::spawn_blocking(move || spool.complete(&owned)).await {
-                Ok(Ok(removed)) => {
+            return match ctx.store.complete(id).await {
+                Ok(removed) => {
                     Metrics::inc(&ctx.metrics.delivered);
                     match &state.possible_duplicate {
                         None => tracing::info!(id, reply = %outcome.reply, "delivered"),
@@ -892,21 +803,17 @@ async fn record(
                         ),
                     }
                     if !removed {
-                        // `complete` only removes from queue/: an operator moved it meanwhile.
+                        // `complete` only removes a queued message: an operator moved it meanwhile.
                         tracing::warn!(
                             id,
-                            "delivered while an operator held or deleted it; a held copy stays in held/"
+                            "delivered while an operator held or deleted it; a held copy stays held"
                         );
                     }
                     JobResult::Finished { delivered: true }
                 }
-                Ok(Err(e)) => {
-                    // Delivered but still on disk: it will be sent again (at-least-once).
-                    tracing::error!(id, error = %e, "delivered, but removing it from the spool failed");
-                    JobResult::Finished { delivered: true }
-                }
                 Err(e) => {
-                    tracing::error!(id, error = %e, "completion task failed");
+                    // Delivered but still stored: it will be sent again (at-least-once).
+                    tracing::error!(id, error = %e, "delivered, but removing it from the queue failed");
                     JobResult::Finished { delivered: true }
                 }
             };
@@ -950,18 +857,14 @@ async fn record(
             reached: outcome.reached,
         },
     };
-    let spool = ctx.spool.clone();
-    let owned = id.to_string();
-    match tokio::task::spawn_blocking(move || spool.write_state(&owned, &state)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(SpoolError::NotFound(_))) => {}
-        Ok(Err(e)) => tracing::error!(id, error = %e, "cannot record the delivery attempt"),
-        Err(e) => tracing::error!(id, error = %e, "state task failed"),
+    match ctx.store.update(id, &state).await {
+        Ok(()) | Err(StoreError::NotFound(_)) => {}
+        Err(e) => tracing::error!(id, error = %e, "cannot record the delivery attempt"),
     }
     result
 }
 
-/// Permanent failure: the message moves to `failed/` with its reason; it is never deleted.
+/// Permanent failure: the message is kept as failed with its reason; it is never deleted.
 async fn finish_failed(
     ctx: &Arc<Context>,
     message: &LoadedMessage,
@@ -970,45 +873,34 @@ async fn finish_failed(
 ) -> JobResult {
     let id = message.id.as_str();
     Metrics::inc(&ctx.metrics.failed);
-    tracing::error!(id, reason = %reason, "delivery failed; the message is kept in failed/");
+    tracing::error!(id, reason = %reason, "delivery failed; the message is kept as failed");
     state.fail_reason = Some(reason.clone());
     state.next_attempt = None;
-    let spool = ctx.spool.clone();
-    let owned = id.to_string();
-    let recorded = state.clone();
-    let moved = tokio::task::spawn_blocking(move || {
-        spool.write_state(&owned, &recorded)?;
-        spool.move_to(&owned, EntryState::Failed)
-    })
-    .await;
-    match moved {
-        Ok(Ok(_)) | Ok(Err(SpoolError::NotFound(_))) => {}
-        Ok(Err(e)) => tracing::error!(id, error = %e, "cannot move the message to failed/"),
-        Err(e) => tracing::error!(id, error = %e, "failure task failed"),
+    match ctx.store.fail(id, &state).await {
+        Ok(()) | Err(StoreError::NotFound(_)) => {}
+        Err(e) => tracing::error!(id, error = %e, "cannot record the message as failed"),
     }
     // A notice is sent for mail from an application, never for a notice (null sender).
     if let Some(to) = &ctx.settings().notify
         && !message.envelope.mail_from.is_empty()
     {
-        match spool_notice(ctx, message, &state, &reason, to).await {
-            Ok(notice) => {
-                tracing::info!(id, notice = %notice, to = %to, "failure notice queued");
-                let _ = ctx.events.send(Event::Queued(notice));
-            }
+        match queue_notice(ctx, message, &state, &reason, to).await {
+            // The store announces it like any new message.
+            Ok(notice) => tracing::info!(id, notice = %notice, to = %to, "failure notice queued"),
             Err(e) => tracing::error!(id, error = %e, "cannot queue the failure notice"),
         }
     }
     JobResult::Finished { delivered: false }
 }
 
-/// Builds the delivery status report and commits it to the spool like received mail.
-async fn spool_notice(
+/// Builds the delivery status report and commits it to the store like received mail.
+async fn queue_notice(
     ctx: &Arc<Context>,
     message: &LoadedMessage,
     state: &DeliveryState,
     reason: &str,
     to: &str,
-) -> Result<String, SpoolError> {
+) -> Result<String, StoreError> {
     let parsed = crate::headers::Headers::parse(&message.body);
     let headers_end = if parsed.complete() {
         parsed.section().len()
@@ -1029,17 +921,17 @@ async fn spool_notice(
         },
         SystemTime::now(),
     );
-    let envelope = crate::spool::Envelope {
+    let envelope = crate::store::Envelope {
         mail_from: String::new(),
         mail_params: Default::default(),
-        recipients: vec![crate::spool::Recipient::new(to)],
+        recipients: vec![crate::store::Recipient::new(to)],
         client: "smtp-oauth-relay".into(),
         helo: ctx.settings().reporting_host.clone(),
         auth_user: None,
         received_at: SystemTime::now(),
     };
-    let mut incoming = ctx.spool.create(&envelope).await?;
-    incoming.write_all(&bytes).await?;
+    let mut incoming = ctx.store.put(&envelope).await?;
+    incoming.write(&bytes).await?;
     incoming.commit().await
 }
 

@@ -10,7 +10,7 @@ use super::framing::{DataDecoder, LineEnds};
 use super::message::{MessageWriter, TraceInfo};
 use super::reply::{self, Reply};
 use super::session::{BdatTransfer, Session, Skip, State};
-use crate::spool::{BodyType, Envelope, MailParams, SpoolError};
+use crate::store::{BodyType, Envelope, MailParams, StoreError};
 
 /// Decoded bytes are handed to the spool writer in pieces of about this size, so memory per
 /// session stays bounded however large the message is.
@@ -69,7 +69,7 @@ impl Session {
             auth_user: self.auth_user.clone(),
             received_at,
         };
-        let incoming = self.shared.spool.create(&envelope).await.map_err(|e| {
+        let incoming = self.shared.store.put(&envelope).await.map_err(|e| {
             tracing::error!(client = %self.peer, error = %e, "cannot create spool entry");
             spool_error_reply(&e)
         })?;
@@ -326,9 +326,6 @@ impl Session {
                     .accepted
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 crate::metrics::Metrics::inc(&self.shared.metrics.accepted);
-                if let Some(delivery) = &self.shared.delivery {
-                    delivery.queued(id.clone());
-                }
                 self.reply(Reply::with_text(250, "2.0.0", format!("queued as {id}")));
                 self.acked = true;
             }
@@ -340,8 +337,8 @@ impl Session {
     }
 }
 
-fn spool_error_reply(error: &SpoolError) -> Reply {
-    if error.is_no_space() {
+fn spool_error_reply(error: &StoreError) -> Reply {
+    if error.is_full() {
         reply::NO_SPACE
     } else {
         reply::LOCAL_ERROR

@@ -8,7 +8,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::headers::{self, HeaderName, Headers};
-use crate::spool::{IncomingMessage, SpoolError};
+use crate::store::{Incoming, StoreError};
 
 /// How much of the header section is kept in memory to look for `Date:` and `Message-ID:`.
 /// A header section larger than this is streamed on; the headers seen so far decide.
@@ -16,7 +16,7 @@ const HEADER_SCAN_LIMIT: usize = 256 * 1024;
 
 /// Streams a message body into the spool, applying the rules above.
 pub struct MessageWriter {
-    incoming: IncomingMessage,
+    incoming: Box<dyn Incoming>,
     trace: TraceInfo,
     /// `Some` while the header section is still being collected.
     header_scan: Option<Vec<u8>>,
@@ -38,7 +38,7 @@ pub struct TraceInfo {
 }
 
 impl MessageWriter {
-    pub fn new(incoming: IncomingMessage, trace: TraceInfo) -> MessageWriter {
+    pub fn new(incoming: Box<dyn Incoming>, trace: TraceInfo) -> MessageWriter {
         MessageWriter {
             incoming,
             trace,
@@ -57,7 +57,7 @@ impl MessageWriter {
     }
 
     /// Appends decoded message bytes (CRLF line ends only).
-    pub async fn push(&mut self, chunk: &[u8]) -> Result<(), SpoolError> {
+    pub async fn push(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
         if chunk.is_empty() {
             return Ok(());
         }
@@ -66,7 +66,7 @@ impl MessageWriter {
         self.write_decoded(chunk).await
     }
 
-    async fn write_decoded(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
+    async fn write_decoded(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
         match &mut self.header_scan {
             Some(scan) => {
                 let seen = scan.len();
@@ -76,27 +76,27 @@ impl MessageWriter {
                 }
                 Ok(())
             }
-            None => self.incoming.write_all(bytes).await,
+            None => self.incoming.write(bytes).await,
         }
     }
 
-    async fn flush_header_section(&mut self) -> Result<(), SpoolError> {
+    async fn flush_header_section(&mut self) -> Result<(), StoreError> {
         if let Some(scan) = self.header_scan.take() {
             let id = self.incoming.id().to_string();
             let parsed = Headers::parse(&scan);
             let at = added_fields_offset(&parsed, &scan);
             let received = received_header(&self.trace, &id);
             let added = missing_fields(&self.trace, &id, &parsed);
-            self.incoming.write_all(received.as_bytes()).await?;
-            self.incoming.write_all(&scan[..at]).await?;
-            self.incoming.write_all(added.as_bytes()).await?;
-            self.incoming.write_all(&scan[at..]).await?;
+            self.incoming.write(received.as_bytes()).await?;
+            self.incoming.write(&scan[..at]).await?;
+            self.incoming.write(added.as_bytes()).await?;
+            self.incoming.write(&scan[at..]).await?;
         }
         Ok(())
     }
 
-    /// Writes what is still buffered and commits the message to the spool.
-    pub async fn commit(mut self) -> Result<String, SpoolError> {
+    /// Writes what is still buffered and commits the message to the store.
+    pub async fn commit(mut self) -> Result<String, StoreError> {
         self.flush_header_section().await?;
         self.incoming.commit().await
     }

@@ -47,7 +47,7 @@ use reply::Reply;
 pub use session::{Next, Session};
 
 use crate::config::Config;
-use crate::spool::Spool;
+use crate::store::Store;
 
 /// How long sessions get to finish after shutdown starts before they are cut off.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
@@ -152,11 +152,9 @@ fn load_tls(cert: &Path, key: &Path) -> Result<TlsAcceptor, InboundError> {
 /// State shared by all sessions.
 pub struct Shared {
     pub settings: InboundSettings,
-    pub spool: Spool,
+    pub store: Arc<dyn Store>,
     /// Messages accepted since start (for logs and, later, metrics).
     pub accepted: AtomicU64,
-    /// Told about every committed message so delivery starts at once.
-    pub delivery: Option<crate::deliver::DeliveryHandle>,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -164,7 +162,7 @@ impl Shared {
     /// RFC 5321 §4.5.3.1.10 / Postfix `smtpd_check_queue`: refuse with a temporary 452 before
     /// taking data the disk cannot hold.
     pub fn check_free_space(&self, declared_size: u64) -> Result<(), Reply> {
-        match self.spool.free_space() {
+        match self.store.free_space() {
             Ok(free) if free >= self.settings.min_free_space.saturating_add(declared_size) => {
                 Ok(())
             }
@@ -191,16 +189,14 @@ pub struct Server {
 impl Server {
     pub fn new(
         settings: InboundSettings,
-        spool: Spool,
-        delivery: Option<crate::deliver::DeliveryHandle>,
+        store: Arc<dyn Store>,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Server {
         Server {
             shared: Arc::new(Shared {
                 settings,
-                spool,
+                store,
                 accepted: AtomicU64::new(0),
-                delivery,
                 metrics,
             }),
         }

@@ -16,7 +16,7 @@ use super::{EntryState, Envelope, Inner, format};
 /// At most this many bytes are buffered in memory before they are written to the file.
 pub const WRITE_BUFFER: usize = 256 * 1024;
 
-async fn blocking<T, F>(f: F) -> Result<T, SpoolError>
+pub(crate) async fn blocking<T, F>(f: F) -> Result<T, SpoolError>
 where
     T: Send + 'static,
     F: FnOnce() -> Result<T, SpoolError> + Send + 'static,
@@ -231,6 +231,11 @@ impl IncomingMessage {
         self.inner.health.ok();
         self.phase = Phase::Committed;
         self.inner.counters.commits.fetch_add(1, Ordering::Relaxed);
+        // No receiver (no deliverer yet) is not an error: it reads the queue when it starts.
+        let _ = self
+            .inner
+            .events
+            .send(crate::store::StoreEvent::Committed(self.id.clone()));
         Ok(self.id.clone())
     }
 

@@ -23,14 +23,18 @@
 //! crash, the message reappears and is delivered although the client was told to retry: a
 //! duplicate, which at-least-once delivery allows; a lost acknowledged message cannot happen.
 //!
+//! # As a store
+//! [`Spool`] implements [`crate::store::Store`] (see `store.rs`): commits announce themselves,
+//! operator commands write `wakeup`, which the daemon's spool watches, and the deliverer's
+//! status goes to `mailbox.json`. Nothing outside this module knows these names.
+//!
 //! # Concurrency
 //! The async methods run blocking filesystem calls on tokio's blocking pool. The synchronous
 //! methods (`list`, `show`, `hold`, ..., `read_state`, `write_state`) block: async callers should
-//! wrap them in `spawn_blocking`. Operator commands ([`admin`]) are safe while the daemon
+//! wrap them in `spawn_blocking`. Operator commands (`queue ...`) are safe while the daemon
 //! runs: they never touch `tmp/`, they move files with atomic no-replace renames, and a file
 //! that vanishes concurrently is reported as [`SpoolError::NotFound`].
 
-pub mod admin;
 mod error;
 pub mod format;
 mod fsutil;
@@ -38,6 +42,7 @@ mod id;
 mod incoming;
 mod recovery;
 mod state;
+mod store;
 mod writable;
 
 use std::fs::{self, File};
@@ -136,6 +141,14 @@ pub(crate) struct Inner {
     state_tmp_seq: AtomicU64,
     /// Outcome of the last write, for `/readyz` ([`writable`]).
     health: writable::WriteHealth,
+    /// Every change, for the deliverer ([`crate::store::Store::events`]; see [`store`]).
+    pub(crate) events: tokio::sync::broadcast::Sender<crate::store::StoreEvent>,
+    /// Whether the task that turns other processes' changes into events runs.
+    pub(crate) watching: std::sync::atomic::AtomicBool,
+    /// Messages claimed for an attempt in this process.
+    pub(crate) claims: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The mailbox statuses this process published (the status file holds all of them).
+    pub(crate) statuses: std::sync::Mutex<std::collections::BTreeMap<String, serde_json::Value>>,
     _lock: Option<File>,
 }
 
@@ -193,6 +206,10 @@ pub(crate) fn new_inner(dir: &Path, lock: Option<File>) -> Inner {
         group: Arc::new(GroupCommit::new()),
         state_tmp_seq: AtomicU64::new(0),
         health: writable::WriteHealth::default(),
+        events: tokio::sync::broadcast::channel(store::EVENT_BACKLOG).0,
+        watching: std::sync::atomic::AtomicBool::new(false),
+        claims: Default::default(),
+        statuses: Default::default(),
         _lock: lock,
     }
 }

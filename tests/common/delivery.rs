@@ -16,6 +16,7 @@ use smtp_oauth_relay::inbound::{InboundSettings, Server};
 use smtp_oauth_relay::oauth::TokenProvider;
 use smtp_oauth_relay::sim::{SimConfig, Simulator};
 use smtp_oauth_relay::spool::{DeliveryState, EntryState, Spool};
+use smtp_oauth_relay::store::Store;
 use smtp_oauth_relay::transport::smtp::{SmtpSettings, SmtpTransport};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -256,18 +257,15 @@ pub async fn start_delivering_with(
     let shutdown = CancellationToken::new();
     let deliverer_stop = shutdown.child_token();
     let metrics = Arc::new(smtp_oauth_relay::metrics::Metrics::default());
-    let running = start_delivery(&config, &spool, &metrics, &deliverer_stop)
-        .expect("delivery starts")
-        .expect("oauth configured");
-    let relay = listen(
+    let running = start_delivery(
         &config,
-        spool,
-        Some(running.handle.clone()),
-        &running.metrics,
-        shutdown,
-        dir,
+        &(Arc::new(spool.clone()) as Arc<dyn Store>),
+        &metrics,
+        &deliverer_stop,
     )
-    .await;
+    .expect("delivery starts")
+    .expect("oauth configured");
+    let relay = listen(&config, spool, &running.metrics, shutdown, dir).await;
     DeliveringRelay {
         relay,
         sim,
@@ -311,15 +309,7 @@ pub async fn start_tuned(
         &metrics,
         &deliverer_stop,
     );
-    let relay = listen(
-        &config,
-        spool,
-        Some(handle.clone()),
-        &metrics,
-        shutdown,
-        dir,
-    )
-    .await;
+    let relay = listen(&config, spool, &metrics, shutdown, dir).await;
     DeliveringRelay {
         relay,
         sim,
@@ -357,7 +347,6 @@ async fn prepare(
 async fn listen(
     config: &Config,
     spool: Spool,
-    delivery: Option<DeliveryHandle>,
     metrics: &Arc<smtp_oauth_relay::metrics::Metrics>,
     shutdown: CancellationToken,
     dir: tempfile::TempDir,
@@ -365,7 +354,7 @@ async fn listen(
     let inbound = InboundSettings::from_config(config).expect("settings");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let server = Server::new(inbound, spool.clone(), delivery, metrics.clone());
+    let server = Server::new(inbound, Arc::new(spool.clone()), metrics.clone());
     let handle = tokio::spawn(server.run(vec![listener], shutdown.clone()));
     Relay {
         addr,
@@ -398,7 +387,7 @@ fn tuned_deliverer(
     }
     let transport = SmtpTransport::new(target, smtp, Arc::new(tokens), metrics.clone());
     Deliverer::start(
-        spool.clone(),
+        Arc::new(spool.clone()),
         settings,
         Arc::new(transport),
         metrics.clone(),

@@ -25,9 +25,11 @@ pub mod setup_cli;
 pub mod sim;
 pub mod sim_process;
 pub mod smtp;
+pub mod store_suite;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use smtp_oauth_relay::config::Config;
@@ -117,7 +119,7 @@ pub async fn start_relay(toml: &str) -> Relay {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let shutdown = CancellationToken::new();
-    let server = Server::new(settings, spool.clone(), None, Default::default());
+    let server = Server::new(settings, Arc::new(spool.clone()), Default::default());
     let handle = tokio::spawn(server.run(vec![listener], shutdown.clone()));
     Relay {
         addr,
@@ -126,4 +128,21 @@ pub async fn start_relay(toml: &str) -> Relay {
         handle,
         _dir: dir,
     }
+}
+
+/// `smtp-oauth-relay queue CMD` as `main` runs it (the store opened for an operator), against
+/// the spool at `dir`, in this process; the printed text or the error.
+#[allow(dead_code)]
+pub async fn queue_command(
+    dir: &Path,
+    cmd: &smtp_oauth_relay::queue_command::QueueCommand,
+) -> Result<String, smtp_oauth_relay::queue_command::QueueCommandError> {
+    let queue = smtp_oauth_relay::config::QueueConfig {
+        dir: dir.to_path_buf(),
+        ..Default::default()
+    };
+    let store = smtp_oauth_relay::store::open_for_operator(&queue)?;
+    let mut out = Vec::new();
+    smtp_oauth_relay::queue_command::run(&*store, cmd, &mut out).await?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }

@@ -29,9 +29,8 @@ pub fn session_rig(toml: &str) -> SessionRig {
     SessionRig {
         shared: Arc::new(Shared {
             settings,
-            spool: spool.clone(),
+            store: Arc::new(spool.clone()),
             accepted: AtomicU64::new(0),
-            delivery: None,
             metrics: Default::default(),
         }),
         spool,

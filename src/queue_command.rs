@@ -1,10 +1,14 @@
-//! Operator commands (`smtp-oauth-relay queue ...`), safe while the daemon runs.
+//! `smtp-oauth-relay queue ...`: the operator commands, run against the [`Store`] while the
+//! daemon may be running, and how they print. The store announces every change to the running
+//! deliverer (see [`Store::events`]).
 
 use std::io::Write;
-use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use super::{DeliveryState, EntryState, QueueEntry, Spool, SpoolError};
+use crate::store::{
+    DeliveryState, EntryState, OpenError, QueueEntry, RecipientStatus, ShownMessage, StateProblem,
+    Store, StoreError,
+};
 
 /// A `queue` subcommand.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,15 +23,20 @@ pub enum QueueCommand {
     Retry(Option<String>),
 }
 
-/// Touched by every command that changes what is deliverable (`hold`, `release`, `delete`,
-/// `retry`) so that a running daemon re-reads the spool (the deliverer watches it).
-pub const WAKEUP_FILE: &str = "wakeup";
-/// Written by the deliverer: the mailbox's state, shown above the `queue list` table.
-pub const STATUS_FILE: &str = "mailbox.json";
+/// Why an operator command did not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueCommandError {
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot write the output: {0}")]
+    Output(#[from] std::io::Error),
+}
 
-/// Run one operator command against the spool at `spool_dir`, printing to `out`.
+/// Runs one operator command against `store`, printing to `out`.
 ///
-/// `list` prints `queue is empty` for an empty spool; otherwise a header line and one
+/// `list` prints `queue is empty` for an empty queue; otherwise a header line and one
 /// tab-separated line per message, oldest first:
 ///
 /// ```text
@@ -38,75 +47,67 @@ pub const STATUS_FILE: &str = "mailbox.json";
 /// delivery column is empty until a delivery was attempted. A message whose state file cannot
 /// be used is listed with `state-problem="..."` there (what the deliverer does about it), and
 /// one that may already have reached its recipients with `possible-duplicate=...`.
-pub fn run_queue_command(
-    spool_dir: &Path,
+pub async fn run(
+    store: &dyn Store,
     cmd: &QueueCommand,
     out: &mut dyn Write,
-) -> Result<(), SpoolError> {
-    let spool = Spool::open_for_admin(spool_dir)?;
-    let w = |r: std::io::Result<()>| {
-        r.map_err(|e| SpoolError::Io {
-            op: "write output",
-            path: "-".into(),
-            source: e,
-        })
-    };
+) -> Result<(), QueueCommandError> {
     match cmd {
         QueueCommand::List => {
-            let entries = spool.list()?;
+            let entries = store.list().await?;
             let now = SystemTime::now();
-            w(write_mailbox_status(spool_dir, out))?;
-            w(write_list(&entries, now, out))?;
+            for (mailbox, status) in store.statuses().await {
+                write_mailbox_status(&mailbox, &status, out)?;
+            }
+            write_list(&entries, now, out)?;
         }
         QueueCommand::Retry(target) => {
             let ids: Vec<String> = match target {
                 Some(id) => vec![id.to_ascii_uppercase()],
-                None => spool
-                    .list()?
+                None => store
+                    .list()
+                    .await?
                     .into_iter()
                     .filter(|e| e.state != EntryState::Failed)
                     .map(|e| e.id)
                     .collect(),
             };
             for id in &ids {
-                let was = retry_one(&spool, id)?;
-                w(writeln!(out, "retry {id} (was {was})"))?;
+                let was = store.retry(id).await?;
+                writeln!(out, "retry {id} (was {was})")?;
             }
             if ids.is_empty() {
-                w(writeln!(out, "nothing to retry"))?;
+                writeln!(out, "nothing to retry")?;
             }
         }
         QueueCommand::Show(id) => {
-            let m = spool.show(id)?;
-            w(write_show(&m, SystemTime::now(), out))?;
+            let m = store.show(id).await?;
+            write_show(&m, SystemTime::now(), out)?;
         }
         QueueCommand::Hold(id) => {
-            let was = spool.move_to(id, EntryState::Held)?;
+            let was = store.hold(id).await?;
             let id = id.to_ascii_uppercase();
-            w(if was == EntryState::Held {
-                writeln!(out, "{id} is already held")
+            if was == EntryState::Held {
+                writeln!(out, "{id} is already held")?;
             } else {
-                writeln!(out, "held {id} (was {was})")
-            })?;
+                writeln!(out, "held {id} (was {was})")?;
+            }
         }
         QueueCommand::Release(id) => {
-            let was = spool.move_to(id, EntryState::Queued)?;
+            let was = store.release(id).await?;
             let id = id.to_ascii_uppercase();
-            w(if was == EntryState::Queued {
-                writeln!(out, "{id} is already queued")
+            if was == EntryState::Queued {
+                writeln!(out, "{id} is already queued")?;
             } else {
-                writeln!(out, "released {id} (was {was})")
-            })?;
+                writeln!(out, "released {id} (was {was})")?;
+            }
         }
         QueueCommand::Delete(id) => {
-            spool.delete(id)?;
-            w(writeln!(out, "deleted {}", id.to_ascii_uppercase()))?;
+            store.delete(id).await?;
+            writeln!(out, "deleted {}", id.to_ascii_uppercase())?;
         }
     }
-    if cmd.changes_deliverable() {
-        wake_daemon(spool_dir)?;
-    }
-    w(out.flush())
+    Ok(out.flush()?)
 }
 
 impl QueueCommand {
@@ -123,55 +124,17 @@ impl QueueCommand {
     }
 }
 
-/// Puts a message back in `queue/`, due now, with its failed recipients pending again. A state
-/// file this relay cannot use (unreadable, or from a newer relay) is the operator's to reset:
-/// it goes to `corrupt/` and the message is sent as new.
-fn retry_one(spool: &Spool, id: &str) -> Result<EntryState, SpoolError> {
-    use super::RecipientStatus;
-    let state = match spool.read_state(id) {
-        Err(SpoolError::BadState { .. }) => {
-            spool.reset_state(id)?;
-            None
-        }
-        other => other?,
-    };
-    // The state first: once the file is back in queue/, the deliverer may pick it up.
-    if let Some(mut state) = state {
-        state.next_attempt = None;
-        state.hold_reason = None;
-        state.fail_reason = None;
-        for r in &mut state.recipients {
-            if r.status == RecipientStatus::Failed {
-                r.status = RecipientStatus::Pending;
-            }
-        }
-        spool.write_state(id, &state)?;
-    }
-    spool.move_to(id, EntryState::Queued)
-}
-
-/// Tells a running deliverer that the spool changed: the one notification path of every
-/// operator command (the deliverer notices within a second and re-reads `queue/`).
-fn wake_daemon(spool_dir: &Path) -> Result<(), SpoolError> {
-    let path = spool_dir.join(WAKEUP_FILE);
-    // The content changes the modification time even on filesystems with coarse timestamps.
-    let stamp = format!("{:?}\n", SystemTime::now());
-    std::fs::write(&path, stamp).map_err(|e| SpoolError::io("write", &path, e))
-}
-
-/// `delivery held since ...: cause` with the reply and the fix, when the deliverer says so.
-fn write_mailbox_status(spool_dir: &Path, out: &mut dyn Write) -> std::io::Result<()> {
-    let Ok(text) = std::fs::read_to_string(spool_dir.join(STATUS_FILE)) else {
-        return Ok(());
-    };
-    let Ok(status) = serde_json::from_str::<serde_json::Value>(&text) else {
-        return Ok(());
-    };
+/// `DELIVERY HELD since ...: cause` with the reply and the fix, when the deliverer says so.
+fn write_mailbox_status(
+    mailbox: &str,
+    status: &serde_json::Value,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
     if status["state"] == "held" {
         let field = |k: &str| status[k].as_str().unwrap_or("").to_string();
         writeln!(
             out,
-            "DELIVERY HELD since {}: {}",
+            "DELIVERY HELD since {} for {mailbox}: {}",
             field("since"),
             field("reason")
         )?;
@@ -241,7 +204,7 @@ fn delivery_summary(d: &DeliveryState) -> String {
 }
 
 /// `first dot 2025-11-29T18:34:00Z, 1 attempt, after it: ...[, upstream id ...]`.
-fn duplicate_summary(d: &super::PossibleDuplicate) -> String {
+fn duplicate_summary(d: &crate::store::PossibleDuplicate) -> String {
     let mut s = format!(
         "final dot sent {}, {} attempt{} without a 250, then: {}",
         humantime::format_rfc3339_seconds(d.first_dot_at),
@@ -256,12 +219,12 @@ fn duplicate_summary(d: &super::PossibleDuplicate) -> String {
 }
 
 /// What the deliverer does with a message whose state file cannot be used.
-fn state_problem_summary(p: &super::StateProblem) -> String {
+fn state_problem_summary(p: &StateProblem) -> String {
     match p {
-        super::StateProblem::Unreadable(_) => {
+        StateProblem::Unreadable(_) => {
             format!("{p}; the deliverer moves it to corrupt/ and sends the message as new")
         }
-        super::StateProblem::NewerVersion(_) => {
+        StateProblem::NewerVersion(_) => {
             format!("{p}; the deliverer holds it: upgrade the relay, or `queue retry ID` resets it")
         }
     }
@@ -299,11 +262,7 @@ fn write_list(entries: &[QueueEntry], now: SystemTime, out: &mut dyn Write) -> s
     Ok(())
 }
 
-fn write_show(
-    m: &super::ShownMessage,
-    now: SystemTime,
-    out: &mut dyn Write,
-) -> std::io::Result<()> {
+fn write_show(m: &ShownMessage, now: SystemTime, out: &mut dyn Write) -> std::io::Result<()> {
     let e = &m.entry;
     let env = &m.envelope;
     writeln!(out, "id: {}", e.id)?;
@@ -380,9 +339,9 @@ fn write_show(
             }
             for r in &d.recipients {
                 let status = match r.status {
-                    super::RecipientStatus::Pending => "pending",
-                    super::RecipientStatus::Delivered => "delivered",
-                    super::RecipientStatus::Failed => "failed",
+                    RecipientStatus::Pending => "pending",
+                    RecipientStatus::Delivered => "delivered",
+                    RecipientStatus::Failed => "failed",
                 };
                 match &r.reply {
                     Some(reply) => {

@@ -1,0 +1,107 @@
+//! The Store conformance suite (`common::store_suite`) against the file spool, the embedded
+//! default. Every store implementation runs the same checks.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use common::process::run_cli;
+use common::store_suite::{self as suite, StoreFixture};
+use smtp_oauth_relay::spool::Spool;
+use smtp_oauth_relay::store::Store;
+
+struct Files {
+    work: tempfile::TempDir,
+    daemon: Option<Arc<dyn Store>>,
+}
+
+impl Files {
+    fn new() -> Files {
+        let work = tempfile::tempdir().expect("tempdir");
+        let mut files = Files { work, daemon: None };
+        files.daemon = Some(files.open());
+        files
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.work.path().join("spool")
+    }
+
+    fn open(&self) -> Arc<dyn Store> {
+        let (spool, _report) = Spool::open(&self.dir()).expect("open spool");
+        Arc::new(spool)
+    }
+}
+
+impl StoreFixture for Files {
+    fn daemon(&self) -> Arc<dyn Store> {
+        self.daemon.clone().expect("open")
+    }
+
+    fn operator(&self) -> Arc<dyn Store> {
+        Arc::new(Spool::open_for_admin(&self.dir()).expect("open for an operator"))
+    }
+
+    fn restart(&mut self) -> Arc<dyn Store> {
+        // The lock goes with the last handle, as with a process that died.
+        self.daemon = None;
+        let store = self.open();
+        self.daemon = Some(store.clone());
+        store
+    }
+
+    fn queue_cli(&self, args: &[&str]) -> String {
+        let config = self.work.path().join("operator.toml");
+        std::fs::write(
+            &config,
+            format!("[queue]\ndir = \"{}\"\n", self.dir().display()),
+        )
+        .expect("write config");
+        let mut full = vec!["queue"];
+        full.extend_from_slice(args);
+        let out = run_cli(&config, &full, &[]);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "queue {args:?}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+}
+
+#[tokio::test]
+async fn files_commits_are_durable_and_announced() {
+    suite::commits_are_durable_and_announced(&mut Files::new()).await;
+}
+
+#[tokio::test]
+async fn files_claims_are_exclusive() {
+    suite::claims_are_exclusive(&mut Files::new()).await;
+}
+
+#[tokio::test]
+async fn files_attempts_are_recorded_until_delivered_or_failed() {
+    suite::attempts_are_recorded_until_delivered_or_failed(&mut Files::new()).await;
+}
+
+#[tokio::test]
+async fn files_operator_commands_while_delivering() {
+    suite::operator_commands_while_delivering(&mut Files::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_events_cross_processes() {
+    suite::events_cross_processes(&mut Files::new()).await;
+}
+
+#[tokio::test]
+async fn files_ids_are_validated() {
+    suite::ids_are_validated(&mut Files::new()).await;
+}
+
+#[tokio::test]
+async fn files_gauges_and_status() {
+    suite::gauges_and_status(&mut Files::new()).await;
+}
