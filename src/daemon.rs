@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::oauth::{OAuthError, TokenProvider};
 use crate::service;
 use crate::sim::{SimConfig, SimError, Simulator};
+use crate::stop::StopBudget;
 use crate::store::Store;
 use crate::supervise::{Supervisor, TaskDeath};
 use crate::transport::smtp::{SmtpSettings, SmtpTransport};
@@ -96,7 +97,8 @@ pub async fn serve(
     let settings = InboundSettings::from_config(&config)?;
     let (store, _recovered) = crate::store::open(&config.queue)?;
     let metrics = Arc::new(Metrics::default());
-    let delivery = start_delivery(&config, &store, &metrics, &shutdown)?;
+    let stop = StopBudget::from_config(&config);
+    let delivery = start_delivery(&config, &store, &metrics, &shutdown, &stop)?;
     let listeners = Server::bind(&config.smtp.listen).await?;
     for listener in &listeners {
         if let Ok(addr) = listener.local_addr() {
@@ -161,12 +163,20 @@ pub async fn serve(
     service::ready(&format!("accepting SMTP on {:?}", config.smtp.listen));
     let accepting = admin_state.accepting.clone();
     let stop_notice = shutdown.clone();
+    let stop_budget = stop.clone();
     tokio::spawn(async move {
         stop_notice.cancelled().await;
+        // The stop budget's clock starts now, for every part at once.
+        let _ = stop_budget.deadline();
         accepting.store(false, Ordering::Release);
-        service::stopping("stopping: draining SMTP sessions");
+        service::stopping(&format!(
+            "stopping: sessions and deliveries finish within {}",
+            humantime::format_duration(stop_budget.budget())
+        ));
     });
-    let server = Server::new(settings, store, metrics).run(listeners, shutdown.clone());
+    let server = Server::new(settings, store, metrics)
+        .with_stop_budget(stop)
+        .run(listeners, shutdown.clone());
     let watchdog = service::watchdog_interval();
     tasks.watch(
         "inbound",
@@ -259,6 +269,7 @@ pub fn start_delivery(
     store: &Arc<dyn Store>,
     metrics: &Arc<Metrics>,
     shutdown: &CancellationToken,
+    stop: &StopBudget,
 ) -> Result<Option<RunningDelivery>, DaemonError> {
     if !config.oauth.is_configured() {
         tracing::warn!(
@@ -292,6 +303,7 @@ pub fn start_delivery(
         transport.clone(),
         metrics.clone(),
         shutdown.clone(),
+        stop.clone(),
     );
     Ok(Some(RunningDelivery {
         handle,

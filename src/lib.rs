@@ -53,6 +53,7 @@ pub mod service;
 pub mod setup;
 pub mod sim;
 pub mod spool;
+pub mod stop;
 pub mod store;
 pub mod supervise;
 pub mod transport;

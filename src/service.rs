@@ -99,14 +99,16 @@ pub fn reload_log_level(level: &str) -> Result<bool, String> {
 // SIGHUP reload
 
 /// Keys the running process cannot change without a restart: the listeners and their limits
-/// (fixed in the inbound server at start), the spool location, the admin address and the log
-/// format. A reload keeps their running values in the published config and says so.
+/// (fixed in the inbound server at start), the spool location, the admin address, the log
+/// format and the stop budget (shared by the running parts since start). A reload keeps their
+/// running values in the published config and says so.
 pub const RESTART_ONLY: &[&str] = &[
     "smtp.*",
     "queue.dir",
     "queue.min_free_space",
     "admin.*",
     "log.format",
+    "service.*",
 ];
 
 /// Keys a running deliverer takes at a reload ([`LiveParts::apply_delivery`]): the credential
@@ -286,6 +288,7 @@ pub fn merge_reload(
     new.queue.min_free_space = running.queue.min_free_space;
     new.admin = running.admin.clone();
     new.log.format = running.log.format;
+    new.service = running.service.clone();
     for list in [
         &mut outcome.applied,
         &mut outcome.needs_restart,

@@ -105,6 +105,11 @@ const CASES: &[(&str, &str, &[&str])] = &[
             "\"18446744073709551615s\"",
         ],
     ),
+    (
+        "service",
+        "stop_timeout",
+        &["\"0s\"", "\"-1s\"", "\"11m\"", "\"500000000y\"", "3"],
+    ),
 ];
 
 /// A valid relay.toml (free port, private spool) with `section.key = value` added.
@@ -123,6 +128,7 @@ fn config(dir: &Path, section: &str, line: &str) -> std::path::PathBuf {
         ),
         ("upstream", String::new()),
         ("oauth", String::new()),
+        ("service", String::new()),
     ];
     for (name, body) in sections.iter_mut() {
         if *name == section {
@@ -207,6 +213,8 @@ fn the_limits_themselves_are_accepted() {
         ("upstream", "port = 1\nconnections = 1\nrate = \"1/h\""),
         ("oauth", "refresh_before = \"1h\""),
         ("oauth", "refresh_before = \"1m\""),
+        ("service", "stop_timeout = \"1s\""),
+        ("service", "stop_timeout = \"10m\""),
     ] {
         let file = config(dir.path(), section, line);
         let out = run_cli(&file, &["config"], &[]);

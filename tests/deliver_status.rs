@@ -117,6 +117,7 @@ async fn a_message_in_flight_is_counted_once() {
         transport.clone(),
         Default::default(),
         stop.clone(),
+        Default::default(),
     );
     // Both started; the fast one is delivered, the slow one is still in flight: one message.
     wait_status(&handle, 1, 1).await;

@@ -124,6 +124,7 @@ async fn the_deliverer_records_per_recipient_outcomes_from_any_transport() {
         transport.clone(),
         Default::default(),
         stop.clone(),
+        Default::default(),
     );
     // The message fails as a whole (one recipient refused for good): it moves to failed/.
     let mut state = None;

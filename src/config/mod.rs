@@ -38,6 +38,7 @@ pub struct Config {
     pub oauth: OAuthConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
+    pub service: ServiceConfig,
 }
 
 /// The local listener that legacy applications talk to.
@@ -311,6 +312,25 @@ impl AdminConfig {
                     humantime::format_duration(self.header_timeout)
                 ),
             ));
+        }
+    }
+}
+
+/// How the relay runs under a service manager (systemd, a container runtime).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceConfig {
+    /// From SIGTERM to exit, at most: sessions in DATA, delivery attempts in flight and the
+    /// upstream QUITs share this one budget. Keep it below the manager's limit (systemd
+    /// `TimeoutStopSec=30s`, Kubernetes `terminationGracePeriodSeconds` 30, `docker stop` 10 s).
+    #[serde(with = "humantime_serde")]
+    pub stop_timeout: Duration,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            stop_timeout: Duration::from_secs(25),
         }
     }
 }
@@ -772,7 +792,9 @@ fn figment_issues(error: figment::Error, source: Option<&str>) -> Vec<ConfigIssu
 /// only a bare key under one of the schema's sections, so that nothing but a key name is
 /// ever taken from the file (a line inside a multi-line string may hold a secret).
 fn key_of_error_line(source: &str, message: &str) -> Option<String> {
-    const SECTIONS: [&str; 6] = ["smtp", "queue", "upstream", "oauth", "admin", "log"];
+    const SECTIONS: [&str; 7] = [
+        "smtp", "queue", "upstream", "oauth", "admin", "log", "service",
+    ];
     let rest = &message[message.find("at line ")? + "at line ".len()..];
     let line: usize = rest
         .split(|c: char| !c.is_ascii_digit())
@@ -935,6 +957,13 @@ impl Config {
     /// Every rule in one pass, so the admin sees all problems at once.
     fn validate_into(&self, issues: &mut Vec<ConfigIssue>) {
         self.admin.validate_into(issues);
+        within(
+            issues,
+            "service.stop_timeout",
+            self.service.stop_timeout,
+            bounds::STOP_TIMEOUT,
+            duration_text,
+        );
         let smtp = &self.smtp;
         if smtp.listen.is_empty() {
             issues.push(issue("smtp.listen", "at least one address is required"));
@@ -1392,6 +1421,13 @@ pub mod bounds {
         min: 1,
         max: 1000,
         why: "a client that provokes more error replies is not going to succeed",
+    };
+    pub const STOP_TIMEOUT: Bound<Duration> = Bound {
+        min: Duration::from_secs(1),
+        max: Duration::from_secs(600),
+        why: "the service manager kills the relay at its own stop timeout (systemd \
+              TimeoutStopSec, 30 s in our unit; docker stop, 10 s); a stop that waits longer \
+              only delays the restart",
     };
     pub const MAX_AGE: Bound<Duration> = Bound {
         min: Duration::from_secs(1),

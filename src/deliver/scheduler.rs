@@ -21,6 +21,7 @@ use super::pacer::{Attempt, Pacer, PacerSettings, Progress, Start, Transition};
 use super::sender::apply_sender_policy;
 use crate::config::{Rate, RewriteFrom};
 use crate::metrics::Metrics;
+use crate::stop::StopBudget;
 use crate::store::{
     DeliveryState, EntryState, LoadedMessage, PossibleDuplicate, RecipientState, RecipientStatus,
     Store, StoreError, StoreEvent,
@@ -186,13 +187,15 @@ impl Context {
 pub struct Deliverer;
 
 impl Deliverer {
-    /// Starts the dispatcher. It runs until `shutdown`, then waits for jobs in flight.
+    /// Starts the dispatcher. It runs until `shutdown`, then waits for jobs in flight and
+    /// closes the transport, all within the deadline of `stop`.
     pub fn start(
         store: Arc<dyn Store>,
         settings: DeliverySettings,
         transport: Arc<dyn Transport>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
+        stop: StopBudget,
     ) -> (DeliveryHandle, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let status = Arc::new(Mutex::new(MailboxStatus {
@@ -214,7 +217,7 @@ impl Deliverer {
             transport,
             metrics,
         });
-        let task = tokio::spawn(dispatch(ctx, tx, rx, changes, status, shutdown));
+        let task = tokio::spawn(dispatch(ctx, tx, rx, changes, status, shutdown, stop));
         (handle, task)
     }
 }
@@ -356,6 +359,7 @@ async fn dispatch(
     mut changes: tokio::sync::broadcast::Receiver<StoreEvent>,
     status: Arc<Mutex<MailboxStatus>>,
     shutdown: CancellationToken,
+    stop: StopBudget,
 ) {
     use tokio::sync::broadcast::error::RecvError;
     crate::failpoint::panic_point("task-dispatcher");
@@ -468,10 +472,10 @@ async fn dispatch(
         }
     }
 
-    // Shutdown: jobs in flight finish (each is bounded by the upstream timeouts), then QUIT.
-    let deadline = Instant::now() + Duration::from_secs(25);
+    // Shutdown: jobs in flight finish, then QUIT, all by the stop deadline.
+    let attempts_deadline = stop.attempts_deadline();
     while !schedule.in_flight.is_empty() {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
+        match tokio::time::timeout_at(attempts_deadline, rx.recv()).await {
             Ok(Some(Event::Done(report))) => {
                 schedule.in_flight.remove(&report.id);
             }
@@ -479,7 +483,20 @@ async fn dispatch(
             Ok(None) | Err(_) => break,
         }
     }
-    ctx.transport.close().await;
+    if !schedule.in_flight.is_empty() {
+        tracing::warn!(
+            attempts = schedule.in_flight.len(),
+            stop_timeout = %humantime::format_duration(stop.budget()),
+            "stop deadline: delivery attempts still running are abandoned; their messages stay \
+             queued and are sent after the restart (possibly twice, if Exchange already had them)"
+        );
+    }
+    if tokio::time::timeout_at(stop.deadline(), ctx.transport.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("stop deadline: not every upstream session got its QUIT");
+    }
     tracing::info!("deliverer stopped");
 }
 

@@ -184,6 +184,7 @@ impl Shared {
 
 pub struct Server {
     shared: Arc<Shared>,
+    stop: crate::stop::StopBudget,
 }
 
 impl Server {
@@ -199,7 +200,15 @@ impl Server {
                 accepted: AtomicU64::new(0),
                 metrics,
             }),
+            stop: crate::stop::StopBudget::new(DRAIN_TIMEOUT),
         }
+    }
+
+    /// Sessions still open at a stop get until the deadline of `stop` (shared with the
+    /// deliverer) instead of [`DRAIN_TIMEOUT`].
+    pub fn with_stop_budget(mut self, stop: crate::stop::StopBudget) -> Server {
+        self.stop = stop;
+        self
     }
 
     /// Binds every `smtp.listen` address.
@@ -217,8 +226,9 @@ impl Server {
         Ok(listeners)
     }
 
-    /// Serves until `shutdown` is cancelled, then stops accepting, lets sessions finish for up
-    /// to [`DRAIN_TIMEOUT`], and returns.
+    /// Serves until `shutdown` is cancelled, then stops accepting, lets sessions finish until
+    /// the stop deadline ([`Server::with_stop_budget`]; [`DRAIN_TIMEOUT`] unless set), and
+    /// returns.
     pub async fn run(self, listeners: Vec<TcpListener>, shutdown: CancellationToken) {
         let sessions = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(self.shared.settings.max_connections));
@@ -236,13 +246,15 @@ impl Server {
             let _ = handle.await;
         }
         sessions.close();
-        if tokio::time::timeout(DRAIN_TIMEOUT, sessions.wait())
+        if tokio::time::timeout_at(self.stop.deadline(), sessions.wait())
             .await
             .is_err()
         {
             tracing::warn!(
                 remaining = sessions.len(),
-                "sessions still open after the drain timeout; closing them"
+                stop_timeout = %humantime::format_duration(self.stop.budget()),
+                "sessions still open at the stop deadline; closing them (their clients were \
+                 not told 250 and send again)"
             );
         }
     }

@@ -344,9 +344,12 @@ impl Transport for SmtpTransport {
                 .lock()
                 .map(|mut p| p.drain(..).collect())
                 .unwrap_or_default();
+            // All at once: the stop budget is shared by every session's QUIT.
+            let mut quits = tokio::task::JoinSet::new();
             for pooled in idle {
-                pooled.session.quit().await;
+                quits.spawn(pooled.session.quit());
             }
+            while quits.join_next().await.is_some() {}
         })
     }
 }

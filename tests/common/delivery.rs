@@ -262,6 +262,7 @@ pub async fn start_delivering_with(
         &(Arc::new(spool.clone()) as Arc<dyn Store>),
         &metrics,
         &deliverer_stop,
+        &Default::default(),
     )
     .expect("delivery starts")
     .expect("oauth configured");
@@ -392,6 +393,7 @@ fn tuned_deliverer(
         Arc::new(transport),
         metrics.clone(),
         stop.clone(),
+        Default::default(),
     )
 }
 
