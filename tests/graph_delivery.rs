@@ -485,3 +485,46 @@ async fn start_delivering_tuned() -> DeliveringRelay {
     )
     .await
 }
+
+/// No upload-session path yet: a Graph relay refuses at accept what sendMail would not take
+/// (552 5.3.4, already on `SIZE=`), instead of accepting it and failing it later; what fits is
+/// delivered whole.
+#[tokio::test]
+async fn messages_too_large_for_sendmail_are_refused_at_accept() {
+    let r = start_delivering(GRAPH, SimConfig::graph()).await;
+    let limit = smtp_oauth_relay::inbound::accept_limit(&r.config);
+    assert!(limit < smtp_oauth_relay::transport::graph::SENDMAIL_MAX_RAW);
+    let mut c = r.relay.connect().await;
+    c.expect("220").await;
+    let ehlo = c.cmd_expect("EHLO client.test", "250").await;
+    assert!(
+        ehlo.text().contains(&format!("SIZE {limit}")),
+        "{}",
+        ehlo.text()
+    );
+    c.cmd_expect(
+        &format!("MAIL FROM:<app@legacy.test> SIZE={}", limit + 1),
+        "552 5.3.4",
+    )
+    .await;
+    // Without SIZE=: refused at the end of DATA, nothing queued.
+    c.cmd_expect("MAIL FROM:<app@legacy.test>", "250").await;
+    c.cmd_expect("RCPT TO:<b@example.org>", "250").await;
+    c.cmd_expect("DATA", "354").await;
+    let big = common::fixtures::message("too-big", limit as usize + 1000);
+    c.send(&common::fixtures::data_block(&big)).await;
+    c.expect("552 5.3.4").await;
+    c.cmd_expect("QUIT", "221").await;
+    assert!(r.relay.spool.list().expect("list").is_empty());
+
+    // Just under the limit: 4 MiB of base64 at most, delivered byte for byte.
+    let fits = common::fixtures::message("fits", limit as usize - 4096);
+    let mut c = r.relay.connect().await;
+    c.begin_message("app@legacy.test", &["user@example.org"])
+        .await;
+    c.send(&common::fixtures::data_block(&fits)).await;
+    c.expect("250 2.0.0 queued as").await;
+    let got = r.wait_delivered(1).await;
+    assert!(got[0].data.ends_with(&fits[fits.len() - 4000..]));
+    assert_eq!(r.spool_in(EntryState::Failed), 0);
+}
