@@ -103,24 +103,30 @@ struct Current {
     url: url::Url,
 }
 
+/// The HTTP client for Graph: the settings' timeouts and CA roots, no redirects (a redirect
+/// would carry the token elsewhere). `check` uses it too.
+pub fn http_client(settings: &GraphSettings) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(settings.connect_timeout)
+        .timeout(settings.request_timeout)
+        // A redirect would carry the token elsewhere.
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("smtp-oauth-relay/", env!("CARGO_PKG_VERSION")));
+    if let Some(ca) = &settings.ca_file {
+        let pem =
+            std::fs::read(ca).map_err(|e| format!("upstream.ca_file {}: {e}", ca.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("upstream.ca_file {}: {e}", ca.display()))?;
+        builder = builder.tls_certs_merge(certs);
+    }
+    builder
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))
+}
+
 impl Current {
     fn new(settings: GraphSettings) -> Result<Current, String> {
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(settings.connect_timeout)
-            .timeout(settings.request_timeout)
-            // A redirect would carry the token elsewhere.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("smtp-oauth-relay/", env!("CARGO_PKG_VERSION")));
-        if let Some(ca) = &settings.ca_file {
-            let pem =
-                std::fs::read(ca).map_err(|e| format!("upstream.ca_file {}: {e}", ca.display()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| format!("upstream.ca_file {}: {e}", ca.display()))?;
-            builder = builder.tls_certs_merge(certs);
-        }
-        let http = builder
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let http = http_client(&settings)?;
         let url = settings.send_mail_url()?;
         Ok(Current {
             settings,
