@@ -79,7 +79,8 @@ impl HoldCause {
                 "Enable SMTP AUTH for the mail account: Set-CASMailbox -Identity <mail_account> \
                  -SmtpClientAuthenticationDisabled $false (and for the tenant: Set-TransportConfig \
                  -SmtpClientAuthenticationDisabled $false); Security defaults or Conditional Access may \
-                 also block it."
+                 also block it. Where SMTP AUTH must stay off, deliver through Microsoft Graph instead: \
+                 upstream.transport = \"graph\" (README: Microsoft Graph instead of SMTP AUTH)."
             }
             HoldCause::AuthenticationFailed => {
                 "Register the app's service principal in Exchange with the Enterprise application's \
