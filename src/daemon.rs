@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
+use crate::config::TransportKind;
 use crate::config::{Config, Secret};
 use crate::deliver::upstream::upstream_target;
 use crate::deliver::{Deliverer, DeliveryHandle, DeliverySettings};
@@ -24,6 +25,8 @@ use crate::sim::{SimConfig, SimError, Simulator};
 use crate::stop::StopBudget;
 use crate::store::Store;
 use crate::supervise::{Supervisor, TaskDeath};
+use crate::transport::Transport;
+use crate::transport::graph::{GraphSettings, GraphTransport};
 use crate::transport::smtp::{SmtpSettings, SmtpTransport};
 
 #[derive(Debug, thiserror::Error)]
@@ -258,7 +261,7 @@ pub struct RunningDelivery {
     pub metrics: Arc<Metrics>,
     pub tokens: TokenProvider,
     /// The upstream (SIGHUP gives it new settings).
-    pub transport: Arc<SmtpTransport>,
+    pub transport: UpstreamTransport,
     pub deliverer: tokio::task::JoinHandle<()>,
     pub refresher: tokio::task::JoinHandle<()>,
 }
@@ -280,27 +283,12 @@ pub fn start_delivery(
     }
     let endpoints = crate::oauth::endpoints(config)?;
     let (tokens, refresher) = TokenProvider::start(config, shutdown.clone())?;
-    let target = upstream_target(config).map_err(DaemonError::UpstreamTls)?;
-    let settings = DeliverySettings::from_config(config, &target.server_name);
-    tracing::info!(
-        upstream = %target.address,
-        tls_name = %target.server_name,
-        mailbox = %settings.mailbox,
-        token_url = %endpoints.token_url,
-        connections = settings.connections,
-        rate = %settings.rate,
-        "delivering to Exchange Online"
-    );
-    let transport = Arc::new(SmtpTransport::new(
-        target,
-        SmtpSettings::from_config(config),
-        Arc::new(tokens.clone()),
-        metrics.clone(),
-    ));
+    let (transport, settings) =
+        build_transport(config, Arc::new(tokens.clone()), metrics, &endpoints)?;
     let (handle, deliverer) = Deliverer::start(
         store.clone(),
         settings,
-        transport.clone(),
+        transport.as_dyn(),
         metrics.clone(),
         shutdown.clone(),
         stop.clone(),
@@ -315,6 +303,98 @@ pub fn start_delivery(
     }))
 }
 
+/// The transport a relay delivers with, as `upstream.transport` chose it.
+#[derive(Clone)]
+pub enum UpstreamTransport {
+    Smtp(Arc<SmtpTransport>),
+    Graph(Arc<GraphTransport>),
+}
+
+impl UpstreamTransport {
+    pub fn kind(&self) -> TransportKind {
+        match self {
+            UpstreamTransport::Smtp(_) => TransportKind::Smtp,
+            UpstreamTransport::Graph(_) => TransportKind::Graph,
+        }
+    }
+
+    pub fn as_dyn(&self) -> Arc<dyn Transport> {
+        match self {
+            UpstreamTransport::Smtp(t) => t.clone(),
+            UpstreamTransport::Graph(t) => t.clone(),
+        }
+    }
+
+    /// New settings from a reloaded configuration; the transport itself stays (changing it
+    /// needs a restart).
+    pub fn reconfigure(&self, config: &Config) -> Result<(), String> {
+        match (self, config.upstream.transport) {
+            (UpstreamTransport::Smtp(t), TransportKind::Smtp) => {
+                t.reconfigure(upstream_target(config)?, SmtpSettings::from_config(config));
+                Ok(())
+            }
+            (UpstreamTransport::Graph(t), TransportKind::Graph) => {
+                t.reconfigure(GraphSettings::from_config(config)?)
+            }
+            _ => Err(
+                "upstream.transport changed: restart the relay to use the other transport".into(),
+            ),
+        }
+    }
+}
+
+/// The transport `upstream.transport` names and the deliverer's settings for it, as `serve`
+/// builds them (the test harness too).
+pub fn build_transport(
+    config: &Config,
+    tokens: Arc<dyn crate::deliver::TokenSource>,
+    metrics: &Arc<Metrics>,
+    endpoints: &crate::oauth::Endpoints,
+) -> Result<(UpstreamTransport, DeliverySettings), DaemonError> {
+    match config.upstream.transport {
+        TransportKind::Smtp => {
+            let target = upstream_target(config).map_err(DaemonError::UpstreamTls)?;
+            let settings = DeliverySettings::from_config(config, &target.server_name);
+            tracing::info!(
+                upstream = %target.address,
+                tls_name = %target.server_name,
+                mailbox = %settings.mailbox,
+                token_url = %endpoints.token_url,
+                connections = settings.connections,
+                rate = %settings.rate,
+                "delivering to Exchange Online"
+            );
+            let transport = SmtpTransport::new(
+                target,
+                SmtpSettings::from_config(config),
+                tokens,
+                metrics.clone(),
+            );
+            Ok((UpstreamTransport::Smtp(Arc::new(transport)), settings))
+        }
+        TransportKind::Graph => {
+            let graph = GraphSettings::from_config(config).map_err(DaemonError::UpstreamTls)?;
+            let host = url::Url::parse(&graph.graph_url)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_string))
+                .unwrap_or_else(|| graph.graph_url.clone());
+            let settings = DeliverySettings::from_config(config, &host);
+            tracing::info!(
+                graph_url = %graph.graph_url,
+                mailbox = %settings.mailbox,
+                token_url = %endpoints.token_url,
+                scope = %endpoints.scope,
+                connections = settings.connections,
+                rate = %settings.rate,
+                "delivering through Microsoft Graph sendMail"
+            );
+            let transport = GraphTransport::new(graph, tokens, metrics.clone())
+                .map_err(DaemonError::UpstreamTls)?;
+            Ok((UpstreamTransport::Graph(Arc::new(transport)), settings))
+        }
+    }
+}
+
 /// What a SIGHUP can change in a running `serve`.
 struct Live {
     delivery: Option<LiveDelivery>,
@@ -325,7 +405,7 @@ struct Live {
 struct LiveDelivery {
     tokens: TokenProvider,
     handle: DeliveryHandle,
-    transport: Arc<SmtpTransport>,
+    transport: UpstreamTransport,
 }
 
 impl service::LiveParts for Live {
@@ -344,8 +424,16 @@ impl service::LiveParts for Live {
             return Err("no deliverer is running".into());
         };
         // Everything that can fail first, so that a failure changes nothing.
-        let target = upstream_target(new)?;
-        let settings = DeliverySettings::from_config(new, &target.server_name);
+        if d.transport.kind() != new.upstream.transport {
+            return Err(
+                "upstream.transport changed: restart the relay to use the other transport".into(),
+            );
+        }
+        let host = match new.upstream.transport {
+            TransportKind::Smtp => upstream_target(new)?.server_name,
+            TransportKind::Graph => GraphSettings::from_config(new)?.graph_url,
+        };
+        let settings = DeliverySettings::from_config(new, &host);
         // The token client depends on [oauth] and on the cloud and CA roots of [upstream].
         let tokens = changed
             .iter()
@@ -355,8 +443,7 @@ impl service::LiveParts for Live {
         }
         // A session is tied to its upstream and to the token it authenticated with.
         if tokens || changed.iter().any(|k| k.starts_with("upstream.")) {
-            d.transport
-                .reconfigure(target, SmtpSettings::from_config(new));
+            d.transport.reconfigure(new)?;
         }
         d.handle.reconfigure(settings);
         Ok(())
@@ -369,13 +456,19 @@ async fn start_simulator(config: &mut Config) -> Result<(Simulator, SimPointer),
         Some(parent) if !parent.as_os_str().is_empty() => parent.join("simulator"),
         _ => PathBuf::from("simulator"),
     };
-    let sim = Simulator::start(SimConfig::default(), &state_dir).await?;
+    // The simulated app has the permission its transport needs.
+    let sim_config = match config.upstream.transport {
+        TransportKind::Smtp => SimConfig::default(),
+        TransportKind::Graph => SimConfig::graph(),
+    };
+    let sim = Simulator::start(sim_config, &state_dir).await?;
     let pointer = SimPointer::of(&sim)?;
     pointer.apply(config);
     tracing::info!(
         mailbox_dir = %sim.mailbox_dir().display(),
         token_url = %sim.token_url(),
         smtp = %sim.smtp_addr(),
+        graph_url = %sim.graph_url(),
         "simulator running: delivered mail appears in the mailbox folder"
     );
     eprintln!(
@@ -403,6 +496,7 @@ struct SimPointer {
     client_id: String,
     secret: Option<String>,
     token_url: String,
+    graph_url: String,
 }
 
 impl SimPointer {
@@ -425,6 +519,7 @@ impl SimPointer {
             client_id: client.client_id.clone(),
             secret: client.secrets.first().map(|s| s.value.clone()),
             token_url: sim.token_url(),
+            graph_url: sim.graph_url(),
         })
     }
 
@@ -446,6 +541,14 @@ impl SimPointer {
         oauth.private_key_file = None;
         oauth.assertion_file = None;
         oauth.token_url = Some(self.token_url.clone());
-        oauth.scope = Some("https://outlook.office365.com/.default".into());
+        // The simulator checks the audience: Exchange Online's for SMTP, Graph's for Graph.
+        oauth.scope = Some(
+            match config.upstream.transport {
+                TransportKind::Smtp => "https://outlook.office365.com/.default",
+                TransportKind::Graph => "https://graph.microsoft.com/.default",
+            }
+            .into(),
+        );
+        config.upstream.graph_url = Some(self.graph_url.clone());
     }
 }

@@ -72,6 +72,20 @@ impl<'a> Headers<'a> {
             })
     }
 
+    /// Every field with this name, in order (a message may carry several `To:` fields).
+    pub fn fields_named<'h>(
+        &'h self,
+        name: &'h HeaderName<'_>,
+    ) -> impl Iterator<Item = Field<'a, 'h>> + 'h {
+        self.fields
+            .iter()
+            .filter(move |f| &f.name == name)
+            .map(|header| Field {
+                header,
+                raw: self.raw,
+            })
+    }
+
     /// The decoded text of an unstructured field (RFC 2047 words decoded, folding removed),
     /// for showing it in a message the relay writes itself.
     pub fn text(&self, name: &HeaderName<'_>) -> Option<String> {

@@ -150,6 +150,11 @@ fn main() -> ExitCode {
         Command::Simulate => simulate(path),
         Command::Config => with_config(path, |config| {
             print!("{}", config.to_redacted_toml());
+            // Unset endpoint keys are derived (cloud, transport, tenant): show what is used.
+            print!(
+                "{}",
+                smtp_oauth_relay::oauth::cloud::effective_comment(config)
+            );
             ExitCode::SUCCESS
         }),
         Command::Queue(args) => with_config(path, |config| queue(config, args)),

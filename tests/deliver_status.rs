@@ -43,6 +43,7 @@ impl Transport for GatedTransport {
                 reached: Progress::Transaction,
                 summary: ok,
                 after_dot: None,
+                retry_after: None,
             }
         })
     }

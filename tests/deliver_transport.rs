@@ -63,6 +63,7 @@ impl Transport for ScriptedTransport {
                 reached: Progress::Transaction,
                 summary: reply("250 2.0.0 OK <id@upstream>", Stage::DataEnd),
                 after_dot: None,
+                retry_after: None,
             }
         })
     }

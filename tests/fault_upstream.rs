@@ -34,6 +34,7 @@ fn tuning() -> Tuning {
         }),
         // Zero: never reused, whatever the machine's load (50 ms let a busy CI reuse one).
         session_max_idle: Some(Duration::ZERO),
+        ..Default::default()
     }
 }
 

@@ -19,6 +19,7 @@ use crate::config::{Config, ConfigError};
 use crate::deliver::upstream::{Timeouts, upstream_target};
 
 mod config_step;
+mod graph;
 mod smtp;
 mod token;
 
@@ -28,6 +29,8 @@ use token::*;
 
 /// The role Exchange wants in an app-only token (unless RBAC for Applications is used).
 const SEND_AS_APP: &str = "SMTP.SendAsApp";
+/// The role Graph `sendMail` wants (unless RBAC for Applications is used).
+const MAIL_SEND: &str = "Mail.Send";
 
 /// What `check` was asked to do.
 #[derive(Debug, Clone, Default)]
@@ -117,6 +120,8 @@ impl Step {
             "token_contents" => "token contents",
             "tls" => "network and TLS",
             "auth" => "AUTH XOAUTH2",
+            "https" => "Graph over HTTPS",
+            "permission" => "sendMail permission",
             "send" => "test message",
             other => other,
         }
@@ -270,6 +275,11 @@ pub async fn run(config: &Config, options: &CheckOptions) -> Report {
     let lacks_role = contents.lacks_role;
     service_principal_id = contents.oid;
     steps.push(contents.step);
+
+    if config.upstream.transport == crate::config::TransportKind::Graph {
+        steps.extend(graph::steps(config, options, &names, &token, lacks_role).await);
+        return report(steps, service_principal_id);
+    }
 
     let mut target = match upstream_target(config) {
         Ok(t) => t,

@@ -204,10 +204,20 @@ pub(super) fn inspect_token(config: &Config, token: &str) -> Contents {
         None => details.push("no exp".into()),
     }
 
-    let has_role = roles
-        .as_ref()
-        .is_some_and(|r| r.iter().any(|x| x == SEND_AS_APP));
-    if !has_role {
+    let graph = config.upstream.transport == crate::config::TransportKind::Graph;
+    let role = if graph { MAIL_SEND } else { SEND_AS_APP };
+    let has_role = roles.as_ref().is_some_and(|r| r.iter().any(|x| x == role));
+    if !has_role && graph {
+        warnings.push(format!("the token has no {MAIL_SEND} role"));
+        fixes.push(format!(
+            "In App registrations > your app > API permissions add Microsoft Graph > Application \
+             permissions > {MAIL_SEND} and Grant admin consent; the role appears in new tokens a few \
+             minutes later. Exception: with RBAC for Applications in Exchange (New-ManagementRoleAssignment \
+             -Role \"Application {MAIL_SEND}\") the token carries no role and this is expected; \
+             Test-ServicePrincipalAuthorization -Identity <client_id> -Resource <mail_account> shows \
+             whether the assignment covers the mailbox."
+        ));
+    } else if !has_role {
         warnings.push(format!("the token has no {SEND_AS_APP} role"));
         fixes.push(format!(
             "In App registrations > your app > API permissions add Office 365 Exchange Online > Application \
@@ -227,8 +237,27 @@ pub(super) fn inspect_token(config: &Config, token: &str) -> Contents {
         "https://outlook-dod.office365.us",
         "https://partner.outlook.cn",
     ];
+    const GRAPH_AUDIENCES: [&str; 4] = [
+        "https://graph.microsoft.com",
+        "https://graph.microsoft.us",
+        "https://dod-graph.microsoft.us",
+        "https://microsoftgraph.chinacloudapi.cn",
+    ];
     let aud_trim = aud.trim_end_matches('/');
-    if !aud_trim.eq_ignore_ascii_case(&expected_aud)
+    if graph {
+        if !GRAPH_AUDIENCES
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(aud_trim))
+        {
+            warnings.push(format!("aud `{aud}` is not Microsoft Graph"));
+            fixes.push(
+                "Remove oauth.scope (or set it to https://graph.microsoft.com/.default, or your cloud's \
+                 Graph): Graph refuses tokens for another resource (InvalidAuthenticationToken, Invalid \
+                 audience)."
+                    .into(),
+            );
+        }
+    } else if !aud_trim.eq_ignore_ascii_case(&expected_aud)
         && !EXCHANGE_AUDIENCES
             .iter()
             .any(|a| a.eq_ignore_ascii_case(aud_trim))

@@ -144,6 +144,27 @@ pub enum UpstreamTls {
     Implicit,
 }
 
+/// How messages reach Microsoft 365.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TransportKind {
+    /// SMTP client submission with `AUTH XOAUTH2` (needs SMTP AUTH enabled for the mailbox).
+    Smtp,
+    /// Microsoft Graph `sendMail` with the MIME message (needs no SMTP AUTH).
+    Graph,
+}
+
+/// Graph has no envelope: what to do with a message whose To/Cc/Bcc name addresses that are not
+/// among its envelope recipients (Graph would deliver to them too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExtraRecipients {
+    /// Fail the message (kept in failed/, notice sent): nobody gets mail the client did not address.
+    Refuse,
+    /// Warn and send: the header recipients outside the envelope get the message too.
+    Send,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RewriteFrom {
@@ -160,6 +181,10 @@ pub enum RewriteFrom {
 pub struct UpstreamConfig {
     pub provider: String,
     pub cloud: Cloud,
+    pub transport: TransportKind,
+    /// Microsoft Graph root for `transport = "graph"`; derived from `cloud` when unset.
+    pub graph_url: Option<String>,
+    pub graph_extra_recipients: ExtraRecipients,
     /// Derived from `cloud` when unset.
     pub host: Option<String>,
     pub port: u16,
@@ -180,6 +205,9 @@ impl Default for UpstreamConfig {
         UpstreamConfig {
             provider: "microsoft365".into(),
             cloud: Cloud::Global,
+            transport: TransportKind::Smtp,
+            graph_url: None,
+            graph_extra_recipients: ExtraRecipients::Refuse,
             host: None,
             port: 587,
             tls: UpstreamTls::Starttls,
@@ -1167,9 +1195,17 @@ impl Config {
             issues,
             "upstream.connections",
             up.connections,
-            bounds::CONNECTIONS,
+            match up.transport {
+                TransportKind::Smtp => bounds::CONNECTIONS,
+                TransportKind::Graph => bounds::GRAPH_CONNECTIONS,
+            },
             |n| n.to_string(),
         );
+        if let Some(url) = &up.graph_url
+            && let Err(e) = check_token_url(url)
+        {
+            issues.push(issue("upstream.graph_url", e));
+        }
         if up.rate.messages == 0 {
             issues.push(issue("upstream.rate", "must allow at least 1 message"));
         } else if up.rate.per / up.rate.messages < bounds::RATE_MIN_SPACING {
@@ -1452,6 +1488,13 @@ pub mod bounds {
         why: "Exchange Online allows 3 concurrent SMTP connections per mailbox and answers more \
               with 432 4.3.2",
     };
+    /// `upstream.connections` with `transport = "graph"`: requests in flight per mailbox.
+    pub const GRAPH_CONNECTIONS: Bound<usize> = Bound {
+        min: 1,
+        max: 4,
+        why: "Microsoft Graph allows 4 concurrent requests per app and mailbox and answers more \
+              with 429 ApplicationThrottled",
+    };
     /// `upstream.rate`: at most 1000 messages a second (the pacer's timers count milliseconds).
     pub const RATE_MIN_SPACING: Duration = Duration::from_millis(1);
     pub const REFRESH_BEFORE: Bound<Duration> = Bound {
@@ -1730,6 +1773,31 @@ mod tests {
         assert!(check_scope("https://outlook.office365.com/.default").is_ok());
         assert!(check_scope("api://0f6a3d44-7c2b-4e1a-9d55-3b2f1c8e7a10/.default").is_ok());
         assert!(check_scope("https://u:p@outlook.office365.com/.default").is_err());
+    }
+
+    #[test]
+    fn graph_keys_are_validated_by_name() {
+        assert!(keys("[upstream]\ntransport = \"graph\"\nconnections = 4\n").is_empty());
+        assert_eq!(
+            keys("[upstream]\ntransport = \"graph\"\nconnections = 5\n"),
+            vec!["upstream.connections"]
+        );
+        assert_eq!(
+            keys("[upstream]\nconnections = 4\n"),
+            vec!["upstream.connections"]
+        );
+        assert_eq!(
+            keys("[upstream]\ntransport = \"graph\"\ngraph_url = \"http://graph.example.com\"\n"),
+            vec!["upstream.graph_url"]
+        );
+        assert_eq!(
+            keys("[upstream]\ntransport = \"mapi\"\n"),
+            vec!["upstream.transport"]
+        );
+        assert_eq!(
+            keys("[upstream]\ngraph_extra_recipients = \"maybe\"\n"),
+            vec!["upstream.graph_extra_recipients"]
+        );
     }
 
     #[test]

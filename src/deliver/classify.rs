@@ -56,6 +56,19 @@ pub enum HoldCause {
     CertificateInvalid,
     /// Entra ID refused to issue a token (AADSTS error).
     TokenRefused,
+    /// Graph `403 ErrorAccessDenied` (or `Authorization_RequestDenied`): no consented
+    /// `Mail.Send`, or an RBAC scope that does not cover the mailbox.
+    GraphAccessDenied,
+    /// Graph `MailboxNotEnabledForRESTAPI`: the mailbox is inactive, soft-deleted, on-premises
+    /// or unlicensed.
+    GraphMailboxNotEnabled,
+    /// Graph `ErrorInvalidUser` / `ResourceNotFound`: no mailbox by that name in the URL.
+    GraphMailboxNotFound,
+    /// Graph `401 InvalidAuthenticationToken` after one fresh token: wrong audience (scope or
+    /// cloud) or a token Graph cannot read.
+    GraphTokenRejected,
+    /// Graph `NoPermissionsInAccessToken`: the token carries no application permission.
+    GraphNoPermissions,
 }
 
 impl HoldCause {
@@ -66,7 +79,8 @@ impl HoldCause {
                 "Enable SMTP AUTH for the mail account: Set-CASMailbox -Identity <mail_account> \
                  -SmtpClientAuthenticationDisabled $false (and for the tenant: Set-TransportConfig \
                  -SmtpClientAuthenticationDisabled $false); Security defaults or Conditional Access may \
-                 also block it."
+                 also block it. Where SMTP AUTH must stay off, deliver through Microsoft Graph instead: \
+                 upstream.transport = \"graph\" (README: Microsoft Graph instead of SMTP AUTH)."
             }
             HoldCause::AuthenticationFailed => {
                 "Register the app's service principal in Exchange with the Enterprise application's \
@@ -115,6 +129,37 @@ impl HoldCause {
                 "Entra ID refused the token request; the AADSTS code in the reply names the problem \
                  (e.g. 7000215 wrong secret value, 700016 app not in this tenant, 90002 tenant not found)."
             }
+            HoldCause::GraphAccessDenied => {
+                "The app may not send as the Mail Account through Graph. Either open API permissions, \
+                 Add a permission, Microsoft Graph, Application permissions, Mail.Send, and Grant admin \
+                 consent; or (least privilege) in Exchange Online PowerShell: New-ServicePrincipal \
+                 -AppId <client_id> -ObjectId <Enterprise applications Object ID>, New-ManagementScope \
+                 -Name relay-senders -RecipientRestrictionFilter \"PrimarySmtpAddress -eq \
+                 '<mail_account>'\", New-ManagementRoleAssignment -App <client_id> -Role \"Application \
+                 Mail.Send\" -CustomResourceScope relay-senders, then Test-ServicePrincipalAuthorization \
+                 -Identity <client_id> -Resource <mail_account> (changes take 15-30 minutes, an \
+                 Application Access Policy over an hour)."
+            }
+            HoldCause::GraphMailboxNotEnabled => {
+                "The Mail Account must be an Exchange Online mailbox with a licence (or a shared \
+                 mailbox), not soft-deleted or on-premises: check it with Get-EXOMailbox -Identity \
+                 <mail_account>."
+            }
+            HoldCause::GraphMailboxNotFound => {
+                "Graph knows no mailbox by the Mail Account: set upstream.mail_account to the mailbox's \
+                 primary SMTP address or user principal name (Get-EXOMailbox -Identity <mail_account> | \
+                 Format-List PrimarySmtpAddress,UserPrincipalName)."
+            }
+            HoldCause::GraphTokenRejected => {
+                "Graph refused the token even after a fresh one: its audience must be Microsoft Graph of \
+                 your cloud. Remove oauth.scope to derive it (https://graph.microsoft.com/.default for \
+                 global), and check upstream.cloud."
+            }
+            HoldCause::GraphNoPermissions => {
+                "The token carries no application permission: open API permissions, Add a permission, \
+                 Microsoft Graph, Application permissions, Mail.Send, and Grant admin consent (or assign \
+                 the RBAC role \"Application Mail.Send\" with New-ManagementRoleAssignment)."
+            }
         }
     }
 }
@@ -134,6 +179,11 @@ impl fmt::Display for HoldCause {
             HoldCause::ProtocolMismatch => "protocol mismatch",
             HoldCause::CertificateInvalid => "certificate invalid",
             HoldCause::TokenRefused => "token refused",
+            HoldCause::GraphAccessDenied => "Graph access denied",
+            HoldCause::GraphMailboxNotEnabled => "mailbox not enabled for Graph",
+            HoldCause::GraphMailboxNotFound => "mailbox not found by Graph",
+            HoldCause::GraphTokenRejected => "Graph rejected the token",
+            HoldCause::GraphNoPermissions => "no permissions in the token",
         };
         f.write_str(name)
     }
@@ -227,6 +277,52 @@ pub fn classify(stage: Stage, reply: &UpstreamReply) -> Outcome {
         return Outcome::Failed;
     }
     Outcome::Retry { throttle: false }
+}
+
+/// Classifies a Microsoft Graph answer to `sendMail` (reference `graph-transport.md` §3.3) by
+/// HTTP status and `error.code`, never by the message text. `401 InvalidAuthenticationToken` is
+/// a hold here: the transport refreshes the token once before it gets this far.
+pub fn classify_graph(status: u16, code: Option<&str>) -> Outcome {
+    use HoldCause::*;
+    if status == 202 {
+        // Final: Exchange took the message, whatever other headers came with it.
+        return Outcome::Delivered;
+    }
+    match code.unwrap_or("") {
+        "ErrorAccessDenied" | "Authorization_RequestDenied" => Outcome::Hold(GraphAccessDenied),
+        // The From the mailbox may not send as: the configured from or rewrite_from is wrong.
+        "ErrorSendAsDenied" => Outcome::Hold(SendAsDenied),
+        "MailboxNotEnabledForRESTAPI" => Outcome::Hold(GraphMailboxNotEnabled),
+        "ErrorInvalidUser" | "ResourceNotFound" => Outcome::Hold(GraphMailboxNotFound),
+        "ErrorQuotaExceeded" => Outcome::Hold(MailboxFull),
+        "InvalidAuthenticationToken" => Outcome::Hold(GraphTokenRejected),
+        "NoPermissionsInAccessToken" => Outcome::Hold(GraphNoPermissions),
+        // About this message: never better on a retry.
+        "ErrorInvalidRecipients"
+        | "ErrorMessageSizeExceeded"
+        | "ErrorMimeContentInvalidBase64String" => Outcome::Failed,
+        "ApplicationThrottled" => Outcome::Retry { throttle: true },
+        // Mailbox moves and store hiccups; the message's max_age bounds the retries.
+        "MailboxInfoStale" | "ErrorMailboxStoreUnavailable" | "ErrorNonExistentMailBox" => {
+            Outcome::Retry { throttle: false }
+        }
+        "ErrorServerBusy" | "CommandConcurrencyLimitReached" => Outcome::Retry { throttle: true },
+        _ => match status {
+            429 => Outcome::Retry { throttle: true },
+            401 => Outcome::Hold(GraphTokenRejected),
+            403 => Outcome::Hold(GraphAccessDenied),
+            404 => Outcome::Hold(GraphMailboxNotFound),
+            413 => Outcome::Failed,
+            // 503 and 504 are Graph's "come back later"; any other 5xx is the server's problem.
+            500..=599 => Outcome::Retry {
+                throttle: status == 503,
+            },
+            // An unknown 4xx is about this request.
+            400..=499 => Outcome::Failed,
+            // 200 instead of 202 was seen for oversized MIME (graph-docs #3079): not a success.
+            _ => Outcome::Retry { throttle: false },
+        },
+    }
 }
 
 #[cfg(test)]
@@ -453,6 +549,80 @@ mod tests {
         );
     }
 
+    /// Every row of the reference's Graph error table (graph-transport.md §3.3), with its class.
+    #[test]
+    fn the_graph_error_table() {
+        use HoldCause::*;
+        use Outcome::*;
+        let table: &[(u16, Option<&str>, Outcome)] = &[
+            (202, None, Delivered),
+            (403, Some("ErrorAccessDenied"), Hold(GraphAccessDenied)),
+            (403, Some("ErrorSendAsDenied"), Hold(SendAsDenied)),
+            (
+                404,
+                Some("MailboxNotEnabledForRESTAPI"),
+                Hold(GraphMailboxNotEnabled),
+            ),
+            (404, Some("ErrorInvalidUser"), Hold(GraphMailboxNotFound)),
+            (404, Some("ResourceNotFound"), Hold(GraphMailboxNotFound)),
+            (400, Some("ErrorInvalidRecipients"), Failed),
+            (400, Some("ErrorMessageSizeExceeded"), Failed),
+            (413, None, Failed),
+            (400, Some("ErrorMimeContentInvalidBase64String"), Failed),
+            (507, Some("ErrorQuotaExceeded"), Hold(MailboxFull)),
+            (
+                503,
+                Some("ErrorMailboxStoreUnavailable"),
+                Retry { throttle: false },
+            ),
+            (503, Some("MailboxInfoStale"), Retry { throttle: false }),
+            (
+                404,
+                Some("ErrorNonExistentMailBox"),
+                Retry { throttle: false },
+            ),
+            (429, Some("ApplicationThrottled"), Retry { throttle: true }),
+            (503, Some("ErrorServerBusy"), Retry { throttle: true }),
+            (
+                500,
+                Some("ErrorInternalServerError"),
+                Retry { throttle: false },
+            ),
+            (500, Some("UnknownError"), Retry { throttle: false }),
+            (429, Some("UnknownError"), Retry { throttle: true }),
+            (
+                503,
+                Some("CommandConcurrencyLimitReached"),
+                Retry { throttle: true },
+            ),
+            (504, None, Retry { throttle: false }),
+            (
+                401,
+                Some("InvalidAuthenticationToken"),
+                Hold(GraphTokenRejected),
+            ),
+            (
+                401,
+                Some("NoPermissionsInAccessToken"),
+                Hold(GraphNoPermissions),
+            ),
+            (
+                403,
+                Some("Authorization_RequestDenied"),
+                Hold(GraphAccessDenied),
+            ),
+            (400, Some("SomethingNew"), Failed),
+            (200, None, Retry { throttle: false }),
+        ];
+        for (status, code, expected) in table {
+            assert_eq!(
+                classify_graph(*status, *code),
+                *expected,
+                "{status} {code:?}"
+            );
+        }
+    }
+
     #[test]
     fn every_hold_cause_has_a_fix() {
         for cause in [
@@ -460,6 +630,11 @@ mod tests {
             HoldCause::AuthenticationFailed,
             HoldCause::SendAsDenied,
             HoldCause::TokenRefused,
+            HoldCause::GraphAccessDenied,
+            HoldCause::GraphMailboxNotEnabled,
+            HoldCause::GraphMailboxNotFound,
+            HoldCause::GraphTokenRejected,
+            HoldCause::GraphNoPermissions,
         ] {
             assert!(cause.fix().len() > 40, "{cause}");
         }

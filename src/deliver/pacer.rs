@@ -82,7 +82,13 @@ impl HoldCause {
             | HoldCause::ContinuousErrorThrottle
             | HoldCause::QuotaExceeded
             | HoldCause::MailboxFull
-            | HoldCause::SenderBlocked => None,
+            | HoldCause::SenderBlocked
+            // Graph answers every request with one response: only a delivery proves a fix.
+            | HoldCause::GraphAccessDenied
+            | HoldCause::GraphMailboxNotEnabled
+            | HoldCause::GraphMailboxNotFound
+            | HoldCause::GraphTokenRejected
+            | HoldCause::GraphNoPermissions => None,
         }
     }
 }

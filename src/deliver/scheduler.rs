@@ -644,6 +644,8 @@ struct AttemptOutcome {
     reply: String,
     /// How far the attempt got.
     reached: Progress,
+    /// The upstream's `Retry-After`: a retry never comes sooner.
+    retry_after: Option<Duration>,
 }
 
 /// Sends the message to its pending recipients through the transport, updating per-recipient
@@ -665,6 +667,7 @@ async fn attempt(
             pending_class: Outcome::Delivered,
             reply: "no recipient left".into(),
             reached: Progress::Transaction,
+            retry_after: None,
         };
     }
     let body = apply_sender_policy(
@@ -740,11 +743,13 @@ async fn attempt(
             pending_class,
             reply,
             reached: attempted.reached,
+            retry_after: attempted.retry_after,
         },
         None => AttemptOutcome {
             pending_class: Outcome::Delivered,
             reply: summary,
             reached: attempted.reached,
+            retry_after: attempted.retry_after,
         },
     }
 }
@@ -857,6 +862,12 @@ async fn record(
                     ctx.settings().retry_min,
                     ctx.settings().retry_max,
                 )
+            };
+            // The upstream said when to come back (Graph 429/503): never sooner, and never
+            // beyond the longest wait the relay allows between two attempts.
+            let wait = match outcome.retry_after {
+                Some(asked) => wait.max(asked.min(crate::config::RETRY_CEILING)),
+                None => wait,
             };
             state.hold_reason = None;
             state.next_attempt = Some(SystemTime::now() + wait);

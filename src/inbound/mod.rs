@@ -85,6 +85,24 @@ pub struct InboundSettings {
     pub auth: AuthPolicy,
 }
 
+/// The largest message accepted: `smtp.max_message_size`, and with `transport = "graph"` no more
+/// than `sendMail` takes once the relay's own header fields (Received, an added Bcc) are in:
+/// refused at once (552 5.3.4, early on `SIZE=`) rather than accepted and failed later. There
+/// is no upload-session path for larger messages yet.
+pub fn accept_limit(config: &Config) -> u64 {
+    let configured = config.smtp.max_message_size.0;
+    match config.upstream.transport {
+        crate::config::TransportKind::Smtp => configured,
+        crate::config::TransportKind::Graph => {
+            configured.min(crate::transport::graph::SENDMAIL_MAX_RAW - GRAPH_HEADER_RESERVE)
+        }
+    }
+}
+
+/// Room kept for the fields the relay adds before Graph sees the message (a Bcc of hundreds of
+/// envelope recipients included).
+const GRAPH_HEADER_RESERVE: u64 = 64 * 1024;
+
 impl InboundSettings {
     pub fn from_config(config: &Config) -> Result<InboundSettings, InboundError> {
         let smtp = &config.smtp;
@@ -94,7 +112,7 @@ impl InboundSettings {
         };
         Ok(InboundSettings {
             hostname: smtp.hostname.clone(),
-            max_message_size: smtp.max_message_size.0,
+            max_message_size: accept_limit(config),
             max_recipients: smtp.max_recipients,
             max_connections: smtp.max_connections,
             allow_networks: config.allowed_networks(),

@@ -1,8 +1,10 @@
-//! Cloud presets: the token URL, the scope and the SMTP host of each Microsoft cloud
-//! (`reference/exchange-online-protocol.md` §1.1 and §2.1). Explicit `oauth.token_url`,
-//! `oauth.scope` and `upstream.host` override the preset (that is how tests reach a simulator).
+//! Cloud presets: the token URL, the scopes, the SMTP host and the Graph root of each Microsoft
+//! cloud (`reference/exchange-online-protocol.md` §1.1 and §2.1, `graph-transport.md` §1.2).
+//! Explicit `oauth.token_url`, `oauth.scope`, `upstream.host` and `upstream.graph_url` override
+//! the preset (that is how tests reach a simulator). The scope follows the transport: a token
+//! for Exchange Online is not accepted by Graph, nor one for another cloud.
 
-use crate::config::{Cloud, Config, check_token_url};
+use crate::config::{Cloud, Config, TransportKind, check_token_url};
 
 use super::OAuthError;
 
@@ -10,8 +12,21 @@ use super::OAuthError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Preset {
     pub token_url: &'static str,
+    /// The scope for the SMTP transport (Exchange Online).
     pub scope: &'static str,
     pub smtp_host: &'static str,
+    /// The Microsoft Graph root; its scope is this + `/.default`.
+    pub graph_url: &'static str,
+}
+
+impl Preset {
+    /// The scope a token for `transport` asks for in this cloud.
+    pub fn scope_for(&self, transport: TransportKind) -> String {
+        match transport {
+            TransportKind::Smtp => self.scope.to_string(),
+            TransportKind::Graph => format!("{}/.default", self.graph_url),
+        }
+    }
 }
 
 /// The preset for `cloud`.
@@ -21,11 +36,13 @@ pub fn preset(cloud: Cloud) -> Preset {
             token_url: "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token",
             scope: "https://outlook.office365.com/.default",
             smtp_host: "smtp.office365.com",
+            graph_url: "https://graph.microsoft.com",
         },
         Cloud::GccHigh => Preset {
             token_url: "https://login.microsoftonline.us/{tenant}/oauth2/v2.0/token",
             scope: "https://outlook.office365.us/.default",
             smtp_host: "smtp.office365.us",
+            graph_url: "https://graph.microsoft.us",
         },
         // The reference lists `smtp.office365.us` and `outlook-dod.office365.us` for DoD;
         // `upstream.host` overrides it when the tenant needs the other.
@@ -33,11 +50,13 @@ pub fn preset(cloud: Cloud) -> Preset {
             token_url: "https://login.microsoftonline.us/{tenant}/oauth2/v2.0/token",
             scope: "https://outlook-dod.office365.us/.default",
             smtp_host: "smtp.office365.us",
+            graph_url: "https://dod-graph.microsoft.us",
         },
         Cloud::China => Preset {
             token_url: "https://login.partner.microsoftonline.cn/{tenant}/oauth2/v2.0/token",
             scope: "https://partner.outlook.cn/.default",
             smtp_host: "smtp.partner.outlook.cn",
+            graph_url: "https://microsoftgraph.chinacloudapi.cn",
         },
     }
 }
@@ -48,6 +67,8 @@ pub struct Endpoints {
     pub token_url: String,
     pub scope: String,
     pub smtp_host: String,
+    /// The Graph root (`https://graph.microsoft.com`), without a trailing slash.
+    pub graph_url: String,
 }
 
 /// Derives the endpoints from `upstream.cloud` and `oauth.tenant_id`, applying `oauth.token_url`,
@@ -82,7 +103,15 @@ pub fn endpoints(config: &Config) -> Result<Endpoints, OAuthError> {
         .oauth
         .scope
         .clone()
-        .unwrap_or_else(|| preset.scope.to_string());
+        .unwrap_or_else(|| preset.scope_for(config.upstream.transport));
+    let graph_url = config
+        .upstream
+        .graph_url
+        .as_deref()
+        .unwrap_or(preset.graph_url)
+        .trim()
+        .trim_end_matches('/')
+        .to_string();
     let smtp_host = config
         .upstream
         .host
@@ -92,7 +121,47 @@ pub fn endpoints(config: &Config) -> Result<Endpoints, OAuthError> {
         token_url,
         scope,
         smtp_host,
+        graph_url,
     })
+}
+
+/// The endpoint values in effect, as TOML comments for `config` (which prints the keys as set):
+/// each says whether it was set or derived from `upstream.cloud`, `upstream.transport` and
+/// `oauth.tenant_id`.
+pub fn effective_comment(config: &Config) -> String {
+    let preset = preset(config.upstream.cloud);
+    let origin = |set: bool| if set { "set" } else { "derived" };
+    let mut out = String::from("\n# Endpoints in effect:\n");
+    let mut line = |key: &str, value: &str, set: bool| {
+        out.push_str(&format!("# {key} = \"{value}\"  ({})\n", origin(set)));
+    };
+    let up = &config.upstream;
+    match endpoints(config) {
+        Ok(e) => {
+            line(
+                "oauth.token_url",
+                &e.token_url,
+                config.oauth.token_url.is_some(),
+            );
+            line("oauth.scope", &e.scope, config.oauth.scope.is_some());
+            match up.transport {
+                TransportKind::Smtp => line("upstream.host", &e.smtp_host, up.host.is_some()),
+                TransportKind::Graph => {
+                    line("upstream.graph_url", &e.graph_url, up.graph_url.is_some())
+                }
+            }
+        }
+        Err(err) => {
+            let scope = config
+                .oauth
+                .scope
+                .clone()
+                .unwrap_or_else(|| preset.scope_for(up.transport));
+            line("oauth.scope", &scope, config.oauth.scope.is_some());
+            out.push_str(&format!("# oauth.token_url: not derived ({err})\n"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -140,6 +209,30 @@ mod tests {
             assert_eq!(e.scope, scope, "{cloud:?}");
             assert_eq!(e.smtp_host, host, "{cloud:?}");
         }
+    }
+
+    #[test]
+    fn graph_scope_and_root_follow_the_cloud() {
+        let cases = [
+            (Cloud::Global, "https://graph.microsoft.com"),
+            (Cloud::GccHigh, "https://graph.microsoft.us"),
+            (Cloud::Dod, "https://dod-graph.microsoft.us"),
+            (Cloud::China, "https://microsoftgraph.chinacloudapi.cn"),
+        ];
+        for (cloud, root) in cases {
+            let mut c = config(cloud);
+            c.upstream.transport = TransportKind::Graph;
+            let e = endpoints(&c).unwrap();
+            assert_eq!(e.graph_url, root, "{cloud:?}");
+            assert_eq!(e.scope, format!("{root}/.default"), "{cloud:?}");
+        }
+        let mut c = config(Cloud::Global);
+        c.upstream.transport = TransportKind::Graph;
+        c.upstream.graph_url = Some("http://127.0.0.1:8080/".into());
+        let e = endpoints(&c).unwrap();
+        assert_eq!(e.graph_url, "http://127.0.0.1:8080");
+        // The scope still names the cloud's Graph: a simulator checks the audience.
+        assert_eq!(e.scope, "https://graph.microsoft.com/.default");
     }
 
     #[test]

@@ -20,6 +20,10 @@ pub const DEFAULT_MAILBOX: &str = "relay@contoso.example";
 pub const EXCHANGE_RESOURCE: &str = "https://outlook.office365.com";
 /// The application permission Exchange wants in an app-only token.
 pub const SEND_AS_APP_ROLE: &str = "SMTP.SendAsApp";
+/// The application permission Graph `sendMail` wants.
+pub const MAIL_SEND_ROLE: &str = "Mail.Send";
+/// The Microsoft Graph resource of the global cloud.
+pub const GRAPH_RESOURCE: &str = "https://graph.microsoft.com";
 
 /// Whole simulator configuration (TOML at the command line, a struct in tests).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -41,6 +45,8 @@ pub struct SimConfig {
     pub smtp: SmtpConfig,
     /// Exchange mailboxes.
     pub mailboxes: Vec<MailboxConfig>,
+    /// Microsoft Graph side (`sendMail` beside the token endpoint).
+    pub graph: GraphConfig,
     /// Where `simulate` keeps its CA and mailbox (tests pass a directory to `Simulator::start` instead).
     pub state_dir: Option<PathBuf>,
 }
@@ -83,6 +89,30 @@ pub struct MailboxConfig {
     pub send_as: Vec<String>,
     /// `Set-CASMailbox -SmtpClientAuthenticationDisabled $true`.
     pub smtp_auth_disabled: bool,
+}
+
+/// Microsoft Graph `sendMail` knobs (reference `graph-transport.md` §1, §3).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GraphConfig {
+    /// Largest request body (the base64); more gets 413.
+    pub max_request_bytes: u64,
+    /// Requests in flight per mailbox; more get 429 ApplicationThrottled.
+    pub concurrency_per_mailbox: usize,
+    /// RBAC for Applications: tokens need no `Mail.Send` role; `full_access` stands in for the
+    /// management scope (`New-ManagementRoleAssignment -Role "Application Mail.Send"`).
+    pub rbac_mode: bool,
+}
+
+impl Default for GraphConfig {
+    fn default() -> Self {
+        GraphConfig {
+            // Peers treat 4 MB of base64 as the limit (§1.5).
+            max_request_bytes: 4 * 1024 * 1024,
+            concurrency_per_mailbox: 4,
+            rbac_mode: false,
+        }
+    }
 }
 
 /// Which reply a SendAs violation gets at the end of DATA.
@@ -170,8 +200,21 @@ impl Default for SimConfig {
             token_lifetime_secs: 3599,
             smtp: SmtpConfig::default(),
             mailboxes: vec![MailboxConfig::default()],
+            graph: GraphConfig::default(),
             state_dir: None,
         }
+    }
+}
+
+impl SimConfig {
+    /// A tenant set up for the Graph transport: the app has the consented `Mail.Send`
+    /// application permission (and no SMTP.SendAsApp).
+    pub fn graph() -> SimConfig {
+        let mut c = SimConfig::default();
+        for client in &mut c.clients {
+            client.roles = Some(vec![MAIL_SEND_ROLE.to_string()]);
+        }
+        c
     }
 }
 

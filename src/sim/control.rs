@@ -71,6 +71,122 @@ pub enum SmtpFault {
     Stall,
 }
 
+/// What the Graph endpoint answers instead of doing its job (the error catalogue of
+/// `graph-transport.md` §3.3 as switches).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GraphFault {
+    /// This status with Graph's JSON error body; `Retry-After: secs` when set.
+    Error {
+        status: u16,
+        code: String,
+        message: String,
+        retry_after: Option<u64>,
+    },
+    /// Keep the message, then answer with this error status (a 504 that delivered anyway).
+    KeepThenError { status: u16 },
+    /// Keep the message, answer 202 with `Retry-After` (retrying it would duplicate).
+    AcceptedWithRetryAfter { secs: u64 },
+    /// Keep the message, then say nothing for this long before the 202 (a lost answer).
+    KeepThenStall(Duration),
+}
+
+impl GraphFault {
+    /// The catalogue entry for `code`: its status and the message Microsoft sends with it.
+    pub fn code(code: &str) -> GraphFault {
+        let (status, message) = match code {
+            "ErrorAccessDenied" => (403, "Access is denied. Check credentials and try again."),
+            "ErrorSendAsDenied" => (
+                403,
+                "The user account which was used to submit this request does not have the right to \
+                 send mail on behalf of the specified sending account., Cannot submit message.",
+            ),
+            "MailboxNotEnabledForRESTAPI" => (
+                404,
+                "The mailbox is either inactive, soft-deleted, or is hosted on-premise.",
+            ),
+            "ErrorInvalidUser" => (404, "The requested user is invalid."),
+            "ResourceNotFound" => (404, "Resource could not be discovered."),
+            "ErrorInvalidRecipients" => (
+                400,
+                "At least one recipient is not valid., Recipient is not resolved. All recipients must \
+                 be resolved before a message can be submitted.",
+            ),
+            "ErrorMessageSizeExceeded" => (
+                400,
+                "The message exceeds the maximum supported size., Cannot save changes made to an item \
+                 to store.",
+            ),
+            "ErrorMimeContentInvalidBase64String" => {
+                (400, "Invalid base64 string for MIME content.")
+            }
+            "ErrorQuotaExceeded" => (507, "Mailbox has exceeded maximum mailbox size."),
+            "ErrorMailboxStoreUnavailable" => {
+                (503, "The mailbox database is temporarily unavailable.")
+            }
+            "MailboxInfoStale" => (503, "Target resource is currently on backend 'Unknown'."),
+            "ErrorNonExistentMailBox" => {
+                (404, "The SMTP address has no mailbox associated with it.")
+            }
+            "ApplicationThrottled" => (429, "Application is over its MailboxConcurrency limit."),
+            "ErrorServerBusy" => (
+                503,
+                "The server cannot service this request right now. Try again later.",
+            ),
+            "ErrorInternalServerError" => (
+                500,
+                "An internal server error occurred. The operation failed.",
+            ),
+            "UnknownError" => (500, ""),
+            "CommandConcurrencyLimitReached" => (503, "Too many concurrent requests."),
+            "InvalidAuthenticationToken" => {
+                (401, "Access token validation failure. Invalid audience.")
+            }
+            "NoPermissionsInAccessToken" => (
+                401,
+                "The token contains no permissions, or permissions can not be understood.",
+            ),
+            "Authorization_RequestDenied" => {
+                (403, "Insufficient privileges to complete the operation.")
+            }
+            "RequestEntityTooLarge" => (413, "Request Entity Too Large"),
+            _ => (400, "Bad request."),
+        };
+        let retry_after = matches!(status, 429 | 503).then_some(1);
+        GraphFault::Error {
+            status,
+            code: code.to_string(),
+            message: message.to_string(),
+            retry_after,
+        }
+    }
+
+    /// Every `error.code` of the catalogue.
+    pub const CATALOGUE: [&'static str; 21] = [
+        "ErrorAccessDenied",
+        "ErrorSendAsDenied",
+        "MailboxNotEnabledForRESTAPI",
+        "ErrorInvalidUser",
+        "ResourceNotFound",
+        "ErrorInvalidRecipients",
+        "ErrorMessageSizeExceeded",
+        "ErrorMimeContentInvalidBase64String",
+        "ErrorQuotaExceeded",
+        "ErrorMailboxStoreUnavailable",
+        "MailboxInfoStale",
+        "ErrorNonExistentMailBox",
+        "ApplicationThrottled",
+        "ErrorServerBusy",
+        "ErrorInternalServerError",
+        "UnknownError",
+        "CommandConcurrencyLimitReached",
+        "InvalidAuthenticationToken",
+        "NoPermissionsInAccessToken",
+        "Authorization_RequestDenied",
+        // 413 has no code of its own; the catalogue entry stands for the status.
+        "RequestEntityTooLarge",
+    ];
+}
+
 #[derive(Debug, Clone)]
 struct ScriptedSmtpFault {
     stage: SmtpStage,
@@ -103,6 +219,12 @@ pub(crate) struct Shared {
     pub token_requests: AtomicU64,
     pub tokens_issued: AtomicU64,
     pub smtp_connections: AtomicU64,
+    graph_faults: Mutex<VecDeque<(GraphFault, usize)>>,
+    graph_faults_fired: AtomicU64,
+    pub graph_requests: AtomicU64,
+    /// Graph requests in flight per mailbox (lower case), and the most ever seen at once.
+    graph_in_flight: Mutex<HashMap<String, usize>>,
+    pub graph_max_in_flight: AtomicU64,
     /// Scripted faults handed out so far: tests check that the fault they set up fired.
     token_faults_fired: AtomicU64,
     smtp_faults_fired: Mutex<HashMap<SmtpStage, u64>>,
@@ -149,6 +271,11 @@ impl Shared {
             token_requests: AtomicU64::new(0),
             tokens_issued: AtomicU64::new(0),
             smtp_connections: AtomicU64::new(0),
+            graph_faults: Mutex::new(VecDeque::new()),
+            graph_faults_fired: AtomicU64::new(0),
+            graph_requests: AtomicU64::new(0),
+            graph_in_flight: Mutex::new(HashMap::new()),
+            graph_max_in_flight: AtomicU64::new(0),
             token_faults_fired: AtomicU64::new(0),
             smtp_faults_fired: Mutex::new(HashMap::new()),
         })
@@ -196,6 +323,35 @@ impl Shared {
         }
         *lock(&self.smtp_faults_fired).entry(stage).or_default() += 1;
         Some(fault)
+    }
+
+    /// Takes the next scripted Graph fault, if any.
+    pub fn next_graph_fault(&self) -> Option<GraphFault> {
+        let mut q = lock(&self.graph_faults);
+        let (fault, remaining) = q.front_mut()?;
+        let fault = fault.clone();
+        *remaining -= 1;
+        if *remaining == 0 {
+            q.pop_front();
+        }
+        self.graph_faults_fired.fetch_add(1, Ordering::Relaxed);
+        Some(fault)
+    }
+
+    /// One more Graph request in flight for `mailbox`; returns how many are now.
+    pub fn graph_enter(&self, mailbox: &str) -> usize {
+        let mut m = lock(&self.graph_in_flight);
+        let n = m.entry(mailbox.to_ascii_lowercase()).or_default();
+        *n += 1;
+        self.graph_max_in_flight
+            .fetch_max(*n as u64, Ordering::Relaxed);
+        *n
+    }
+
+    pub fn graph_leave(&self, mailbox: &str) {
+        if let Some(n) = lock(&self.graph_in_flight).get_mut(&mailbox.to_ascii_lowercase()) {
+            *n = n.saturating_sub(1);
+        }
     }
 
     pub fn usage(&self) -> MutexGuard<'_, HashMap<String, MailboxUsage>> {
@@ -401,6 +557,39 @@ impl Control {
     pub fn clear_faults(&self) {
         lock(&self.shared.token_faults).clear();
         lock(&self.shared.smtp_faults).clear();
+        lock(&self.shared.graph_faults).clear();
+    }
+
+    /// The next `times` Graph `sendMail` requests get `fault`. Faults queue in order.
+    pub fn script_graph_fault(&self, fault: GraphFault, times: usize) {
+        if times > 0 {
+            lock(&self.shared.graph_faults).push_back((fault, times));
+        }
+    }
+
+    /// Scripted Graph faults that have fired.
+    pub fn graph_faults_fired(&self) -> u64 {
+        self.shared.graph_faults_fired.load(Ordering::Relaxed)
+    }
+
+    /// `sendMail` requests seen (whatever their answer).
+    pub fn graph_requests(&self) -> u64 {
+        self.shared.graph_requests.load(Ordering::Relaxed)
+    }
+
+    /// The most `sendMail` requests ever in flight at once for one mailbox.
+    pub fn graph_max_in_flight(&self) -> u64 {
+        self.shared.graph_max_in_flight.load(Ordering::Relaxed)
+    }
+
+    /// RBAC for Applications on the Graph side: no `Mail.Send` role needed, `full_access` decides.
+    pub fn set_graph_rbac_mode(&self, on: bool) {
+        self.set(|c| c.graph.rbac_mode = on);
+    }
+
+    /// Largest `sendMail` request body (base64) accepted; more gets 413.
+    pub fn set_graph_max_request_bytes(&self, bytes: u64) {
+        self.set(|c| c.graph.max_request_bytes = bytes);
     }
 
     /// Forgets rate, quota and throttle history (not the live sessions).

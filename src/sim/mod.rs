@@ -1,7 +1,8 @@
 //! Entra ID + Exchange Online simulator (issue 3; spec: reference `exchange-online-protocol.md` §1, §2, §3, §7).
 //!
-//! Two loopback endpoints on ephemeral ports: the OAuth2 token endpoint (HTTP) and Exchange Online client
-//! submission (SMTP with STARTTLS and XOAUTH2). Accepted messages land in a directory. Every switch and fault can be
+//! Two loopback endpoints on ephemeral ports: HTTP (the OAuth2 token endpoint, and Microsoft Graph `sendMail`
+//! beside it) and Exchange Online client submission (SMTP with STARTTLS and XOAUTH2). Accepted messages land in
+//! a directory, whichever way they came. Every switch and fault can be
 //! flipped at runtime through [`Control`]. This module shares no code with the relay's upstream side on purpose:
 //! it is the independent party the delivery code is tested against.
 //!
@@ -18,6 +19,7 @@
 
 mod config;
 mod control;
+mod graph;
 mod keys;
 mod mailbox;
 mod smtp;
@@ -34,10 +36,10 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::{
     ClientConfig, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_MAILBOX, DEFAULT_TENANT_ID,
-    EXCHANGE_RESOURCE, MailboxConfig, RateMode, SEND_AS_APP_ROLE, SecretConfig, SendAsReply,
-    SimConfig, SmtpConfig,
+    EXCHANGE_RESOURCE, GRAPH_RESOURCE, GraphConfig, MAIL_SEND_ROLE, MailboxConfig, RateMode,
+    SEND_AS_APP_ROLE, SecretConfig, SendAsReply, SimConfig, SmtpConfig,
 };
-pub use control::{Control, SmtpFault, SmtpStage, TokenFault};
+pub use control::{Control, GraphFault, SmtpFault, SmtpStage, TokenFault};
 pub use mailbox::{Envelope, StoredMessage, list_dir};
 
 /// Scope the relay asks for.
@@ -93,7 +95,8 @@ impl Simulator {
         let smtp_addr = local_addr(&smtp_listener)?;
 
         let stop = CancellationToken::new();
-        let app = token::router(shared.clone());
+        let app =
+            token::router(shared.clone()).merge(graph::router(shared.clone(), mailbox.clone()));
         let http_stop = stop.clone();
         let http_task = tokio::spawn(async move {
             let served = axum::serve(http, app)
@@ -134,6 +137,11 @@ impl Simulator {
             self.token_base_url(),
             self.control.config().tenant_id
         )
+    }
+
+    /// The Microsoft Graph root (`upstream.graph_url`): `http://127.0.0.1:PORT`, beside the token endpoint.
+    pub fn graph_url(&self) -> String {
+        self.token_base_url()
     }
 
     pub fn smtp_addr(&self) -> SocketAddr {
@@ -279,6 +287,10 @@ pub async fn run_standalone(config_path: Option<&Path>) -> Result<(), SimError> 
         sim.smtp_addr()
     );
     println!("SMTP port:            {}", sim.smtp_addr().port());
+    println!(
+        "Graph sendMail root:  {} (upstream.graph_url)",
+        sim.graph_url()
+    );
     println!("CA file:              {}", sim.ca_file().display());
     println!("Mailbox directory:    {}", sim.mailbox_dir().display());
     println!();

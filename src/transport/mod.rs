@@ -3,9 +3,11 @@
 //! The scheduler decides *when* (with the pacer) and records *what happened* (in the store); a
 //! transport only sends: `send(submission) -> one outcome per recipient`. Everything specific
 //! to the protocol lives behind it: for SMTP the session pool, STARTTLS, `AUTH XOAUTH2`, the
-//! MAIL parameters and the "535 with a token near expiry: refresh once" rule ([`smtp`]).
-//! Outcome classes ([`Outcome`]) are shared by every transport.
+//! MAIL parameters and the "535 with a token near expiry: refresh once" rule ([`smtp`]); for
+//! Microsoft Graph the envelope-to-Bcc rule, the request limit and the HTTP error catalogue
+//! ([`graph`]). Outcome classes ([`Outcome`]) are shared by every transport.
 
+pub mod graph;
 pub mod smtp;
 
 use std::future::Future;
@@ -51,7 +53,41 @@ pub enum Reply {
     /// The relay's own refusal, in the form of a reply (e.g. `553 5.6.7` when the upstream
     /// lacks SMTPUTF8): permanent, decided without sending.
     Refused(UpstreamReply),
+    /// Microsoft Graph's answer: HTTP status and `error.code` (what decides), its message and
+    /// request id (for logs and support).
+    Graph(GraphReply),
     Local(String),
+}
+
+/// A Microsoft Graph response, as data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GraphReply {
+    pub status: u16,
+    /// `error.code` of the JSON error body (`ErrorAccessDenied`, `ApplicationThrottled`, ...).
+    pub code: Option<String>,
+    pub message: Option<String>,
+    /// `request-id` (header or `error.innerError`): what Microsoft support asks for.
+    pub request_id: Option<String>,
+}
+
+impl std::fmt::Display for GraphReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Graph HTTP {}", self.status)?;
+        if self.status == 202 {
+            // What 202 means: accepted for sending, not delivered to anyone yet.
+            f.write_str(" Accepted (saved and queued for sending by Exchange)")?;
+        }
+        if let Some(code) = &self.code {
+            write!(f, " {code}")?;
+        }
+        if let Some(message) = &self.message {
+            write!(f, ": {message}")?;
+        }
+        if let Some(id) = &self.request_id {
+            write!(f, " [request-id {id}]")?;
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Display for Reply {
@@ -64,6 +100,7 @@ impl std::fmt::Display for Reply {
             } => write!(f, "{reply}"),
             Reply::Upstream { stage, reply } => write!(f, "{stage:?}: upstream replied {reply}"),
             Reply::Refused(reply) => write!(f, "{reply}"),
+            Reply::Graph(reply) => write!(f, "{reply}"),
             Reply::Local(text) => f.write_str(text),
         }
     }
@@ -81,6 +118,9 @@ pub struct Attempted {
     /// The whole message was handed over and no success came back (a drop, a timeout or a
     /// 4xx after the final dot): the upstream may have it, and a retry may deliver it twice.
     pub after_dot: Option<AfterDot>,
+    /// The upstream asked for this wait before the next attempt (HTTP `Retry-After`): the
+    /// retry is not scheduled sooner.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 /// What is known of an attempt that may have delivered without the relay knowing.
@@ -109,6 +149,7 @@ impl Attempted {
             reached,
             summary: reply,
             after_dot: None,
+            retry_after: None,
         }
     }
 }

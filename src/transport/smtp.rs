@@ -224,6 +224,7 @@ impl SmtpTransport {
                     recipients,
                     reached: Progress::Transaction,
                     after_dot,
+                    retry_after: None,
                     summary: data.map(|(_, reply)| reply).unwrap_or_else(|| {
                         Reply::Local("every recipient refused: nothing was sent".into())
                     }),

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use smtp_oauth_relay::config::Config;
+use smtp_oauth_relay::config::{Config, TransportKind};
 use smtp_oauth_relay::daemon::{point_at_simulator, start_delivery};
 use smtp_oauth_relay::deliver::classify::HoldCause;
 use smtp_oauth_relay::deliver::upstream::{Timeouts, UpstreamTarget, upstream_target};
@@ -17,6 +17,8 @@ use smtp_oauth_relay::oauth::TokenProvider;
 use smtp_oauth_relay::sim::{SimConfig, Simulator};
 use smtp_oauth_relay::spool::{DeliveryState, EntryState, Spool};
 use smtp_oauth_relay::store::Store;
+use smtp_oauth_relay::transport::Transport;
+use smtp_oauth_relay::transport::graph::{GraphSettings, GraphTransport};
 use smtp_oauth_relay::transport::smtp::{SmtpSettings, SmtpTransport};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +32,10 @@ pub const MAILBOX: &str = "relay@contoso.example";
 pub struct Tuning {
     pub timeouts: Option<Timeouts>,
     pub session_max_idle: Option<Duration>,
+    /// `transport = "graph"`: the whole-request timeout (serve: 2 minutes).
+    pub graph_request_timeout: Option<Duration>,
+    /// `transport = "graph"`: another Graph root than the simulator's (an endpoint of the test).
+    pub graph_url: Option<String>,
 }
 
 pub struct DeliveringRelay {
@@ -376,21 +382,39 @@ fn tuned_deliverer(
     metrics: &Arc<smtp_oauth_relay::metrics::Metrics>,
     stop: &CancellationToken,
 ) -> (DeliveryHandle, tokio::task::JoinHandle<()>) {
-    let mut target = upstream_target(config).expect("target");
-    if let Some(t) = &tuning.timeouts {
-        target.timeouts = t.clone();
-    }
-    change(&mut target);
-    let settings = DeliverySettings::from_config(config, &target.server_name);
-    let mut smtp = SmtpSettings::from_config(config);
-    if let Some(idle) = tuning.session_max_idle {
-        smtp.session_max_idle = idle;
-    }
-    let transport = SmtpTransport::new(target, smtp, Arc::new(tokens), metrics.clone());
+    let (settings, transport): (DeliverySettings, Arc<dyn Transport>) =
+        if config.upstream.transport == TransportKind::Graph {
+            let mut graph = GraphSettings::from_config(config).expect("graph settings");
+            if let Some(t) = tuning.graph_request_timeout {
+                graph.request_timeout = t;
+            }
+            if let Some(url) = &tuning.graph_url {
+                graph.graph_url = url.clone();
+            }
+            let transport = GraphTransport::new(graph, Arc::new(tokens), metrics.clone())
+                .expect("graph transport");
+            (
+                DeliverySettings::from_config(config, "graph"),
+                Arc::new(transport),
+            )
+        } else {
+            let mut target = upstream_target(config).expect("target");
+            if let Some(t) = &tuning.timeouts {
+                target.timeouts = t.clone();
+            }
+            change(&mut target);
+            let settings = DeliverySettings::from_config(config, &target.server_name);
+            let mut smtp = SmtpSettings::from_config(config);
+            if let Some(idle) = tuning.session_max_idle {
+                smtp.session_max_idle = idle;
+            }
+            let transport = SmtpTransport::new(target, smtp, Arc::new(tokens), metrics.clone());
+            (settings, Arc::new(transport))
+        };
     Deliverer::start(
         Arc::new(spool.clone()),
         settings,
-        Arc::new(transport),
+        transport,
         metrics.clone(),
         stop.clone(),
         Default::default(),
