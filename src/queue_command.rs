@@ -176,8 +176,8 @@ fn recipients_summary(r: &[String]) -> String {
 }
 
 /// Quote a reply for one line: `"..."` with control characters and quotes escaped.
-fn quoted(s: &str) -> String {
-    format!("\"{}\"", s.escape_debug())
+fn quoted(s: impl std::fmt::Display) -> String {
+    format!("\"{}\"", s.to_string().escape_debug())
 }
 
 fn delivery_summary(d: &DeliveryState) -> String {
@@ -197,7 +197,7 @@ fn delivery_summary(d: &DeliveryState) -> String {
     if let Some(dup) = &d.possible_duplicate {
         s.push_str(&format!(
             " possible-duplicate={}",
-            quoted(&duplicate_summary(dup))
+            quoted(duplicate_summary(dup))
         ));
     }
     s
@@ -253,7 +253,7 @@ fn write_list(entries: &[QueueEntry], now: SystemTime, out: &mut dyn Write) -> s
             e.size,
             e.state,
             match (&e.delivery, &e.state_problem) {
-                (_, Some(p)) => format!("state-problem={}", quoted(&state_problem_summary(p))),
+                (_, Some(p)) => format!("state-problem={}", quoted(state_problem_summary(p))),
                 (Some(d), None) => delivery_summary(d),
                 (None, None) => String::new(),
             }
@@ -307,7 +307,7 @@ fn write_show(m: &ShownMessage, now: SystemTime, out: &mut dyn Write) -> std::io
     }
     writeln!(out, "size: {}", e.size)?;
     if let Some(p) = &e.state_problem {
-        writeln!(out, "delivery-state: {}", quoted(&state_problem_summary(p)))?;
+        writeln!(out, "delivery-state: {}", quoted(state_problem_summary(p)))?;
     }
     match &e.delivery {
         None if e.state_problem.is_some() => {}
@@ -334,7 +334,7 @@ fn write_show(m: &ShownMessage, now: SystemTime, out: &mut dyn Write) -> std::io
                 writeln!(
                     out,
                     "possible-duplicate: {}",
-                    quoted(&duplicate_summary(dup))
+                    quoted(duplicate_summary(dup))
                 )?;
             }
             for r in &d.recipients {

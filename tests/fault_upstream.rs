@@ -73,6 +73,7 @@ async fn wait_attempted(h: &DeliveringRelay, ids: &[String], needle: &str) -> Ve
                 h.delivery_state(id)
                     .filter(|s| s.attempts >= 1)
                     .and_then(|s| s.last_reply)
+                    .map(|r| r.to_string())
                     .filter(|r| r.contains(needle))
             })
             .collect();

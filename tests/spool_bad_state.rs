@@ -137,12 +137,12 @@ async fn a_garbled_state_file_is_reset_and_the_message_delivered() {
 #[tokio::test]
 async fn a_state_of_a_newer_version_holds_the_message_until_the_operator_retries_it() {
     let logs = common::logs::capture();
-    let newer = b"{\"version\": 2, \"attempts\": 1, \"delivered_to\": [\"b@example.org\"]}\n";
+    let newer = b"{\"version\": 3, \"attempts\": 1, \"delivered_to\": [\"b@example.org\"]}\n";
     let (_tmp, dir, id) = spool_with_bad_state(newer, "newer-state").await;
     let list = queue(&dir, QueueCommand::List).await;
     assert!(
         list.lines().any(|l| l.starts_with(&id)
-            && l.contains("state-problem=\"delivery state version 2 is newer")),
+            && l.contains("state-problem=\"delivery state version 3 is newer")),
         "{list}"
     );
 
@@ -167,11 +167,11 @@ async fn a_state_of_a_newer_version_holds_the_message_until_the_operator_retries
         .find(|l| l.starts_with(&id))
         .unwrap_or_else(|| panic!("{list}"));
     assert!(line.contains("\theld\t"), "{line}");
-    assert!(line.contains("newer than this relay reads (1)"), "{line}");
+    assert!(line.contains("newer than this relay reads (2)"), "{line}");
     assert!(line.contains("queue retry ID"), "{line}");
     let logged = logs.lines_with(&[&id, "message held, not delivered"]);
     assert_eq!(logged.len(), 1, "{}", logs.text());
-    assert!(logged[0].contains("version 2"), "{}", logged[0]);
+    assert!(logged[0].contains("version 3"), "{}", logged[0]);
 
     // The operator decides: retry resets the state (kept in corrupt/) and delivers.
     let out = queue(&dir, QueueCommand::Retry(Some(id.clone()))).await;

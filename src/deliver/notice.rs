@@ -11,7 +11,7 @@ use base64::engine::general_purpose::STANDARD;
 
 use crate::headers::{HeaderName, Headers};
 use crate::inbound::message::rfc5322_date;
-use crate::spool::{DeliveryState, Envelope, RecipientStatus};
+use crate::spool::{DeliveryState, Envelope, RecipientStatus, RecordedReply};
 
 /// What goes into one report.
 pub struct NoticeInput<'a> {
@@ -84,13 +84,16 @@ pub fn build(input: &NoticeInput<'_>, now: SystemTime) -> Vec<u8> {
         if r.status == RecipientStatus::Delivered {
             continue;
         }
-        let reply = r.reply.as_deref().unwrap_or(input.reason);
+        let diagnostic = r
+            .reply
+            .as_ref()
+            .map_or_else(|| input.reason.to_string(), |r| r.to_string());
         push("");
         push(&format!("Final-Recipient: rfc822; {}", r.address));
         push("Action: failed");
-        push(&format!("Status: {}", status_of(reply)));
+        push(&format!("Status: {}", status_of(r.reply.as_ref())));
         push(&format!("Remote-MTA: dns; {}", input.upstream_host));
-        push(&format!("Diagnostic-Code: smtp; {}", one_line(reply)));
+        push(&format!("Diagnostic-Code: smtp; {}", one_line(&diagnostic)));
     }
     push("");
     push(&format!("--{boundary}"));
@@ -105,13 +108,10 @@ pub fn build(input: &NoticeInput<'_>, now: SystemTime) -> Vec<u8> {
     out
 }
 
-/// The enhanced status code in a reply such as `550 5.1.10 ...`, else a generic one.
-fn status_of(reply: &str) -> String {
+/// The recorded enhanced status code (`550 5.1.10 ...` → `5.1.10`), else a generic one.
+fn status_of(reply: Option<&RecordedReply>) -> String {
     reply
-        .split_whitespace()
-        .nth(1)
-        .filter(|w| w.starts_with("5.") || w.starts_with("4."))
-        .map(|w| w.trim_end_matches(':').to_string())
+        .and_then(|r| r.enhanced.clone())
         .unwrap_or_else(|| "5.0.0".into())
 }
 

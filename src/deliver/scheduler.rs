@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::stop::StopBudget;
 use crate::store::{
     DeliveryState, EntryState, LoadedMessage, PossibleDuplicate, RecipientState, RecipientStatus,
-    Store, StoreError, StoreEvent,
+    RecordedReply, Store, StoreError, StoreEvent,
 };
 use crate::transport::{Submission, Transport};
 
@@ -624,7 +624,10 @@ async fn deliver_one(ctx: &Arc<Context>, id: &str) -> JobResult {
             "expired after {} in the queue ({} attempts); last reply: {}",
             humantime::format_duration(Duration::from_secs(age.as_secs())),
             state.attempts,
-            state.last_reply.as_deref().unwrap_or("none")
+            state
+                .last_reply
+                .as_ref()
+                .map_or_else(|| "none".to_string(), |r| r.to_string())
         );
         // Nothing was sent: the mailbox learnt nothing from it.
         finish_failed(ctx, message, state, reason).await;
@@ -641,7 +644,7 @@ struct AttemptOutcome {
     /// The class that applies to every recipient still pending after this attempt.
     pending_class: Outcome,
     /// The reply that decided it, for logs and the state file.
-    reply: String,
+    reply: RecordedReply,
     /// How far the attempt got.
     reached: Progress,
     /// The upstream's `Retry-After`: a retry never comes sooner.
@@ -665,7 +668,7 @@ async fn attempt(
     if pending.is_empty() {
         return AttemptOutcome {
             pending_class: Outcome::Delivered,
-            reply: "no recipient left".into(),
+            reply: RecordedReply::local("no recipient left"),
             reached: Progress::Transaction,
             retry_after: None,
         };
@@ -697,12 +700,12 @@ async fn attempt(
             after.upstream_id.clone(),
         );
     }
-    let mut decisive: Option<(Outcome, String)> = None;
+    let mut decisive: Option<(Outcome, RecordedReply)> = None;
     for (address, result) in pending.iter().zip(&attempted.recipients) {
         let Some(rcpt) = state.recipients.iter_mut().find(|r| &r.address == address) else {
             continue;
         };
-        let reply = result.reply.to_string();
+        let reply = result.reply.record();
         rcpt.reply = Some(reply.clone());
         match result.class {
             Outcome::Delivered => rcpt.status = RecipientStatus::Delivered,
@@ -719,7 +722,7 @@ async fn attempt(
             }
         }
     }
-    let summary = attempted.summary.to_string();
+    let summary = attempted.summary.record();
     let millis = started.elapsed().as_millis() as u64;
     match &decisive {
         Some((class, _)) => tracing::warn!(
@@ -806,7 +809,10 @@ async fn record(
             .recipients
             .iter()
             .filter(|r| r.status == RecipientStatus::Failed)
-            .map(|r| format!("{}: {}", r.address, r.reply.as_deref().unwrap_or("")))
+            .map(|r| {
+                let reply = r.reply.as_ref().map(|r| r.to_string()).unwrap_or_default();
+                format!("{}: {reply}", r.address)
+            })
             .collect();
         if failed.is_empty() {
             crate::failpoint::hit("after-upstream-250");
@@ -849,7 +855,7 @@ async fn record(
             state.next_attempt = None;
             JobResult::Hold {
                 cause,
-                reply: outcome.reply,
+                reply: outcome.reply.to_string(),
             }
         }
         Outcome::Retry { throttle } => {

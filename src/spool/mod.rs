@@ -59,7 +59,8 @@ pub use id::{is_valid_id, normalize_id};
 pub use incoming::{IncomingMessage, WRITE_BUFFER};
 pub use recovery::RecoveryReport;
 pub use state::{
-    DeliveryState, PossibleDuplicate, RecipientState, RecipientStatus, STATE_VERSION, StateProblem,
+    DeliveryState, PossibleDuplicate, RecipientState, RecipientStatus, RecordedReply,
+    STATE_VERSION, StateProblem,
 };
 pub use writable::PROBE_EVERY;
 

@@ -10,8 +10,130 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-/// Version of the state file format.
-pub const STATE_VERSION: u32 = 1;
+/// Version of the state file format. 2: replies are recorded as data (code, enhanced code,
+/// text); version 1 files (replies as one string) are still read.
+pub const STATE_VERSION: u32 = 2;
+/// The oldest version this relay reads.
+const OLDEST_VERSION: u32 = 1;
+
+/// A reply as recorded: the upstream's code, enhanced status code and text, kept apart from
+/// the wire to the state file, `queue list`, the logs and the failure notice's `Status:`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RecordedReply {
+    /// The basic code; `None` when nobody answered (the text then says what happened).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<u16>,
+    /// `5.1.10` (RFC 3463), when the reply had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enhanced: Option<String>,
+    pub text: String,
+    /// Where in the session it came, when that is not the recipient's own answer (RCPT TO or
+    /// the final dot): `MailFrom`, `Auth`, ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+}
+
+impl RecordedReply {
+    /// What the relay itself says when the upstream never answered.
+    pub fn local(text: impl Into<String>) -> RecordedReply {
+        RecordedReply {
+            code: None,
+            enhanced: None,
+            text: text.into(),
+            stage: None,
+        }
+    }
+
+    /// A reply written as one line (`451 4.7.500 Server busy`), as version 1 files recorded
+    /// them; anything else is kept as the relay's own text.
+    pub fn from_line(line: &str) -> RecordedReply {
+        let mut words = line.splitn(2, ' ');
+        let first = words.next().unwrap_or("");
+        let rest = words.next().unwrap_or("");
+        let code = (first.len() == 3 && first.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| first.parse::<u16>().ok())
+            .flatten();
+        let Some(code) = code else {
+            return RecordedReply::local(line);
+        };
+        let (enhanced, text) = match rest.split_once(' ').unwrap_or((rest, "")) {
+            (word, text) if is_enhanced(word, code) => (Some(word.to_string()), text),
+            _ => (None, rest),
+        };
+        RecordedReply {
+            code: Some(code),
+            enhanced,
+            text: text.to_string(),
+            stage: None,
+        }
+    }
+
+    /// A 5xx reply.
+    pub fn is_permanent(&self) -> bool {
+        self.code.is_some_and(|c| c >= 500)
+    }
+}
+
+fn is_enhanced(word: &str, code: u16) -> bool {
+    let parts: Vec<&str> = word.split('.').collect();
+    parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        && parts[0] == (code / 100).to_string()
+}
+
+impl std::fmt::Display for RecordedReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Some(code) = self.code else {
+            return f.write_str(&self.text);
+        };
+        if let Some(stage) = &self.stage {
+            write!(f, "{stage}: upstream replied ")?;
+        }
+        match &self.enhanced {
+            Some(e) => write!(f, "{code} {e} {}", self.text),
+            None => write!(f, "{code} {}", self.text),
+        }
+    }
+}
+
+/// Test literals and version 1 files: a reply written as one line.
+impl From<&str> for RecordedReply {
+    fn from(line: &str) -> RecordedReply {
+        RecordedReply::from_line(line)
+    }
+}
+
+impl<'de> Deserialize<'de> for RecordedReply {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RecordedReply, D::Error> {
+        #[derive(Deserialize)]
+        struct Fields {
+            #[serde(default)]
+            code: Option<u16>,
+            #[serde(default)]
+            enhanced: Option<String>,
+            text: String,
+            #[serde(default)]
+            stage: Option<String>,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Line(String),
+            Fields(Fields),
+        }
+        Ok(match Either::deserialize(d)? {
+            Either::Line(line) => RecordedReply::from_line(&line),
+            Either::Fields(f) => RecordedReply {
+                code: f.code,
+                enhanced: f.enhanced,
+                text: f.text,
+                stage: f.stage,
+            },
+        })
+    }
+}
 
 /// Per-recipient delivery status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -30,7 +152,7 @@ pub struct RecipientState {
     pub status: RecipientStatus,
     /// Last upstream reply for this recipient (e.g. `550 5.1.10 ...`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reply: Option<String>,
+    pub reply: Option<RecordedReply>,
 }
 
 /// An attempt sent the whole message, final dot included, and then got no reply (dropped
@@ -57,7 +179,7 @@ pub struct DeliveryState {
     #[serde(default, with = "humantime_serde")]
     pub next_attempt: Option<SystemTime>,
     #[serde(default)]
-    pub last_reply: Option<String>,
+    pub last_reply: Option<RecordedReply>,
     #[serde(default)]
     pub hold_reason: Option<String>,
     #[serde(default)]
@@ -114,7 +236,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<DeliveryState, StateProblem> {
     if v.version > STATE_VERSION {
         return Err(StateProblem::NewerVersion(v.version));
     }
-    if v.version != STATE_VERSION {
+    if v.version < OLDEST_VERSION {
         return Err(StateProblem::Unreadable(format!(
             "version {} was never written by any relay",
             v.version
@@ -153,15 +275,19 @@ mod tests {
         };
         let bytes = encode(&st);
         let text = std::str::from_utf8(&bytes).unwrap();
-        assert!(text.contains("\"version\": 1"), "{text}");
+        assert!(text.contains("\"version\": 2"), "{text}");
+        assert!(
+            text.contains("\"code\": 451") && text.contains("\"enhanced\": \"4.7.500\""),
+            "replies are data: {text}"
+        );
         assert!(
             text.contains("\"next_attempt\": \"2025-11-29T18:34:00Z\""),
             "{text}"
         );
         assert!(text.contains("\"status\": \"delivered\""), "{text}");
         assert_eq!(decode(&bytes).unwrap(), st);
-        let v2 = text.replace("\"version\": 1", "\"version\": 2");
-        assert_eq!(decode(v2.as_bytes()), Err(StateProblem::NewerVersion(2)));
+        let v3 = text.replace("\"version\": 2", "\"version\": 3");
+        assert_eq!(decode(v3.as_bytes()), Err(StateProblem::NewerVersion(3)));
         // A newer version stays "newer" even when its fields changed shape.
         assert_eq!(
             decode(b"{\"version\": 7, \"attempts\": \"many\"}"),
@@ -190,5 +316,31 @@ mod tests {
             decode(b"{\"version\": 1, \"attempts\": 0}").unwrap(),
             DeliveryState::default()
         );
+    }
+
+    #[test]
+    fn version_1_replies_written_as_lines_are_read_as_data() {
+        let v1 = br#"{"version": 1, "attempts": 2, "last_reply": "451 4.7.500 Server busy",
+            "recipients": [{"address": "a@example.com", "status": "failed",
+                            "reply": "550 5.1.10 RESOLVER.ADR.RecipientNotFound; not found"},
+                           {"address": "b@example.com", "status": "pending",
+                            "reply": "connection dropped before the reply"}]}"#;
+        let st = decode(v1).unwrap();
+        let last = st.last_reply.clone().unwrap();
+        assert_eq!(last.code, Some(451));
+        assert_eq!(last.enhanced.as_deref(), Some("4.7.500"));
+        assert_eq!(last.text, "Server busy");
+        let failed = st.recipients[0].reply.clone().unwrap();
+        assert_eq!(failed.enhanced.as_deref(), Some("5.1.10"));
+        assert!(failed.is_permanent());
+        assert_eq!(
+            failed.to_string(),
+            "550 5.1.10 RESOLVER.ADR.RecipientNotFound; not found"
+        );
+        let local = st.recipients[1].reply.clone().unwrap();
+        assert_eq!((local.code, local.enhanced.as_deref()), (None, None));
+        assert_eq!(local.to_string(), "connection dropped before the reply");
+        // Written back as version 2, read back the same.
+        assert_eq!(decode(&encode(&st)).unwrap(), st);
     }
 }

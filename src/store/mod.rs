@@ -23,7 +23,8 @@ use tokio::sync::broadcast;
 
 pub use crate::spool::{
     BodyType, DeliveryState, EntryState, Envelope, LoadedMessage, MailParams, PossibleDuplicate,
-    QueueEntry, Recipient, RecipientState, RecipientStatus, ShownMessage, StateProblem,
+    QueueEntry, Recipient, RecipientState, RecipientStatus, RecordedReply, ShownMessage,
+    StateProblem,
 };
 
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

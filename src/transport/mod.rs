@@ -90,6 +90,30 @@ impl std::fmt::Display for GraphReply {
     }
 }
 
+impl Reply {
+    /// The reply as the store records it: code, enhanced code and text kept apart, rendered
+    /// the same as [`Display`](std::fmt::Display).
+    pub fn record(&self) -> crate::store::RecordedReply {
+        let typed = |stage: Option<String>, reply: &UpstreamReply| crate::store::RecordedReply {
+            code: Some(reply.code),
+            enhanced: reply.enhanced.map(|e| e.to_string()),
+            text: reply.text.clone(),
+            stage,
+        };
+        match self {
+            Reply::Upstream {
+                stage: Stage::RcptTo | Stage::DataEnd,
+                reply,
+            } => typed(None, reply),
+            Reply::Upstream { stage, reply } => typed(Some(format!("{stage:?}")), reply),
+            Reply::Refused(reply) => typed(None, reply),
+            Reply::Local(text) => crate::store::RecordedReply::local(text.clone()),
+            // An HTTP status is no SMTP code: Graph's answer is kept as its words.
+            Reply::Graph(reply) => crate::store::RecordedReply::local(reply.to_string()),
+        }
+    }
+}
+
 impl std::fmt::Display for Reply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

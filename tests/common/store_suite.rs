@@ -148,9 +148,11 @@ pub async fn attempts_are_recorded_until_delivered_or_failed(f: &mut impl StoreF
         .and_then(|e| e.delivery.clone())
         .expect("state recorded");
     assert_eq!(recorded.attempts, 1);
+    let last = recorded.last_reply.expect("last reply");
     assert_eq!(
-        recorded.last_reply.as_deref(),
-        Some("451 4.7.500 Server busy")
+        (last.code, last.enhanced.as_deref(), last.text.as_str()),
+        (Some(451), Some("4.7.500"), "Server busy"),
+        "the reply is kept as data"
     );
     let claimed = store
         .claim(&delivered)
