@@ -425,6 +425,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_file_cut_short_after_load_is_an_error_not_a_short_message() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (spool, _) = Spool::open(&dir.path().join("s")).expect("spool");
+        let message = big_message(b"Subject: s\r\n\r\n", 40_000);
+        let mut m = spool.create(&envelope()).await.expect("create");
+        m.write_all(&message).await.expect("write");
+        let id = m.commit().await.expect("commit");
+        let body = spool.load(&id).expect("load").body;
+        // Nothing may change a committed file; if something does, the reader says so.
+        let path = dir.path().join("s/queue").join(format!("{id}.msg"));
+        let len = std::fs::metadata(&path).expect("stat").len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_len(len - 1000))
+            .expect("truncate");
+        let mut reader = body.reader();
+        let mut got = 0usize;
+        let error = loop {
+            match reader.next_chunk().await {
+                Ok(Some(piece)) => got += piece.len(),
+                Ok(None) => panic!("a short message was read as whole ({got} bytes)"),
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(error, SpoolError::Io { .. }), "{error}");
+        assert!(got < message.len());
+    }
+
+    #[tokio::test]
     async fn an_empty_or_bodiless_message_reads_back() {
         let body = MessageBody::from_bytes(Vec::new());
         assert_eq!(read_all(&body).await, (Vec::new(), 0));
