@@ -28,10 +28,12 @@ def main():
     ap.add_argument("--spool", required=True)
     ap.add_argument("--count", type=int, required=True)
     ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--state", choices=["queue", "held"], default="queue",
+                    help="directory the messages go to (held: released later with `queue release`)")
     a = ap.parse_args()
     for d in ("tmp", "queue", "held", "failed", "corrupt", "state"):
         os.makedirs(os.path.join(a.spool, d), mode=0o700, exist_ok=True)
-    qdir = os.path.join(a.spool, "queue")
+    qdir = os.path.join(a.spool, a.state)
     ms = int(time.time() * 1000)
     base_rnd = int.from_bytes(os.urandom(8), "big") << 16
     line = b"y" * 76 + b"\r\n"

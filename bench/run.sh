@@ -7,7 +7,11 @@
 #
 # Environment: REPEATS (default 3; smoke 1), BENCH_PORT_BASE (default 23500),
 #   BENCH_TMP (parent of the scratch directory; default /var/tmp, same filesystem as /work here),
-#   KEEP=1 keeps the scratch directory, NO_BUILD=1 skips `cargo build --release`.
+#   KEEP=1 keeps the scratch directory, NO_BUILD=1 skips `cargo build --release`,
+#   RELAY_BIN=PATH measures that binary instead (e.g. another commit's build; implies NO_BUILD),
+#   PARTS (default "disk accept drain mem delivery"): the parts to run, e.g. PARTS="accept delivery"
+#   for the accept rate and the delivery memory of one binary in one run,
+#   ACCEPT_CONFIGS (SIZE:SESSIONS:MESSAGES:LATENCY_MESSAGES ...) replaces the accept runs' counts.
 # Needs (root): postfix 3.x (smtp-source, postfix, postsuper, postqueue), python3, openssl.
 set -euo pipefail
 
@@ -22,7 +26,10 @@ done
 if [ "$MODE" = smoke ]; then REPEATS=${REPEATS:-1}; else REPEATS=${REPEATS:-3}; fi
 PB=${BENCH_PORT_BASE:-23500}
 P_RELAY=$((PB + 25)) P_PF=$((PB + 26)) P_PFD=$((PB + 27)) P_SINK=$((PB + 28)) P_CLOSED=$((PB + 29))
-BIN=$ROOT/target/release/smtp-oauth-relay
+BIN=${RELAY_BIN:-$ROOT/target/release/smtp-oauth-relay}
+[ -n "${RELAY_BIN:-}" ] && NO_BUILD=1
+PARTS=" ${PARTS:-disk accept drain mem delivery} "
+part() { [[ "$PARTS" == *" $1 "* ]]; }
 B=$ROOT/bench
 # shellcheck source=bench/postfix.sh
 source "$B/postfix.sh"
@@ -118,6 +125,7 @@ source_run() { # PORT SESSIONS COUNT SIZE -> seconds
 }
 
 # ---------------------------------------------------------------- 0. disk limit
+if part disk; then
 log "disk limit: write + fsync + rename + dir fsync (load $(load))"
 if [ "$MODE" = smoke ]; then DN1=100 DN16=200; else DN1=1000 DN16=3000; fi
 for rep in $(seq 1 "$REPEATS"); do
@@ -128,8 +136,10 @@ for rep in $(seq 1 "$REPEATS"); do
         record "{\"kind\":\"disk\",\"rep\":$rep,\"load\":\"$(load)\",${r#\{}"
     done
 done
+fi
 
 # ---------------------------------------------------------------- 1. accept path
+if part accept; then
 log "accept path: relay on :$P_RELAY, postfix on :$P_PF"
 ACC_SPOOL=$W/accept-spool
 relay_conf "$W/accept.toml" "$ACC_SPOOL"
@@ -155,6 +165,7 @@ if [ "$MODE" = smoke ]; then
 else
     CONFIGS="10240:16:5000:2000 10240:64:5000:2000 1048576:16:200:100 1048576:64:200:100"
 fi
+CONFIGS=${ACCEPT_CONFIGS:-$CONFIGS}
 for rep in $(seq 1 "$REPEATS"); do
     for c in $CONFIGS; do
         IFS=: read -r size sess n nlat <<<"$c"
@@ -180,8 +191,38 @@ clear_relay
 clear_pf
 relay_stop
 pf_stop "$PF"
+fi
+
+# ---------------------------------------------------------------- the simulator (token endpoint, Exchange)
+# The simulator provides the real token endpoint (and, for the relay rows that deliver to it, the
+# XOAUTH2-validating Exchange endpoint) with its limits raised. Its own process: the relay's RSS is
+# the relay's alone.
+SIM_PID=
+sim_start() {
+    [ -z "$SIM_PID" ] || return 0
+    cat >"$W/sim.toml" <<EOF
+state_dir = "$W/sim-state"
+[smtp]
+connections_per_mailbox = 64
+messages_per_window = 10000000
+rate_window = "60s"
+recipients_per_day = 10000000
+EOF
+    "$BIN" simulate --config "$W/sim.toml" >"$W/sim.out" 2>"$W/sim.err" &
+    SIM_PID=$!
+    PIDS+=("$SIM_PID")
+    for _ in $(seq 1 200); do grep -q '^# --- end ---' "$W/sim.out" 2>/dev/null && break; sleep 0.1; done
+    grep -q '^# --- end ---' "$W/sim.out" || { echo "simulator did not start" >&2; cat "$W/sim.err" >&2; exit 1; }
+    sed -n '/^# --- relay.toml fragment ---/,/^# --- end ---/p' "$W/sim.out" >"$W/sim-fragment.toml"
+    OAUTH=$(sed -n '/^\[oauth\]/,/^# --- end ---/p' "$W/sim-fragment.toml" | grep -v '^#')
+    MAILBOX=$(sed -n 's/^mail_account = //p' "$W/sim-fragment.toml")
+    SIM_UP=$(sed -n '/^\[upstream\]/,/^\[oauth\]/p' "$W/sim-fragment.toml" | grep -v '^\[oauth\]')
+    SIM_MAILDIR=$(sed -n 's/^Mailbox directory: *//p' "$W/sim.out")
+}
+if part drain || part mem || part delivery; then sim_start; fi
 
 # ---------------------------------------------------------------- 2. drain path
+if part drain; then
 log "drain path: TLS sink on :$P_SINK"
 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=bench CA" \
     -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign" \
@@ -195,25 +236,6 @@ python3 "$B/tls_sink.py" --port "$P_SINK" --cert "$W/sink.pem" --key "$W/sink.ke
 SINK_PID=$!
 PIDS+=("$SINK_PID")
 
-# The simulator provides the real token endpoint (and, for the second relay row, the XOAUTH2-validating
-# Exchange endpoint) with its limits raised.
-cat >"$W/sim.toml" <<EOF
-state_dir = "$W/sim-state"
-[smtp]
-connections_per_mailbox = 64
-messages_per_window = 10000000
-rate_window = "60s"
-recipients_per_day = 10000000
-EOF
-"$BIN" simulate --config "$W/sim.toml" >"$W/sim.out" 2>"$W/sim.err" &
-SIM_PID=$!
-PIDS+=("$SIM_PID")
-for _ in $(seq 1 200); do grep -q '^# --- end ---' "$W/sim.out" 2>/dev/null && break; sleep 0.1; done
-grep -q '^# --- end ---' "$W/sim.out" || { echo "simulator did not start" >&2; cat "$W/sim.err" >&2; exit 1; }
-sed -n '/^# --- relay.toml fragment ---/,/^# --- end ---/p' "$W/sim.out" >"$W/sim-fragment.toml"
-OAUTH=$(sed -n '/^\[oauth\]/,/^# --- end ---/p' "$W/sim-fragment.toml" | grep -v '^#')
-MAILBOX=$(sed -n 's/^mail_account = //p' "$W/sim-fragment.toml")
-SIM_UP=$(sed -n '/^\[upstream\]/,/^\[oauth\]/p' "$W/sim-fragment.toml" | grep -v '^\[oauth\]')
 for _ in $(seq 1 100); do [ -s "$W/sink.count" ] && break; sleep 0.1; done
 sink_count() { cat "$W/sink.count" 2>/dev/null || echo 0; }
 
@@ -330,8 +352,10 @@ if [ "$MODE" = full ]; then
 fi
 SINK_CPU=$(cpu_of "$SINK_PID")
 record "{\"kind\":\"sink\",\"cpu_s\":$SINK_CPU,\"messages\":$(sink_count)}"
+fi
 
 # ---------------------------------------------------------------- 3. memory and scale
+if part mem; then
 log "memory and scale"
 MS=$W/mem-spool
 relay_conf "$W/mem.toml" "$MS"
@@ -384,6 +408,60 @@ for n in $SIZES; do
     record "{\"kind\":\"scale\",\"queued\":$n,\"startup_s\":$st,\"rss_kb\":$rss,\"hwm_kb\":$hwm,\"list_s\":$ql,\"list_lines\":$lines,\"load\":\"$l\"}"
     log "scale $n: start-up ${st}s, RSS ${rss} kB (peak ${hwm}), queue list ${ql}s ($lines lines)"
 done
+fi
+
+# ---------------------------------------------------------------- 4. delivery memory
+# Large messages delivered at once: 4 x 34 MiB (just under the 35 MiB default limit), From foreign
+# to the mailbox so the sender policy rewrites it, to the simulator (its own process). They are
+# generated held, the relay starts idle, its idle RSS is read and its peak reset (clear_refs 5),
+# then all four are released at once; the figure is the peak RSS above idle until the spool is
+# empty (upstream.connections is at most 3: three are in flight at once, the fourth follows).
+if part delivery; then
+log "delivery memory"
+DS=$W/deliver-spool
+DM_N=${DELIVERY_N:-4}
+DM_SIZE=${DELIVERY_SIZE:-$((34 << 20))}
+rm -rf "$DS"
+python3 "$B/gen_spool.py" --spool "$DS" --count "$DM_N" --size "$DM_SIZE" --state held
+relay_conf "$W/deliver.toml" "$DS" "$SIM_UP
+connections = 3
+rate = \"1000/s\"
+$OAUTH"
+sync
+eml0=$(find "$SIM_MAILDIR" -name '*.eml' 2>/dev/null | wc -l)
+relay_start "$W/deliver.toml" "$W/relay-deliver.log"
+sleep 2
+idle=$(rss_kb "$RELAY_PID")
+# Reset VmHWM to the current RSS, so the peak below is the delivery's (Linux >= 4.0).
+hwm_reset=true
+echo 5 >"/proc/$RELAY_PID/clear_refs" 2>/dev/null || hwm_reset=false
+l=$(load)
+t0=$(now)
+REL_PIDS=()
+for f in "$DS"/held/*.msg; do
+    id=$(basename "$f" .msg)
+    "$BIN" --config "$W/deliver.toml" queue release "$id" >/dev/null 2>&1 &
+    REL_PIDS+=($!)
+done
+wait_left=0
+peak_sampled=0
+for _ in $(seq 1 6000); do # at most 600 s
+    r=$(rss_kb "$RELAY_PID" 2>/dev/null || echo 0)
+    [ "$r" -gt "$peak_sampled" ] && peak_sampled=$r
+    wait_left=$(($(count_files "$DS/queue") + $(count_files "$DS/held")))
+    [ "$wait_left" -eq 0 ] && break
+    sleep 0.1
+done
+t1=$(now)
+wait "${REL_PIDS[@]}" 2>/dev/null || true
+peak=$(hwm_kb "$RELAY_PID")
+failed=$(count_files "$DS/failed")
+eml1=$(find "$SIM_MAILDIR" -name '*.eml' 2>/dev/null | wc -l)
+relay_stop
+s=$(secs "$t0" "$t1")
+record "{\"kind\":\"delivery_mem\",\"messages\":$DM_N,\"size\":$DM_SIZE,\"idle_rss_kb\":$idle,\"peak_rss_kb\":$peak,\"peak_sampled_kb\":$peak_sampled,\"hwm_reset\":$hwm_reset,\"above_idle_kb\":$((peak - idle)),\"left\":$wait_left,\"failed\":$failed,\"delivered_to_sim\":$((eml1 - eml0)),\"seconds\":$s,\"load\":\"$l\"}"
+log "delivery memory: $DM_N x $DM_SIZE bytes, idle RSS ${idle} kB, peak ${peak} kB (+$((peak - idle)) kB), ${s}s, left $wait_left, failed $failed, simulator got $((eml1 - eml0))"
+fi
 
 record "{\"kind\":\"end\",\"load_end\":\"$(load)\",\"finished\":\"$(date -u +%FT%TZ)\"}"
 cp "$RES" "$W/../relay-bench-last-results.jsonl" 2>/dev/null || true

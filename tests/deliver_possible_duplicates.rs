@@ -104,6 +104,8 @@ async fn a_connection_dropped_after_the_final_dot_is_a_possible_duplicate() {
         relay.spool.state_of(&id).is_err()
     })
     .await;
+    // The line is written once `complete` has returned, a moment after the file is gone.
+    common::logs::wait_line(&[&id, "delivered; possible duplicate"]).await;
     let delivered = logs.lines_with(&[&id, "delivered; possible duplicate"]);
     assert_eq!(delivered.len(), 1, "{}", logs.text());
     assert_eq!(

@@ -36,11 +36,15 @@ fn reply(line: &str, stage: Stage) -> Reply {
 impl Transport for ScriptedTransport {
     fn send<'a>(&'a self, s: Submission<'a>) -> TransportFuture<'a, Attempted> {
         Box::pin(async move {
-            self.seen.lock().unwrap().push((
-                s.mail_from.to_string(),
-                s.recipients.to_vec(),
-                s.body.to_vec(),
-            ));
+            let mut body = Vec::new();
+            let mut reader = s.body.reader();
+            while let Some(piece) = reader.next_chunk().await.expect("body") {
+                body.extend_from_slice(&piece);
+            }
+            self.seen
+                .lock()
+                .unwrap()
+                .push((s.mail_from.to_string(), s.recipients.to_vec(), body));
             let recipients = s
                 .recipients
                 .iter()

@@ -209,7 +209,7 @@ async fn send_test(settings: GraphSettings, token: &AccessToken, names: &Names, 
         Ok(t) => t,
         Err(e) => return Step::failed("send", e, "Fix upstream.graph_url or upstream.ca_file."),
     };
-    let body = test_message(&names.from, to, &names.mailbox);
+    let body = crate::spool::MessageBody::from_bytes(test_message(&names.from, to, &names.mailbox));
     let envelope = crate::spool::Envelope {
         mail_from: names.from.clone(),
         mail_params: Default::default(),

@@ -111,6 +111,7 @@ pub(super) fn session_detail(e: &SessionError) -> String {
         ),
         SessionError::Certificate(m) => format!("the server certificate did not verify: {m}"),
         SessionError::Protocol { stage, what } => format!("{}: {what}", stage_words(*stage)),
+        SessionError::Spool(e) => format!("reading the message: {e}"),
     }
 }
 
@@ -137,6 +138,9 @@ pub(super) fn session_fix(e: &SessionError, names: &Names) -> String {
         }
         SessionError::Certificate(_) => HoldCause::CertificateInvalid.fix().into(),
         SessionError::Protocol { .. } => HoldCause::ProtocolMismatch.fix().into(),
+        SessionError::Spool(_) => {
+            "The message could not be read back; check the disk that holds queue.dir.".into()
+        }
     }
 }
 
@@ -177,7 +181,7 @@ pub(super) async fn send_test(session: &mut UpstreamSession, names: &Names, to: 
             "Pass an address that can receive mail, e.g. --send-to you@contoso.com.",
         );
     }
-    let body = test_message(&names.from, to, &names.mailbox);
+    let body = crate::spool::MessageBody::from_bytes(test_message(&names.from, to, &names.mailbox));
     let result = match session
         .send(&names.from, "", &[to.to_string()], &body)
         .await

@@ -15,7 +15,7 @@
 
 use super::reply::{Enhanced, UpstreamReply};
 use super::upstream::Capabilities;
-use crate::headers::Headers;
+use crate::spool::MessageBody;
 
 /// What the message needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -33,20 +33,21 @@ pub struct Needs {
 }
 
 impl Needs {
-    /// Reads the upstream envelope and the message bytes as they will be sent.
+    /// Reads the upstream envelope and the message as it will be sent (the body knows its
+    /// 8-bit bytes without being read again: see [`MessageBody::eight_bit`]).
     pub fn of(
         mail_from: &str,
         recipients: &[String],
         params: &crate::spool::MailParams,
-        message: &[u8],
+        message: &MessageBody,
     ) -> Needs {
         let utf8_address = !mail_from.is_ascii() || recipients.iter().any(|r| !r.is_ascii());
-        let utf8_headers = params.smtputf8 && !Headers::parse(message).section().is_ascii();
+        let utf8_headers = params.smtputf8 && message.header_eight_bit();
         Needs {
             utf8_address,
             utf8_headers,
             smtputf8_declared: params.smtputf8,
-            eight_bit: !message.is_ascii(),
+            eight_bit: message.eight_bit(),
             eight_bit_declared: params.body == crate::spool::BodyType::EightBitMime,
         }
     }
@@ -123,7 +124,8 @@ mod tests {
             smtputf8,
             ..MailParams::default()
         };
-        Needs::of("relay@contoso.com", &[rcpt.to_string()], &params, message)
+        let message = MessageBody::from_bytes(message.to_vec());
+        Needs::of("relay@contoso.com", &[rcpt.to_string()], &params, &message)
     }
 
     #[test]

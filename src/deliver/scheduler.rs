@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::classify::{HoldCause, Outcome};
 use super::jitter;
 use super::pacer::{Attempt, Pacer, PacerSettings, Progress, Start, Transition};
-use super::sender::apply_sender_policy;
+use super::sender::apply_to_body;
 use crate::config::{Rate, RewriteFrom};
 use crate::metrics::Metrics;
 use crate::stop::StopBudget;
@@ -673,7 +673,7 @@ async fn attempt(
             retry_after: None,
         };
     }
-    let body = apply_sender_policy(
+    let body = apply_to_body(
         &message.body,
         &ctx.settings().from,
         ctx.settings().rewrite_from,
@@ -935,11 +935,13 @@ async fn queue_notice(
     reason: &str,
     to: &str,
 ) -> Result<String, StoreError> {
-    let parsed = crate::headers::Headers::parse(&message.body);
+    // The header section is in memory (the body's head); nothing else is read.
+    let head = message.body.head();
+    let parsed = crate::headers::Headers::parse(head);
     let headers_end = if parsed.complete() {
         parsed.section().len()
     } else {
-        message.body.len().min(64 * 1024)
+        head.len().min(64 * 1024)
     };
     let bytes = super::notice::build(
         &super::notice::NoticeInput {
@@ -947,7 +949,7 @@ async fn queue_notice(
             envelope: &message.envelope,
             state,
             reason,
-            headers: &message.body[..headers_end],
+            headers: &head[..headers_end],
             from: &ctx.settings().from,
             to,
             reporting_host: &ctx.settings().reporting_host,

@@ -12,6 +12,16 @@ use std::borrow::Cow;
 
 use crate::config::RewriteFrom;
 use crate::headers::{HeaderName, Headers, Mailbox};
+use crate::spool::MessageBody;
+
+/// The sender policy on a stored message: only the head (its header section) is read and, when
+/// the From changes, replaced; the rest of the message stays in the file, never copied.
+pub fn apply_to_body(body: &MessageBody, from: &str, policy: RewriteFrom) -> MessageBody {
+    match apply_sender_policy(body.head(), from, policy) {
+        Cow::Borrowed(_) => body.clone(),
+        Cow::Owned(head) => body.with_head(head),
+    }
+}
 
 /// The message as it goes upstream.
 pub fn apply_sender_policy<'a>(

@@ -18,6 +18,7 @@ use tokio_rustls::TlsConnector;
 use super::classify::{HoldCause, Outcome, Stage, classify};
 use super::reply::{UpstreamReply, is_last_line};
 use crate::config::UpstreamTls;
+use crate::spool::{MessageBody, SpoolError};
 
 /// Per-step limits. RFC 5321 §4.5.3.2 gives client minimums of 5 minutes for most replies and
 /// 10 minutes for the final dot; a relay that keeps its queue can afford to give up sooner on
@@ -65,6 +66,10 @@ pub enum SessionError {
     Certificate(String),
     #[error("{stage:?}: {what}")]
     Protocol { stage: Stage, what: String },
+    /// The message could not be read from the spool while it was being sent (the connection
+    /// is then closed without the final dot, so nothing partial is delivered).
+    #[error("DataEnd: reading the message from the spool: {0}")]
+    Spool(SpoolError),
 }
 
 impl SessionError {
@@ -77,6 +82,7 @@ impl SessionError {
             }
             SessionError::Certificate(_) => Outcome::Hold(HoldCause::CertificateInvalid),
             SessionError::Protocol { .. } => Outcome::Hold(HoldCause::ProtocolMismatch),
+            SessionError::Spool(_) => Outcome::Retry { throttle: false },
         }
     }
 
@@ -177,6 +183,9 @@ pub struct UpstreamSession {
     pub transactions: u32,
     /// A failed transaction leaves state on the server: RSET before the next one.
     needs_rset: bool,
+    /// Between `354` and the final dot: any command now would be message text, so a session
+    /// given up here is closed without QUIT.
+    in_data: bool,
     /// When the last `send` wrote its final dot (`None` if it did not get that far): after
     /// that instant the server may have the message, whatever happens to its reply.
     dot_sent_at: Option<std::time::SystemTime>,
@@ -309,6 +318,7 @@ impl UpstreamSession {
             last_used: now,
             transactions: 0,
             needs_rset: false,
+            in_data: false,
             dot_sent_at: None,
             peer: None,
         }
@@ -375,14 +385,14 @@ impl UpstreamSession {
         Ok(())
     }
 
-    /// One transaction. `body` yields the message in chunks (already final: headers rewritten);
-    /// dot-stuffing is applied here.
+    /// One transaction. `body` is the message as it is to be sent (headers final), read from the
+    /// spool a piece at a time; dot-stuffing is applied here.
     pub async fn send(
         &mut self,
         mail_from: &str,
         mail_params: &str,
         recipients: &[String],
-        body: &[u8],
+        body: &MessageBody,
     ) -> Result<TransactionResult, SessionError> {
         self.dot_sent_at = None;
         if self.needs_rset {
@@ -414,17 +424,22 @@ impl UpstreamSession {
         }
         self.command(Stage::Data, b"DATA\r\n", 354).await?;
         crate::failpoint::hit("upstream-mid-data");
-        // Stuffed and written a piece at a time: a 35 MiB message never exists twice in memory.
+        // Read, stuffed and written a piece at a time: a 35 MiB message is never in memory.
+        self.in_data = true;
+        let mut reader = body.reader();
         let mut stuffer = DotStuffer::default();
         let mut out = Vec::with_capacity(STUFF_CHUNK + STUFF_CHUNK / 32);
-        for piece in body.chunks(STUFF_CHUNK) {
-            out.clear();
-            stuffer.push(piece, &mut out);
-            self.write(Stage::DataEnd, &out).await?;
+        while let Some(chunk) = reader.next_chunk().await.map_err(SessionError::Spool)? {
+            for piece in chunk.chunks(STUFF_CHUNK) {
+                out.clear();
+                stuffer.push(piece, &mut out);
+                self.write(Stage::DataEnd, &out).await?;
+            }
         }
         out.clear();
-        stuffer.finish(body, &mut out);
+        stuffer.finish(&mut out);
         self.write(Stage::DataEnd, &out).await?;
+        self.in_data = false;
         self.dot_sent_at = Some(std::time::SystemTime::now());
         let (_, reply) = self
             .read_reply(Stage::DataEnd, self.target_timeouts.data_end)
@@ -449,7 +464,7 @@ impl UpstreamSession {
     }
 
     pub async fn quit(mut self) {
-        if self.write(Stage::Connect, b"QUIT\r\n").await.is_ok() {
+        if !self.in_data && self.write(Stage::Connect, b"QUIT\r\n").await.is_ok() {
             let _ = self
                 .read_reply(Stage::Connect, Duration::from_secs(5))
                 .await;
@@ -560,11 +575,18 @@ const STUFF_CHUNK: usize = 64 * 1024;
 /// with one, never an extra blank line).
 struct DotStuffer {
     line_start: bool,
+    /// The last two bytes pushed (the end of the message decides the terminator).
+    last: [u8; 2],
+    pushed: bool,
 }
 
 impl Default for DotStuffer {
     fn default() -> Self {
-        DotStuffer { line_start: true }
+        DotStuffer {
+            line_start: true,
+            last: [0; 2],
+            pushed: false,
+        }
     }
 }
 
@@ -580,11 +602,17 @@ impl DotStuffer {
             self.line_start = b == b'\n';
         }
         out.extend_from_slice(&piece[from..]);
+        match piece {
+            [] => {}
+            [b] => self.last = [self.last[1], *b],
+            [.., a, b] => self.last = [*a, *b],
+        }
+        self.pushed |= !piece.is_empty();
     }
 
-    /// The terminator for a message whose bytes were `body`.
-    fn finish(self, body: &[u8], out: &mut Vec<u8>) {
-        if !body.is_empty() && !body.ends_with(b"\r\n") {
+    /// The terminator for the message pushed.
+    fn finish(self, out: &mut Vec<u8>) {
+        if self.pushed && self.last != *b"\r\n" {
             out.extend_from_slice(b"\r\n");
         }
         out.extend_from_slice(b".\r\n");
@@ -596,7 +624,7 @@ pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 5);
     let mut stuffer = DotStuffer::default();
     stuffer.push(body, &mut out);
-    stuffer.finish(body, &mut out);
+    stuffer.finish(&mut out);
     out
 }
 
@@ -678,15 +706,29 @@ mod tests {
 
     #[test]
     fn stuffing_in_pieces_equals_stuffing_at_once() {
-        let body = b"a\r\n.b\r\n..\r\n.\r\nend".to_vec();
-        for split in 0..body.len() {
-            let mut stuffer = DotStuffer::default();
-            let mut out = Vec::new();
-            stuffer.push(&body[..split], &mut out);
-            stuffer.push(&body[split..], &mut out);
-            stuffer.finish(&body, &mut out);
-            assert_eq!(out, dot_stuff(&body), "split at {split}");
+        for body in [
+            &b"a\r\n.b\r\n..\r\n.\r\nend"[..],
+            b".a\r\n.\r\n",
+            b"x\r",
+            b"\n",
+        ] {
+            for split in 0..=body.len() {
+                let mut stuffer = DotStuffer::default();
+                let mut out = Vec::new();
+                stuffer.push(&body[..split], &mut out);
+                stuffer.push(&body[split..], &mut out);
+                stuffer.finish(&mut out);
+                assert_eq!(out, dot_stuff(body), "split at {split}");
+            }
         }
+        // The end of a message split one byte at a time still decides the terminator.
+        let mut stuffer = DotStuffer::default();
+        let mut out = Vec::new();
+        for b in b"a\r\n" {
+            stuffer.push(&[*b], &mut out);
+        }
+        stuffer.finish(&mut out);
+        assert_eq!(out, b"a\r\n.\r\n");
     }
 
     #[test]

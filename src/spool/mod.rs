@@ -35,6 +35,7 @@
 //! runs: they never touch `tmp/`, they move files with atomic no-replace renames, and a file
 //! that vanishes concurrently is reported as [`SpoolError::NotFound`].
 
+pub mod body;
 mod error;
 pub mod format;
 mod fsutil;
@@ -52,6 +53,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
+pub use body::{BodyReader, MessageBody};
 pub use error::SpoolError;
 pub use format::{BodyType, Envelope, MailParams, Recipient};
 pub use fsutil::{Fault, FaultPoint, SpoolStats};
@@ -180,8 +182,9 @@ impl Inner {
 pub struct LoadedMessage {
     pub id: String,
     pub envelope: Envelope,
-    /// The message bytes as stored (unstuffed, CRLF).
-    pub body: Vec<u8>,
+    /// The message bytes as stored (unstuffed, CRLF): the header section in memory, the rest
+    /// read from the file while it is sent ([`body`]).
+    pub body: MessageBody,
 }
 
 /// The durable spool. Cheap to clone; all clones share one group-commit state.
@@ -490,28 +493,17 @@ impl Spool {
         Ok(())
     }
 
-    /// A queued message, whole, for delivery: its envelope and its bytes (at most
-    /// `smtp.max_message_size` plus the added headers). `NotFound` if it is no longer queued
-    /// (an operator held or deleted it).
+    /// A queued message for delivery: its envelope and its bytes, opened for this attempt (the
+    /// header section in memory, the rest read from the file as it is sent; see [`body`]).
+    /// `NotFound` if it is no longer queued (an operator held or deleted it).
     pub fn load(&self, id: &str) -> Result<LoadedMessage, SpoolError> {
         let id = Self::check_id(id)?;
         let path = self.inner.msg_path(EntryState::Queued, &id);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(SpoolError::NotFound(id)),
-            Err(e) => return Err(SpoolError::io("read", &path, e)),
+        let (header, body) = match MessageBody::open(&path) {
+            Ok(opened) => opened,
+            Err(e) if e.is_io_not_found() => return Err(SpoolError::NotFound(id)),
+            Err(e) => return Err(e),
         };
-        let header = format::decode(&bytes).map_err(|e| SpoolError::Corrupt {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        if header.file_len() != bytes.len() as u64 {
-            return Err(SpoolError::Corrupt {
-                path,
-                reason: "length does not match Body-Length".into(),
-            });
-        }
-        let body = bytes[header.header_len as usize..].to_vec();
         Ok(LoadedMessage {
             id,
             envelope: header.envelope,

@@ -169,8 +169,20 @@ impl GraphTransport {
     async fn attempt(&self, submission: Submission<'_>) -> Attempted {
         let count = submission.recipients.len();
         let current = self.current();
+        let bytes = match message_bytes(&submission).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::error!(id = %submission.id, error = %e, "cannot read the message to send it");
+                return Attempted::all(
+                    count,
+                    Outcome::Retry { throttle: false },
+                    Reply::Local(format!("cannot read the message from the spool: {e}")),
+                    Progress::Token,
+                );
+            }
+        };
         let prepared = match prepare(
-            message_bytes(&submission),
+            &bytes,
             submission.envelope,
             submission.recipients,
             current.settings.extra_recipients,
@@ -309,9 +321,16 @@ impl GraphTransport {
     }
 }
 
-/// The one place that reads the message body of a submission (it becomes a stream soon).
-fn message_bytes<'a>(submission: &Submission<'a>) -> &'a [u8] {
-    submission.body
+/// The one place that reads the message body of a submission. sendMail takes the MIME whole
+/// (base64 in one request), and messages above its limit are refused at accept, so this is
+/// bounded by that limit.
+async fn message_bytes(submission: &Submission<'_>) -> Result<Vec<u8>, crate::spool::SpoolError> {
+    let mut bytes = Vec::with_capacity(submission.body.len() as usize);
+    let mut reader = submission.body.reader();
+    while let Some(chunk) = reader.next_chunk().await? {
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
 }
 
 /// A request that got no answer. A failed connection sent nothing; anything later (a timeout,

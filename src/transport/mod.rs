@@ -16,7 +16,7 @@ use std::pin::Pin;
 use crate::deliver::classify::{Outcome, Stage};
 use crate::deliver::pacer::Progress;
 use crate::deliver::reply::UpstreamReply;
-use crate::spool::Envelope;
+use crate::spool::{Envelope, MessageBody};
 
 /// One message for one attempt.
 #[derive(Debug, Clone, Copy)]
@@ -29,8 +29,9 @@ pub struct Submission<'a> {
     pub mail_from: &'a str,
     /// The recipients still pending, in order.
     pub recipients: &'a [String],
-    /// The message bytes as they are to be sent (sender policy applied, not dot-stuffed).
-    pub body: &'a [u8],
+    /// The message bytes as they are to be sent (sender policy applied, not dot-stuffed), never
+    /// whole in memory: read them with [`MessageBody::reader`], a piece at a time.
+    pub body: &'a MessageBody,
 }
 
 /// What the transport learnt about one recipient.

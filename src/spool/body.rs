@@ -1,0 +1,467 @@
+//! A stored message as delivery reads it, without ever holding all of it.
+//!
+//! [`MessageBody`] keeps the header section in memory (bounded by [`HEAD_LIMIT`]; the whole
+//! message when it is no longer than that) and reads the rest from the committed message file
+//! in pieces of [`CHUNK`] bytes. The file is immutable once committed, and it is opened once per
+//! attempt ([`super::Spool::load`]): an operator moving or deleting it meanwhile does not
+//! change what this attempt reads.
+//!
+//! The sender policy rewrites only the header section ([`MessageBody::with_head`]); the
+//! extensions a message needs are known without a second copy ([`MessageBody::eight_bit`],
+//! [`MessageBody::header_eight_bit`]: the part in the file is scanned once at load, piece by
+//! piece); a transport reads the whole message as a stream of pieces ([`MessageBody::reader`]).
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::error::SpoolError;
+use super::format::Header;
+use super::fsutil;
+use crate::headers::Headers;
+
+/// The most of a message kept in memory: a message up to this size is held whole, a longer one
+/// keeps its header section (and the empty line after it). A header section longer than this
+/// is cut at the last field that ends within it: the fields seen so far decide (as inbound's
+/// own header scan does, with a quarter of this).
+pub const HEAD_LIMIT: usize = 1 << 20;
+/// Size of the pieces the rest of a message is read in.
+pub const CHUNK: usize = 256 * 1024;
+
+/// A message's bytes as stored (unstuffed, CRLF), for delivery. Cheap to clone: clones share
+/// the head and the open file.
+#[derive(Clone)]
+pub struct MessageBody {
+    head: Bytes,
+    tail: Option<Arc<Tail>>,
+}
+
+/// The part of the message left in the file.
+struct Tail {
+    file: File,
+    path: PathBuf,
+    /// Where in the file the part starts.
+    offset: u64,
+    len: u64,
+    /// Some byte of the part is 8-bit.
+    eight_bit: bool,
+    /// Some byte of the part before its first empty line is 8-bit (matters only when the head
+    /// is a header section cut at [`HEAD_LIMIT`]: that part continues it).
+    eight_bit_header: bool,
+}
+
+impl std::fmt::Debug for MessageBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MessageBody")
+            .field("len", &self.len())
+            .field("in_memory", &self.head.len())
+            .field(
+                "file",
+                &self.tail.as_ref().map(|t| t.path.display().to_string()),
+            )
+            .finish()
+    }
+}
+
+impl MessageBody {
+    /// A message that exists only in memory (a test message, a notice).
+    pub fn from_bytes(bytes: impl Into<Bytes>) -> MessageBody {
+        MessageBody {
+            head: bytes.into(),
+            tail: None,
+        }
+    }
+
+    /// Total length in bytes.
+    pub fn len(&self) -> u64 {
+        self.head.len() as u64 + self.tail.as_ref().map_or(0, |t| t.len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes held in memory: the header section with its empty line, or the whole message
+    /// when it is short (see [`HEAD_LIMIT`]). The sender policy and the failure notice read
+    /// only this.
+    pub fn head(&self) -> &[u8] {
+        &self.head
+    }
+
+    /// Whether [`head`](Self::head) is the whole message.
+    pub fn is_whole_in_memory(&self) -> bool {
+        self.tail.is_none()
+    }
+
+    /// The same message with another head (the header section rewritten); the rest is still
+    /// read from the file, never copied.
+    pub fn with_head(&self, head: Vec<u8>) -> MessageBody {
+        MessageBody {
+            head: Bytes::from(head),
+            tail: self.tail.clone(),
+        }
+    }
+
+    /// Some byte of the message is 8-bit (8BITMIME is needed).
+    pub fn eight_bit(&self) -> bool {
+        !self.head.is_ascii() || self.tail.as_ref().is_some_and(|t| t.eight_bit)
+    }
+
+    /// Some byte of the header section is 8-bit (with SMTPUTF8 declared: UTF-8 header fields).
+    pub fn header_eight_bit(&self) -> bool {
+        let headers = Headers::parse(&self.head);
+        if !headers.section().is_ascii() {
+            return true;
+        }
+        // A section cut at HEAD_LIMIT continues in the file.
+        !headers.complete() && self.tail.as_ref().is_some_and(|t| t.eight_bit_header)
+    }
+
+    /// Reads the whole message, head first, as a stream of pieces.
+    pub fn reader(&self) -> BodyReader {
+        BodyReader {
+            body: self.clone(),
+            head_done: false,
+            pos: 0,
+            pending: None,
+        }
+    }
+
+    /// Opens a committed message file for delivery: validates it (as every reader of the spool
+    /// does), keeps its head and scans the rest once for 8-bit bytes. Blocking.
+    pub(crate) fn open(path: &Path) -> Result<(Header, MessageBody), SpoolError> {
+        let m = fsutil::open_message(path)?;
+        let total = m.header.body_length;
+        let start = m.header.header_len;
+        let mut head = m.body_prefix;
+        head.truncate(total.min(head.len() as u64) as usize);
+        let file = m.file;
+        // One byte past the limit tells whether the last line read is continued (folded).
+        let want = total.min(HEAD_LIMIT as u64 + 1) as usize;
+        if head.len() < want {
+            let have = head.len();
+            head.resize(want, 0);
+            read_exact_at(&file, &mut head[have..], start + have as u64, path)?;
+        }
+        if total as usize == head.len() {
+            return Ok((m.header, MessageBody::from_bytes(head)));
+        }
+        let keep = head_end(&head);
+        head.truncate(keep);
+        head.shrink_to_fit();
+        let cut = !Headers::parse(&head).complete();
+        let offset = start + keep as u64;
+        let len = total - keep as u64;
+        let (eight_bit, eight_bit_header) = scan(&file, offset, len, cut, path)?;
+        let tail = Tail {
+            file,
+            path: path.to_path_buf(),
+            offset,
+            len,
+            eight_bit,
+            eight_bit_header,
+        };
+        Ok((
+            m.header,
+            MessageBody {
+                head: Bytes::from(head),
+                tail: Some(Arc::new(tail)),
+            },
+        ))
+    }
+}
+
+/// How much of `start` (the first bytes of a message longer than them) stays in memory: the
+/// header section and its empty line; if the section does not end within [`HEAD_LIMIT`], up to
+/// the last field that does (a line end not followed by folding white space).
+fn head_end(start: &[u8]) -> usize {
+    let limit = start.len().min(HEAD_LIMIT);
+    let headers = Headers::parse(&start[..limit]);
+    if headers.complete() {
+        let end = headers.section().len();
+        let rest = &start[end..];
+        let eol = if rest.starts_with(b"\r\n") {
+            2
+        } else {
+            usize::from(rest.starts_with(b"\n"))
+        };
+        return end + eol;
+    }
+    (1..=limit)
+        .rev()
+        .find(|&i| start[i - 1] == b'\n' && !matches!(start.get(i), Some(b' ' | b'\t')))
+        .unwrap_or(limit)
+}
+
+/// One pass over `len` bytes at `offset`: (any 8-bit byte, any 8-bit byte before the first
+/// empty line). Stops as soon as both are known. `header` says whether the part continues a
+/// header section (cut at a line end); if not, the second answer is false.
+fn scan(
+    file: &File,
+    offset: u64,
+    len: u64,
+    header: bool,
+    path: &Path,
+) -> Result<(bool, bool), SpoolError> {
+    let mut buf = vec![0u8; CHUNK.min(len as usize)];
+    let (mut eight_bit, mut eight_bit_header) = (false, false);
+    let mut in_header = header;
+    // How much of "\r\n\r\n" the bytes just seen match; the part starts after a line end.
+    let mut matched = 2;
+    let mut pos = 0u64;
+    while pos < len {
+        let n = (len - pos).min(buf.len() as u64) as usize;
+        let piece = &mut buf[..n];
+        read_exact_at(file, piece, offset + pos, path)?;
+        if in_header {
+            for &b in piece.iter() {
+                eight_bit_header |= !b.is_ascii();
+                matched = match (matched, b) {
+                    (0 | 2, b'\r') => matched + 1,
+                    (1 | 3, b'\n') => matched + 1,
+                    (_, b'\r') => 1,
+                    _ => 0,
+                };
+                if matched == 4 {
+                    in_header = false;
+                    break;
+                }
+            }
+        }
+        eight_bit |= !piece.is_ascii();
+        if eight_bit && !in_header {
+            break;
+        }
+        pos += n as u64;
+    }
+    Ok((eight_bit, eight_bit_header))
+}
+
+fn read_exact_at(file: &File, buf: &mut [u8], at: u64, path: &Path) -> Result<(), SpoolError> {
+    file.read_exact_at(buf, at)
+        .map_err(|e| SpoolError::io("read", path, e))
+}
+
+/// Reads a [`MessageBody`] piece by piece: the head, then the file in [`CHUNK`]s, one piece
+/// read ahead on the blocking pool while the caller sends the last one.
+pub struct BodyReader {
+    body: MessageBody,
+    head_done: bool,
+    /// Bytes of the tail handed out or being read.
+    pos: u64,
+    pending: Option<tokio::task::JoinHandle<io::Result<Vec<u8>>>>,
+}
+
+impl BodyReader {
+    /// The next piece, `None` at the end. Pieces are never empty.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, SpoolError> {
+        if !self.head_done {
+            self.head_done = true;
+            self.start_read();
+            if !self.body.head.is_empty() {
+                return Ok(Some(self.body.head.clone()));
+            }
+        }
+        let Some(pending) = self.pending.take() else {
+            return Ok(None);
+        };
+        let path = || {
+            self.body
+                .tail
+                .as_ref()
+                .map(|t| t.path.clone())
+                .unwrap_or_default()
+        };
+        let piece = match pending.await {
+            Ok(Ok(piece)) => piece,
+            Ok(Err(e)) => return Err(SpoolError::io("read", &path(), e)),
+            Err(e) => return Err(SpoolError::io("read", &path(), io::Error::other(e))),
+        };
+        self.start_read();
+        Ok(Some(Bytes::from(piece)))
+    }
+
+    /// Starts reading the next piece of the tail, if any is left.
+    fn start_read(&mut self) {
+        let Some(tail) = self.body.tail.clone() else {
+            return;
+        };
+        if self.pos >= tail.len {
+            return;
+        }
+        let at = self.pos;
+        let n = (tail.len - at).min(CHUNK as u64) as usize;
+        self.pos += n as u64;
+        self.pending = Some(tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; n];
+            tail.file.read_exact_at(&mut buf, tail.offset + at)?;
+            Ok(buf)
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::{Envelope, Recipient, Spool};
+
+    fn envelope() -> Envelope {
+        Envelope {
+            mail_from: "app@legacy.test".into(),
+            mail_params: Default::default(),
+            recipients: vec![Recipient::new("b@example.org")],
+            client: "127.0.0.1:1".into(),
+            helo: "app".into(),
+            auth_user: None,
+            received_at: std::time::SystemTime::now(),
+        }
+    }
+
+    async fn stored(spool: &Spool, message: &[u8]) -> MessageBody {
+        let mut m = spool.create(&envelope()).await.expect("create");
+        m.write_all(message).await.expect("write");
+        let id = m.commit().await.expect("commit");
+        spool.load(&id).expect("load").body
+    }
+
+    async fn read_all(body: &MessageBody) -> (Vec<u8>, usize) {
+        let mut reader = body.reader();
+        let mut out = Vec::new();
+        let mut pieces = 0;
+        while let Some(piece) = reader.next_chunk().await.expect("read") {
+            assert!(!piece.is_empty());
+            assert!(piece.len() <= CHUNK.max(body.head().len()));
+            out.extend_from_slice(&piece);
+            pieces += 1;
+        }
+        (out, pieces)
+    }
+
+    fn big_message(header: &[u8], lines: usize) -> Vec<u8> {
+        let mut m = header.to_vec();
+        for i in 0..lines {
+            m.extend_from_slice(
+                format!("{i:08} .line of the body, long enough to count\r\n").as_bytes(),
+            );
+        }
+        m
+    }
+
+    #[tokio::test]
+    async fn a_large_message_keeps_only_its_header_section_in_memory() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (spool, _) = Spool::open(&dir.path().join("s")).expect("spool");
+        let header = b"From: app@legacy.test\r\nSubject: big\r\n\r\n";
+        let message = big_message(header, 80_000); // ~4 MiB
+        let body = stored(&spool, &message).await;
+        assert_eq!(body.len(), message.len() as u64);
+        assert_eq!(body.head(), header, "only the header section is in memory");
+        assert!(!body.is_whole_in_memory());
+        let (read, pieces) = read_all(&body).await;
+        assert!(read == message, "the stream is the stored bytes");
+        assert!(pieces > 2, "read in pieces");
+        assert!(!body.eight_bit() && !body.header_eight_bit());
+    }
+
+    #[tokio::test]
+    async fn a_new_head_shares_the_rest_and_reads_back_exactly() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (spool, _) = Spool::open(&dir.path().join("s")).expect("spool");
+        let message = big_message(b"From: app@legacy.test\r\n\r\n", 30_000);
+        let body = stored(&spool, &message).await;
+        let rewritten = body.with_head(b"From: <relay@contoso.com>\r\n\r\n".to_vec());
+        let mut expected = b"From: <relay@contoso.com>\r\n\r\n".to_vec();
+        expected.extend_from_slice(&message[body.head().len()..]);
+        assert_eq!(rewritten.len(), expected.len() as u64);
+        assert!(read_all(&rewritten).await.0 == expected);
+        // The original is unchanged.
+        assert!(read_all(&body).await.0 == message);
+    }
+
+    #[tokio::test]
+    async fn eight_bit_bytes_in_the_file_part_are_found() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (spool, _) = Spool::open(&dir.path().join("s")).expect("spool");
+        let mut message = big_message(b"Subject: s\r\n\r\n", 40_000);
+        let at = message.len() - 10;
+        message[at] = 0xe9;
+        let body = stored(&spool, &message).await;
+        assert!(body.eight_bit());
+        assert!(!body.header_eight_bit(), "the 8-bit byte is in the body");
+        let small = stored(&spool, "Subject: Grüße\r\n\r\nx\r\n".as_bytes()).await;
+        assert!(small.is_whole_in_memory());
+        assert!(small.eight_bit() && small.header_eight_bit());
+    }
+
+    #[tokio::test]
+    async fn a_header_section_longer_than_the_limit_is_cut_between_fields() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (spool, _) = Spool::open(&dir.path().join("s")).expect("spool");
+        let mut message = b"From: app@legacy.test\r\n".to_vec();
+        let mut i = 0;
+        while message.len() < HEAD_LIMIT + 100_000 {
+            message.extend_from_slice(
+                format!("X-Filler-{i}: a value\r\n\tfolded onto a second line\r\n").as_bytes(),
+            );
+            i += 1;
+        }
+        message.extend_from_slice("X-Late: Grüße\r\n\r\nbody\r\n".as_bytes());
+        let body = stored(&spool, &message).await;
+        let head = body.head();
+        assert!(head.len() <= HEAD_LIMIT && head.len() > HEAD_LIMIT - 200);
+        assert!(
+            head.ends_with(b"second line\r\n"),
+            "cut after a whole field"
+        );
+        assert!(
+            body.header_eight_bit(),
+            "8-bit header bytes past the cut are found"
+        );
+        assert!(read_all(&body).await.0 == message);
+    }
+
+    #[tokio::test]
+    async fn a_file_cut_short_after_load_is_an_error_not_a_short_message() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (spool, _) = Spool::open(&dir.path().join("s")).expect("spool");
+        let message = big_message(b"Subject: s\r\n\r\n", 40_000);
+        let mut m = spool.create(&envelope()).await.expect("create");
+        m.write_all(&message).await.expect("write");
+        let id = m.commit().await.expect("commit");
+        let body = spool.load(&id).expect("load").body;
+        // Nothing may change a committed file; if something does, the reader says so.
+        let path = dir.path().join("s/queue").join(format!("{id}.msg"));
+        let len = std::fs::metadata(&path).expect("stat").len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_len(len - 1000))
+            .expect("truncate");
+        let mut reader = body.reader();
+        let mut got = 0usize;
+        let error = loop {
+            match reader.next_chunk().await {
+                Ok(Some(piece)) => got += piece.len(),
+                Ok(None) => panic!("a short message was read as whole ({got} bytes)"),
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(error, SpoolError::Io { .. }), "{error}");
+        assert!(got < message.len());
+    }
+
+    #[tokio::test]
+    async fn an_empty_or_bodiless_message_reads_back() {
+        let body = MessageBody::from_bytes(Vec::new());
+        assert_eq!(read_all(&body).await, (Vec::new(), 0));
+        let dir = tempfile::tempdir().expect("tmp");
+        let (spool, _) = Spool::open(&dir.path().join("s")).expect("spool");
+        let only_header = b"Subject: x\r\n";
+        let body = stored(&spool, only_header).await;
+        assert_eq!(read_all(&body).await.0, only_header);
+    }
+}
