@@ -159,6 +159,8 @@ enum JobResult {
         throttle: bool,
         /// How far the attempt got (a hold ends only on proof that its cause is gone).
         reached: Progress,
+        /// The upstream's `Retry-After`: the whole mailbox pauses that long.
+        pause: Option<Duration>,
     },
     Hold {
         cause: HoldCause,
@@ -354,6 +356,7 @@ impl Drop for ReportOnDrop {
                 at: Instant::now() + self.retry_in,
                 throttle: false,
                 reached: Progress::Token,
+                pause: None,
             },
         }));
     }
@@ -425,9 +428,10 @@ async fn dispatch(
                         JobResult::Finished { delivered: true } => Attempt::Delivered,
                         JobResult::Finished { delivered: false } => Attempt::Failed,
                         JobResult::Skipped => Attempt::Skipped,
-                        JobResult::Retry { throttle, reached, .. } => Attempt::Retry {
+                        JobResult::Retry { throttle, reached, pause, .. } => Attempt::Retry {
                             throttle: *throttle,
                             reached: *reached,
+                            pause: *pause,
                         },
                         JobResult::Hold { cause, reply } => Attempt::Hold {
                             cause: *cause,
@@ -623,6 +627,7 @@ async fn deliver_one(ctx: &Arc<Context>, id: &str) -> JobResult {
                 at: Instant::now() + ctx.settings().retry_max,
                 throttle: false,
                 reached: Progress::Token,
+                pause: None,
             };
         }
         Err(e) => {
@@ -631,6 +636,7 @@ async fn deliver_one(ctx: &Arc<Context>, id: &str) -> JobResult {
                 at: Instant::now() + ctx.settings().retry_min,
                 throttle: false,
                 reached: Progress::Token,
+                pause: None,
             };
         }
     };
@@ -952,6 +958,7 @@ async fn record(
                 at: Instant::now() + wait,
                 throttle,
                 reached: outcome.reached,
+                pause: outcome.retry_after,
             }
         }
         // Delivered/Failed for pending recipients cannot happen: they would be final.
@@ -959,6 +966,7 @@ async fn record(
             at: Instant::now() + ctx.settings().retry_min,
             throttle: false,
             reached: outcome.reached,
+            pause: None,
         },
     };
     let spool = ctx.spool.clone();
