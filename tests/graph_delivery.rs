@@ -429,13 +429,14 @@ async fn never_more_than_four_requests_in_flight() {
 #[tokio::test]
 async fn graph_messages_waiting_in_each_state_are_delivered_after_a_restart() {
     let mut r = start_delivering_tuned().await;
-    // Deferred: a 503 with a Retry-After beyond the restart.
+    // Deferred: a 503 that pauses only its message (no Retry-After, not a throttle), for
+    // retry_min (5 s here): longer than the restart takes.
     r.sim.control().script_graph_fault(
         GraphFault::Error {
             status: 503,
-            code: "ErrorServerBusy".into(),
-            message: "busy".into(),
-            retry_after: Some(1),
+            code: "MailboxInfoStale".into(),
+            message: "Target resource is currently on backend 'Unknown'.".into(),
+            retry_after: None,
         },
         2,
     );
@@ -446,6 +447,8 @@ async fn graph_messages_waiting_in_each_state_are_delivered_after_a_restart() {
             .all(|(_, id)| matches!(relay.spool.read_state(id), Ok(Some(s)) if s.attempts >= 1))
     })
     .await;
+    assert_eq!(r.sim.control().graph_faults_fired(), 2);
+    assert!(r.sim.messages().expect("mailbox").is_empty());
     r.stop_deliverer().await;
     // Queued while no deliverer runs: never attempted.
     let queued = r.send_tracked("queued", 3).await;
@@ -474,10 +477,11 @@ async fn graph_messages_waiting_in_each_state_are_delivered_after_a_restart() {
     assert_eq!(r.spool_in(EntryState::Failed), 0);
 }
 
-/// A Graph relay whose deliverer can be stopped and started again.
+/// A Graph relay whose deliverer can be stopped and started again, retrying after 5 s.
 async fn start_delivering_tuned() -> DeliveringRelay {
     common::delivery::start_tuned(
-        GRAPH,
+        "[queue]\nretry_min = \"5s\"\nretry_max = \"10s\"\n\
+         [upstream]\ntransport = \"graph\"\nconnections = 4\nrate = \"1000/s\"\n",
         SimConfig::graph(),
         |_| {},
         Default::default(),
