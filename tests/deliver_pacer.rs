@@ -244,6 +244,7 @@ async fn a_token_hiccup_during_a_sendas_hold_does_not_resume_it() {
         Attempt::Retry {
             throttle: false,
             reached: Progress::Token,
+            pause: None,
         },
     );
     assert_eq!(t, Transition::None);
@@ -256,6 +257,7 @@ async fn a_token_hiccup_during_a_sendas_hold_does_not_resume_it() {
         Attempt::Retry {
             throttle: false,
             reached: Progress::Transaction,
+            pause: None,
         },
     );
     assert_eq!(t, Transition::None);
@@ -284,6 +286,7 @@ async fn a_token_hiccup_during_a_sendas_hold_does_not_resume_it() {
         Attempt::Retry {
             throttle: false,
             reached: Progress::Session,
+            pause: None,
         },
     );
     assert_eq!(t, Transition::None, "AUTH not passed yet");
@@ -294,6 +297,7 @@ async fn a_token_hiccup_during_a_sendas_hold_does_not_resume_it() {
         Attempt::Retry {
             throttle: false,
             reached: Progress::Transaction,
+            pause: None,
         },
     );
     assert_eq!(t, Transition::Resumed, "AUTH passed: the hold is over");
@@ -313,6 +317,7 @@ async fn throttling_pauses_the_whole_mailbox_then_the_pace_resumes() {
                 Attempt::Retry {
                     throttle: true,
                     reached: Progress::Transaction,
+                    pause: None,
                 }
             } else {
                 Attempt::Delivered
@@ -376,4 +381,37 @@ fn retry_bounds_above_five_minutes_cannot_panic() {
     );
     assert_eq!(s.connections, 1);
     assert_eq!(s.spacing, Duration::from_secs(60));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_pauses_the_whole_mailbox_that_long_within_a_cap() {
+    // Graph's 429/503 Retry-After is per app and mailbox: 90 s asked, 90 s paused (more than
+    // the 60 s of a plain throttle); an absurd one pauses the mailbox 10 minutes at most.
+    for (asked, paused) in [
+        (Duration::from_secs(90), Duration::from_secs(90)),
+        (Duration::from_secs(7200), Duration::from_secs(600)),
+    ] {
+        let t0 = Instant::now();
+        let mut pacer = Pacer::new(defaults(), t0);
+        let (runs, _) = drive(
+            &mut pacer,
+            6,
+            |_| Duration::from_millis(500),
+            |i| {
+                if i == 2 {
+                    Attempt::Retry {
+                        throttle: true,
+                        reached: Progress::Transaction,
+                        pause: Some(asked),
+                    }
+                } else {
+                    Attempt::Delivered
+                }
+            },
+        )
+        .await;
+        let throttled = runs.iter().find(|r| r.index == 2).unwrap();
+        let next = runs.iter().find(|r| r.index == 3).unwrap();
+        assert_eq!(next.start - throttled.end, paused, "asked {asked:?}");
+    }
 }

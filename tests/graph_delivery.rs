@@ -429,13 +429,14 @@ async fn never_more_than_four_requests_in_flight() {
 #[tokio::test]
 async fn graph_messages_waiting_in_each_state_are_delivered_after_a_restart() {
     let mut r = start_delivering_tuned().await;
-    // Deferred: a 503 with a Retry-After beyond the restart.
+    // Deferred: a 503 that pauses only its message (no Retry-After, not a throttle), for
+    // retry_min (5 s here): longer than the restart takes.
     r.sim.control().script_graph_fault(
         GraphFault::Error {
             status: 503,
-            code: "ErrorServerBusy".into(),
-            message: "busy".into(),
-            retry_after: Some(1),
+            code: "MailboxInfoStale".into(),
+            message: "Target resource is currently on backend 'Unknown'.".into(),
+            retry_after: None,
         },
         2,
     );
@@ -446,6 +447,8 @@ async fn graph_messages_waiting_in_each_state_are_delivered_after_a_restart() {
             .all(|(_, id)| matches!(relay.spool.read_state(id), Ok(Some(s)) if s.attempts >= 1))
     })
     .await;
+    assert_eq!(r.sim.control().graph_faults_fired(), 2);
+    assert!(r.sim.messages().expect("mailbox").is_empty());
     r.stop_deliverer().await;
     // Queued while no deliverer runs: never attempted.
     let queued = r.send_tracked("queued", 3).await;
@@ -474,10 +477,11 @@ async fn graph_messages_waiting_in_each_state_are_delivered_after_a_restart() {
     assert_eq!(r.spool_in(EntryState::Failed), 0);
 }
 
-/// A Graph relay whose deliverer can be stopped and started again.
+/// A Graph relay whose deliverer can be stopped and started again, retrying after 5 s.
 async fn start_delivering_tuned() -> DeliveringRelay {
     common::delivery::start_tuned(
-        GRAPH,
+        "[queue]\nretry_min = \"5s\"\nretry_max = \"10s\"\n\
+         [upstream]\ntransport = \"graph\"\nconnections = 4\nrate = \"1000/s\"\n",
         SimConfig::graph(),
         |_| {},
         Default::default(),
@@ -527,4 +531,61 @@ async fn messages_too_large_for_sendmail_are_refused_at_accept() {
     let got = r.wait_delivered(1).await;
     assert!(got[0].data.ends_with(&fits[fits.len() - 4000..]));
     assert_eq!(r.spool_in(EntryState::Failed), 0);
+}
+
+/// `serve --simulate` with `transport = "graph"`: the real binary delivers through the
+/// simulator's Graph endpoint (the simulated app has Mail.Send), into its mailbox folder.
+#[test]
+fn serve_simulate_runs_with_the_graph_transport() {
+    use common::process::{Relay, relay_toml};
+    let mut relay = Relay::builder()
+        .config(|s| {
+            relay_toml(
+                s.smtp,
+                &s.spool,
+                "",
+                "retry_min = \"200ms\"",
+                "[upstream]\ntransport = \"graph\"\nmail_account = \"relay@contoso.example\"\n\
+                 [oauth]\ntenant_id = \"contoso.onmicrosoft.com\"\n\
+                 client_id = \"0f6a3d44-7c2b-4e1a-9d55-3b2f1c8e7a10\"\nclient_secret = \"x~y\"\n\
+                 [log]\nlevel = \"info\"\n",
+            )
+        })
+        .arg("--simulate")
+        .start();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], relay.port));
+    let mut c = common::smtp::blocking::Client::connect(addr).expect("connect");
+    let reply = c
+        .send(
+            "app@legacy.test",
+            "b@example.org",
+            b"From: app@legacy.test\r\nTo: b@example.org\r\nSubject: simulate\r\n\r\nvia Graph\r\n",
+        )
+        .expect("send");
+    assert_eq!(reply.code, 250, "{reply:?}");
+    c.quit();
+    let mailbox = relay.dir.join("simulator").join("mailbox");
+    let mut found = None;
+    for _ in 0..300 {
+        found = std::fs::read_dir(&mailbox).ok().and_then(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|x| x == "json"))
+        });
+        if found.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let json = found.unwrap_or_else(|| panic!("nothing delivered:\n{}", relay.log_text()));
+    let envelope: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(json).expect("read")).expect("json");
+    assert_eq!(envelope["transfer"], "GRAPH");
+    assert_eq!(envelope["rcpt_to"], serde_json::json!(["b@example.org"]));
+    assert!(
+        relay
+            .log_text()
+            .contains("delivering through Microsoft Graph sendMail")
+    );
+    assert!(relay.stop());
 }

@@ -47,6 +47,8 @@ impl Captured {
 #[derive(Debug, Clone, Copy)]
 enum Answer {
     Accepted,
+    /// A 400 whose error message quotes the request's Authorization header.
+    EchoToken,
     /// Read the whole request, then say nothing for this long.
     Silent(Duration),
 }
@@ -119,6 +121,24 @@ async fn serve(
             Answer::Accepted => {
                 let reply =
                     "HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\nrequest-id: wire-1\r\n\r\n";
+                if stream.write_all(reply.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+            Answer::EchoToken => {
+                let auth = head
+                    .split("\r\n")
+                    .find(|l| l.to_ascii_lowercase().starts_with("authorization:"))
+                    .unwrap_or("")
+                    .to_string();
+                let body = serde_json::json!({
+                    "error": {"code": "ErrorInvalidRecipients", "message": format!("bad request: {auth}")}
+                })
+                .to_string();
+                let reply = format!(
+                    "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
                 if stream.write_all(reply.as_bytes()).await.is_err() {
                     return;
                 }
@@ -235,5 +255,44 @@ async fn no_answer_after_the_body_was_sent_is_a_possible_duplicate_retried_with_
         text.lines()
             .any(|l| l == "relay_possible_duplicates_total 1"),
         "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_token_echoed_by_the_endpoint_never_reaches_the_spool_or_the_log() {
+    let _logs = common::logs::capture();
+    let (url, mut rx) = endpoint(vec![Answer::EchoToken]).await;
+    let endpoint_url = url.clone();
+    let r = start_delivering_with(GRAPH, SimConfig::graph(), move |config, _| {
+        config.upstream.graph_url = Some(endpoint_url);
+    })
+    .await;
+    let id = r
+        .submit("<app@legacy.test>", &["b@example.org"], &message())
+        .await;
+    let req = next(&mut rx).await;
+    let token = req.header("authorization")[0]
+        .strip_prefix("Bearer ")
+        .expect("bearer")
+        .to_string();
+    r.wait_for(
+        "the message to fail",
+        |relay| matches!(relay.spool.read_state(&id), Ok(Some(s)) if s.fail_reason.is_some()),
+    )
+    .await;
+    let reason = r
+        .delivery_state(&id)
+        .and_then(|s| s.fail_reason)
+        .expect("fail reason");
+    assert!(reason.contains("ErrorInvalidRecipients"), "{reason}");
+    assert!(reason.contains("<redacted>"), "{reason}");
+    assert!(
+        !reason.contains(&token),
+        "the token reached the spool: {reason}"
+    );
+    common::logs::wait_line(&["delivery failed", &id]).await;
+    assert!(
+        !common::logs::capture().text().contains(&token),
+        "the token reached the log"
     );
 }

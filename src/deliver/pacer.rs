@@ -22,6 +22,8 @@ pub const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(300);
 
 /// Exchange asked for fewer submissions (432, 421): no new attempt for this long, at most.
 pub const MAX_THROTTLE_PAUSE: Duration = Duration::from_secs(60);
+/// The longest mailbox-wide pause a `Retry-After` earns (the message itself waits the whole of it).
+pub const MAX_RETRY_AFTER_PAUSE: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PacerSettings {
@@ -100,8 +102,13 @@ pub enum Attempt {
     Delivered,
     /// The message failed for good (a 5xx for it or its recipients): the mailbox itself works.
     Failed,
-    /// Try again later; `throttle`: Exchange asked the whole mailbox to slow down.
-    Retry { throttle: bool, reached: Progress },
+    /// Try again later; `throttle`: Exchange asked the whole mailbox to slow down; `pause`:
+    /// the upstream said for how long (Graph's `Retry-After`, per app and mailbox).
+    Retry {
+        throttle: bool,
+        reached: Progress,
+        pause: Option<Duration>,
+    },
     /// A configuration problem: the whole mailbox pauses.
     Hold { cause: HoldCause, reply: String },
     /// Nothing was sent (the message was gone, or could not be read).
@@ -216,9 +223,15 @@ impl Pacer {
             // as the transaction.
             Attempt::Failed => self.resume_if(|h| h.cleared_by.is_some()),
             Attempt::Skipped => Transition::None,
-            Attempt::Retry { throttle, reached } => {
-                if throttle {
-                    let until = now + self.settings.throttle_pause;
+            Attempt::Retry {
+                throttle,
+                reached,
+                pause,
+            } => {
+                if throttle || pause.is_some() {
+                    // Retry-After names the wait; never beyond what a throttle may pause.
+                    let asked = pause.unwrap_or_default().min(MAX_RETRY_AFTER_PAUSE);
+                    let until = now + self.settings.throttle_pause.max(asked);
                     self.throttled_until = Some(until);
                     self.next_slot = self.next_slot.max(until);
                 }

@@ -154,6 +154,8 @@ enum JobResult {
         throttle: bool,
         /// How far the attempt got (a hold ends only on proof that its cause is gone).
         reached: Progress,
+        /// The upstream's `Retry-After`: the whole mailbox pauses that long.
+        pause: Option<Duration>,
     },
     Hold {
         cause: HoldCause,
@@ -347,6 +349,7 @@ impl Drop for ReportOnDrop {
                 at: Instant::now() + self.retry_in,
                 throttle: false,
                 reached: Progress::Token,
+                pause: None,
             },
         }));
     }
@@ -430,9 +433,10 @@ async fn dispatch(
                         JobResult::Finished { delivered: true } => Attempt::Delivered,
                         JobResult::Finished { delivered: false } => Attempt::Failed,
                         JobResult::Skipped => Attempt::Skipped,
-                        JobResult::Retry { throttle, reached, .. } => Attempt::Retry {
+                        JobResult::Retry { throttle, reached, pause, .. } => Attempt::Retry {
                             throttle: *throttle,
                             reached: *reached,
+                            pause: *pause,
                         },
                         JobResult::Hold { cause, reply } => Attempt::Hold {
                             cause: *cause,
@@ -599,6 +603,7 @@ async fn deliver_one(ctx: &Arc<Context>, id: &str) -> JobResult {
                 at: Instant::now() + ctx.settings().retry_max,
                 throttle: false,
                 reached: Progress::Token,
+                pause: None,
             };
         }
     };
@@ -882,6 +887,7 @@ async fn record(
                 at: Instant::now() + wait,
                 throttle,
                 reached: outcome.reached,
+                pause: outcome.retry_after,
             }
         }
         // Delivered/Failed for pending recipients cannot happen: they would be final.
@@ -889,6 +895,7 @@ async fn record(
             at: Instant::now() + ctx.settings().retry_min,
             throttle: false,
             reached: outcome.reached,
+            pause: None,
         },
     };
     match ctx.store.update(id, &state).await {

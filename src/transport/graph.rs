@@ -259,7 +259,12 @@ impl GraphTransport {
                 .headers()
                 .get("request-id")
                 .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
+                .map(|v| {
+                    crate::redact::scrub(v)
+                        .chars()
+                        .take(128)
+                        .collect::<String>()
+                });
             let body = read_bounded(response).await;
             self.metrics.transaction_seconds.observe(started.elapsed());
             let mut reply = parse_error(status, &body);
@@ -336,11 +341,11 @@ async fn message_bytes(submission: &Submission<'_>) -> Result<Vec<u8>, crate::sp
 /// A request that got no answer. A failed connection sent nothing; anything later (a timeout,
 /// a reset while sending or waiting) may have delivered.
 fn request_failed(count: usize, error: &reqwest::Error) -> Attempted {
-    let what = if error.is_timeout() {
+    let what = crate::redact::scrub(&if error.is_timeout() {
         format!("Graph request timed out: {error}")
     } else {
         format!("Graph request failed: {error}")
-    };
+    });
     let reached = if error.is_connect() {
         Progress::Session
     } else {
@@ -393,9 +398,16 @@ async fn read_bounded(mut response: reqwest::Response) -> Vec<u8> {
 fn parse_error(status: u16, body: &[u8]) -> GraphReply {
     let json: Option<serde_json::Value> = serde_json::from_slice(body).ok();
     let error = json.as_ref().and_then(|j| j.get("error"));
+    // Upstream text: whatever secret it may echo (the token) is scrubbed before it is kept.
     let text = |v: Option<&serde_json::Value>| {
         v.and_then(serde_json::Value::as_str)
-            .map(|s| s.chars().take(512).collect::<String>())
+            // Scrubbed whole, then cut: a cut token would no longer be recognised.
+            .map(|s| {
+                crate::redact::scrub(s)
+                    .chars()
+                    .take(512)
+                    .collect::<String>()
+            })
             .filter(|s| !s.is_empty())
     };
     let inner = error.and_then(|e| e.get("innerError").or_else(|| e.get("innererror")));

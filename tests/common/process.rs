@@ -257,6 +257,8 @@ pub struct RelayBuilder<'a> {
     tag: String,
     make: MakeConfig<'a>,
     env: Vec<(String, String)>,
+    /// Arguments after `serve` (e.g. `--simulate`).
+    args: Vec<String>,
     watchdog: Option<Duration>,
     notify: bool,
 }
@@ -299,6 +301,12 @@ impl<'a> RelayBuilder<'a> {
         self
     }
 
+    /// An argument after `serve`, such as `--simulate`.
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.args.push(arg.to_string());
+        self
+    }
+
     /// Plays systemd: `NOTIFY_SOCKET` is a datagram socket the test reads
     /// ([`Relay::wait_notify`]); with `watchdog`, `WATCHDOG_USEC` is set too. `start` then does
     /// not wait for the listener (the test waits for `READY=1`). Needs a tokio runtime.
@@ -334,6 +342,7 @@ impl<'a> RelayBuilder<'a> {
             fs::write(&config, (self.make)(&ports)).expect("write relay config");
             let log = work.join(format!("{}-{}-{attempt}.log", self.tag, ports.smtp));
             let mut cmd = command(&["--config", &config.display().to_string(), "serve"]);
+            cmd.args(&self.args);
             for (k, v) in &self.env {
                 cmd.env(k, v);
             }
@@ -416,6 +425,7 @@ impl Relay {
             tag: "relay".into(),
             make: Box::new(|s: &Setup| config_text(s.smtp, &s.spool, &Extra::default())),
             env: Vec::new(),
+            args: Vec::new(),
             watchdog: None,
             notify: false,
         }
