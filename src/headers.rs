@@ -72,6 +72,18 @@ impl<'a> Headers<'a> {
             })
     }
 
+    /// Every field with this name, in order (`-t` reads all To, Cc and Bcc fields).
+    pub fn fields(&self, name: &HeaderName<'_>) -> Vec<Field<'a, '_>> {
+        self.fields
+            .iter()
+            .filter(|f| &f.name == name)
+            .map(|header| Field {
+                header,
+                raw: self.raw,
+            })
+            .collect()
+    }
+
     /// The decoded text of an unstructured field (RFC 2047 words decoded, folding removed),
     /// for showing it in a message the relay writes itself.
     pub fn text(&self, name: &HeaderName<'_>) -> Option<String> {

@@ -36,6 +36,7 @@ pub mod format;
 mod fsutil;
 mod id;
 mod incoming;
+pub mod maildrop;
 mod recovery;
 mod state;
 mod writable;
