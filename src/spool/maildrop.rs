@@ -5,7 +5,8 @@
 //! One file per message, `<ID>.drop`, in the spool's message format ([`super::format`]: the
 //! envelope header, a blank line, the message as the caller gave it). sendmail writes it as
 //! `.tmp-<ID>` (O_EXCL, mode 0640 whatever the caller's umask), fsyncs it, renames it to
-//! `<ID>.drop` (the commit point) and fsyncs the directory: only then does it exit 0. Only
+//! `<ID>.drop` (the commit point) and fsyncs the directory (`syncfs` for a caller who may not
+//! open it): only then does it exit 0. Only
 //! `*.drop` names are taken in; a `.tmp-*` left by a sendmail that died is removed after a day.
 //!
 //! # Taking messages in
@@ -121,9 +122,24 @@ impl DropDir {
                 .and_then(|()| f.write_all(message))
                 .map_err(|e| SpoolError::io("write", &tmp, e))?;
             f.sync_all().map_err(|e| SpoolError::io("fsync", &tmp, e))?;
-            drop(f);
             fsutil::rename_noreplace(&tmp, &dst).map_err(|e| SpoolError::io("rename", &tmp, e))?;
-            fsutil::fsync_dir(&self.dir)
+            match fsutil::fsync_dir(&self.dir) {
+                Ok(()) => Ok(()),
+                // A caller who may write but not list the directory (mode 2773) cannot open it
+                // to fsync it: syncfs makes the rename durable with the whole filesystem.
+                Err(SpoolError::Io { source, .. })
+                    if source.kind() == io::ErrorKind::PermissionDenied =>
+                {
+                    use std::os::fd::AsRawFd;
+                    // SAFETY: f is an open file descriptor for the duration of the call.
+                    if unsafe { libc::syncfs(f.as_raw_fd()) } == 0 {
+                        Ok(())
+                    } else {
+                        Err(SpoolError::io("syncfs", &dst, io::Error::last_os_error()))
+                    }
+                }
+                Err(e) => Err(e),
+            }
         })();
         if res.is_err() {
             let _ = fs::remove_file(&tmp);
