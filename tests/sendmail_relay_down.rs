@@ -114,7 +114,8 @@ fn dropped_while_running_is_taken_in() {
 }
 
 /// The drop directory is input like SMTP input: what the listener refuses (here BODY=BINARYMIME,
-/// 554/5.5.x at MAIL) and a file that is no message are kept in rejected/ and never queued.
+/// 5xx at MAIL), an address carrying SMTP parameters and a file that is no message are kept in
+/// rejected/ and never queued.
 #[test]
 fn refused_drop_files_are_kept_not_queued() {
     let work = tempfile::tempdir().unwrap();
@@ -145,6 +146,17 @@ fn refused_drop_files_are_kept_not_queued() {
             b"Subject: fine\r\n\r\nx\r\n",
         )
         .unwrap();
+    // Any local user writes drop files: an address may not smuggle SMTP parameters in.
+    let smuggled = drop_dir
+        .deposit(
+            &Envelope {
+                mail_params: MailParams::default(),
+                recipients: vec![Recipient::new("admin@example.com> NOTIFY=NEVER")],
+                ..envelope.clone()
+            },
+            b"Subject: smuggled\r\n\r\nx\r\n",
+        )
+        .unwrap();
     let garbage = drop_dir.path().join("01M8VW0000000000000000000Z.drop");
     std::fs::write(&garbage, b"\x00\x01 not a drop file\n\nbody").unwrap();
 
@@ -164,6 +176,7 @@ fn refused_drop_files_are_kept_not_queued() {
     names.sort();
     let mut want = vec![
         format!("{refused}.drop"),
+        format!("{smuggled}.drop"),
         "01M8VW0000000000000000000Z.drop".to_string(),
     ];
     want.sort();

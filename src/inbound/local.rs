@@ -36,12 +36,19 @@ pub enum SubmitError {
     Timeout { stage: &'static str },
     #[error("{stage}: not an SMTP reply: {line:?}")]
     Protocol { stage: &'static str, line: String },
+    /// An address that would change the command it is sent in (`>`, spaces, controls).
+    #[error("invalid address {0:?}")]
+    BadAddress(String),
 }
 
 impl SubmitError {
     /// A 5xx: sending the same message again cannot succeed.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, SubmitError::Refused { code, .. } if *code >= 500)
+        match self {
+            SubmitError::Refused { code, .. } => *code >= 500,
+            SubmitError::BadAddress(_) => true,
+            _ => false,
+        }
     }
 
     /// The reply code, when the server gave one.
@@ -59,6 +66,7 @@ impl SubmitError {
             | SubmitError::Io { stage, .. }
             | SubmitError::Timeout { stage }
             | SubmitError::Protocol { stage, .. } => stage,
+            SubmitError::BadAddress(_) => "envelope",
         }
     }
 }
@@ -144,6 +152,16 @@ pub async fn submit<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    // A drop file is written by any local user: its addresses must not smuggle parameters
+    // or commands into the lines they are sent in.
+    let bad =
+        |a: &str| a.contains(|c: char| c.is_whitespace() || c.is_control() || c == '<' || c == '>');
+    if let Some(a) = std::iter::once(envelope.mail_from.as_str())
+        .chain(envelope.recipients.iter().map(|r| r.address.as_str()))
+        .find(|a| bad(a))
+    {
+        return Err(SubmitError::BadAddress(a.to_string()));
+    }
     let mut c = Client {
         stream: BufStream::with_capacity(64 * 1024, 64 * 1024, stream),
     };

@@ -295,6 +295,7 @@ async fn hand_over(config: &Config, envelope: Envelope, message: Vec<u8>, verbos
             }
             // With smtp.auth = "required" the listener wants a password sendmail does not
             // have: the drop directory is its way in.
+            Err(e @ local::SubmitError::BadAddress(_)) => return fail(EX_DATAERR, e),
             Err(e) if e.code() == Some(530) => e.to_string(),
             Err(e) if e.is_permanent() => {
                 let code = if e.stage() == "RCPT TO" {

@@ -70,6 +70,9 @@ pub struct IngestReport {
 #[derive(Debug, Clone)]
 pub struct DropDir {
     dir: PathBuf,
+    /// Files already reported as deferred: a file stuck for hours is logged once, not every
+    /// scan.
+    deferred: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl DropDir {
@@ -79,6 +82,7 @@ impl DropDir {
             dir: explicit
                 .map(Path::to_path_buf)
                 .unwrap_or_else(|| queue_dir.join(DEFAULT_NAME)),
+            deferred: Default::default(),
         }
     }
 
@@ -316,6 +320,12 @@ impl DropDir {
                 }
                 Err(r) => Err(r),
             };
+            if !matches!(outcome, Err(Refusal::Temporary(_))) {
+                self.deferred
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&name);
+            }
             let me = self.clone();
             let n = name.clone();
             match outcome {
@@ -338,7 +348,16 @@ impl DropDir {
                     report.rejected += 1;
                 }
                 Err(Refusal::Temporary(reason)) => {
-                    tracing::warn!(file = %name, %reason, "dropped message not taken in yet: will retry");
+                    let first = self
+                        .deferred
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(name.clone());
+                    if first {
+                        tracing::warn!(file = %name, %reason, "dropped message not taken in yet: will retry");
+                    } else {
+                        tracing::debug!(file = %name, %reason, "dropped message still not taken in");
+                    }
                     report.deferred += 1;
                 }
             }
