@@ -182,6 +182,7 @@ pub async fn serve(
             tasks.watch(
                 "maildrop",
                 tokio::spawn(async move {
+                    failpoint::panic_point("task-maildrop");
                     let submit = move |envelope, message| {
                         let s = submitter.clone();
                         async move { s.submit(envelope, message).await }

@@ -416,33 +416,25 @@ fn current_uid() -> u32 {
     unsafe { libc::getuid() }
 }
 
-/// The caller's login name: the password entry of the real uid, else `$LOGNAME` / `$USER`.
+/// The caller's login name: the `/etc/passwd` entry of the real uid, else `$LOGNAME` /
+/// `$USER` (read as a file, not through NSS: the static build has no NSS modules to load).
 fn login_name() -> Option<String> {
-    let mut buf = vec![0u8; 4096];
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: buf, pwd and result outlive the call; getpwuid_r writes within buf.len().
-    let rc = unsafe {
-        libc::getpwuid_r(
-            current_uid(),
-            &mut pwd,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    if rc == 0 && !result.is_null() && !pwd.pw_name.is_null() {
-        // SAFETY: pw_name points into buf, NUL-terminated by getpwuid_r.
-        let name = unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) };
-        if let Ok(n) = name.to_str()
-            && !n.is_empty()
-        {
-            return Some(n.to_string());
-        }
-    }
-    ["LOGNAME", "USER"]
-        .iter()
-        .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+    let uid = current_uid().to_string();
+    let from_passwd = std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|line| {
+                let mut fields = line.split(':');
+                let name = fields.next()?;
+                let _password = fields.next()?;
+                (fields.next()? == uid && !name.is_empty()).then(|| name.to_string())
+            })
+        });
+    from_passwd.or_else(|| {
+        ["LOGNAME", "USER"]
+            .iter()
+            .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+    })
 }
 
 fn hostname() -> String {
