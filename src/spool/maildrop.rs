@@ -19,9 +19,10 @@
 //! the next scan.
 //!
 //! # Permissions (README "Cron jobs and sendmail")
-//! The default directory is `maildrop/` inside `queue.dir`, created 0700 by the relay: only
-//! the relay's user (and root) can drop there. For unprivileged callers an operator makes a
-//! directory `root:<group> 2773`, where the relay runs with `<group>` as a supplementary group:
+//! Without `sendmail.drop_dir` the directory is [`SHARED_DIR`] when it exists, else
+//! `maildrop/` inside `queue.dir`, created 0700 by the relay: only the relay's user (and root)
+//! can drop there. For unprivileged callers an operator makes [`SHARED_DIR`] (or another
+//! directory) `root:<group> 2773`, where the relay runs with `<group>` as a supplementary group:
 //! anyone may create a file, nobody but the group may list or read the directory, and the
 //! setgid bit gives each file that group, so the relay can read a 0640 file it does not own.
 //! sendmail never needs a secret and never reads the spool.
@@ -44,6 +45,10 @@ pub const SCAN_EVERY: Duration = Duration::from_secs(2);
 /// A `.tmp-*` file older than this belongs to a sendmail that died before its commit.
 const STALE_TMP: Duration = Duration::from_secs(24 * 3600);
 const DEFAULT_NAME: &str = "maildrop";
+/// The drop directory for every local user (README "Cron jobs and sendmail"), used without
+/// `sendmail.drop_dir` when it exists: sendmail run by cron knows neither the service's
+/// `$STATE_DIRECTORY` nor its private spool, but both sides find this one.
+pub const SHARED_DIR: &str = "/var/spool/smtp-oauth-relay";
 const REJECTED: &str = "rejected";
 const SUFFIX: &str = ".drop";
 const TMP_PREFIX: &str = ".tmp-";
@@ -76,12 +81,16 @@ pub struct DropDir {
 }
 
 impl DropDir {
-    /// `explicit` (`sendmail.drop_dir`), else `maildrop/` inside the spool directory.
+    /// `explicit` (`sendmail.drop_dir`), else [`SHARED_DIR`] when it exists, else `maildrop/`
+    /// inside the spool directory.
     pub fn new(queue_dir: &Path, explicit: Option<&Path>) -> DropDir {
+        let dir = match explicit {
+            Some(d) => d.to_path_buf(),
+            None if Path::new(SHARED_DIR).is_dir() => PathBuf::from(SHARED_DIR),
+            None => queue_dir.join(DEFAULT_NAME),
+        };
         DropDir {
-            dir: explicit
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| queue_dir.join(DEFAULT_NAME)),
+            dir,
             deferred: Default::default(),
         }
     }
@@ -419,7 +428,7 @@ mod tests {
     #[test]
     fn deposit_then_read_back() {
         let tmp = tempfile::tempdir().unwrap();
-        let d = DropDir::new(tmp.path(), None);
+        let d = DropDir::new(tmp.path(), Some(&tmp.path().join("maildrop")));
         d.prepare().unwrap();
         let id = d.deposit(&envelope(), b"Subject: x\n\nhello\n").unwrap();
         let names = d.pending().unwrap();
@@ -439,7 +448,7 @@ mod tests {
     #[test]
     fn foreign_files_are_refused_and_kept() {
         let tmp = tempfile::tempdir().unwrap();
-        let d = DropDir::new(tmp.path(), None);
+        let d = DropDir::new(tmp.path(), Some(&tmp.path().join("maildrop")));
         d.prepare().unwrap();
         let name = format!("{}.drop", ulid::Ulid::generate());
         fs::write(d.path().join(&name), b"garbage\n\nbody").unwrap();
