@@ -22,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::oauth::{OAuthError, TokenProvider};
 use crate::service;
 use crate::sim::{SimConfig, SimError, Simulator};
+use crate::spool::maildrop::DropDir;
 use crate::stop::StopBudget;
 use crate::store::Store;
 use crate::supervise::{Supervisor, TaskDeath};
@@ -177,9 +178,34 @@ pub async fn serve(
             humantime::format_duration(stop_budget.budget())
         ));
     });
-    let server = Server::new(settings, store, metrics)
-        .with_stop_budget(stop)
-        .run(listeners, shutdown.clone());
+    let server = Server::new(settings, store, metrics).with_stop_budget(stop);
+    // Messages sendmail stored while the relay was not running (or still starting).
+    let maildrop = DropDir::from_config(&config);
+    match maildrop.prepare() {
+        Ok(()) => {
+            tracing::info!(dir = %maildrop.path().display(), "taking in sendmail's drop directory");
+            let submitter = server.local_submitter();
+            let max = config.smtp.max_message_size.0;
+            let stop = shutdown.clone();
+            tasks.watch(
+                "maildrop",
+                tokio::spawn(async move {
+                    failpoint::panic_point("task-maildrop");
+                    let submit = move |envelope, message| {
+                        let s = submitter.clone();
+                        async move { s.submit(envelope, message).await }
+                    };
+                    maildrop.run(max, submit, stop).await
+                }),
+            );
+        }
+        Err(e) => tracing::error!(
+            error = %e,
+            "sendmail's drop directory is unusable: messages sendmail stores while the relay \
+             is down are not taken in"
+        ),
+    }
+    let server = server.run(listeners, shutdown.clone());
     let watchdog = service::watchdog_interval();
     tasks.watch(
         "inbound",

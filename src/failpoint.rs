@@ -17,7 +17,7 @@
 //!
 //! Task points panic instead of aborting (a task that dies inside a process that goes on, the
 //! case the supervisor in `daemon` exists for): `task-inbound`, `task-dispatcher`,
-//! `task-refresher`, `task-admin` and `task-reload` are hit once when that task starts
+//! `task-refresher`, `task-admin`, `task-reload` and `task-maildrop` are hit once when that task starts
 //! ([`panic_point`]).
 
 #[cfg(feature = "failpoints")]

@@ -30,6 +30,8 @@
 //! - [`redact`]: the scrubber that removes every encoding of every held secret from upstream text.
 //! - [`daemon`]: `serve`, wiring the parts together; [`supervise`]: its tasks, watched by name.
 //! - [`setup`]: `smtp-oauth-relay setup`, the setup guide as one command (values, files, script, check).
+//! - [`sendmail`]: `sendmail`/`mailq`/`newaliases` for cron, PHP and system tools: hands a
+//!   message to the listener, or stores it in the drop directory ([`spool::maildrop`]).
 //! - [`service`]: systemd notifications (READY, STOPPING, WATCHDOG, STATUS) and SIGHUP reload.
 //! - [`admin`]: the admin HTTP endpoint (`/readyz`) and the `health` client.
 //! - [`fds`]: the file-descriptor budget that keeps descriptors free for SMTP.
@@ -49,6 +51,7 @@ pub mod metrics;
 pub mod oauth;
 pub mod queue_command;
 pub mod redact;
+pub mod sendmail;
 pub mod service;
 pub mod setup;
 pub mod sim;

@@ -58,6 +58,13 @@ enum Command {
     /// write relay.toml and the secret file (0600), run check, print the Exchange Online
     /// PowerShell with the values filled in
     Setup(Box<SetupArgs>),
+    /// sendmail for cron, PHP mail() and system tools: `sendmail [flags] [recipient...]`
+    /// (also when run as sendmail, mailq or newaliases; see README "Cron jobs and sendmail")
+    #[command(disable_help_flag = true)]
+    Sendmail {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Query the admin endpoint's /readyz (container HEALTHCHECK): exit 0 when ready, 1 when
     /// not, 2 when [admin] listen is not set
     Health,
@@ -138,6 +145,9 @@ enum QueueArgs {
 
 fn main() -> ExitCode {
     smtp_oauth_relay::failpoint::init();
+    if let Some(code) = sendmail_entry() {
+        return ExitCode::from(code);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -187,7 +197,35 @@ fn main() -> ExitCode {
         }),
         Command::Health => with_config(path, health),
         Command::Setup(args) => setup(*args, cli.config),
+        // Taken by sendmail_entry before clap; here only with other global flags before it.
+        Command::Sendmail { args } => ExitCode::from(smtp_oauth_relay::sendmail::run(
+            smtp_oauth_relay::sendmail::Personality::Sendmail,
+            &args,
+            cli.config,
+        )),
     }
+}
+
+/// `sendmail`, `mailq` and `newaliases` (by argv[0], as /usr/sbin/sendmail is a link to this
+/// binary), and `smtp-oauth-relay [--config FILE] sendmail ...`: their flags are sendmail's,
+/// which clap cannot parse (`-FCronDaemon`, `-oi`, `-B8BITMIME`), so they never reach it.
+fn sendmail_entry() -> Option<u8> {
+    use smtp_oauth_relay::sendmail::{self, Personality};
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(p) = args.first().and_then(|a| Personality::from_argv0(a)) {
+        return Some(sendmail::run(p, &args[1..], None));
+    }
+    let (config, rest) = match args.get(1).and_then(|a| a.to_str()) {
+        Some("sendmail") => (None, &args[2..]),
+        Some("--config" | "-c") if args.get(3).is_some_and(|a| a == "sendmail") => {
+            (Some(PathBuf::from(&args[2])), &args[4..])
+        }
+        Some(a) if a.starts_with("--config=") && args.get(2).is_some_and(|a| a == "sendmail") => {
+            (Some(PathBuf::from(&a["--config=".len()..])), &args[3..])
+        }
+        _ => return None,
+    };
+    Some(sendmail::run(Personality::Sendmail, rest, config))
 }
 
 fn setup(a: SetupArgs, config: Option<PathBuf>) -> ExitCode {

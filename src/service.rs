@@ -246,6 +246,9 @@ pub fn merge_reload(
                     outcome.not_applied.push(key);
                 }
             }
+        } else if key.starts_with("sendmail.") && key != "sendmail.drop_dir" {
+            // Read by every sendmail run, never by the relay: in effect for the next one.
+            outcome.applied.push(key);
         } else if matches_any(RESTART_ONLY, &key) {
             outcome.needs_restart.push(key);
         } else if matches_any(DELIVERY, &key) {
@@ -289,6 +292,7 @@ pub fn merge_reload(
     new.admin = running.admin.clone();
     new.log.format = running.log.format;
     new.service = running.service.clone();
+    new.sendmail.drop_dir = running.sendmail.drop_dir.clone();
     for list in [
         &mut outcome.applied,
         &mut outcome.needs_restart,
@@ -474,6 +478,17 @@ mod tests {
         assert_eq!(merged.admin.listen, running.admin.listen);
         assert_eq!(merged.log.level, "warn");
         assert_eq!(merged.queue.retry_min, std::time::Duration::from_secs(120));
+    }
+
+    #[test]
+    fn sendmail_names_apply_at_once_the_drop_directory_at_restart() {
+        let running = cfg("");
+        let new =
+            cfg("[sendmail]\ndefault_domain = \"example.com\"\ndrop_dir = \"/var/spool/x\"\n");
+        let (merged, outcome) = merge_reload(&running, new, &NoLiveParts);
+        assert_eq!(outcome.applied, vec!["sendmail.default_domain"]);
+        assert_eq!(outcome.needs_restart, vec!["sendmail.drop_dir"]);
+        assert_eq!(merged.sendmail.drop_dir, None);
     }
 
     #[test]

@@ -77,7 +77,14 @@ async fn a_thirty_minute_retry_min_delivers() {
     }
     // Every task reports itself in /healthz.
     let health = healthz(&relay).await;
-    for task in ["inbound", "dispatcher", "refresher", "admin", "reload"] {
+    for task in [
+        "inbound",
+        "dispatcher",
+        "refresher",
+        "admin",
+        "reload",
+        "maildrop",
+    ] {
         assert_eq!(health["tasks"][task], "running", "{health:#}");
     }
 }
@@ -87,7 +94,14 @@ async fn a_task_that_dies_stops_the_relay_with_exit_1_naming_it() {
     let sim = common::sim::start().await;
     let fragment = sim.relay_config_fragment();
     let work = tempfile::tempdir().unwrap();
-    for task in ["dispatcher", "refresher", "admin", "inbound", "reload"] {
+    for task in [
+        "dispatcher",
+        "refresher",
+        "admin",
+        "inbound",
+        "reload",
+        "maildrop",
+    ] {
         let failpoint = format!("task-{task}");
         // Started without waiting for the listener: a task may die before it is bound.
         let mut relay = Relay::builder()

@@ -39,6 +39,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub service: ServiceConfig,
+    pub sendmail: SendmailConfig,
 }
 
 /// The local listener that legacy applications talk to.
@@ -174,6 +175,37 @@ pub enum RewriteFrom {
     Always,
     /// Never touch the header From (Exchange refuses mail the mailbox may not send as).
     Never,
+}
+
+/// `smtp-oauth-relay sendmail` (cron, PHP `mail()`, system tools): how local names become
+/// addresses and where a message waits while the relay is not running.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SendmailConfig {
+    /// Qualifies a bare name (`root`, `www-data`) that no alias maps.
+    pub default_domain: Option<String>,
+    /// Local name → address(es); the key `"*"` catches every other local name.
+    pub aliases: std::collections::BTreeMap<String, AliasTarget>,
+    /// The drop directory: where `sendmail` stores a message durably while the relay does not
+    /// run (the relay takes it in at start and while running). Default: inside `queue.dir`.
+    pub drop_dir: Option<PathBuf>,
+}
+
+/// One alias: a single address or a list.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum AliasTarget {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl AliasTarget {
+    pub fn addresses(&self) -> &[String] {
+        match self {
+            AliasTarget::One(a) => std::slice::from_ref(a),
+            AliasTarget::Many(list) => list,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -655,6 +687,45 @@ pub fn load_with_credentials(
     // Kept to name the key of a TOML syntax error, which figment reports without one.
     let source = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok());
     extract_and_validate(&figment, credentials, source.as_deref()).map_err(invalid)
+}
+
+/// The configuration as `sendmail` needs it: the same file and environment, but no secret is
+/// read (a caller such as www-data may not, and sendmail never needs one) and only the keys
+/// sendmail uses (`smtp.*`, `queue.*`, `sendmail.*`) may make it invalid.
+pub fn load_for_sendmail(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+    let path = locate(explicit)?;
+    let mut figment = Figment::new();
+    if let Some(p) = &path {
+        figment = figment.merge(Toml::file_exact(p));
+    }
+    figment = figment.merge(env_provider());
+    let source = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok());
+    let (config, issues) = extract_all(&figment, source.as_deref());
+    // The TLS key and the users file are the listener's, and may be unreadable to the caller.
+    let theirs = ["smtp.tls_cert_file", "smtp.tls_key_file", "smtp.auth"];
+    let mine = |i: &ConfigIssue| {
+        i.key.is_empty()
+            || (["smtp.", "queue.", "sendmail."]
+                .iter()
+                .any(|p| i.key.starts_with(p))
+                && !theirs.contains(&i.key.as_str()))
+    };
+    let mut issues: Vec<ConfigIssue> = issues.into_iter().filter(mine).collect();
+    let invalid = |issues| ConfigError::Invalid {
+        file: path.clone(),
+        issues,
+    };
+    let Some(config) = config else {
+        return Err(invalid(issues));
+    };
+    let mut found = Vec::new();
+    config.validate_into(&mut found);
+    issues.extend(found.into_iter().filter(mine));
+    if issues.is_empty() {
+        Ok(config)
+    } else {
+        Err(invalid(issues))
+    }
 }
 
 /// Deserializes the merged sources, then resolves secrets and validates. A key with a wrong type
@@ -1297,6 +1368,7 @@ impl Config {
         {
             issues.push(issue("oauth.scope", e));
         }
+        self.sendmail.validate_into(issues);
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             issues.push(issue(
                 "log.level",
@@ -1308,6 +1380,44 @@ impl Config {
     /// The effective configuration as TOML, secrets redacted.
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+impl SendmailConfig {
+    fn validate_into(&self, issues: &mut Vec<ConfigIssue>) {
+        if let Some(d) = &self.default_domain
+            && !looks_like_address(&format!("root@{d}"))
+        {
+            issues.push(issue(
+                "sendmail.default_domain",
+                format!("`{d}` is not a domain (e.g. contoso.com)"),
+            ));
+        }
+        for (name, target) in &self.aliases {
+            let key = format!("sendmail.aliases.{name}");
+            if name.is_empty() || name.contains(['@', ' ', '<', '>']) {
+                issues.push(issue(
+                    &key,
+                    "an alias is a local name such as root or \"*\"",
+                ));
+            }
+            if target.addresses().is_empty() {
+                issues.push(issue(&key, "needs at least one address"));
+            }
+            for a in target.addresses() {
+                if !looks_like_address(a) {
+                    issues.push(issue(&key, format!("`{a}` is not an e-mail address")));
+                }
+            }
+        }
+        if let Some(d) = &self.drop_dir
+            && !d.is_absolute()
+        {
+            issues.push(issue(
+                "sendmail.drop_dir",
+                "must be an absolute path (sendmail runs from any directory)",
+            ));
+        }
     }
 }
 

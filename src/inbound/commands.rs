@@ -130,7 +130,7 @@ impl Session {
         if self.tx.is_some() {
             return self.reply(reply::NESTED_MAIL);
         }
-        if self.shared.settings.auth.is_required() && self.auth_user.is_none() {
+        if self.shared.settings.auth.is_required() && self.auth_user.is_none() && !self.local {
             return self.reply(reply::AUTH_REQUIRED);
         }
         if from.flags & MAIL_BODY_BINARYMIME != 0 {

@@ -23,6 +23,7 @@ mod commands;
 mod data;
 // Public for fuzz/ (which compiles the file on its own) and the tests.
 pub mod framing;
+pub mod local;
 pub mod message;
 pub mod reply;
 mod session;
@@ -227,6 +228,11 @@ impl Server {
     pub fn with_stop_budget(mut self, stop: crate::stop::StopBudget) -> Server {
         self.stop = stop;
         self
+    }
+
+    /// Submits messages through this server's rules in-process (the drop directory).
+    pub fn local_submitter(&self) -> local::LocalSubmitter {
+        local::LocalSubmitter::new(self.shared.clone())
     }
 
     /// Binds every `smtp.listen` address.

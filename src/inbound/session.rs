@@ -110,6 +110,9 @@ pub struct Session {
     pub(super) acked: bool,
     /// While a message transfer is read: when it is cut off (see [`Session::drive`]).
     transfer_deadline: Option<Instant>,
+    /// An in-process session for the drop directory: its files were written by local users,
+    /// whom `smtp.auth` does not ask for a password (sendmail has none to give).
+    pub(super) local: bool,
 }
 
 impl Session {
@@ -128,7 +131,13 @@ impl Session {
             next: None,
             acked: false,
             transfer_deadline: None,
+            local: false,
         }
+    }
+
+    /// Marks the session as the drop directory's (see [`super::local::LocalSubmitter`]).
+    pub fn local_submission(&mut self) {
+        self.local = true;
     }
 
     pub fn greeting(&mut self) {

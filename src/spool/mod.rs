@@ -41,6 +41,7 @@ pub mod format;
 mod fsutil;
 mod id;
 mod incoming;
+pub mod maildrop;
 mod recovery;
 mod state;
 mod store;

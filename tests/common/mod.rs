@@ -9,7 +9,9 @@
 //! - [`proxy`]: a counting TCP forwarder (which connections used which upstream settings);
 //! - [`smtp`]: the SMTP client (async, and [`smtp::blocking`] for thread-based tests);
 //! - [`fixtures`]: dot-stuffing, the seeded PRNG, message builders, spool inspection;
-//! - [`logs`]: the in-process log, captured, for tests that await a log line.
+//! - [`logs`]: the in-process log, captured, for tests that await a log line;
+//! - [`sendmail`]: `sendmail` runs (subcommand or a link, stdin, another uid), its config,
+//!   the simulator's mailbox.
 #![allow(dead_code)]
 
 pub mod counting_token;
@@ -20,6 +22,7 @@ pub mod limited;
 pub mod logs;
 pub mod process;
 pub mod proxy;
+pub mod sendmail;
 pub mod session;
 pub mod setup_cli;
 pub mod sim;
