@@ -14,7 +14,6 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{self, AdminState};
 use crate::config::TransportKind;
 use crate::config::{Config, Secret};
-use crate::deliver::upstream::upstream_target;
 use crate::deliver::{Deliverer, DeliveryHandle, DeliverySettings};
 use crate::failpoint;
 use crate::inbound::{InboundError, InboundSettings, Server};
@@ -28,6 +27,7 @@ use crate::store::Store;
 use crate::supervise::{Supervisor, TaskDeath};
 use crate::transport::Transport;
 use crate::transport::graph::{GraphSettings, GraphTransport};
+use crate::transport::smtp::session::upstream_target;
 use crate::transport::smtp::{SmtpSettings, SmtpTransport};
 
 #[derive(Debug, thiserror::Error)]

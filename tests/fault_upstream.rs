@@ -17,9 +17,9 @@ use common::fixtures::report;
 use common::logs;
 use smtp_oauth_relay::deliver::MailboxState;
 use smtp_oauth_relay::deliver::classify::HoldCause;
-use smtp_oauth_relay::deliver::upstream::{Timeouts, UpstreamTarget};
 use smtp_oauth_relay::sim::{SimConfig, Simulator, SmtpFault, SmtpStage, TokenFault};
 use smtp_oauth_relay::spool::EntryState;
+use smtp_oauth_relay::transport::smtp::session::{Timeouts, UpstreamTarget};
 
 const RELAY: &str = "[queue]\nretry_min = \"200ms\"\nretry_max = \"1s\"\n\
                      [upstream]\nrate = \"1000/s\"\nconnections = 3\n";
@@ -285,7 +285,7 @@ async fn refused_connections_and_tls_failures_keep_mail_until_fixed() {
     let other_ca = rcgen::generate_simple_self_signed(vec!["other.test".to_string()]).unwrap();
     let ca_path = h.relay.spool_dir().with_file_name("wrong-ca.pem");
     std::fs::write(&ca_path, other_ca.cert.pem()).unwrap();
-    let wrong = smtp_oauth_relay::deliver::upstream::tls_connector(Some(&ca_path)).unwrap();
+    let wrong = smtp_oauth_relay::transport::smtp::session::tls_connector(Some(&ca_path)).unwrap();
     h.start_deliverer(|t| t.connector = wrong);
     let (cause, _) = h.wait_held().await;
     assert_eq!(cause, HoldCause::CertificateInvalid);

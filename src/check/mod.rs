@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::config::{Config, ConfigError};
-use crate::deliver::upstream::{Timeouts, upstream_target};
+use crate::transport::smtp::session::{Timeouts, upstream_target};
 
 mod config_step;
 mod graph;

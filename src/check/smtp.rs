@@ -7,10 +7,10 @@ use super::*;
 use crate::config::looks_like_address;
 use crate::deliver::classify::{HoldCause, Outcome, Stage, classify};
 use crate::deliver::reply::{Enhanced, UpstreamReply};
-use crate::deliver::upstream::{SessionError, UpstreamSession};
+use crate::transport::smtp::session::{SessionError, UpstreamSession};
 
 pub(super) async fn connect(
-    target: &crate::deliver::upstream::UpstreamTarget,
+    target: &crate::transport::smtp::session::UpstreamTarget,
 ) -> Result<(UpstreamSession, Step), Step> {
     let host = target
         .address
@@ -81,7 +81,7 @@ pub(super) async fn connect(
 
 pub(super) fn connect_fix(
     e: &SessionError,
-    target: &crate::deliver::upstream::UpstreamTarget,
+    target: &crate::transport::smtp::session::UpstreamTarget,
     names: &Names,
 ) -> String {
     match e {

@@ -1,15 +1,14 @@
-//! Delivery to Exchange Online: reply classification, the upstream SMTP session, the sender
-//! policy, the SMTP extensions a message needs, and the scheduler that drains the spool at the
-//! pace Microsoft allows.
+//! Delivery policy, independent of how messages travel: the scheduler that drains the store at
+//! the pace Microsoft allows, the per-mailbox pacer, the outcome classes (and the SMTP reply
+//! type they are decided from), the sender policy and failure notices. How a message reaches
+//! Microsoft 365 is a [`crate::transport::Transport`].
 
 pub mod classify;
-pub mod extensions;
 pub mod notice;
 pub mod pacer;
 pub mod reply;
 pub mod scheduler;
 pub mod sender;
-pub mod upstream;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -13,8 +13,8 @@
 //!   every MIME part (and the 8-bit header bytes of ERP mail have no charset to encode from), a
 //!   rewrite the relay does not make to a message it promises to forward unchanged.
 
-use super::reply::{Enhanced, UpstreamReply};
-use super::upstream::Capabilities;
+use super::session::Capabilities;
+use crate::deliver::reply::{Enhanced, UpstreamReply};
 use crate::spool::MessageBody;
 
 /// What the message needs.

@@ -3,19 +3,25 @@
 //! Owns what only SMTP has: a pool of authenticated sessions (reused while young and recently
 //! used), the MAIL FROM parameters (`BODY=8BITMIME`, `SMTPUTF8` when the server offers them),
 //! and the rule that a `535` with a token close to expiry forces one refresh and one more try
-//! (some Microsoft endpoints reject tokens in their last minutes). The session itself is
-//! [`crate::deliver::upstream`].
+//! (some Microsoft endpoints reject tokens in their last minutes). The session itself (EHLO,
+//! STARTTLS, AUTH, MAIL/RCPT/DATA) is [`session`]; which extensions a message needs
+//! (SMTPUTF8, 8BITMIME) is [`extensions`].
+
+pub mod extensions;
+pub mod session;
 
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use super::{AfterDot, Attempted, RecipientResult, Reply, Submission, Transport, TransportFuture};
 use crate::deliver::TokenSource;
 use crate::deliver::classify::{HoldCause, Outcome, Stage, classify};
-use crate::deliver::extensions::Needs;
 use crate::deliver::pacer::Progress;
-use crate::deliver::upstream::{SessionError, UpstreamSession, UpstreamTarget};
 use crate::metrics::Metrics;
+use crate::transport::{
+    AfterDot, Attempted, RecipientResult, Reply, Submission, Transport, TransportFuture,
+};
+use extensions::Needs;
+use session::{SessionError, UpstreamSession, UpstreamTarget};
 
 /// What the SMTP transport needs beyond the target.
 #[derive(Debug, Clone)]

@@ -15,9 +15,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::classify::{HoldCause, Outcome, Stage, classify};
-use super::reply::{UpstreamReply, is_last_line};
 use crate::config::UpstreamTls;
+use crate::deliver::classify::{HoldCause, Outcome, Stage, classify};
+use crate::deliver::reply::{UpstreamReply, is_last_line};
 use crate::spool::{MessageBody, SpoolError};
 
 /// Per-step limits. RFC 5321 §4.5.3.2 gives client minimums of 5 minutes for most replies and
