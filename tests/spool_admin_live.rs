@@ -5,29 +5,12 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::delivery::start_delivering;
-use common::process::{Relay, relay_toml, run_cli, with_upstream};
+use common::process::{Relay, queue_cli, relay_toml, with_upstream};
 use smtp_oauth_relay::sim::{SimConfig, SmtpFault, SmtpStage};
 use smtp_oauth_relay::spool::{EntryState, Envelope, MailParams, Recipient, Spool};
-
-/// `smtp-oauth-relay queue ARGS` as its own process, against the spool at `spool`.
-fn queue_cli(work: &Path, spool: &Path, args: &[&str]) -> String {
-    let config = work.join("operator.toml");
-    std::fs::write(&config, format!("[queue]\ndir = \"{}\"\n", spool.display())).unwrap();
-    let mut full = vec!["queue"];
-    full.extend_from_slice(args);
-    let out = run_cli(&config, &full, &[]);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "queue {args:?}: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn release_on_a_running_relay_is_delivered_without_a_restart() {

@@ -6,7 +6,7 @@ mod common;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use common::process::run_cli;
+use common::process;
 use common::store_suite::{self as suite, StoreFixture};
 use smtp_oauth_relay::spool::Spool;
 use smtp_oauth_relay::store::Store;
@@ -52,22 +52,7 @@ impl StoreFixture for Files {
     }
 
     fn queue_cli(&self, args: &[&str]) -> String {
-        let config = self.work.path().join("operator.toml");
-        std::fs::write(
-            &config,
-            format!("[queue]\ndir = \"{}\"\n", self.dir().display()),
-        )
-        .expect("write config");
-        let mut full = vec!["queue"];
-        full.extend_from_slice(args);
-        let out = run_cli(&config, &full, &[]);
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "queue {args:?}: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        stdout
+        process::queue_cli(self.work.path(), &self.dir(), args)
     }
 }
 

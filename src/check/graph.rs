@@ -209,7 +209,13 @@ async fn send_test(settings: GraphSettings, token: &AccessToken, names: &Names, 
         Ok(t) => t,
         Err(e) => return Step::failed("send", e, "Fix upstream.graph_url or upstream.ca_file."),
     };
-    let body = crate::spool::MessageBody::from_bytes(test_message(&names.from, to, &names.mailbox));
+    let body = crate::spool::MessageBody::from_bytes(super::smtp::test_message(
+        &names.from,
+        to,
+        &names.mailbox,
+        "through Microsoft Graph sendMail",
+        " A copy is in Sent Items.",
+    ));
     let envelope = crate::spool::Envelope {
         mail_from: names.from.clone(),
         mail_params: Default::default(),
@@ -258,26 +264,4 @@ async fn send_test(settings: GraphSettings, token: &AccessToken, names: &Names, 
             },
         ),
     }
-}
-
-fn test_message(from: &str, to: &str, mailbox: &str) -> Vec<u8> {
-    let domain = mailbox.rsplit_once('@').map_or("localhost", |(_, d)| d);
-    format!(
-        "From: {from}\r\n\
-         To: {to}\r\n\
-         Subject: Test message from smtp-oauth-relay check\r\n\
-         Date: {date}\r\n\
-         Message-ID: <{id}.check@{domain}>\r\n\
-         MIME-Version: 1.0\r\n\
-         Content-Type: text/plain; charset=utf-8\r\n\
-         Content-Transfer-Encoding: 7bit\r\n\
-         \r\n\
-         This is a test message from `smtp-oauth-relay check`.\r\n\
-         \r\n\
-         It was sent through Microsoft Graph sendMail as {mailbox} with an app-only OAuth2\r\n\
-         token. If you can read it, the relay can deliver mail. A copy is in Sent Items.\r\n",
-        date = crate::inbound::message::rfc5322_date(SystemTime::now()),
-        id = ulid::Ulid::generate(),
-    )
-    .into_bytes()
 }

@@ -181,7 +181,13 @@ pub(super) async fn send_test(session: &mut UpstreamSession, names: &Names, to: 
             "Pass an address that can receive mail, e.g. --send-to you@contoso.com.",
         );
     }
-    let body = crate::spool::MessageBody::from_bytes(test_message(&names.from, to, &names.mailbox));
+    let body = crate::spool::MessageBody::from_bytes(test_message(
+        &names.from,
+        to,
+        &names.mailbox,
+        "through Exchange Online (SASL XOAUTH2)",
+        "",
+    ));
     let result = match session
         .send(&names.from, "", &[to.to_string()], &body)
         .await
@@ -216,7 +222,14 @@ pub(super) async fn send_test(session: &mut UpstreamSession, names: &Names, to: 
     }
 }
 
-pub(super) fn test_message(from: &str, to: &str, mailbox: &str) -> Vec<u8> {
+/// The message `check --send-to` sends; `through` and `after` say how it travelled.
+pub(super) fn test_message(
+    from: &str,
+    to: &str,
+    mailbox: &str,
+    through: &str,
+    after: &str,
+) -> Vec<u8> {
     let now = SystemTime::now();
     let domain = mailbox.rsplit_once('@').map_or("localhost", |(_, d)| d);
     format!(
@@ -231,8 +244,8 @@ pub(super) fn test_message(from: &str, to: &str, mailbox: &str) -> Vec<u8> {
          \r\n\
          This is a test message from `smtp-oauth-relay check`.\r\n\
          \r\n\
-         It was sent through Exchange Online as {mailbox} with an app-only OAuth2 token\r\n\
-         (SASL XOAUTH2). If you can read it, the relay can deliver mail.\r\n",
+         It was sent {through} as {mailbox} with an app-only OAuth2 token. If you can\r\n\
+         read it, the relay can deliver mail.{after}\r\n",
         date = crate::inbound::message::rfc5322_date(now),
         id = ulid::Ulid::generate(),
     )

@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use super::error::SpoolError;
 use super::format::{self, Envelope, MAX_HEADER_LEN};
 use super::fsutil;
+use super::incoming::blocking;
 
 /// How often a running relay looks for dropped messages.
 pub const SCAN_EVERY: Duration = Duration::from_secs(2);
@@ -392,19 +393,6 @@ impl DropDir {
                 () = shutdown.cancelled() => return,
             }
         }
-    }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, SpoolError> + Send + 'static,
-) -> Result<T, SpoolError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r,
-        Err(e) => Err(SpoolError::Io {
-            op: "blocking task",
-            path: PathBuf::new(),
-            source: io::Error::other(e.to_string()),
-        }),
     }
 }
 

@@ -82,6 +82,24 @@ pub fn run_cli(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     output_bounded(cmd, Duration::from_secs(30))
 }
 
+/// `smtp-oauth-relay queue ARGS` as its own process (an operator's shell) against the spool
+/// at `spool`, with a config written in `work`; its stdout. Panics unless it exits 0.
+pub fn queue_cli(work: &Path, spool: &Path, args: &[&str]) -> String {
+    let config = work.join("operator.toml");
+    fs::write(&config, format!("[queue]\ndir = \"{}\"\n", spool.display()))
+        .expect("write operator.toml");
+    let mut full = vec!["queue"];
+    full.extend_from_slice(args);
+    let out = run_cli(&config, &full, &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "queue {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// Runs the binary with `args`; stdout then stderr as one text (bounded: 60 s).
 pub fn run_text(args: &[&str]) -> String {
     let mut cmd = command(args);
