@@ -2,7 +2,8 @@
 //! simulator, and operator commands in other processes see and change the database's queue.
 //! With the database unreachable (a proxy between relay and database is cut) `/readyz` says
 //! 503 and a message ends with `451` at DATA end, never `250`; once the database is back the
-//! relay resumes by itself.
+//! relay resumes by itself. A relay started while the database is down waits for it, not
+//! ready, and then delivers what was already queued.
 
 mod common;
 
@@ -225,4 +226,66 @@ async fn a_relay_on_postgres_delivers_survives_an_outage_and_shares_its_queue() 
     );
     let listing = queue_cli(work.path(), &direct, &["list"]);
     assert!(!listing.contains(&held), "{listing}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_started_while_the_database_is_down_waits_for_it() {
+    let sim = common::sim::start().await;
+    let work = tempfile::tempdir().expect("tempdir");
+    let direct = fresh_database();
+    let (target, _) = through(&direct, "127.0.0.1:1".parse().expect("addr"));
+    let proxy = Proxy::start(target).await;
+    let (_, relay_url) = through(&direct, proxy.addr);
+    // A message already queued (by another relay) before this one starts.
+    let other = smtp_oauth_relay::store::open_for_operator(&QueueConfig {
+        dir: work.path().join("other-spool"),
+        backend: Backend::Postgres,
+        url: Some(DbUrl::new(direct.clone())),
+        ..Default::default()
+    })
+    .expect("store");
+    let envelope = Envelope {
+        mail_from: "app@legacy.test".into(),
+        mail_params: MailParams::default(),
+        recipients: vec![Recipient::new("someone@example.org")],
+        client: "127.0.0.1:1".into(),
+        helo: "app.legacy.test".into(),
+        auth_user: None,
+        received_at: std::time::SystemTime::now(),
+    };
+    let mut incoming = other.put(&envelope).await.expect("put");
+    incoming
+        .write(b"Subject: waiting\r\nX-Marker: pg-waiting\r\n\r\nqueued before\r\n")
+        .await
+        .expect("write");
+    incoming.commit().await.expect("commit");
+
+    proxy.cut();
+    let fragment = with_upstream(&sim.relay_config_fragment(), "rate = \"1000/s\"");
+    let spool = work.path().join("spool");
+    let relay = Relay::builder()
+        .work(work.path())
+        .config(|s| {
+            relay_toml(
+                s.smtp,
+                &spool,
+                "",
+                &format!(
+                    "backend = \"postgres\"\nurl = \"{relay_url}\"\nretry_min = \"200ms\"\n\
+                     retry_max = \"1s\"\nmin_free_space = 1"
+                ),
+                &format!(
+                    "[admin]\nlisten = \"127.0.0.1:{}\"\n[log]\nlevel = \"info\"\n\n{fragment}",
+                    s.admin
+                ),
+            )
+        })
+        .start();
+    wait_readyz(&relay, 503).await;
+    let reply = send(&relay, "pg-refused").await;
+    assert_eq!(reply.code, 451, "{reply:?}");
+
+    proxy.restore();
+    wait_readyz(&relay, 200).await;
+    wait_delivered(&sim, &relay, "pg-waiting").await;
 }

@@ -167,6 +167,8 @@ struct Inner {
     migrated: tokio::sync::OnceCell<()>,
     events: broadcast::Sender<StoreEvent>,
     listening: AtomicBool,
+    /// A listing failed since the last `Changed` the listener sent.
+    list_failed: AtomicBool,
     /// Ids claimed in this process (a second claim here waits for the first to end).
     claims: Mutex<HashSet<String>>,
     /// Statuses last published by this process (a publish that changes nothing writes nothing).
@@ -274,6 +276,7 @@ impl PgStore {
                 migrated: tokio::sync::OnceCell::new(),
                 events: broadcast::channel(EVENT_BACKLOG).0,
                 listening: AtomicBool::new(false),
+                list_failed: AtomicBool::new(false),
                 claims: Mutex::default(),
                 statuses: Mutex::default(),
             }),
@@ -337,7 +340,7 @@ async fn migrate(client: &Object) -> Result<(), PgError> {
             .query_one("SELECT coalesce(max(version), 0) FROM relay_schema", &[])
             .await
             .map_err(db("read the schema version"))?;
-        let found: i32 = row.get(0);
+        let found: i32 = col(&row, 0)?;
         let known = schema_version();
         if found > known {
             return Err(PgError::NewerSchema { found, known });
@@ -369,7 +372,7 @@ async fn migrate(client: &Object) -> Result<(), PgError> {
         )
         .await
         .map_err(db("read settings"))?;
-    let (sync, fsync): (String, String) = (settings.get(0), settings.get(1));
+    let (sync, fsync): (String, String) = (col(&settings, 0)?, col(&settings, 1)?);
     if sync != "on" && sync != "remote_apply" && sync != "remote_write" {
         tracing::warn!(
             synchronous_commit = %sync,
@@ -389,6 +392,14 @@ async fn migrate(client: &Object) -> Result<(), PgError> {
 /// The one place a claimed message is built from what the database holds.
 fn loaded_message(id: String, envelope: Envelope, body: Vec<u8>) -> LoadedMessage {
     LoadedMessage { id, envelope, body }
+}
+
+/// A column of a row this relay's own query shaped; a mismatch is an error, never a panic.
+fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a tokio_postgres::Row,
+    i: usize,
+) -> Result<T, PgError> {
+    row.try_get(i).map_err(db("read a column"))
 }
 
 fn decode_envelope(id: &str, bytes: &[u8]) -> Result<(Envelope, u64), PgError> {
@@ -684,7 +695,7 @@ impl PgStore {
         let Some(row) = row else {
             return Ok(None);
         };
-        let previous: Option<String> = row.get(3);
+        let previous: Option<String> = col(&row, 3)?;
         if let Some(previous) = previous.filter(|p| *p != self.inner.owner) {
             tracing::warn!(
                 id,
@@ -693,8 +704,8 @@ impl PgStore {
                  (it died or lost the database mid-attempt); delivering it again"
             );
         }
-        let (envelope, size) = decode_envelope(&id, row.get::<_, &[u8]>(0))?;
-        let state = match parse_state(row.get(1), row.get(2)) {
+        let (envelope, size) = decode_envelope(&id, col::<&[u8]>(&row, 0)?)?;
+        let state = match parse_state(col(&row, 1)?, col(&row, 2)?) {
             Ok(state) => state,
             Err(StateProblem::Unreadable(reason)) => {
                 tracing::warn!(
@@ -766,7 +777,7 @@ async fn read_body(
     let mut body = Vec::with_capacity(size.min(limit));
     while let Some(row) = rows.next().await {
         let row = row.map_err(db("read a message"))?;
-        body.extend_from_slice(row.get::<_, &[u8]>(0));
+        body.extend_from_slice(col::<&[u8]>(&row, 0)?);
         if body.len() >= limit {
             break;
         }
@@ -799,8 +810,8 @@ impl PgStore {
             let Some(row) = row else {
                 return Ok(Err(StoreError::NotFound(id.clone())));
             };
-            let was = entry_state(row.get(0));
-            let state = parse_state(row.get(1), row.get(2)).ok().flatten();
+            let was = entry_state(col(&row, 0)?);
+            let state = parse_state(col(&row, 1)?, col(&row, 2)?).ok().flatten();
             match f(was, state) {
                 Some(delivery) => {
                     let json = delivery.as_ref().map(state_json).transpose()?;
@@ -849,6 +860,14 @@ impl PgStore {
     }
 
     async fn list_all(&self) -> Result<Vec<QueueEntry>, StoreError> {
+        let listed = self.list_rows().await;
+        if listed.is_err() {
+            self.inner.list_failed.store(true, Ordering::Release);
+        }
+        listed
+    }
+
+    async fn list_rows(&self) -> Result<Vec<QueueEntry>, StoreError> {
         let client = self.client().await?;
         let rows = client
             .query(
@@ -860,20 +879,20 @@ impl PgStore {
             .map_err(db("list"))?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
-            let id: String = row.get(0);
-            let envelope = match decode_envelope(&id, row.get::<_, &[u8]>(2)) {
+            let id: String = col(&row, 0)?;
+            let envelope = match decode_envelope(&id, col::<&[u8]>(&row, 2)?) {
                 Ok((envelope, _)) => envelope,
                 Err(error) => {
                     tracing::warn!(%error, "message skipped in the listing");
                     continue;
                 }
             };
-            let (delivery, state_problem) = match parse_state(row.get(4), row.get(5)) {
+            let (delivery, state_problem) = match parse_state(col(&row, 4)?, col(&row, 5)?) {
                 Ok(d) => (d, None),
                 Err(p) => (None, Some(p)),
             };
             out.push(QueueEntry {
-                state: entry_state(row.get(1)),
+                state: entry_state(col(&row, 1)?),
                 received_at: envelope.received_at,
                 mail_from: envelope.mail_from.clone(),
                 recipients: envelope
@@ -881,7 +900,7 @@ impl PgStore {
                     .iter()
                     .map(|r| r.address.clone())
                     .collect(),
-                size: row.get::<_, i64>(3).max(0) as u64,
+                size: col::<i64>(&row, 3)?.max(0) as u64,
                 delivery,
                 state_problem,
                 id,
@@ -902,7 +921,7 @@ impl PgStore {
             .await
             .map_err(db("show"))?
             .ok_or_else(|| StoreError::NotFound(id.clone()))?;
-        let (envelope, size) = decode_envelope(&id, row.get::<_, &[u8]>(0))?;
+        let (envelope, size) = decode_envelope(&id, col::<&[u8]>(&row, 0)?)?;
         let mut body = read_body(&client, &id, size as usize, MAX_SHOWN_HEADERS).await?;
         body.truncate(MAX_SHOWN_HEADERS);
         let headers = crate::headers::Headers::parse(&body).section().to_vec();
@@ -934,7 +953,7 @@ impl PgStore {
                 )
                 .await
                 .map_err(db("check"))?;
-            Ok::<_, PgError>((row.get::<_, bool>(0), row.get::<_, String>(1)))
+            Ok::<_, PgError>((col::<bool>(&row, 0)?, col::<String>(&row, 1)?))
         };
         match tokio::time::timeout(CONNECT_WITHIN * 2, check).await {
             Err(_) => Err(format!("the database {} does not answer", self.inner.shown)),
@@ -997,8 +1016,8 @@ async fn listen(store: Weak<Inner>) {
             .await
             .is_ok()
         {
+            // Whatever happened while this relay was not listening must be read again.
             if connected_before {
-                // Whatever happened while this relay was not listening must be read again.
                 tracing::info!("listening for queue changes again");
                 if let Some(inner) = store.upgrade() {
                     let _ = inner.events.send(StoreEvent::Changed);
@@ -1028,6 +1047,13 @@ async fn listen(store: Weak<Inner>) {
                         if !sweep(&client, &owner, &store).await {
                             break;
                         }
+                        // A listing failed (the database was away, e.g. when the relay
+                        // started): now that it answers, the deliverer must read it again.
+                        if let Some(inner) = store.upgrade()
+                            && inner.list_failed.swap(false, Ordering::AcqRel)
+                        {
+                            let _ = inner.events.send(StoreEvent::Changed);
+                        }
                     }
                 }
             }
@@ -1040,11 +1066,17 @@ async fn listen(store: Weak<Inner>) {
 
 /// Returns expired leases of other relays to the queue; false when the connection failed.
 async fn sweep(client: &tokio_postgres::Client, owner: &str, store: &Weak<Inner>) -> bool {
+    // The CTE keeps the owner the lease had (RETURNING shows the row after the update).
     let rows = client
         .query(
-            "UPDATE relay_message SET lease_owner = NULL, lease_token = NULL, lease_until = NULL
-              WHERE lease_until < now() AND lease_owner <> $1
-              RETURNING id, lease_owner",
+            "WITH expired AS (
+                SELECT id, lease_owner FROM relay_message
+                 WHERE lease_until < now() AND lease_owner <> $1
+                 FOR UPDATE SKIP LOCKED)
+             UPDATE relay_message m
+                SET lease_owner = NULL, lease_token = NULL, lease_until = NULL
+               FROM expired WHERE m.id = expired.id
+             RETURNING m.id, expired.lease_owner",
             &[&owner],
         )
         .await;
@@ -1052,7 +1084,8 @@ async fn sweep(client: &tokio_postgres::Client, owner: &str, store: &Weak<Inner>
         return false;
     };
     for row in &rows {
-        let (id, relay): (String, String) = (row.get(0), row.get(1));
+        let id: String = row.try_get(0).unwrap_or_default();
+        let relay: String = row.try_get(1).unwrap_or_default();
         tracing::warn!(
             id,
             %relay,
@@ -1235,8 +1268,8 @@ impl Store for PgStore {
                 .await
             {
                 Ok(row) => Depth {
-                    queued: row.get::<_, i64>(0).max(0) as usize,
-                    oldest: row.get::<_, Option<SystemTime>>(1),
+                    queued: row.try_get::<_, i64>(0).unwrap_or(0).max(0) as usize,
+                    oldest: row.try_get::<_, Option<SystemTime>>(1).ok().flatten(),
                 },
                 Err(_) => Depth::default(),
             }
@@ -1295,7 +1328,10 @@ impl Store for PgStore {
                 )
                 .await
             {
-                Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+                Ok(rows) => rows
+                    .iter()
+                    .filter_map(|r| Some((r.try_get(0).ok()?, r.try_get(1).ok()?)))
+                    .collect(),
                 Err(_) => Vec::new(),
             }
         })

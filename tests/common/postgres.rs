@@ -81,3 +81,26 @@ pub fn execute(url: &str, sql: &str) {
     .join()
     .expect("execute");
 }
+
+/// The first column of every row of `sql` against `url`, as text (`NULL` as `None`).
+pub fn query_texts(url: &str, sql: &str) -> Vec<Option<String>> {
+    let (url, sql) = (url.to_string(), sql.to_string());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            let driver = tokio::spawn(conn);
+            let rows = client.query(&sql, &[]).await.expect("query");
+            drop(client);
+            let _ = driver.await;
+            rows.iter().map(|r| r.get::<_, Option<String>>(0)).collect()
+        })
+    })
+    .join()
+    .expect("query")
+}
