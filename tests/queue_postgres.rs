@@ -17,6 +17,7 @@ use common::process::{Relay, relay_toml, run_cli, with_upstream};
 use common::proxy::Proxy;
 use common::smtp::Client;
 use smtp_oauth_relay::config::{Backend, DbUrl, QueueConfig};
+use smtp_oauth_relay::sim::{SmtpFault, SmtpStage};
 use smtp_oauth_relay::store::{EntryState, Envelope, MailParams, Recipient};
 
 /// The database's address and its URL through `addr` instead.
@@ -176,28 +177,62 @@ async fn a_relay_on_postgres_delivers_survives_an_outage_and_shares_its_queue() 
         auth_user: None,
         received_at: std::time::SystemTime::now(),
     };
+    // Every attempt is refused with 451 at MAIL until the hold is in place, so the relay
+    // (told of the commit at once) cannot deliver it first.
+    sim.control()
+        .script_smtp_fault(SmtpStage::Mail, SmtpFault::Reply451, 10_000);
     let mut incoming = operator.put(&envelope).await.expect("put");
     incoming
         .write(b"Subject: pg-held\r\nX-Marker: pg-held\r\n\r\nheld\r\n")
         .await
         .expect("write");
     let held = incoming.commit().await.expect("commit");
-    // The relay may have started delivering it already: a hold then wins once it ends.
+    // A hold during an attempt wins once the attempt ends.
     assert_eq!(
         operator.hold(&held).await.expect("hold"),
         EntryState::Queued
     );
+    sim.control().clear_faults();
     let listing = queue_cli(work.path(), &direct, &["list"]);
     assert!(
         listing.contains(&held) && listing.contains("held"),
         "{listing}"
     );
-    let entries = operator.list().await.expect("list");
-    if entries.iter().any(|e| e.id == held) {
-        let out = queue_cli(work.path(), &direct, &["release", &held]);
-        assert!(out.contains(&format!("released {held}")), "{out}");
+    let copies = |sim: &common::sim::TestSim| {
+        sim.messages()
+            .expect("mailbox")
+            .iter()
+            .filter(|m| m.text().contains("X-Marker: pg-held\r\n"))
+            .count()
+    };
+    assert_eq!(copies(&sim), 0, "a held message was delivered");
+    let before = 0;
+    let out = queue_cli(work.path(), &direct, &["release", &held]);
+    assert!(
+        out.contains(&format!("released {held} (was held)")),
+        "{out}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while copies(&sim) == before {
+        assert!(
+            Instant::now() < deadline,
+            "the released message was not delivered; relay log:\n{}",
+            relay.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    wait_delivered(&sim, &relay, "pg-held").await;
+    // Delivered and removed before the outage below.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while operator
+        .list()
+        .await
+        .expect("list")
+        .iter()
+        .any(|e| e.id == held)
+    {
+        assert!(Instant::now() < deadline, "{held} still in the queue");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // The database goes away: not ready, and a message gets 451 at DATA end, never 250.
     proxy.cut();
@@ -288,4 +323,44 @@ async fn a_relay_started_while_the_database_is_down_waits_for_it() {
     proxy.restore();
     wait_readyz(&relay, 200).await;
     wait_delivered(&sim, &relay, "pg-waiting").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_newer_than_this_relay_is_refused() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let url = fresh_database();
+    let queue = QueueConfig {
+        dir: work.path().join("spool"),
+        backend: Backend::Postgres,
+        url: Some(DbUrl::new(url.clone())),
+        ..Default::default()
+    };
+    let store = smtp_oauth_relay::store::open_for_operator(&queue).expect("store");
+    assert!(store.list().await.expect("migrated and listed").is_empty());
+    let known = smtp_oauth_relay::store::postgres::schema_version();
+    common::postgres::execute(
+        &url,
+        &format!("INSERT INTO relay_schema (version) VALUES ({})", known + 1),
+    );
+    let store = smtp_oauth_relay::store::open_for_operator(&queue).expect("store");
+    let refused = store.list().await.expect_err("a newer schema");
+    assert!(
+        refused.to_string().contains("newer than this relay"),
+        "{refused}"
+    );
+    assert!(
+        store.readiness(1).await.is_err(),
+        "not ready on a newer schema"
+    );
+
+    let config = work.path().join("operator.toml");
+    std::fs::write(
+        &config,
+        format!("[queue]\nbackend = \"postgres\"\nurl = \"{url}\"\n"),
+    )
+    .expect("write config");
+    let out = run_cli(&config, &["queue", "list"], &[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("newer than this relay"), "{stderr}");
 }

@@ -101,6 +101,19 @@ async fn a_replica_killed_mid_delivery_loses_no_acknowledged_mail() {
         .nth(1)
         .and_then(|p| p.parse().ok())
         .expect("pid in the lease owner");
+    // While its attempt runs, the claimer renews the lease: longer than a lease later, the
+    // message is still its own and not delivered by the other relay.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let owners = query_texts(
+        &url,
+        "SELECT lease_owner FROM relay_message WHERE lease_owner IS NOT NULL",
+    );
+    assert_eq!(owners, vec![Some(owner.clone())], "the lease was renewed");
+    assert_eq!(
+        sim.messages().expect("mailbox").len(),
+        markers.len() - 1,
+        "the claimed message was not taken over while its relay lived"
+    );
     let (dead, survivor) = if pid == a.pid() {
         (&mut a, &b)
     } else {

@@ -327,6 +327,7 @@ async fn migrate(client: &Object) -> Result<(), PgError> {
     client
         .batch_execute(
             "BEGIN;
+             SET LOCAL client_min_messages = warning;
              SELECT pg_advisory_xact_lock(hashtext('smtp-oauth-relay schema'));
              CREATE TABLE IF NOT EXISTS relay_schema (
                 version integer PRIMARY KEY,
@@ -860,20 +861,21 @@ impl PgStore {
     }
 
     async fn list_all(&self) -> Result<Vec<QueueEntry>, StoreError> {
-        let listed = self.list_rows().await;
+        let listed = self.list_rows(None).await;
         if listed.is_err() {
             self.inner.list_failed.store(true, Ordering::Release);
         }
         listed
     }
 
-    async fn list_rows(&self) -> Result<Vec<QueueEntry>, StoreError> {
+    /// Every message, or the one with id `only`.
+    async fn list_rows(&self, only: Option<&str>) -> Result<Vec<QueueEntry>, StoreError> {
         let client = self.client().await?;
         let rows = client
             .query(
                 "SELECT id, state, envelope, size, delivery, delivery_version
-                   FROM relay_message ORDER BY id",
-                &[],
+                   FROM relay_message WHERE $1::text IS NULL OR id = $1 ORDER BY id",
+                &[&only],
             )
             .await
             .map_err(db("list"))?;
@@ -933,8 +935,8 @@ impl PgStore {
     }
 
     async fn list_one(&self, id: &str) -> Result<Option<QueueEntry>, StoreError> {
-        // One row; the listing's decoding is the one place entries are built.
-        Ok(self.list_all().await?.into_iter().find(|e| e.id == id))
+        // The listing's decoding is the one place entries are built.
+        Ok(self.list_rows(Some(id)).await?.into_iter().next())
     }
 
     async fn readiness_check(&self, min_free: u64) -> Result<(), String> {
