@@ -99,13 +99,18 @@ pub fn reload_log_level(level: &str) -> Result<bool, String> {
 // SIGHUP reload
 
 /// Keys the running process cannot change without a restart: the listeners and their limits
-/// (fixed in the inbound server at start), the spool location, the admin address, the log
+/// (fixed in the inbound server at start), the spool location and queue backend, the admin address, the log
 /// format and the stop budget (shared by the running parts since start). A reload keeps their
 /// running values in the published config and says so.
 pub const RESTART_ONLY: &[&str] = &[
     "smtp.*",
     "queue.dir",
     "queue.min_free_space",
+    "queue.backend",
+    "queue.url",
+    "queue.url_file",
+    "queue.ca_file",
+    "queue.lease",
     "admin.*",
     "log.format",
     "service.*",
@@ -288,6 +293,11 @@ pub fn merge_reload(
     }
     new.smtp = running.smtp.clone();
     new.queue.dir = running.queue.dir.clone();
+    new.queue.backend = running.queue.backend;
+    new.queue.url = running.queue.url.clone();
+    new.queue.url_file = running.queue.url_file.clone();
+    new.queue.ca_file = running.queue.ca_file.clone();
+    new.queue.lease = running.queue.lease;
     new.queue.min_free_space = running.queue.min_free_space;
     new.admin = running.admin.clone();
     new.log.format = running.log.format;

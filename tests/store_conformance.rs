@@ -1,5 +1,6 @@
 //! The Store conformance suite (`common::store_suite`) against the file spool, the embedded
-//! default. Every store implementation runs the same checks.
+//! default, and against PostgreSQL (a fresh database per test on the cluster `./run-tests`
+//! starts). Every store implementation runs the same checks.
 
 mod common;
 
@@ -8,6 +9,7 @@ use std::sync::Arc;
 
 use common::process;
 use common::store_suite::{self as suite, StoreFixture};
+use smtp_oauth_relay::config::{Backend, DbUrl, QueueConfig};
 use smtp_oauth_relay::spool::Spool;
 use smtp_oauth_relay::store::Store;
 
@@ -56,6 +58,67 @@ impl StoreFixture for Files {
     }
 }
 
+/// A PostgreSQL database of its own.
+struct Postgres {
+    work: tempfile::TempDir,
+    url: String,
+    daemon: Option<Arc<dyn Store>>,
+}
+
+impl Postgres {
+    fn new() -> Postgres {
+        let url = common::postgres::fresh_database();
+        let mut pg = Postgres {
+            work: tempfile::tempdir().expect("tempdir"),
+            url,
+            daemon: None,
+        };
+        pg.daemon = Some(pg.open());
+        pg
+    }
+
+    fn queue(&self) -> QueueConfig {
+        QueueConfig {
+            dir: self.work.path().join("spool"),
+            backend: Backend::Postgres,
+            url: Some(DbUrl::new(self.url.clone())),
+            ..Default::default()
+        }
+    }
+
+    fn open(&self) -> Arc<dyn Store> {
+        smtp_oauth_relay::store::open(&self.queue())
+            .expect("open the PostgreSQL store")
+            .0
+    }
+}
+
+impl StoreFixture for Postgres {
+    fn daemon(&self) -> Arc<dyn Store> {
+        self.daemon.clone().expect("open")
+    }
+
+    fn operator(&self) -> Arc<dyn Store> {
+        smtp_oauth_relay::store::open_for_operator(&self.queue()).expect("open for an operator")
+    }
+
+    fn restart(&mut self) -> Arc<dyn Store> {
+        self.daemon = None;
+        let store = self.open();
+        self.daemon = Some(store.clone());
+        store
+    }
+
+    fn queue_cli(&self, args: &[&str]) -> String {
+        let toml = format!(
+            "[queue]\ndir = \"{}\"\nbackend = \"postgres\"\nurl = \"{}\"\n",
+            self.work.path().join("spool").display(),
+            self.url
+        );
+        process::queue_cli_with(self.work.path(), &toml, args)
+    }
+}
+
 #[tokio::test]
 async fn files_commits_are_durable_and_announced() {
     suite::commits_are_durable_and_announced(&mut Files::new()).await;
@@ -89,4 +152,39 @@ async fn files_ids_are_validated() {
 #[tokio::test]
 async fn files_gauges_and_status() {
     suite::gauges_and_status(&mut Files::new()).await;
+}
+
+#[tokio::test]
+async fn postgres_commits_are_durable_and_announced() {
+    suite::commits_are_durable_and_announced(&mut Postgres::new()).await;
+}
+
+#[tokio::test]
+async fn postgres_claims_are_exclusive() {
+    suite::claims_are_exclusive(&mut Postgres::new()).await;
+}
+
+#[tokio::test]
+async fn postgres_attempts_are_recorded_until_delivered_or_failed() {
+    suite::attempts_are_recorded_until_delivered_or_failed(&mut Postgres::new()).await;
+}
+
+#[tokio::test]
+async fn postgres_operator_commands_while_delivering() {
+    suite::operator_commands_while_delivering(&mut Postgres::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_events_cross_processes() {
+    suite::events_cross_processes(&mut Postgres::new()).await;
+}
+
+#[tokio::test]
+async fn postgres_ids_are_validated() {
+    suite::ids_are_validated(&mut Postgres::new()).await;
+}
+
+#[tokio::test]
+async fn postgres_gauges_and_status() {
+    suite::gauges_and_status(&mut Postgres::new()).await;
 }

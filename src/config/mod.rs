@@ -114,6 +114,83 @@ pub struct QueueConfig {
     pub min_free_space: ByteSize,
     /// Where a delivery status report goes when a message fails for good or expires.
     pub notify: Option<String>,
+    /// Where messages live: this host's spool directory, or a PostgreSQL database shared by
+    /// several relays.
+    pub backend: Backend,
+    /// The database (`backend = "postgres"`), as a `postgres://` URL. Holds the password:
+    /// never printed (see [`DbUrl`]).
+    pub url: Option<DbUrl>,
+    /// A file holding `url` (read at load, like `oauth.client_secret_file`).
+    pub url_file: Option<PathBuf>,
+    /// Extra PEM roots to trust for the database's certificate (a private CA).
+    pub ca_file: Option<PathBuf>,
+    /// How long a claim lives without renewal before another relay may take the message.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+}
+
+/// `queue.backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Files,
+    Postgres,
+}
+
+/// A database URL. `Debug` and `Serialize` show it with the password replaced, so `config`
+/// output, logs and errors never carry it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct DbUrl(String);
+
+impl DbUrl {
+    pub fn new(value: impl Into<String>) -> Self {
+        DbUrl(value.into())
+    }
+    /// The URL with its password, for the connection only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// The URL with the password (and any `password=` parameter) replaced by `<redacted>`.
+    pub fn shown(&self) -> String {
+        match url::Url::parse(self.0.trim()) {
+            Ok(mut u) => {
+                if u.password().is_some() {
+                    let _ = u.set_password(Some("redacted"));
+                }
+                let pairs: Vec<(String, String)> = u
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let v = if k.eq_ignore_ascii_case("password") {
+                            "redacted".to_string()
+                        } else {
+                            v.into_owned()
+                        };
+                        (k.into_owned(), v)
+                    })
+                    .collect();
+                if !pairs.is_empty() {
+                    u.query_pairs_mut().clear().extend_pairs(pairs);
+                }
+                u.to_string()
+            }
+            // Not a URL: nothing is known about where a password might be.
+            Err(_) => "<redacted>".to_string(),
+        }
+    }
+}
+
+impl fmt::Debug for DbUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.shown())
+    }
+}
+
+impl Serialize for DbUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.shown())
+    }
 }
 
 impl Default for QueueConfig {
@@ -125,6 +202,11 @@ impl Default for QueueConfig {
             retry_max: Duration::from_secs(3600),
             min_free_space: ByteSize(0),
             notify: None,
+            backend: Backend::Files,
+            url: None,
+            url_file: None,
+            ca_file: None,
+            lease: Duration::from_secs(120),
         }
     }
 }
@@ -1014,6 +1096,7 @@ impl Config {
 
     /// Reads `client_secret_file`, or the systemd credential `client_secret`, into `client_secret`.
     fn resolve_secrets(&mut self, credentials: Option<&Path>, issues: &mut Vec<ConfigIssue>) {
+        self.queue.resolve_url(issues);
         let oauth = &mut self.oauth;
         if oauth.client_secret.is_some() && oauth.client_secret_file.is_some() {
             issues.push(issue(
@@ -1170,6 +1253,7 @@ impl Config {
         if queue.dir.as_os_str().is_empty() {
             issues.push(issue("queue.dir", "must not be empty"));
         }
+        queue.validate_backend(issues);
         let d = |v: Duration| humantime::format_duration(v).to_string();
         // Faster retries hammer an upstream that is failing (and count towards Exchange's
         // continuous-error throttle); the tests' 200ms is the fastest anyone needs.
@@ -1439,6 +1523,108 @@ pub fn check_token_url(url: &str) -> Result<(), String> {
     }
 }
 
+impl QueueConfig {
+    /// Reads `url_file` into `url`.
+    fn resolve_url(&mut self, issues: &mut Vec<ConfigIssue>) {
+        let Some(path) = self.url_file.clone() else {
+            return;
+        };
+        if self.url.is_some() {
+            issues.push(issue(
+                "queue.url_file",
+                "set either queue.url or queue.url_file, not both",
+            ));
+            return;
+        }
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let value = text.trim();
+                if value.is_empty() {
+                    issues.push(issue(
+                        "queue.url_file",
+                        format!("{} is empty", path.display()),
+                    ));
+                } else {
+                    self.url = Some(DbUrl::new(value));
+                }
+            }
+            Err(e) => issues.push(issue(
+                "queue.url_file",
+                format!("cannot read {}: {e}", path.display()),
+            )),
+        }
+    }
+
+    fn validate_backend(&self, issues: &mut Vec<ConfigIssue>) {
+        within(
+            issues,
+            "queue.lease",
+            self.lease,
+            bounds::LEASE,
+            duration_text,
+        );
+        let key = if self.url_file.is_some() {
+            "queue.url_file"
+        } else {
+            "queue.url"
+        };
+        match (self.backend, &self.url) {
+            (Backend::Files, Some(_)) => {
+                issues.push(issue(key, "only used with queue.backend = \"postgres\""))
+            }
+            (Backend::Files, None) => {}
+            (Backend::Postgres, None) => {
+                if self.url_file.is_none() {
+                    issues.push(issue(
+                        "queue.url",
+                        "required with queue.backend = \"postgres\" (or queue.url_file)",
+                    ))
+                }
+            }
+            (Backend::Postgres, Some(url)) => {
+                if let Err(e) = check_db_url(url.expose()) {
+                    issues.push(issue(key, e));
+                }
+            }
+        }
+        if let Some(ca) = &self.ca_file {
+            readable_file(issues, "queue.ca_file", ca);
+        }
+    }
+}
+
+/// `queue.url`: `postgres://` with a host, a known `sslmode`, and TLS for anything but a
+/// loopback host. Messages never quote the URL (it may hold the password).
+pub fn check_db_url(text: &str) -> Result<(), String> {
+    let parsed =
+        url::Url::parse(text.trim()).map_err(|e| format!("is not a postgres:// URL ({e})"))?;
+    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+        return Err(format!(
+            "must be a postgres:// URL, not {}://",
+            parsed.scheme()
+        ));
+    }
+    if parsed.host().is_none() {
+        return Err("names no host (a Unix socket path is not supported)".into());
+    }
+    let mode = parsed
+        .query_pairs()
+        .find(|(k, _)| k == "sslmode")
+        .map(|(_, v)| v.into_owned());
+    match mode.as_deref() {
+        None | Some("require") => Ok(()),
+        Some("disable" | "prefer") if is_loopback_host(&parsed) => Ok(()),
+        Some(m @ ("disable" | "prefer")) => Err(format!(
+            "sslmode={m} is allowed only for a loopback host: the password and the mail would \
+             cross the network in clear (use sslmode=require, the default)"
+        )),
+        Some(other) => Err(format!(
+            "sslmode={other} is not supported (disable, prefer or require; certificates are \
+             always verified when TLS is used)"
+        )),
+    }
+}
+
 /// A URL-valued key: parsed, with a host, and without user information.
 fn parse_url_key(url: &str) -> Result<url::Url, String> {
     // The parser's message never quotes the value, and neither does this one.
@@ -1471,7 +1657,11 @@ fn check_scope(scope: &str) -> Result<(), String> {
 
 fn is_loopback_host(url: &url::Url) -> bool {
     match url.host() {
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        // postgres:// is not a special scheme: the parser leaves an IPv4 host as a name.
+        Some(url::Host::Domain(d)) => {
+            d.eq_ignore_ascii_case("localhost")
+                || d.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        }
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
         None => false,
@@ -1586,6 +1776,13 @@ pub mod bounds {
         max: i64::MAX as u64,
         why: "no filesystem is larger than 8 EiB (the most XFS supports), so more would refuse \
               all mail",
+    };
+    pub const LEASE: Bound<Duration> = Bound {
+        min: Duration::from_secs(5),
+        max: HOUR,
+        why: "a claim is renewed at a third of its lease, so a shorter one risks a second \
+              relay taking a message still being sent; a longer one strands the mail of a \
+              relay that died for that long",
     };
     pub const PORT: Bound<u16> = Bound {
         min: 1,

@@ -9,9 +9,11 @@
 //! running deliverer as a [`StoreEvent`], from this process and from operator commands run in
 //! another one.
 //!
-//! Implementations: the file spool ([`crate::spool::Spool`], the embedded default). A second
-//! (PostgreSQL, shared by replicas) must pass the same conformance suite
-//! (`tests/store_conformance.rs`) before it may be used.
+//! Implementations: the file spool ([`crate::spool::Spool`], the embedded default) and
+//! PostgreSQL ([`postgres::PgStore`], one queue shared by several relays), chosen by
+//! `queue.backend`. Both pass the same conformance suite (`tests/store_conformance.rs`).
+
+pub mod postgres;
 
 use std::future::Future;
 use std::path::Path;
@@ -208,6 +210,11 @@ pub trait Store: Send + Sync + 'static {
 /// Opens the store `serve` delivers from, recovering what a crash left behind. Returns the
 /// store and what recovery found (for the log).
 pub fn open(queue: &crate::config::QueueConfig) -> Result<(Arc<dyn Store>, String), OpenError> {
+    if queue.backend == crate::config::Backend::Postgres {
+        let store = open_postgres(queue)?;
+        let report = format!("PostgreSQL queue at {}", store.shown_url());
+        return Ok((Arc::new(store), report));
+    }
     let (spool, report) = crate::spool::Spool::open(&queue.dir).map_err(|source| OpenError {
         what: queue.dir.display().to_string(),
         source: Box::new(source),
@@ -217,7 +224,21 @@ pub fn open(queue: &crate::config::QueueConfig) -> Result<(Arc<dyn Store>, Strin
 
 /// Opens the store for an operator command while the daemon may be running (no recovery).
 pub fn open_for_operator(queue: &crate::config::QueueConfig) -> Result<Arc<dyn Store>, OpenError> {
-    open_files_for_operator(&queue.dir)
+    match queue.backend {
+        crate::config::Backend::Files => open_files_for_operator(&queue.dir),
+        crate::config::Backend::Postgres => Ok(Arc::new(open_postgres(queue)?)),
+    }
+}
+
+fn open_postgres(queue: &crate::config::QueueConfig) -> Result<postgres::PgStore, OpenError> {
+    postgres::PgStore::open(queue).map_err(|source| OpenError {
+        what: queue
+            .url
+            .as_ref()
+            .map(|u| u.shown())
+            .unwrap_or_else(|| "(no queue.url)".into()),
+        source: Box::new(source),
+    })
 }
 
 fn open_files_for_operator(dir: &Path) -> Result<Arc<dyn Store>, OpenError> {

@@ -20,6 +20,7 @@ pub mod echo;
 pub mod fixtures;
 pub mod limited;
 pub mod logs;
+pub mod postgres;
 pub mod process;
 pub mod proxy;
 pub mod sendmail;

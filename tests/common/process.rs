@@ -85,9 +85,17 @@ pub fn run_cli(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
 /// `smtp-oauth-relay queue ARGS` as its own process (an operator's shell) against the spool
 /// at `spool`, with a config written in `work`; its stdout. Panics unless it exits 0.
 pub fn queue_cli(work: &Path, spool: &Path, args: &[&str]) -> String {
+    queue_cli_with(
+        work,
+        &format!("[queue]\ndir = \"{}\"\n", spool.display()),
+        args,
+    )
+}
+
+/// [`queue_cli`] with the operator's relay.toml given whole (another queue backend).
+pub fn queue_cli_with(work: &Path, relay_toml: &str, args: &[&str]) -> String {
     let config = work.join("operator.toml");
-    fs::write(&config, format!("[queue]\ndir = \"{}\"\n", spool.display()))
-        .expect("write operator.toml");
+    fs::write(&config, relay_toml).expect("write operator.toml");
     let mut full = vec!["queue"];
     full.extend_from_slice(args);
     let out = run_cli(&config, &full, &[]);

@@ -1,0 +1,161 @@
+//! Two relay processes on one PostgreSQL queue: mail is sent to both, the one holding a claim
+//! while its upstream session hangs after the final dot is SIGKILLed, and the other delivers
+//! every acknowledged message (the dead relay's claimed message once its lease expires,
+//! logged as a possible duplicate).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::fixtures::data_block;
+use common::postgres::{fresh_database, query_texts};
+use common::process::{Relay, relay_toml, with_upstream};
+use common::smtp::Client;
+use smtp_oauth_relay::sim::{SmtpFault, SmtpStage};
+
+async fn send(relay: &Relay, marker: &str) {
+    let mut c = Client::connect(SocketAddr::from(([127, 0, 0, 1], relay.port))).await;
+    c.begin_message("app@legacy.test", &["someone@example.org"])
+        .await;
+    c.send(&data_block(format!(
+        "Subject: {marker}\r\nX-Marker: {marker}\r\n\r\nbody of {marker}\r\n"
+    )))
+    .await;
+    c.read_reply()
+        .await
+        .expect("reply to the final dot")
+        .assert(250, "2.0.0");
+}
+
+fn start(work: &std::path::Path, tag: &str, url: &str, fragment: &str) -> Relay {
+    let spool = work.join(format!("spool-{tag}"));
+    Relay::builder()
+        .work(work)
+        .tag(tag)
+        .config(|s| {
+            relay_toml(
+                s.smtp,
+                &spool,
+                "",
+                &format!(
+                    "backend = \"postgres\"\nurl = \"{url}\"\nlease = \"5s\"\n\
+                     retry_min = \"200ms\"\nretry_max = \"1s\"\nmin_free_space = 1"
+                ),
+                &format!("[log]\nlevel = \"info\"\n\n{fragment}"),
+            )
+        })
+        .start()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_delivery_loses_no_acknowledged_mail() {
+    let sim = common::sim::start().await;
+    // The first session to send a final dot hears nothing back (the relay waits, its claim
+    // held) until long after this test.
+    sim.control().set_stall_duration(Duration::from_secs(300));
+    sim.control()
+        .script_smtp_fault(SmtpStage::DataEnd, SmtpFault::Stall, 1);
+    let work = tempfile::tempdir().expect("tempdir");
+    let url = fresh_database();
+    // One session each: the simulator allows 3 per mailbox, as Exchange does, and the
+    // per-mailbox budget is not yet shared between relays.
+    let fragment = with_upstream(
+        &sim.relay_config_fragment(),
+        "rate = \"1000/s\"\nconnections = 1",
+    );
+    let mut a = start(work.path(), "a", &url, &fragment);
+    let mut b = start(work.path(), "b", &url, &fragment);
+
+    let mut markers = Vec::new();
+    for i in 0..6 {
+        let marker = format!("replica-{i}");
+        send(if i % 2 == 0 { &a } else { &b }, &marker).await;
+        markers.push(marker);
+    }
+
+    // Everything but the stalled message arrives; that one is claimed by one of the relays.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let owner = loop {
+        let delivered = sim.messages().expect("mailbox").len();
+        let owners = query_texts(
+            &url,
+            "SELECT lease_owner FROM relay_message WHERE lease_owner IS NOT NULL",
+        );
+        if delivered >= markers.len() - 1
+            && let Some(Some(owner)) = owners.first()
+        {
+            break owner.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{delivered} delivered, leases {owners:?}; logs:\n{}\n{}",
+            a.log_text(),
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // lease_owner is host/pid/random.
+    let pid: u32 = owner
+        .split('/')
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .expect("pid in the lease owner");
+    // While its attempt runs, the claimer renews the lease: longer than a lease later, the
+    // message is still its own and not delivered by the other relay.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let owners = query_texts(
+        &url,
+        "SELECT lease_owner FROM relay_message WHERE lease_owner IS NOT NULL",
+    );
+    assert_eq!(owners, vec![Some(owner.clone())], "the lease was renewed");
+    assert_eq!(
+        sim.messages().expect("mailbox").len(),
+        markers.len() - 1,
+        "the claimed message was not taken over while its relay lived"
+    );
+    let (dead, survivor) = if pid == a.pid() {
+        (&mut a, &b)
+    } else {
+        assert_eq!(pid, b.pid(), "the lease belongs to one of the two relays");
+        (&mut b, &a)
+    };
+    dead.kill();
+
+    // The survivor takes the message once the lease expires, and says it may be a duplicate.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let texts: Vec<String> = sim
+            .messages()
+            .expect("mailbox")
+            .iter()
+            .map(|m| m.text())
+            .collect();
+        let missing: Vec<&String> = markers
+            .iter()
+            .filter(|m| {
+                !texts
+                    .iter()
+                    .any(|t| t.contains(&format!("X-Marker: {m}\r\n")))
+            })
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not delivered: {missing:?}; survivor log:\n{}",
+            survivor.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    survivor.wait_log("possible duplicate", 0).await;
+    let left = query_texts(&url, "SELECT id FROM relay_message");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut left = left;
+    while !left.is_empty() {
+        assert!(Instant::now() < deadline, "still queued: {left:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = query_texts(&url, "SELECT id FROM relay_message");
+    }
+}
