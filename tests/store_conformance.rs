@@ -119,72 +119,49 @@ impl StoreFixture for Postgres {
     }
 }
 
-#[tokio::test]
-async fn files_commits_are_durable_and_announced() {
-    suite::commits_are_durable_and_announced(&mut Files::new()).await;
+/// Every check of the suite against one store, as `<prefix>_<check>` tests.
+macro_rules! conformance {
+    ($prefix:ident, $fixture:expr) => {
+        mod $prefix {
+            use super::*;
+
+            #[tokio::test]
+            async fn commits_are_durable_and_announced() {
+                suite::commits_are_durable_and_announced(&mut $fixture).await;
+            }
+
+            #[tokio::test]
+            async fn claims_are_exclusive() {
+                suite::claims_are_exclusive(&mut $fixture).await;
+            }
+
+            #[tokio::test]
+            async fn attempts_are_recorded_until_delivered_or_failed() {
+                suite::attempts_are_recorded_until_delivered_or_failed(&mut $fixture).await;
+            }
+
+            #[tokio::test]
+            async fn operator_commands_while_delivering() {
+                suite::operator_commands_while_delivering(&mut $fixture).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn events_cross_processes() {
+                suite::events_cross_processes(&mut $fixture).await;
+            }
+
+            #[tokio::test]
+            async fn ids_are_validated() {
+                suite::ids_are_validated(&mut $fixture).await;
+            }
+
+            #[tokio::test]
+            async fn gauges_and_status() {
+                suite::gauges_and_status(&mut $fixture).await;
+            }
+        }
+    };
 }
 
-#[tokio::test]
-async fn files_claims_are_exclusive() {
-    suite::claims_are_exclusive(&mut Files::new()).await;
-}
-
-#[tokio::test]
-async fn files_attempts_are_recorded_until_delivered_or_failed() {
-    suite::attempts_are_recorded_until_delivered_or_failed(&mut Files::new()).await;
-}
-
-#[tokio::test]
-async fn files_operator_commands_while_delivering() {
-    suite::operator_commands_while_delivering(&mut Files::new()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn files_events_cross_processes() {
-    suite::events_cross_processes(&mut Files::new()).await;
-}
-
-#[tokio::test]
-async fn files_ids_are_validated() {
-    suite::ids_are_validated(&mut Files::new()).await;
-}
-
-#[tokio::test]
-async fn files_gauges_and_status() {
-    suite::gauges_and_status(&mut Files::new()).await;
-}
-
-#[tokio::test]
-async fn postgres_commits_are_durable_and_announced() {
-    suite::commits_are_durable_and_announced(&mut Postgres::new()).await;
-}
-
-#[tokio::test]
-async fn postgres_claims_are_exclusive() {
-    suite::claims_are_exclusive(&mut Postgres::new()).await;
-}
-
-#[tokio::test]
-async fn postgres_attempts_are_recorded_until_delivered_or_failed() {
-    suite::attempts_are_recorded_until_delivered_or_failed(&mut Postgres::new()).await;
-}
-
-#[tokio::test]
-async fn postgres_operator_commands_while_delivering() {
-    suite::operator_commands_while_delivering(&mut Postgres::new()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_events_cross_processes() {
-    suite::events_cross_processes(&mut Postgres::new()).await;
-}
-
-#[tokio::test]
-async fn postgres_ids_are_validated() {
-    suite::ids_are_validated(&mut Postgres::new()).await;
-}
-
-#[tokio::test]
-async fn postgres_gauges_and_status() {
-    suite::gauges_and_status(&mut Postgres::new()).await;
-}
+conformance!(files, Files::new());
+conformance!(postgres, Postgres::new());

@@ -150,7 +150,7 @@ pub(crate) struct Inner {
     /// Whether the task that turns other processes' changes into events runs.
     pub(crate) watching: std::sync::atomic::AtomicBool,
     /// Messages claimed for an attempt in this process.
-    pub(crate) claims: std::sync::Mutex<std::collections::HashSet<String>>,
+    pub(crate) claims: crate::store::ClaimSet,
     /// The mailbox statuses this process published (the status file holds all of them).
     pub(crate) statuses: std::sync::Mutex<std::collections::BTreeMap<String, serde_json::Value>>,
     _lock: Option<File>,

@@ -81,11 +81,7 @@ struct ClaimGuard {
 impl Drop for ClaimGuard {
     fn drop(&mut self) {
         if let Some(inner) = self.inner.upgrade() {
-            inner
-                .claims
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&self.id);
+            inner.claims.give_back(&self.id);
         }
     }
 }
@@ -108,13 +104,7 @@ impl Spool {
     /// `queue retry`.
     fn claim_blocking(&self, id: &str) -> Result<Option<Claimed>, SpoolError> {
         let id = Spool::check_id(id)?;
-        if !self
-            .inner
-            .claims
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone())
-        {
+        if !self.inner.claims.take(&id) {
             return Ok(None);
         }
         let lease = Lease::new(ClaimGuard {

@@ -108,6 +108,26 @@ impl std::fmt::Debug for Claimed {
     }
 }
 
+/// The messages claimed in this process: what every store checks first, so that one process
+/// never runs two attempts of one message (a shared store adds its own lease on top).
+#[derive(Debug, Default)]
+pub struct ClaimSet(std::sync::Mutex<std::collections::HashSet<String>>);
+
+impl ClaimSet {
+    /// Takes `id`; false when it is already claimed here.
+    pub fn take(&self, id: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string())
+    }
+
+    /// Gives `id` back (the claim's lease ended).
+    pub fn give_back(&self, id: &str) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+    }
+}
+
 /// Ends a claim when dropped.
 pub struct Lease(#[allow(dead_code)] Box<dyn Send + Sync>);
 

@@ -24,7 +24,7 @@
 //! from the pool), reconnects when it is lost (and then announces `Changed`, since it may have
 //! missed something), and every [`POLL_EVERY`] sweeps expired leases as a backup.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
@@ -170,7 +170,7 @@ struct Inner {
     /// A listing failed since the last `Changed` the listener sent.
     list_failed: AtomicBool,
     /// Ids claimed in this process (a second claim here waits for the first to end).
-    claims: Mutex<HashSet<String>>,
+    claims: super::ClaimSet,
     /// Statuses last published by this process (a publish that changes nothing writes nothing).
     statuses: Mutex<HashMap<String, serde_json::Value>>,
 }
@@ -277,7 +277,7 @@ impl PgStore {
                 events: broadcast::channel(EVENT_BACKLOG).0,
                 listening: AtomicBool::new(false),
                 list_failed: AtomicBool::new(false),
-                claims: Mutex::default(),
+                claims: Default::default(),
                 statuses: Mutex::default(),
             }),
         })
@@ -594,11 +594,7 @@ impl Drop for PgLease {
         let Some(inner) = self.store.upgrade() else {
             return;
         };
-        inner
-            .claims
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
+        inner.claims.give_back(&self.id);
         let (id, token) = (self.id.clone(), self.token);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
@@ -653,13 +649,7 @@ async fn renew(store: Weak<Inner>, id: String, token: i64, lease: Duration) {
 impl PgStore {
     async fn claim_id(&self, id: &str) -> Result<Option<Claimed>, StoreError> {
         let id = check_id(id)?;
-        if !self
-            .inner
-            .claims
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone())
-        {
+        if !self.inner.claims.take(&id) {
             return Ok(None);
         }
         let token = self.inner.tokens.fetch_add(1, Ordering::Relaxed) + 1;
