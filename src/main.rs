@@ -68,6 +68,9 @@ enum Command {
     /// Query the admin endpoint's /readyz (container HEALTHCHECK): exit 0 when ready, 1 when
     /// not, 2 when [admin] listen is not set
     Health,
+    /// Read a password from stdin (or a prompt) and print its argon2id hash for a users file
+    /// line `user:HASH` (smtp.auth)
+    HashPassword,
 }
 
 /// `setup`'s flags: every question also a flag, for scripts (see README "Setup").
@@ -196,6 +199,7 @@ fn main() -> ExitCode {
             serve(config, options)
         }),
         Command::Health => with_config(path, health),
+        Command::HashPassword => hash_password(),
         Command::Setup(args) => setup(*args, cli.config),
         // Taken by sendmail_entry before clap; here only with other global flags before it.
         Command::Sendmail { args } => ExitCode::from(smtp_oauth_relay::sendmail::run(
@@ -203,6 +207,39 @@ fn main() -> ExitCode {
             &args,
             cli.config,
         )),
+    }
+}
+
+/// `hash-password`: the first line of stdin is the password (a prompt on stderr when it is a
+/// terminal); the PHC string goes to stdout.
+fn hash_password() -> ExitCode {
+    use std::io::{BufRead, IsTerminal, Write};
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprint!("Password: ");
+        let _ = std::io::stderr().flush();
+    }
+    let mut line = String::new();
+    if let Err(e) = stdin.lock().read_line(&mut line) {
+        eprintln!("smtp-oauth-relay: cannot read the password: {e}");
+        return ExitCode::from(1);
+    }
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        eprintln!(
+            "smtp-oauth-relay: empty password (give it on stdin: echo -n ... | hash-password)"
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    match smtp_oauth_relay::inbound::hash_password(password) {
+        Ok(hash) => {
+            println!("{hash}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("smtp-oauth-relay: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 

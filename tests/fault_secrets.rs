@@ -68,7 +68,8 @@ fn auth_required_mode_refuses_wrong_credentials_after_a_delay() {
     let dir = tempfile::tempdir().expect("tempdir");
     let spool = dir.path().join("spool");
     let users = dir.path().join("users");
-    std::fs::write(&users, "scanner:Corr3ct-Horse\n").unwrap();
+    let hash = common::process::hash_password_cli("Corr3ct-Horse");
+    std::fs::write(&users, format!("scanner:{hash}\n")).unwrap();
     let users_s = users.display().to_string();
     let relay = Relay::start_with(dir.path(), "auth", &[], |port| {
         relay_toml(

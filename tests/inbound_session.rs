@@ -458,7 +458,8 @@ async fn auth_accept_any_offers_plain_and_login() {
 async fn auth_with_a_users_file_is_required_and_checked() {
     let dir = tempfile::tempdir().expect("tempdir");
     let users = dir.path().join("users");
-    std::fs::write(&users, "# devices\nscanner:right-password\n").expect("write");
+    let hash = common::process::hash_password_cli("right-password");
+    std::fs::write(&users, format!("# devices\nscanner:{hash}\n")).expect("write");
     let relay = start_relay(&format!("[smtp]\nauth = \"{}\"\n", users.display())).await;
     let mut c = relay.connect().await;
     c.expect("220").await;

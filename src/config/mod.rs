@@ -78,7 +78,7 @@ pub struct SmtpConfig {
     pub max_errors: u32,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
-    /// `"off"`, `"accept-any"`, or the path of a users file (`user:password` per line).
+    /// `"off"`, `"accept-any"`, or the path of a users file (`user:HASH` per line, argon2 PHC).
     pub auth: String,
 }
 

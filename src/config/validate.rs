@@ -188,7 +188,12 @@ impl Config {
         }
         match smtp.auth.as_str() {
             "off" | "accept-any" => {}
-            path => readable_file(issues, "smtp.auth", Path::new(path)),
+            // The same parse serve does, so that `config` and `check` refuse plaintext lines too.
+            path => {
+                if let Err(e) = crate::inbound::AuthPolicy::from_setting(path) {
+                    issues.push(issue("smtp.auth", e));
+                }
+            }
         }
 
         let queue = &self.queue;

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use base64::Engine;
@@ -23,13 +24,47 @@ pub enum AuthPolicy {
     Off,
     /// AUTH is offered and any credentials succeed; mail without AUTH is accepted too.
     AcceptAny,
-    /// AUTH is required before MAIL and checked against a users file.
-    Users(HashMap<String, String>),
+    /// AUTH is required before MAIL and checked against a users file of argon2 PHC strings.
+    Users(Arc<HashMap<String, String>>),
+}
+
+/// Why a password could not be hashed (`hash-password`).
+#[derive(Debug, thiserror::Error)]
+pub enum HashError {
+    #[error("cannot hash the password: {0}")]
+    Hash(String),
+}
+
+/// An argon2id PHC string (`$argon2id$v=19$m=...`) for a users file line `user:HASH`.
+pub fn hash_password(password: &str) -> Result<String, HashError> {
+    use argon2::password_hash::{PasswordHasher, SaltString, rand_core::OsRng};
+    let salt = SaltString::generate(&mut OsRng);
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| HashError::Hash(e.to_string()))
+}
+
+/// Checked against for unknown users, so that the time taken does not tell which users exist.
+fn dummy_hash() -> &'static str {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    // A hashing failure leaves an unparsable string: verification then fails (as it must).
+    DUMMY.get_or_init(|| hash_password("no such user").unwrap_or_default())
+}
+
+/// argon2's own verification (constant-time comparison of the derived key).
+fn verify_hash(phc: &str, password: &str) -> bool {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    PasswordHash::new(phc).is_ok_and(|hash| {
+        argon2::Argon2::default()
+            .verify_password(password.as_bytes(), &hash)
+            .is_ok()
+    })
 }
 
 impl AuthPolicy {
-    /// `"off"`, `"accept-any"`, or the path of a users file with `user:password` lines
-    /// (`#` starts a comment).
+    /// `"off"`, `"accept-any"`, or the path of a users file with `user:HASH` lines, HASH an
+    /// argon2 PHC string from `smtp-oauth-relay hash-password` (`#` starts a comment).
     pub fn from_setting(setting: &str) -> Result<AuthPolicy, String> {
         match setting {
             "off" => Ok(AuthPolicy::Off),
@@ -43,15 +78,31 @@ impl AuthPolicy {
                     if line.is_empty() || line.starts_with('#') {
                         continue;
                     }
-                    let (user, password) = line.split_once(':').ok_or_else(|| {
-                        format!("users file {path} line {}: expected user:password", n + 1)
+                    let (user, hash) = line.split_once(':').ok_or_else(|| {
+                        format!("users file {path} line {}: expected user:HASH", n + 1)
                     })?;
-                    users.insert(user.to_string(), password.to_string());
+                    // Never echo the value: a plaintext password must not reach the logs.
+                    if !hash.starts_with("$argon2") {
+                        return Err(format!(
+                            "users file {path} line {}: the password of {user:?} is not an argon2 \
+                             hash (plaintext passwords are refused); make one with \
+                             `smtp-oauth-relay hash-password` and write {user}:<hash>",
+                            n + 1
+                        ));
+                    }
+                    if argon2::password_hash::PasswordHash::new(hash).is_err() {
+                        return Err(format!(
+                            "users file {path} line {}: the hash of {user:?} is not a valid argon2 \
+                             PHC string; make one with `smtp-oauth-relay hash-password`",
+                            n + 1
+                        ));
+                    }
+                    users.insert(user.to_string(), hash.to_string());
                 }
                 if users.is_empty() {
                     return Err(format!("users file {path} lists no users"));
                 }
-                Ok(AuthPolicy::Users(users))
+                Ok(AuthPolicy::Users(Arc::new(users)))
             }
         }
     }
@@ -60,22 +111,25 @@ impl AuthPolicy {
         matches!(self, AuthPolicy::Users(_))
     }
 
-    fn verify(&self, user: &str, password: &str) -> bool {
+    /// argon2 is slow on purpose: run it on the blocking pool, never on the async threads.
+    async fn verify(&self, user: String, password: String) -> bool {
         match self {
             AuthPolicy::Off => false,
             AuthPolicy::AcceptAny => true,
-            AuthPolicy::Users(users) => users
-                .get(user)
-                .is_some_and(|expected| constant_time_eq(expected.as_bytes(), password.as_bytes())),
+            AuthPolicy::Users(users) => {
+                let users = Arc::clone(users);
+                tokio::task::spawn_blocking(move || match users.get(&user) {
+                    Some(phc) => verify_hash(phc, &password),
+                    None => {
+                        verify_hash(dummy_hash(), &password);
+                        false
+                    }
+                })
+                .await
+                .unwrap_or(false)
+            }
         }
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// What the next SASL line from the client is.
@@ -167,7 +221,13 @@ impl Session {
     }
 
     async fn finish_auth(&mut self, user: String, password: String) {
-        if self.shared.settings.auth.verify(&user, &password) {
+        let ok = self
+            .shared
+            .settings
+            .auth
+            .verify(user.clone(), password)
+            .await;
+        if ok {
             tracing::info!(client = %self.peer, user = %user, "client authenticated");
             self.auth_user = Some(user);
             self.reply(reply::AUTH_OK);

@@ -42,7 +42,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use auth::AuthPolicy;
+pub use auth::{AuthPolicy, HashError, hash_password};
 use reply::Reply;
 // Public for the fuzz loop in tests/fault_hostile_input.rs (a session over any stream).
 pub use session::{Next, Session};

@@ -118,6 +118,31 @@ pub fn run_text(args: &[&str]) -> String {
     text
 }
 
+/// `smtp-oauth-relay hash-password` with `password` on stdin: the PHC string it prints, for a
+/// users file line `user:HASH`.
+pub fn hash_password_cli(password: &str) -> String {
+    use std::io::Write;
+    let mut cmd = command(&["hash-password"]);
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn hash-password");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(format!("{password}\n").as_bytes())
+        .expect("write password");
+    let out = child.wait_with_output().expect("hash-password output");
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        out.status.success() && stdout.starts_with("$argon2id$"),
+        "hash-password: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// `smtp-oauth-relay health --config FILE`: (exit code, stdout).
 pub fn health_with(config: &Path) -> (i32, String) {
     let out = run_cli(config, &["health"], &[]);
