@@ -69,3 +69,95 @@ fn a_plaintext_users_file_is_refused_with_how_to_hash() {
         "the plaintext password is echoed: {stderr}"
     );
 }
+
+/// A users file with `scanner` / `right-password`, in `dir`.
+fn users_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let users = dir.join("users");
+    let hash = hash_password_cli("right-password");
+    std::fs::write(&users, format!("scanner:{hash}\n")).expect("write");
+    users
+}
+
+#[tokio::test]
+async fn five_failures_lock_the_address_out_even_with_the_right_password() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let users = users_file(dir.path());
+    let relay = start_relay(&format!("[smtp]\nauth = \"{}\"\n", users.display())).await;
+    let mut c = relay.connect().await;
+    c.expect("220").await;
+    c.cmd_expect("EHLO c", "250").await;
+    // base64("\0scanner\0wrong"), 5 times (the limit), each after the failure delay.
+    for _ in 0..5 {
+        c.cmd_expect("AUTH PLAIN AHNjYW5uZXIAd3Jvbmc=", "535 5.7.8")
+            .await;
+    }
+    // base64("\0scanner\0right-password"): refused without being checked.
+    c.cmd_expect("AUTH PLAIN AHNjYW5uZXIAcmlnaHQtcGFzc3dvcmQ=", "454 4.7.0")
+        .await;
+    // The limit is the address's, not the connection's.
+    let mut c = relay.connect().await;
+    c.expect("220").await;
+    c.cmd_expect("EHLO c", "250").await;
+    c.cmd_expect("AUTH PLAIN AHNjYW5uZXIAcmlnaHQtcGFzc3dvcmQ=", "454 4.7.0")
+        .await;
+    c.cmd_expect("MAIL FROM:<a@legacy.test>", "530 5.7.0").await;
+}
+
+#[tokio::test]
+async fn auth_before_tls_is_refused_and_not_offered_without_the_loopback_exemption() {
+    use std::sync::Arc;
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let users = users_file(dir.path());
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
+    // Tests reach the relay only over loopback: turning the exemption off makes this client
+    // what any other network's client is.
+    let relay = start_relay(&format!(
+        "[smtp]\nauth = \"{}\"\nallow_plaintext_auth_on_loopback = false\n\
+         tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+        users.display(),
+        cert_path.display(),
+        key_path.display()
+    ))
+    .await;
+    let mut c = relay.connect().await;
+    c.expect("220").await;
+    let ehlo = c.cmd("EHLO c").await;
+    assert!(!ehlo.contains("AUTH"), "AUTH offered before TLS: {ehlo}");
+    c.cmd_expect("AUTH PLAIN AHNjYW5uZXIAcmlnaHQtcGFzc3dvcmQ=", "538 5.7.11")
+        .await;
+    c.cmd_expect("STARTTLS", "220 2.0.0").await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).expect("root");
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let tls = connector
+        .connect(name, c.into_inner())
+        .await
+        .expect("handshake");
+    let mut c = common::Client::new(tls);
+    let ehlo = c.cmd("EHLO c").await;
+    assert!(ehlo.contains("AUTH PLAIN LOGIN"), "{ehlo}");
+    c.cmd_expect("AUTH PLAIN AHNjYW5uZXIAcmlnaHQtcGFzc3dvcmQ=", "235")
+        .await;
+    c.cmd_expect("MAIL FROM:<a@legacy.test>", "250").await;
+}
+
+#[tokio::test]
+async fn plaintext_auth_from_loopback_is_allowed_by_default() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let users = users_file(dir.path());
+    let relay = start_relay(&format!("[smtp]\nauth = \"{}\"\n", users.display())).await;
+    let mut c = relay.connect().await;
+    c.expect("220").await;
+    let ehlo = c.cmd("EHLO c").await;
+    assert!(ehlo.contains("AUTH PLAIN LOGIN"), "{ehlo}");
+    c.cmd_expect("AUTH PLAIN AHNjYW5uZXIAcmlnaHQtcGFzc3dvcmQ=", "235")
+        .await;
+}

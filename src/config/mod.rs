@@ -80,6 +80,8 @@ pub struct SmtpConfig {
     pub tls_key_file: Option<PathBuf>,
     /// `"off"`, `"accept-any"`, or the path of a users file (`user:HASH` per line, argon2 PHC).
     pub auth: String,
+    /// AUTH without TLS from loopback clients (nothing on the wire to sniff); elsewhere 538.
+    pub allow_plaintext_auth_on_loopback: bool,
 }
 
 impl Default for SmtpConfig {
@@ -105,6 +107,7 @@ impl Default for SmtpConfig {
             tls_cert_file: None,
             tls_key_file: None,
             auth: "off".into(),
+            allow_plaintext_auth_on_loopback: true,
         }
     }
 }

@@ -3,9 +3,10 @@
 //! decide who may hand mail to the relay.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -132,6 +133,56 @@ impl AuthPolicy {
     }
 }
 
+/// Failed AUTH attempts per client IP: after [`MAX_FAILURES`] within [`FAILURE_WINDOW`], AUTH
+/// from that address is refused (454 4.7.0) until the window has passed.
+pub const MAX_FAILURES: u32 = 5;
+pub const FAILURE_WINDOW: Duration = Duration::from_secs(600);
+/// Entries kept at most: a spray from many addresses cannot grow memory without bound.
+const MAX_TRACKED: usize = 4096;
+
+#[derive(Debug, Default)]
+pub struct AuthFailures {
+    table: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+impl AuthFailures {
+    pub fn blocked(&self, ip: IpAddr) -> bool {
+        let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        table
+            .get(&ip)
+            .is_some_and(|(n, since)| *n >= MAX_FAILURES && since.elapsed() < FAILURE_WINDOW)
+    }
+
+    /// Counts a failure; true when this one reached the limit.
+    pub fn record(&self, ip: IpAddr) -> bool {
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if table.len() >= MAX_TRACKED && !table.contains_key(&ip) {
+            table.retain(|_, (_, since)| since.elapsed() < FAILURE_WINDOW);
+            if table.len() >= MAX_TRACKED {
+                // Still full of live entries: forget the oldest one.
+                let oldest = table.iter().min_by_key(|(_, (_, s))| *s).map(|(k, _)| *k);
+                if let Some(k) = oldest {
+                    table.remove(&k);
+                }
+            }
+        }
+        let entry = table.entry(ip).or_insert((0, Instant::now()));
+        if entry.1.elapsed() >= FAILURE_WINDOW {
+            *entry = (0, Instant::now());
+        }
+        entry.0 += 1;
+        entry.0 >= MAX_FAILURES
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// What the next SASL line from the client is.
 #[derive(Debug, Default)]
 pub enum SaslStep {
@@ -147,8 +198,14 @@ impl Session {
         if self.shared.settings.auth == AuthPolicy::Off {
             return self.reply(reply::NOT_IMPLEMENTED);
         }
+        if !self.auth_allowed() {
+            return self.reply(reply::ENCRYPTION_REQUIRED);
+        }
         if self.auth_user.is_some() {
             return self.reply(reply::ALREADY_AUTHENTICATED);
+        }
+        if self.shared.auth_failures.blocked(self.peer.ip()) {
+            return self.reply(reply::AUTH_TOO_MANY_FAILURES);
         }
         if self.tx.is_some() {
             return self.reply(reply::BAD_SEQUENCE);
@@ -172,6 +229,14 @@ impl Session {
             },
             _ => self.reply(reply::AUTH_MECHANISM_UNKNOWN),
         }
+    }
+
+    /// Passwords only over TLS, except from loopback (unless
+    /// `smtp.allow_plaintext_auth_on_loopback` is off): nothing on the wire to sniff there.
+    pub(super) fn auth_allowed(&self) -> bool {
+        self.tls
+            || self.local
+            || (self.shared.settings.plaintext_auth_on_loopback && self.peer.ip().is_loopback())
     }
 
     fn ask(&mut self, step: SaslStep, challenge: &str) {
@@ -233,8 +298,33 @@ impl Session {
             self.reply(reply::AUTH_OK);
         } else {
             tracing::warn!(client = %self.peer, user = %user, "client authentication failed");
+            let limit = self.shared.auth_failures.record(self.peer.ip());
             tokio::time::sleep(FAILED_AUTH_DELAY).await;
+            if limit {
+                tracing::warn!(client = %self.peer, "too many failed authentications: AUTH refused for this address");
+            }
             self.reply(reply::AUTH_INVALID);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_failure_table_stays_bounded_and_limits_per_address() {
+        let failures = AuthFailures::default();
+        let a: IpAddr = [192, 0, 2, 1].into();
+        for i in 1..MAX_FAILURES {
+            assert!(!failures.record(a), "limit reached after {i}");
+            assert!(!failures.blocked(a));
+        }
+        assert!(failures.record(a));
+        assert!(failures.blocked(a));
+        for n in 0..(MAX_TRACKED as u32 + 100) {
+            failures.record(IpAddr::from(std::net::Ipv6Addr::from(u128::from(n) + 1)));
+        }
+        assert!(failures.len() <= MAX_TRACKED, "{}", failures.len());
     }
 }

@@ -91,7 +91,7 @@ impl Session {
         if settings.tls.is_some() && !self.tls {
             lines.push("STARTTLS".to_string());
         }
-        if settings.auth != AuthPolicy::Off && self.auth_user.is_none() {
+        if settings.auth != AuthPolicy::Off && self.auth_user.is_none() && self.auth_allowed() {
             lines.push("AUTH PLAIN LOGIN".to_string());
         }
         let mut out = Vec::with_capacity(256);

@@ -42,7 +42,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use auth::{AuthPolicy, HashError, hash_password};
+pub use auth::{AuthFailures, AuthPolicy, HashError, hash_password};
 use reply::Reply;
 // Public for the fuzz loop in tests/fault_hostile_input.rs (a session over any stream).
 pub use session::{Next, Session};
@@ -84,6 +84,8 @@ pub struct InboundSettings {
     pub min_free_space: u64,
     pub tls: Option<TlsAcceptor>,
     pub auth: AuthPolicy,
+    /// `smtp.allow_plaintext_auth_on_loopback`: AUTH without TLS from 127.0.0.0/8 and ::1.
+    pub plaintext_auth_on_loopback: bool,
 }
 
 /// The largest message accepted: `smtp.max_message_size`, and with `transport = "graph"` no more
@@ -126,6 +128,7 @@ impl InboundSettings {
             min_free_space: config.min_free_space(),
             tls,
             auth: AuthPolicy::from_setting(&smtp.auth).map_err(InboundError::Auth)?,
+            plaintext_auth_on_loopback: smtp.allow_plaintext_auth_on_loopback,
         })
     }
 }
@@ -175,6 +178,8 @@ pub struct Shared {
     /// Messages accepted since start (for logs and, later, metrics).
     pub accepted: AtomicU64,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Failed AUTH per client address (the brute-force limit).
+    pub auth_failures: AuthFailures,
 }
 
 impl Shared {
@@ -218,6 +223,7 @@ impl Server {
                 store,
                 accepted: AtomicU64::new(0),
                 metrics,
+                auth_failures: AuthFailures::default(),
             }),
             stop: crate::stop::StopBudget::new(DRAIN_TIMEOUT),
         }

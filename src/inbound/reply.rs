@@ -104,6 +104,16 @@ pub const AUTH_MECHANISM_UNKNOWN: Reply =
 pub const AUTH_BAD_BASE64: Reply = Reply::new(501, "5.5.2", "Cannot Base64-decode client response");
 pub const AUTH_CANCELLED: Reply = Reply::new(501, "5.0.0", "Authentication cancelled");
 pub const AUTH_REQUIRED: Reply = Reply::new(530, "5.7.0", "Authentication required");
+pub const ENCRYPTION_REQUIRED: Reply = Reply::new(
+    538,
+    "5.7.11",
+    "Encryption required for requested authentication mechanism",
+);
+pub const AUTH_TOO_MANY_FAILURES: Reply = Reply::new(
+    454,
+    "4.7.0",
+    "Too many failed authentications from this address; try again later",
+);
 pub const AUTH_INVALID: Reply = Reply::new(535, "5.7.8", "Authentication credentials invalid");
 pub const NOT_ALLOWED: Reply = Reply::new(
     554,

@@ -32,6 +32,7 @@ pub fn session_rig(toml: &str) -> SessionRig {
             store: Arc::new(spool.clone()),
             accepted: AtomicU64::new(0),
             metrics: Default::default(),
+            auth_failures: Default::default(),
         }),
         spool,
         _dir: dir,
