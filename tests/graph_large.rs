@@ -273,3 +273,20 @@ async fn drafts_need_mail_read_write_and_fit_the_mailbox_size() {
     assert_eq!(sim.control().graph_drafts(), 0);
     assert_eq!(send(&sim, &token, &id).await.status(), 404);
 }
+
+#[tokio::test]
+async fn an_expired_upload_url_is_gone() {
+    let mut config = large_tenant();
+    config.graph.upload_session_secs = 0;
+    let sim = start_with(config).await;
+    let token = graph_token(&sim).await;
+    let id = draft_id(&sim, &token).await;
+    let bytes = payload(1024);
+    let url = upload_url(&sim, &token, &id, bytes.len()).await;
+    let resp = put(&url, &bytes, 0, bytes.len()).await;
+    assert_eq!(resp.status(), 404);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "ErrorItemNotFound");
+    // The draft is still there, waiting for a new session or its deletion.
+    assert_eq!(sim.control().graph_drafts(), 1);
+}
