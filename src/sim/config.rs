@@ -22,6 +22,8 @@ pub const EXCHANGE_RESOURCE: &str = "https://outlook.office365.com";
 pub const SEND_AS_APP_ROLE: &str = "SMTP.SendAsApp";
 /// The application permission Graph `sendMail` wants.
 pub const MAIL_SEND_ROLE: &str = "Mail.Send";
+/// The application permission Graph wants for drafts and upload sessions (large messages).
+pub const MAIL_READ_WRITE_ROLE: &str = "Mail.ReadWrite";
 /// The Microsoft Graph resource of the global cloud.
 pub const GRAPH_RESOURCE: &str = "https://graph.microsoft.com";
 
@@ -102,6 +104,11 @@ pub struct GraphConfig {
     /// RBAC for Applications: tokens need no `Mail.Send` role; `full_access` stands in for the
     /// management scope (`New-ManagementRoleAssignment -Role "Application Mail.Send"`).
     pub rbac_mode: bool,
+    /// The mailbox's MaxSendSize for a draft and its attachments; more gets 400
+    /// `ErrorMessageSizeExceeded` (graph-transport.md §2: "after 39 MB").
+    pub max_message_bytes: u64,
+    /// How long an upload session's URL lives (`expirationDateTime`).
+    pub upload_session_secs: u64,
 }
 
 impl Default for GraphConfig {
@@ -111,6 +118,8 @@ impl Default for GraphConfig {
             max_request_bytes: 4 * 1024 * 1024,
             concurrency_per_mailbox: 4,
             rbac_mode: false,
+            max_message_bytes: 35 * 1024 * 1024,
+            upload_session_secs: 900,
         }
     }
 }

@@ -222,6 +222,10 @@ pub(crate) struct Shared {
     graph_faults: Mutex<VecDeque<(GraphFault, usize)>>,
     graph_faults_fired: AtomicU64,
     pub graph_requests: AtomicU64,
+    /// `PUT`s to upload URLs (large messages), counted apart from the Graph API calls.
+    pub graph_uploads: AtomicU64,
+    /// Drafts and upload sessions of the large-message path.
+    pub(crate) graph_drafts: super::graph_large::Drafts,
     /// Graph requests in flight per mailbox (lower case), and the most ever seen at once.
     graph_in_flight: Mutex<HashMap<String, usize>>,
     pub graph_max_in_flight: AtomicU64,
@@ -274,6 +278,8 @@ impl Shared {
             graph_faults: Mutex::new(VecDeque::new()),
             graph_faults_fired: AtomicU64::new(0),
             graph_requests: AtomicU64::new(0),
+            graph_uploads: AtomicU64::new(0),
+            graph_drafts: Default::default(),
             graph_in_flight: Mutex::new(HashMap::new()),
             graph_max_in_flight: AtomicU64::new(0),
             token_faults_fired: AtomicU64::new(0),
@@ -577,7 +583,17 @@ impl Control {
         self.shared.graph_requests.load(Ordering::Relaxed)
     }
 
-    /// The most `sendMail` requests ever in flight at once for one mailbox.
+    /// `PUT`s to upload URLs seen (whatever their answer).
+    pub fn graph_uploads(&self) -> u64 {
+        self.shared.graph_uploads.load(Ordering::Relaxed)
+    }
+
+    /// Drafts neither sent nor deleted (orphans of the large-message path), all mailboxes.
+    pub fn graph_drafts(&self) -> usize {
+        self.shared.graph_drafts.count()
+    }
+
+    /// The most Graph requests ever in flight at once for one mailbox.
     pub fn graph_max_in_flight(&self) -> u64 {
         self.shared.graph_max_in_flight.load(Ordering::Relaxed)
     }

@@ -34,21 +34,41 @@ const GRAPH_AUDIENCES: [&str; 5] = [
 ];
 
 #[derive(Clone)]
-struct GraphState {
-    shared: Arc<Shared>,
-    mailbox: Arc<Mailbox>,
+pub(super) struct GraphState {
+    pub(super) shared: Arc<Shared>,
+    pub(super) mailbox: Arc<Mailbox>,
 }
 
 pub(crate) fn router(shared: Arc<Shared>, mailbox: Arc<Mailbox>) -> Router {
     Router::new()
         .route("/v1.0/users/{user}/sendMail", post(send_mail))
+        .route(
+            "/v1.0/users/{user}/messages",
+            post(super::graph_large::create_draft),
+        )
+        .route(
+            "/v1.0/users/{user}/messages/{id}",
+            axum::routing::delete(super::graph_large::delete_draft),
+        )
+        .route(
+            "/v1.0/users/{user}/messages/{id}/attachments/createUploadSession",
+            post(super::graph_large::create_upload_session),
+        )
+        .route(
+            "/v1.0/users/{user}/messages/{id}/send",
+            post(super::graph_large::send_draft),
+        )
+        .route(
+            "/upload/{session}",
+            axum::routing::put(super::graph_large::upload),
+        )
         // The size check is Graph's own (413), not the framework's 2 MB default.
         .layer(DefaultBodyLimit::max(256 * 1024 * 1024))
         .with_state(GraphState { shared, mailbox })
 }
 
 /// Graph's error shape: `{"error":{"code","message","innerError":{"request-id","date"}}}`.
-fn error(status: u16, code: &str, message: &str, retry_after: Option<u64>) -> Response {
+pub(super) fn error(status: u16, code: &str, message: &str, retry_after: Option<u64>) -> Response {
     let request_id = guid();
     let body = json!({
         "error": {
@@ -73,7 +93,7 @@ fn error(status: u16, code: &str, message: &str, retry_after: Option<u64>) -> Re
     resp
 }
 
-fn accepted(retry_after: Option<u64>) -> Response {
+pub(super) fn accepted(retry_after: Option<u64>) -> Response {
     let mut resp = StatusCode::ACCEPTED.into_response();
     if let Ok(v) = HeaderValue::from_str(&guid()) {
         resp.headers_mut().insert("request-id", v);
@@ -86,9 +106,9 @@ fn accepted(retry_after: Option<u64>) -> Response {
 }
 
 /// Leaves the in-flight count when the request ends, however it ends.
-struct InFlight<'a> {
-    shared: &'a Shared,
-    mailbox: String,
+pub(super) struct InFlight<'a> {
+    pub(super) shared: &'a Shared,
+    pub(super) mailbox: String,
 }
 
 impl Drop for InFlight<'_> {
@@ -200,6 +220,28 @@ fn check_inner(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Checked, Response> {
+    let (mailbox, appid) = authorize(shared, cfg, user, headers, MAIL_SEND_ROLE)?;
+    let (mime, recipients) = content(headers, body, cfg.graph.max_request_bytes)?;
+    check_send_as(&mime, &mailbox)?;
+    Ok(Checked {
+        mailbox: mailbox.address.clone(),
+        appid,
+        recipients,
+        mime,
+    })
+}
+
+/// The token (signature, audience, lifetime, tenant), the mailbox in the URL and the
+/// application permission `role` (in RBAC mode: the mailbox grant), as Graph checks them
+/// first. Returns the mailbox and the caller's app id.
+#[allow(clippy::result_large_err)] // Every caller answers with the response at once.
+pub(super) fn authorize(
+    shared: &Shared,
+    cfg: &SimConfig,
+    user: &str,
+    headers: &HeaderMap,
+    role: &str,
+) -> Result<(super::config::MailboxConfig, String), Response> {
     let bad_token = |msg: &str| error(401, "InvalidAuthenticationToken", msg, None);
     let bearer = headers
         .get(header::AUTHORIZATION)
@@ -255,7 +297,7 @@ fn check_inner(
             None,
         ));
     };
-    let has_role = roles.as_ref().is_some_and(|r| r.contains(&MAIL_SEND_ROLE));
+    let has_role = roles.as_ref().is_some_and(|r| r.contains(&role));
     if cfg.graph.rbac_mode {
         // An RBAC assignment scoped to the mailbox: the grant decides, not the token.
         if !mailbox.full_access {
@@ -287,7 +329,17 @@ fn check_inner(
             Some(_) => {}
         }
     }
+    Ok((mailbox.clone(), appid))
+}
 
+/// The MIME of a `text/plain` base64 body (sendMail, a draft): decoded, with its recipients
+/// (Graph has no envelope: To/Cc/Bcc).
+#[allow(clippy::result_large_err)] // Every caller answers with the response at once.
+pub(super) fn content(
+    headers: &HeaderMap,
+    body: &[u8],
+    max_request_bytes: u64,
+) -> Result<(Vec<u8>, Vec<String>), Response> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -300,7 +352,7 @@ fn check_inner(
             None,
         ));
     }
-    if body.len() as u64 > cfg.graph.max_request_bytes {
+    if body.len() as u64 > max_request_bytes {
         return Err(error(
             413,
             "RequestEntityTooLarge",
@@ -333,12 +385,9 @@ fn check_inner(
         )
     })?;
     let mut recipients = Vec::new();
-    let mut from = None;
     for (name, value) in &fields {
-        match name.to_ascii_lowercase().as_str() {
-            "to" | "cc" | "bcc" => recipients.extend(addresses(value)),
-            "from" if from.is_none() => from = addresses(value).into_iter().next(),
-            _ => {}
+        if matches!(name.to_ascii_lowercase().as_str(), "to" | "cc" | "bcc") {
+            recipients.extend(addresses(value));
         }
     }
     if recipients.is_empty() {
@@ -350,7 +399,21 @@ fn check_inner(
             None,
         ));
     }
-    // No From: Exchange sends as the mailbox. Otherwise the mailbox or a SendAs grant.
+    Ok((mime, recipients))
+}
+
+/// No From: Exchange sends as the mailbox. Otherwise the mailbox or a SendAs grant.
+#[allow(clippy::result_large_err)] // Every caller answers with the response at once.
+pub(super) fn check_send_as(
+    mime: &[u8],
+    mailbox: &super::config::MailboxConfig,
+) -> Result<(), Response> {
+    let from = header_fields(mime).and_then(|fields| {
+        fields
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("from"))
+            .and_then(|(_, v)| addresses(v).into_iter().next())
+    });
     if let Some(from) = &from {
         let allowed = from.eq_ignore_ascii_case(&mailbox.address)
             || mailbox.send_as.iter().any(|a| a.eq_ignore_ascii_case(from));
@@ -364,17 +427,12 @@ fn check_inner(
             ));
         }
     }
-    Ok(Checked {
-        mailbox: mailbox.address.clone(),
-        appid,
-        recipients,
-        mime,
-    })
+    Ok(())
 }
 
 /// The header fields (name, unfolded value) of a MIME message; `None` when there is no header
 /// section (empty, or no field before the first empty line).
-fn header_fields(mime: &[u8]) -> Option<Vec<(String, String)>> {
+pub(super) fn header_fields(mime: &[u8]) -> Option<Vec<(String, String)>> {
     let text = String::from_utf8_lossy(mime);
     let mut fields: Vec<(String, String)> = Vec::new();
     for line in text.split('\n') {
@@ -397,7 +455,7 @@ fn header_fields(mime: &[u8]) -> Option<Vec<(String, String)>> {
 
 /// The addresses of an address-list value: `<a@b>` forms, else bare words with an `@`; quoted
 /// display names and comments are skipped, groups flattened.
-fn addresses(value: &str) -> Vec<String> {
+pub(super) fn addresses(value: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut quoted = false;
     let mut depth = 0u32;

@@ -20,6 +20,7 @@
 mod config;
 mod control;
 mod graph;
+mod graph_large;
 mod keys;
 mod mailbox;
 mod smtp;
@@ -36,8 +37,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::{
     ClientConfig, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_MAILBOX, DEFAULT_TENANT_ID,
-    EXCHANGE_RESOURCE, GRAPH_RESOURCE, GraphConfig, MAIL_SEND_ROLE, MailboxConfig, RateMode,
-    SEND_AS_APP_ROLE, SecretConfig, SendAsReply, SimConfig, SmtpConfig,
+    EXCHANGE_RESOURCE, GRAPH_RESOURCE, GraphConfig, MAIL_READ_WRITE_ROLE, MAIL_SEND_ROLE,
+    MailboxConfig, RateMode, SEND_AS_APP_ROLE, SecretConfig, SendAsReply, SimConfig, SmtpConfig,
 };
 pub use control::{Control, GraphFault, SmtpFault, SmtpStage, TokenFault};
 pub use mailbox::{Envelope, StoredMessage, list_dir};
