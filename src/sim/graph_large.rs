@@ -88,18 +88,9 @@ pub async fn create_draft(
     body: Bytes,
 ) -> Response {
     let shared = &st.shared;
-    shared.graph_requests.fetch_add(1, Ordering::Relaxed);
     let cfg = shared.config();
-    let _leave = enter(shared, &user, cfg.graph.concurrency_per_mailbox);
-    let _leave = match _leave {
-        Ok(l) => l,
-        Err(resp) => return resp,
-    };
-    if let Some(resp) = scripted(shared) {
-        return resp;
-    }
-    let (mailbox, _) = match authorize(shared, &cfg, &user, &headers, MAIL_READ_WRITE_ROLE) {
-        Ok(m) => m,
+    let (_leave, mailbox, _) = match admit(shared, &cfg, &user, &headers, MAIL_READ_WRITE_ROLE) {
+        Ok(a) => a,
         Err(resp) => return resp,
     };
     let (mime, _) = match content(&headers, &body, cfg.graph.max_request_bytes) {
@@ -138,17 +129,9 @@ pub async fn create_upload_session(
     body: Bytes,
 ) -> Response {
     let shared = &st.shared;
-    shared.graph_requests.fetch_add(1, Ordering::Relaxed);
     let cfg = shared.config();
-    let _leave = match enter(shared, &user, cfg.graph.concurrency_per_mailbox) {
-        Ok(l) => l,
-        Err(resp) => return resp,
-    };
-    if let Some(resp) = scripted(shared) {
-        return resp;
-    }
-    let (mailbox, _) = match authorize(shared, &cfg, &user, &headers, MAIL_READ_WRITE_ROLE) {
-        Ok(m) => m,
+    let (_leave, mailbox, _) = match admit(shared, &cfg, &user, &headers, MAIL_READ_WRITE_ROLE) {
+        Ok(a) => a,
         Err(resp) => return resp,
     };
     let item = serde_json::from_slice::<Value>(&body)
@@ -344,17 +327,9 @@ pub async fn send_draft(
     headers: HeaderMap,
 ) -> Response {
     let shared = &st.shared;
-    shared.graph_requests.fetch_add(1, Ordering::Relaxed);
     let cfg = shared.config();
-    let _leave = match enter(shared, &user, cfg.graph.concurrency_per_mailbox) {
-        Ok(l) => l,
-        Err(resp) => return resp,
-    };
-    if let Some(resp) = scripted(shared) {
-        return resp;
-    }
-    let (mailbox, appid) = match authorize(shared, &cfg, &user, &headers, MAIL_SEND_ROLE) {
-        Ok(m) => m,
+    let (_leave, mailbox, appid) = match admit(shared, &cfg, &user, &headers, MAIL_SEND_ROLE) {
+        Ok(a) => a,
         Err(resp) => return resp,
     };
     let mime = {
@@ -439,6 +414,26 @@ impl Drafts {
     pub fn count(&self) -> usize {
         lock(&self.drafts).len()
     }
+}
+
+/// What every call of this path does first, in Graph's order: count it, take a
+/// MailboxConcurrency slot, answer a scripted fault, then check the token for `role`.
+/// Returns the slot (held until the response), the mailbox and the caller's app id.
+#[allow(clippy::result_large_err)] // The response goes out at once.
+fn admit<'a>(
+    shared: &'a super::control::Shared,
+    cfg: &super::config::SimConfig,
+    user: &str,
+    headers: &HeaderMap,
+    role: &str,
+) -> Result<(InFlight<'a>, super::config::MailboxConfig, String), Response> {
+    shared.graph_requests.fetch_add(1, Ordering::Relaxed);
+    let leave = enter(shared, user, cfg.graph.concurrency_per_mailbox)?;
+    if let Some(resp) = scripted(shared) {
+        return Err(resp);
+    }
+    let (mailbox, appid) = authorize(shared, cfg, user, headers, role)?;
+    Ok((leave, mailbox, appid))
 }
 
 /// Graph's MailboxConcurrency limit, as sendMail counts it.
