@@ -157,22 +157,34 @@ async fn healthz(State(state): State<AdminState>) -> Response {
         ),
         Some(delivery) => {
             let st = delivery.status();
-            let throttled = st.throttled_until.is_some_and(|t| t > now);
-            let mailbox = if matches!(st.state, MailboxState::Running) && throttled {
-                serde_json::json!({
-                    "state": "throttled",
-                    "reason": "Exchange asked to slow down (432/421)",
-                })
-            } else {
-                st.state.to_json()
-            };
-            (mailbox, st.last_delivery.map(rfc3339))
+            (lane_state(&st, now), st.last_delivery.map(rfc3339))
         }
     };
+    // Every (route, mailbox) lane: what `mailbox` says for the default one, for each.
+    let mailboxes: Vec<serde_json::Value> = state
+        .delivery
+        .as_ref()
+        .map(|d| d.statuses())
+        .unwrap_or_default()
+        .into_iter()
+        .take(MAX_LISTED_MAILBOXES)
+        .map(|st| {
+            let mut entry = lane_state(&st, now);
+            if let Some(obj) = entry.as_object_mut() {
+                obj.insert("route".into(), st.route.clone().into());
+                obj.insert("mailbox".into(), st.mailbox.clone().into());
+                obj.insert("queued".into(), st.queued.into());
+                obj.insert("delivered".into(), st.delivered.into());
+                obj.insert("last_delivery".into(), st.last_delivery.map(rfc3339).into());
+            }
+            entry
+        })
+        .collect();
     let body = serde_json::json!({
         "accepting": state.accepting.load(Ordering::Acquire),
         "token": token,
         "mailbox": mailbox,
+        "mailboxes": mailboxes,
         "last_delivery": last_delivery,
         "queue": {
             "depth": depth,
@@ -186,6 +198,22 @@ async fn healthz(State(state): State<AdminState>) -> Response {
         format!("{body:#}\n"),
     )
         .into_response()
+}
+
+/// `/healthz` lists at most this many mailboxes (a template route may have hundreds).
+const MAX_LISTED_MAILBOXES: usize = 1000;
+
+/// A lane's state as `/healthz` shows it: throttled is a running mailbox paced down.
+fn lane_state(st: &crate::deliver::MailboxStatus, now: SystemTime) -> serde_json::Value {
+    let throttled = st.throttled_until.is_some_and(|t| t > now);
+    if matches!(st.state, MailboxState::Running) && throttled {
+        serde_json::json!({
+            "state": "throttled",
+            "reason": "Exchange asked to slow down (432/421)",
+        })
+    } else {
+        st.state.to_json()
+    }
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
@@ -205,10 +233,20 @@ async fn metrics(State(state): State<AdminState>) -> Response {
             .and_then(|t| t.status().expires_at)
             .and_then(|t| t.duration_since(now).ok())
             .map_or(0.0, |d| d.as_secs_f64()),
-        held: state
+        lanes: state
             .delivery
             .as_ref()
-            .is_some_and(|d| matches!(d.status().state, MailboxState::Held { .. })),
+            .map(|d| d.statuses())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|st| crate::metrics::LaneGauge {
+                held: !matches!(st.state, MailboxState::Running),
+                queued: st.queued,
+                delivered: st.delivered,
+                route: st.route,
+                mailbox: st.mailbox,
+            })
+            .collect(),
         open_fds: crate::fds::open_now().ok(),
         max_fds: crate::fds::soft_limit(),
     };

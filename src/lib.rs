@@ -51,6 +51,7 @@ pub mod metrics;
 pub mod oauth;
 pub mod queue_command;
 pub mod redact;
+pub mod routes;
 pub mod sendmail;
 pub mod service;
 pub mod setup;

@@ -44,9 +44,18 @@ enum Command {
         /// Also send a real test message to this address
         #[arg(long, value_name = "ADDR")]
         send_to: Option<String>,
-        /// Print the steps as a JSON array of {step, status, detail, fix}
+        /// Print the steps as a JSON array of {step, status, detail, fix} (with [[route]]
+        /// tables: an object of such arrays by route name)
         #[arg(long)]
         json: bool,
+        /// Check only this route ("default" for the top level); without it every route is
+        /// checked
+        #[arg(long, value_name = "NAME")]
+        route: Option<String>,
+        /// The mailbox to check a template route ("{sender}", "{auth_user}") with; default:
+        /// the first address of its match_sender / match_auth_user
+        #[arg(long, value_name = "ADDR")]
+        mailbox: Option<String>,
     },
     /// Inspect and manage the spool (safe while `serve` runs)
     #[command(subcommand)]
@@ -171,7 +180,12 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }),
         Command::Queue(args) => with_config(path, |config| queue(config, args)),
-        Command::Check { send_to, json } => {
+        Command::Check {
+            send_to,
+            json,
+            route,
+            mailbox,
+        } => {
             let config_file = config::locate(path).ok().flatten();
             match config::load(path) {
                 Ok(config) => {
@@ -180,7 +194,17 @@ fn main() -> ExitCode {
                         config_file,
                         timeouts: None,
                     };
-                    check(&config, &options, json)
+                    if route.is_none() && !config.route_table().configured() {
+                        check(&config, &options, json)
+                    } else {
+                        check_routes(
+                            &config,
+                            &options,
+                            json,
+                            route.as_deref(),
+                            mailbox.as_deref(),
+                        )
+                    }
                 }
                 // Step 1 of the walk, in the report's form; exit 2 as for every command.
                 Err(e) => {
@@ -339,6 +363,73 @@ fn check(config: &Config, options: &smtp_oauth_relay::check::CheckOptions, json:
     let report = runtime.block_on(smtp_oauth_relay::check::run(config, options));
     print_report(&report, json);
     ExitCode::from(report.exit_code())
+}
+
+/// `check` for each route (or the one named): the walk with the route's configuration, one
+/// report per route; exit 1 when any failed, 2 for a route that does not exist.
+fn check_routes(
+    config: &Config,
+    options: &smtp_oauth_relay::check::CheckOptions,
+    json: bool,
+    only: Option<&str>,
+    mailbox: Option<&str>,
+) -> ExitCode {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let table = config.route_table();
+    let routes: Vec<_> = table
+        .iter()
+        .filter(|r| only.is_none_or(|name| r.name == name))
+        .cloned()
+        .collect();
+    if routes.is_empty() {
+        eprintln!(
+            "smtp-oauth-relay: check --route: no route {:?} (routes: {})",
+            only.unwrap_or_default(),
+            table.names().join(", ")
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let runtime = match runtime(false) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let mut failed = false;
+    let mut reports = serde_json::Map::new();
+    for route in routes {
+        let checked_as = match (&route.mailbox, mailbox) {
+            (smtp_oauth_relay::routes::MailboxSpec::Fixed(m), _) => Some(m.clone()),
+            (_, Some(m)) => Some(m.to_string()),
+            (_, None) => route.example_mailbox(),
+        };
+        let Some(checked_as) = checked_as else {
+            eprintln!(
+                "route {}: a template route with no address to check it with: run check --route \
+                 {} --mailbox ADDR",
+                route.name, route.name
+            );
+            failed = true;
+            continue;
+        };
+        let lane = route.lane_config(&checked_as);
+        let report = runtime.block_on(smtp_oauth_relay::check::run(&lane, options));
+        failed |= !report.passed();
+        if json {
+            let steps = serde_json::from_str(&report.to_json()).unwrap_or_default();
+            reports.insert(route.name.clone(), steps);
+        } else {
+            println!("== route {} (mailbox {checked_as})", route.name);
+            print!("{}", report.to_text());
+            println!();
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&reports).unwrap_or_default()
+        );
+    }
+    let _ = std::io::stdout().flush();
+    ExitCode::from(if failed { 1 } else { 0 })
 }
 
 fn print_report(report: &smtp_oauth_relay::check::Report, json: bool) {

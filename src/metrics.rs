@@ -141,9 +141,14 @@ impl Metrics {
         gauge(
             &mut out,
             "relay_delivery_held",
-            "1 while delivery is held for a configuration problem.",
-            if gauges.held { 1.0 } else { 0.0 },
+            "1 while delivery of any mailbox is held for a configuration problem.",
+            if gauges.lanes.iter().any(|l| l.held) {
+                1.0
+            } else {
+                0.0
+            },
         );
+        render_lanes(&mut out, &gauges.lanes);
         if let Some(open) = gauges.open_fds {
             gauge(
                 &mut out,
@@ -174,13 +179,97 @@ impl Metrics {
     }
 }
 
+/// At most this many (route, mailbox) series; the rest of each route is summed under
+/// `mailbox="(other)"`, so that a template route with thousands of senders cannot blow up a
+/// Prometheus server.
+pub const MAX_MAILBOX_SERIES: usize = 100;
+
+/// One (route, mailbox) lane at scrape time.
+#[derive(Debug, Default, Clone)]
+pub struct LaneGauge {
+    pub route: String,
+    pub mailbox: String,
+    pub held: bool,
+    pub queued: usize,
+    pub delivered: u64,
+}
+
+/// Prometheus label values escape `\`, `"` and newlines.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Name, type, help and value of a per-mailbox series.
+type LaneMetric = (&'static str, &'static str, &'static str, fn(&LaneGauge) -> f64);
+
+fn render_lanes(out: &mut String, lanes: &[LaneGauge]) {
+    let mut series: Vec<LaneGauge> = Vec::new();
+    for lane in lanes {
+        if series.len() < MAX_MAILBOX_SERIES {
+            series.push(lane.clone());
+            continue;
+        }
+        match series
+            .iter_mut()
+            .find(|s| s.route == lane.route && s.mailbox == "(other)")
+        {
+            Some(other) => {
+                other.held |= lane.held;
+                other.queued += lane.queued;
+                other.delivered += lane.delivered;
+            }
+            None => series.push(LaneGauge {
+                mailbox: "(other)".into(),
+                ..lane.clone()
+            }),
+        }
+    }
+    let metrics: [LaneMetric; 3] = [
+        (
+            "relay_mailbox_held",
+            "gauge",
+            "1 while this route's mailbox is held (its reason: /healthz).",
+            |l| if l.held { 1.0 } else { 0.0 },
+        ),
+        (
+            "relay_mailbox_queued",
+            "gauge",
+            "Messages waiting for this route's mailbox (or in flight).",
+            |l| l.queued as f64,
+        ),
+        (
+            "relay_mailbox_delivered_total",
+            "counter",
+            "Messages delivered through this route's mailbox since start.",
+            |l| l.delivered as f64,
+        ),
+    ];
+    for (name, kind, help, value) in metrics {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for l in &series {
+            let _ = writeln!(
+                out,
+                "{name}{{route=\"{}\",mailbox=\"{}\"}} {}",
+                label(&l.route),
+                label(&l.mailbox),
+                value(l)
+            );
+        }
+    }
+}
+
 /// Values read at scrape time.
 #[derive(Debug, Default, Clone)]
 pub struct Gauges {
     pub queue_depth: usize,
     pub oldest_age_seconds: f64,
     pub token_seconds_left: f64,
-    pub held: bool,
+    /// Every (route, mailbox) lane.
+    pub lanes: Vec<LaneGauge>,
     pub open_fds: Option<u64>,
     pub max_fds: Option<u64>,
 }

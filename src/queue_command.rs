@@ -241,17 +241,21 @@ fn write_list(entries: &[QueueEntry], now: SystemTime, out: &mut dyn Write) -> s
     if entries.is_empty() {
         return writeln!(out, "queue is empty");
     }
-    writeln!(out, "ID\tAGE\tFROM\tRECIPIENTS\tSIZE\tSTATE\tDELIVERY")?;
+    writeln!(
+        out,
+        "ID\tAGE\tFROM\tRECIPIENTS\tSIZE\tSTATE\tROUTE\tDELIVERY"
+    )?;
     for e in entries {
         writeln!(
             out,
-            "{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
             e.id,
             age_of(e.received_at, now),
             cell(sender(&e.mail_from)),
             cell(&recipients_summary(&e.recipients)),
             e.size,
             e.state,
+            e.route,
             match (&e.delivery, &e.state_problem) {
                 (_, Some(p)) => format!("state-problem={}", quoted(state_problem_summary(p))),
                 (Some(d), None) => delivery_summary(d),
@@ -273,6 +277,7 @@ fn write_show(m: &ShownMessage, now: SystemTime, out: &mut dyn Write) -> std::io
         humantime::format_rfc3339_seconds(env.received_at),
         age_of(env.received_at, now)
     )?;
+    writeln!(out, "route: {}", env.route)?;
     writeln!(out, "client: {}", env.client)?;
     writeln!(out, "helo: {}", env.helo)?;
     if let Some(u) = &env.auth_user {

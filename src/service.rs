@@ -122,6 +122,7 @@ pub const RESTART_ONLY: &[&str] = &[
 pub const DELIVERY: &[&str] = &[
     "upstream.*",
     "oauth.*",
+    "route",
     "queue.retry_min",
     "queue.retry_max",
     "queue.max_age",
@@ -162,6 +163,26 @@ pub fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
                 _ => {}
             }
         }
+        // A section only the new one has (`route` is left out while empty).
+        for section in b.keys().filter(|k| !a.contains_key(*k)) {
+            keys.push(section.clone());
+        }
+    }
+    // Route secrets print redacted: compare the values themselves.
+    let route_secrets = |c: &Config| -> Vec<Option<String>> {
+        c.routes
+            .iter()
+            .map(|r| {
+                r.config
+                    .oauth
+                    .client_secret
+                    .as_ref()
+                    .map(|s| s.expose().to_owned())
+            })
+            .collect()
+    };
+    if route_secrets(old) != route_secrets(new) && !keys.iter().any(|k| k == "route") {
+        keys.push("route".into());
     }
     let secret = |c: &Config| {
         c.oauth
@@ -265,7 +286,11 @@ pub fn merge_reload(
     }
     let mut keep_delivery = false;
     if !delivery.is_empty() {
-        if !live.delivering() || !new.oauth.is_configured() {
+        let configured = new
+            .route_table()
+            .iter()
+            .any(|r| r.config.oauth.is_configured());
+        if !live.delivering() || !configured {
             // Delivery starts (or stops) only at start.
             keep_delivery = true;
             outcome.needs_restart.append(&mut delivery);
@@ -283,6 +308,8 @@ pub fn merge_reload(
     if keep_delivery {
         new.upstream = running.upstream.clone();
         new.oauth = running.oauth.clone();
+        new.route = running.route.clone();
+        new.routes = running.routes.clone();
         new.queue.retry_min = running.queue.retry_min;
         new.queue.retry_max = running.queue.retry_max;
         new.queue.max_age = running.queue.max_age;

@@ -23,6 +23,7 @@ async fn put(spool: &Spool, subject: &str) -> String {
         helo: "app".into(),
         auth_user: None,
         received_at: SystemTime::now(),
+        route: "default".into(),
     };
     let mut incoming = spool.create(&envelope).await.expect("create");
     incoming

@@ -62,6 +62,7 @@ async fn store(spool: &Spool, rcpt: &str) -> String {
         helo: "client.test".into(),
         auth_user: None,
         received_at: SystemTime::now(),
+        route: "default".into(),
     };
     let mut m = spool.create(&envelope).await.unwrap();
     m.write_all(b"Subject: status\r\n\r\nbody\r\n")
@@ -112,7 +113,7 @@ async fn a_message_in_flight_is_counted_once() {
         reporting_host: "relay.test".into(),
         upstream_host: "upstream.test".into(),
     };
-    let (handle, task) = Deliverer::start(
+    let (handle, task) = Deliverer::start_fixed(
         std::sync::Arc::new(spool.clone()),
         settings,
         transport.clone(),

@@ -94,6 +94,7 @@ async fn the_deliverer_records_per_recipient_outcomes_from_any_transport() {
         helo: "client.test".into(),
         auth_user: None,
         received_at: SystemTime::now(),
+        route: "default".into(),
     };
     let mut incoming = spool.create(&envelope).await.unwrap();
     incoming
@@ -123,7 +124,7 @@ async fn the_deliverer_records_per_recipient_outcomes_from_any_transport() {
         reporting_host: "relay.test".into(),
         upstream_host: "upstream.test".into(),
     };
-    let (_handle, task) = Deliverer::start(
+    let (_handle, task) = Deliverer::start_fixed(
         std::sync::Arc::new(spool.clone()),
         settings,
         transport.clone(),

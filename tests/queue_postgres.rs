@@ -176,6 +176,7 @@ async fn a_relay_on_postgres_delivers_survives_an_outage_and_shares_its_queue() 
         helo: "app.legacy.test".into(),
         auth_user: None,
         received_at: std::time::SystemTime::now(),
+        route: "default".into(),
     };
     // Every attempt is refused with 451 at MAIL until the hold is in place, so the relay
     // (told of the commit at once) cannot deliver it first.
@@ -287,6 +288,7 @@ async fn a_relay_started_while_the_database_is_down_waits_for_it() {
         helo: "app.legacy.test".into(),
         auth_user: None,
         received_at: std::time::SystemTime::now(),
+        route: "default".into(),
     };
     let mut incoming = other.put(&envelope).await.expect("put");
     incoming

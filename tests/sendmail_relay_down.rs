@@ -133,6 +133,7 @@ fn refused_drop_files_are_kept_not_queued() {
         helo: "localhost".into(),
         auth_user: None,
         received_at: SystemTime::now(),
+        route: "default".into(),
     };
     let refused = drop_dir
         .deposit(&envelope, b"Subject: binary\r\n\r\nx\r\n")

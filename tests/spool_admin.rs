@@ -24,6 +24,7 @@ fn envelope(from: &str, rcpts: &[&str], age: Duration) -> Envelope {
         helo: "app.example".into(),
         auth_user: None,
         received_at: SystemTime::now() - age,
+        route: "default".into(),
     }
 }
 
@@ -101,25 +102,28 @@ async fn list_show_hold_release_delete() {
     let list = run(dir, QueueCommand::List).await.unwrap();
     let lines: Vec<&str> = list.lines().collect();
     assert_eq!(lines.len(), 4, "{list}");
-    assert_eq!(lines[0], "ID\tAGE\tFROM\tRECIPIENTS\tSIZE\tSTATE\tDELIVERY");
+    assert_eq!(
+        lines[0],
+        "ID\tAGE\tFROM\tRECIPIENTS\tSIZE\tSTATE\tROUTE\tDELIVERY"
+    );
     // The age column may tick over on a slow machine; everything else is exact.
     let cols: Vec<&str> = lines[1].split('\t').collect();
     assert!(["42s", "43s", "44s"].contains(&cols[1]), "{list}");
     assert_eq!(
         lines[1].replacen(cols[1], "42s", 1),
         format!(
-            "{a}\t42s\tapp@example.com\ta@example.com\t{}\tqueued\t",
+            "{a}\t42s\tapp@example.com\ta@example.com\t{}\tqueued\tdefault\t",
             BODY.len()
         )
     );
     assert_eq!(
         lines[2],
-        format!("{b}\t5m\t<>\tr1@x.example,r2@x.example,r3@x.example,+2\t19\tqueued\t")
+        format!("{b}\t5m\t<>\tr1@x.example,r2@x.example,r3@x.example,+2\t19\tqueued\tdefault\t")
     );
     assert_eq!(
         lines[3],
         format!(
-            "{c}\t2d\told@example.com\tc@example.com\t{}\tqueued\tattempts=4 next=2025-11-29T19:20:00Z last=\"451 4.7.500 Server busy. \\\"Try\\\" later\"",
+            "{c}\t2d\told@example.com\tc@example.com\t{}\tqueued\tdefault\tattempts=4 next=2025-11-29T19:20:00Z last=\"451 4.7.500 Server busy. \\\"Try\\\" later\"",
             BODY.len()
         )
     );

@@ -29,6 +29,7 @@ async fn release_on_a_running_relay_is_delivered_without_a_restart() {
             helo: "app.test".into(),
             auth_user: None,
             received_at: SystemTime::now(),
+            route: "default".into(),
         };
         let mut m = spool.create(&envelope).await.unwrap();
         m.write_all(b"Subject: held then released\r\nX-Marker: released-1\r\n\r\nhi\r\n")

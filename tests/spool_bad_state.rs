@@ -30,6 +30,7 @@ async fn spool_with_bad_state(state: &[u8], subject: &str) -> (tempfile::TempDir
         helo: "app.test".into(),
         auth_user: None,
         received_at: SystemTime::now(),
+        route: "default".into(),
     };
     let mut m = spool.create(&envelope).await.expect("create");
     m.write_all(format!("Subject: {subject}\r\n\r\nbody\r\n").as_bytes())

@@ -30,6 +30,7 @@ fn envelope(n: usize) -> Envelope {
         helo: "app.example".into(),
         auth_user: Some("svc".into()),
         received_at: UNIX_EPOCH + Duration::new(1_764_441_240, 987_654_321),
+        route: "default".into(),
     }
 }
 
@@ -134,7 +135,7 @@ async fn header_is_readable_text() {
     let id = store(&spool, &env, b"Subject: hi\r\n\r\nhello\r\n", 5).await;
     let file = fs::read_to_string(tmp.path().join("queue").join(format!("{id}.msg"))).unwrap();
     let expected = format!(
-        "Spool-Format: 1\nId: {id}\nReceived-At: 2025-11-29T18:34:00.987654321Z\n\
+        "Spool-Format: 2\nId: {id}\nRoute: default\nReceived-At: 2025-11-29T18:34:00.987654321Z\n\
          Client: 127.0.0.1:40000\nHelo: app.example\nAuth-User: svc\nMail-From: <>\n\
          Body: 8BITMIME\nSmtputf8: yes\nEnvid: ENV2\nRet: HDRS\n\
          Rcpt-To: <alice@example.com>\nRcpt-To: <bob@example.com>\n\

@@ -17,6 +17,7 @@ fn envelope() -> Envelope {
         helo: "app.example".into(),
         auth_user: None,
         received_at: UNIX_EPOCH + Duration::from_secs(1_764_441_240),
+        route: "default".into(),
     }
 }
 

@@ -258,6 +258,7 @@ async fn committed_files_are_private_and_survive_restart() {
         helo: "h".into(),
         auth_user: None,
         received_at: std::time::SystemTime::now(),
+        route: "default".into(),
     };
     let mut m = spool.create(&env).await.unwrap();
     m.write_all(b"Subject: x\r\n\r\ny\r\n").await.unwrap();

@@ -224,6 +224,7 @@ async fn send_test(settings: GraphSettings, token: &AccessToken, names: &Names, 
         helo: "check".into(),
         auth_user: None,
         received_at: SystemTime::now(),
+        route: crate::routes::DEFAULT_ROUTE.into(),
     };
     let recipients = [to.to_string()];
     let attempted = transport

@@ -10,10 +10,12 @@
 pub mod bounds;
 pub mod identity;
 mod load;
+mod routes;
 mod validate;
 mod values;
 pub use identity::looks_like_address;
 pub use load::*;
+pub use routes::{ROUTE_NAME_MAX, RouteConfig, RouteTable};
 pub use validate::*;
 pub use values::*;
 
@@ -51,6 +53,12 @@ pub struct Config {
     pub log: LogConfig,
     pub service: ServiceConfig,
     pub sendmail: SendmailConfig,
+    /// `[[route]]` tables as written (see `routes.rs`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub route: Vec<RouteConfig>,
+    /// The `[[route]]` tables resolved at load; [`Config::route_table`] adds the default route.
+    #[serde(skip)]
+    pub routes: Vec<std::sync::Arc<crate::routes::RouteSpec>>,
 }
 
 /// The local listener that legacy applications talk to.
@@ -649,8 +657,8 @@ mod tests {
         assert_eq!(
             k,
             vec![
-                "oauth.client_id",
                 "upstream.mail_account",
+                "oauth.client_id",
                 "oauth.client_secret"
             ]
         );

@@ -39,43 +39,8 @@ impl Config {
         issues: &mut Vec<ConfigIssue>,
     ) {
         self.queue.resolve_url(issues);
-        let oauth = &mut self.oauth;
-        if oauth.client_secret.is_some() && oauth.client_secret_file.is_some() {
-            issues.push(issue(
-                "oauth.client_secret_file",
-                "set either oauth.client_secret or oauth.client_secret_file, not both",
-            ));
-            return;
-        }
-        let file = oauth.client_secret_file.clone().or_else(|| {
-            // systemd's LoadCredential=client_secret:... (only when nothing else provides a credential)
-            let no_other = oauth.client_secret.is_none()
-                && oauth.certificate_file.is_none()
-                && oauth.assertion_file.is_none();
-            credentials
-                .map(|d| d.join("client_secret"))
-                .filter(|p| no_other && p.is_file())
-        });
-        if let Some(path) = file {
-            match std::fs::read_to_string(&path) {
-                Ok(text) => {
-                    let value = text.trim_end_matches(['\r', '\n']);
-                    if value.is_empty() {
-                        issues.push(issue(
-                            "oauth.client_secret_file",
-                            format!("{} is empty", path.display()),
-                        ));
-                    } else {
-                        oauth.client_secret = Some(Secret::new(value));
-                        oauth.client_secret_source = Some(path);
-                    }
-                }
-                Err(e) => issues.push(issue(
-                    "oauth.client_secret_file",
-                    format!("cannot read {}: {e}", path.display()),
-                )),
-            }
-        }
+        self.oauth.resolve_secret("", credentials, issues);
+        self.resolve_routes(issues);
     }
 
     /// Every rule in one pass, so the admin sees all problems at once.
@@ -261,144 +226,27 @@ impl Config {
             ));
         }
 
-        let up = &self.upstream;
-        if up.provider != "microsoft365" {
+        if let Some(v) = &self.queue.notify
+            && !looks_like_address(v)
+        {
             issues.push(issue(
-                "upstream.provider",
-                format!(
-                    "unknown provider `{}` (supported: microsoft365)",
-                    up.provider
-                ),
+                "queue.notify",
+                format!("`{v}` is not an e-mail address"),
             ));
         }
-        within(issues, "upstream.port", up.port, bounds::PORT, |n| {
-            n.to_string()
-        });
-        if let Some(host) = &up.host
-            && let Err(e) = check_host(host)
+        // Without [[route]] tables the top level is the only route and must name its mailbox;
+        // with them it is the default route only when it does.
+        if self.oauth.is_configured()
+            && self.upstream.mail_account.is_none()
+            && self.route.is_empty()
         {
-            issues.push(issue("upstream.host", e));
-        }
-        if let Some(ca) = &up.ca_file {
-            readable_file(issues, "upstream.ca_file", ca);
-        }
-        for (key, value) in [
-            ("upstream.mail_account", &up.mail_account),
-            ("upstream.from", &up.from),
-            ("queue.notify", &self.queue.notify),
-        ] {
-            if let Some(v) = value
-                && !looks_like_address(v)
-            {
-                issues.push(issue(key, format!("`{v}` is not an e-mail address")));
-            }
-        }
-        within(
-            issues,
-            "upstream.connections",
-            up.connections,
-            match up.transport {
-                TransportKind::Smtp => bounds::CONNECTIONS,
-                TransportKind::Graph => bounds::GRAPH_CONNECTIONS,
-            },
-            |n| n.to_string(),
-        );
-        if let Some(url) = &up.graph_url
-            && let Err(e) = check_token_url(url)
-        {
-            issues.push(issue("upstream.graph_url", e));
-        }
-        if up.rate.messages == 0 {
-            issues.push(issue("upstream.rate", "must allow at least 1 message"));
-        } else if up.rate.per / up.rate.messages < bounds::RATE_MIN_SPACING {
             issues.push(issue(
-                "upstream.rate",
-                format!(
-                    "{} is faster than 1000/s, the most the relay paces (Exchange Online allows \
-                     30/min per mailbox)",
-                    up.rate
-                ),
+                "upstream.mail_account",
+                "required: the mailbox the relay authenticates as",
             ));
         }
-
-        let oauth = &self.oauth;
-        within(
-            issues,
-            "oauth.refresh_before",
-            oauth.refresh_before,
-            bounds::REFRESH_BEFORE,
-            duration_text,
-        );
-        if oauth.is_configured() {
-            match &oauth.tenant_id {
-                None => issues.push(issue(
-                    "oauth.tenant_id",
-                    "required: the Directory (tenant) ID of the app registration",
-                )),
-                Some(t) => value_rule(issues, identity::tenant_id(t)),
-            }
-            match &oauth.client_id {
-                None => issues.push(issue(
-                    "oauth.client_id",
-                    "required: the Application (client) ID of the app registration",
-                )),
-                Some(c) => value_rule(issues, identity::client_id(c)),
-            }
-            if let Some(secret) = &oauth.client_secret {
-                value_rule(issues, identity::client_secret(secret.expose()));
-            }
-            if up.mail_account.is_none() {
-                issues.push(issue(
-                    "upstream.mail_account",
-                    "required: the mailbox the relay authenticates as",
-                ));
-            }
-            let credentials = [
-                oauth.client_secret.is_some(),
-                oauth.certificate_file.is_some() || oauth.private_key_file.is_some(),
-                oauth.assertion_file.is_some(),
-            ];
-            match credentials.iter().filter(|c| **c).count() {
-                0 => issues.push(issue(
-                    "oauth.client_secret",
-                    "required: a client secret (client_secret or client_secret_file), a certificate \
-                     (certificate_file + private_key_file) or a federated assertion_file",
-                )),
-                1 => {}
-                _ => issues.push(issue(
-                    "oauth.client_secret",
-                    "set exactly one credential: client secret, certificate or assertion_file",
-                )),
-            }
-            match (&oauth.certificate_file, &oauth.private_key_file) {
-                (Some(c), Some(k)) => {
-                    readable_file(issues, "oauth.certificate_file", c);
-                    readable_file(issues, "oauth.private_key_file", k);
-                }
-                (Some(_), None) => issues.push(issue(
-                    "oauth.private_key_file",
-                    "required when oauth.certificate_file is set",
-                )),
-                (None, Some(_)) => issues.push(issue(
-                    "oauth.certificate_file",
-                    "required when oauth.private_key_file is set",
-                )),
-                (None, None) => {}
-            }
-            if let Some(a) = &oauth.assertion_file {
-                readable_file(issues, "oauth.assertion_file", a);
-            }
-        }
-        if let Some(url) = &oauth.token_url
-            && let Err(e) = check_token_url(url)
-        {
-            issues.push(issue("oauth.token_url", e));
-        }
-        if let Some(scope) = &oauth.scope
-            && let Err(e) = check_scope(scope)
-        {
-            issues.push(issue("oauth.scope", e));
-        }
+        validate_delivery(&self.upstream, &self.oauth, "", issues);
+        self.validate_routes(issues);
         self.sendmail.validate_into(issues);
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             issues.push(issue(
@@ -411,6 +259,206 @@ impl Config {
     /// The effective configuration as TOML, secrets redacted.
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// The rules of one route's `[upstream]` and `[oauth]` (the top level with `prefix` empty, a
+/// `[[route]]` with `route.NAME.`), each problem naming its key with the prefix.
+pub(super) fn validate_delivery(
+    up: &UpstreamConfig,
+    oauth: &OAuthConfig,
+    prefix: &str,
+    issues: &mut Vec<ConfigIssue>,
+) {
+    let k = |key: &str| format!("{prefix}{key}");
+    if up.provider != "microsoft365" {
+        issues.push(issue(
+            &k("upstream.provider"),
+            format!(
+                "unknown provider `{}` (supported: microsoft365)",
+                up.provider
+            ),
+        ));
+    }
+    within(issues, &k("upstream.port"), up.port, bounds::PORT, |n| {
+        n.to_string()
+    });
+    if let Some(host) = &up.host
+        && let Err(e) = check_host(host)
+    {
+        issues.push(issue(&k("upstream.host"), e));
+    }
+    if let Some(ca) = &up.ca_file {
+        readable_file(issues, &k("upstream.ca_file"), ca);
+    }
+    let template = up
+        .mail_account
+        .as_deref()
+        .is_some_and(|m| crate::routes::MailboxSpec::parse(m).is_template());
+    for (key, value) in [
+        (k("upstream.mail_account"), &up.mail_account),
+        (k("upstream.from"), &up.from),
+    ] {
+        if key == k("upstream.mail_account") && template {
+            continue;
+        }
+        if let Some(v) = value
+            && !looks_like_address(v)
+        {
+            issues.push(issue(&key, format!("`{v}` is not an e-mail address")));
+        }
+    }
+    within(
+        issues,
+        &k("upstream.connections"),
+        up.connections,
+        match up.transport {
+            TransportKind::Smtp => bounds::CONNECTIONS,
+            TransportKind::Graph => bounds::GRAPH_CONNECTIONS,
+        },
+        |n| n.to_string(),
+    );
+    if let Some(url) = &up.graph_url
+        && let Err(e) = check_token_url(url)
+    {
+        issues.push(issue(&k("upstream.graph_url"), e));
+    }
+    if up.rate.messages == 0 {
+        issues.push(issue(&k("upstream.rate"), "must allow at least 1 message"));
+    } else if up.rate.per / up.rate.messages < bounds::RATE_MIN_SPACING {
+        issues.push(issue(
+            &k("upstream.rate"),
+            format!(
+                "{} is faster than 1000/s, the most the relay paces (Exchange Online allows \
+                 30/min per mailbox)",
+                up.rate
+            ),
+        ));
+    }
+
+    within(
+        issues,
+        &k("oauth.refresh_before"),
+        oauth.refresh_before,
+        bounds::REFRESH_BEFORE,
+        duration_text,
+    );
+    if oauth.is_configured() {
+        match &oauth.tenant_id {
+            None => issues.push(issue(
+                &k("oauth.tenant_id"),
+                "required: the Directory (tenant) ID of the app registration",
+            )),
+            Some(t) => value_rule(issues, prefix, identity::tenant_id(t)),
+        }
+        match &oauth.client_id {
+            None => issues.push(issue(
+                &k("oauth.client_id"),
+                "required: the Application (client) ID of the app registration",
+            )),
+            Some(c) => value_rule(issues, prefix, identity::client_id(c)),
+        }
+        if let Some(secret) = &oauth.client_secret {
+            value_rule(issues, prefix, identity::client_secret(secret.expose()));
+        }
+        let credentials = [
+            oauth.client_secret.is_some(),
+            oauth.certificate_file.is_some() || oauth.private_key_file.is_some(),
+            oauth.assertion_file.is_some(),
+        ];
+        match credentials.iter().filter(|c| **c).count() {
+            0 => issues.push(issue(
+                &k("oauth.client_secret"),
+                "required: a client secret (client_secret or client_secret_file), a certificate \
+                 (certificate_file + private_key_file) or a federated assertion_file",
+            )),
+            1 => {}
+            _ => issues.push(issue(
+                &k("oauth.client_secret"),
+                "set exactly one credential: client secret, certificate or assertion_file",
+            )),
+        }
+        match (&oauth.certificate_file, &oauth.private_key_file) {
+            (Some(c), Some(key)) => {
+                readable_file(issues, &k("oauth.certificate_file"), c);
+                readable_file(issues, &k("oauth.private_key_file"), key);
+            }
+            (Some(_), None) => issues.push(issue(
+                &k("oauth.private_key_file"),
+                "required when oauth.certificate_file is set",
+            )),
+            (None, Some(_)) => issues.push(issue(
+                &k("oauth.certificate_file"),
+                "required when oauth.private_key_file is set",
+            )),
+            (None, None) => {}
+        }
+        if let Some(a) = &oauth.assertion_file {
+            readable_file(issues, &k("oauth.assertion_file"), a);
+        }
+    }
+    if let Some(url) = &oauth.token_url
+        && let Err(e) = check_token_url(url)
+    {
+        issues.push(issue(&k("oauth.token_url"), e));
+    }
+    if let Some(scope) = &oauth.scope
+        && let Err(e) = check_scope(scope)
+    {
+        issues.push(issue(&k("oauth.scope"), e));
+    }
+}
+
+impl OAuthConfig {
+    /// Reads `client_secret_file`, or the systemd credential `client_secret` (`credentials`:
+    /// the top level only), into `client_secret`. `prefix` names a route's keys.
+    pub(super) fn resolve_secret(
+        &mut self,
+        prefix: &str,
+        credentials: Option<&Path>,
+        issues: &mut Vec<ConfigIssue>,
+    ) {
+        let k = |key: &str| format!("{prefix}{key}");
+        let oauth = self;
+        if oauth.client_secret.is_some() && oauth.client_secret_file.is_some() {
+            issues.push(issue(
+                &k("oauth.client_secret_file"),
+                format!(
+                    "set either {0}oauth.client_secret or {0}oauth.client_secret_file, not both",
+                    prefix
+                ),
+            ));
+            return;
+        }
+        let file = oauth.client_secret_file.clone().or_else(|| {
+            // systemd's LoadCredential=client_secret:... (only when nothing else provides a credential)
+            let no_other = oauth.client_secret.is_none()
+                && oauth.certificate_file.is_none()
+                && oauth.assertion_file.is_none();
+            credentials
+                .map(|d| d.join("client_secret"))
+                .filter(|p| no_other && p.is_file())
+        });
+        if let Some(path) = file {
+            match std::fs::read_to_string(&path) {
+                Ok(text) => {
+                    let value = text.trim_end_matches(['\r', '\n']);
+                    if value.is_empty() {
+                        issues.push(issue(
+                            &k("oauth.client_secret_file"),
+                            format!("{} is empty", path.display()),
+                        ));
+                    } else {
+                        oauth.client_secret = Some(Secret::new(value));
+                        oauth.client_secret_source = Some(path);
+                    }
+                }
+                Err(e) => issues.push(issue(
+                    &k("oauth.client_secret_file"),
+                    format!("cannot read {}: {e}", path.display()),
+                )),
+            }
+        }
     }
 }
 
@@ -667,10 +715,14 @@ pub(super) fn duration_text(d: Duration) -> String {
 }
 
 /// A rule of [`identity`] as a configuration issue: what is wrong, then the fix.
-pub(super) fn value_rule(issues: &mut Vec<ConfigIssue>, rule: Result<(), identity::ValueProblem>) {
+pub(super) fn value_rule(
+    issues: &mut Vec<ConfigIssue>,
+    prefix: &str,
+    rule: Result<(), identity::ValueProblem>,
+) {
     if let Err(p) = rule {
         issues.push(ConfigIssue {
-            key: p.key.to_string(),
+            key: format!("{prefix}{}", p.key),
             message: p.what,
             fix: Some(p.fix),
         });

@@ -14,7 +14,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::SystemTime;
 
-pub use scheduler::{Deliverer, DeliveryHandle, DeliverySettings, MailboxState, MailboxStatus};
+pub use scheduler::{
+    Deliverer, DeliveryHandle, DeliverySettings, FixedUpstream, LaneKey, LaneParts, MailboxState,
+    MailboxStatus, Unroutable, Upstreams,
+};
 
 /// An access token as the deliverer needs it.
 #[derive(Clone)]

@@ -164,6 +164,7 @@ mod tests {
             helo: "app".into(),
             auth_user: None,
             received_at: SystemTime::UNIX_EPOCH,
+            route: "default".into(),
         };
         let state = DeliveryState {
             recipients: vec![

@@ -139,9 +139,21 @@ impl Session {
         if !from.address.is_ascii() && from.flags & MAIL_SMTPUTF8 == 0 {
             return self.reply(reply::NEEDS_SMTPUTF8);
         }
+        // The route is chosen now (and stored with the message): its transport bounds the size.
+        let (route, size_limit) = match self.shared.choose_route(
+            &from.address,
+            self.auth_user.as_deref(),
+            self.listener,
+        ) {
+            Ok(chosen) => chosen,
+            Err(reason) => {
+                tracing::warn!(client = %self.peer, sender = %from.address, %reason, "no route: refused");
+                return self.reply(reply::no_route(&reason));
+            }
+        };
         // RFC 1870 §6.1: refuse a declared size above the limit before any data is sent.
         let declared = from.size as u64;
-        if declared > self.shared.settings.max_message_size {
+        if declared > size_limit {
             return self.reply(reply::MESSAGE_TOO_BIG);
         }
         if let Err(reply) = self.shared.check_free_space(declared) {
@@ -152,6 +164,8 @@ impl Session {
             mail_flags: from.flags,
             env_id: from.env_id,
             recipients: Vec::new(),
+            route,
+            size_limit,
             bdat: None,
         });
         self.reply(reply::SENDER_OK);

@@ -68,6 +68,7 @@ impl Session {
             helo: self.helo.clone().unwrap_or_default(),
             auth_user: self.auth_user.clone(),
             received_at,
+            route: tx.route.clone(),
         };
         let incoming = self.shared.store.put(&envelope).await.map_err(|e| {
             tracing::error!(client = %self.peer, error = %e, "cannot create spool entry");
@@ -91,9 +92,16 @@ impl Session {
         Ok(MessageWriter::new(incoming, trace))
     }
 
+    /// The transaction's route's limit (the listener's when there is no transaction).
+    fn size_limit(&self) -> u64 {
+        self.tx
+            .as_ref()
+            .map_or(self.shared.settings.max_message_size, |tx| tx.size_limit)
+    }
+
     /// Consumes DATA bytes; returns false when `it` is exhausted before the end of data.
     pub(super) async fn ingest_data(&mut self, it: &mut Iter<'_, u8>) -> bool {
-        let max = self.shared.settings.max_message_size;
+        let max = self.size_limit();
         match &mut self.state {
             State::Data { decoder, writer } => {
                 let mut chunk = Vec::with_capacity(it.len().min(WRITE_CHUNK) + 8);
@@ -226,7 +234,7 @@ impl Session {
     }
 
     pub(super) async fn ingest_bdat(&mut self, it: &mut Iter<'_, u8>) -> bool {
-        let max = self.shared.settings.max_message_size;
+        let max = self.size_limit();
         let State::Bdat { receiver } = &mut self.state else {
             return true;
         };

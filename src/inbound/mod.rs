@@ -115,7 +115,13 @@ impl InboundSettings {
         };
         Ok(InboundSettings {
             hostname: smtp.hostname.clone(),
-            max_message_size: accept_limit(config),
+            // EHLO's SIZE: the most any route takes (MAIL FROM applies the chosen route's).
+            max_message_size: config
+                .route_table()
+                .iter()
+                .map(|r| accept_limit(&r.config))
+                .max()
+                .unwrap_or_else(|| accept_limit(config)),
             max_recipients: smtp.max_recipients,
             max_connections: smtp.max_connections,
             allow_networks: config.allowed_networks(),
@@ -180,9 +186,28 @@ pub struct Shared {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Failed AUTH per client address (the brute-force limit).
     pub auth_failures: AuthFailures,
+    /// The routes MAIL FROM chooses from; replaced by a reload.
+    pub routes: std::sync::RwLock<Arc<crate::routes::Routes>>,
 }
 
 impl Shared {
+    /// The route for a transaction and the size limit of its transport, or why none takes it.
+    pub fn choose_route(
+        &self,
+        sender: &str,
+        auth_user: Option<&str>,
+        listener: Option<SocketAddr>,
+    ) -> Result<(String, u64), crate::routes::NoRoute> {
+        let routes = self
+            .routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (route, _mailbox) = routes.choose(sender, auth_user, listener)?;
+        let limit = accept_limit(&route.config).min(self.settings.max_message_size);
+        Ok((route.name.clone(), limit))
+    }
+
     /// RFC 5321 §4.5.3.1.10 / Postfix `smtpd_check_queue`: refuse with a temporary 452 before
     /// taking data the disk cannot hold.
     pub fn check_free_space(&self, declared_size: u64) -> Result<(), Reply> {
@@ -206,6 +231,16 @@ impl Shared {
     }
 }
 
+/// Replaces the routes of a running [`Server`].
+#[derive(Clone)]
+pub struct RoutesHandle(Arc<Shared>);
+
+impl RoutesHandle {
+    pub fn set(&self, routes: crate::routes::Routes) {
+        *self.0.routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routes);
+    }
+}
+
 pub struct Server {
     shared: Arc<Shared>,
     stop: crate::stop::StopBudget,
@@ -224,6 +259,7 @@ impl Server {
                 accepted: AtomicU64::new(0),
                 metrics,
                 auth_failures: AuthFailures::default(),
+                routes: std::sync::RwLock::new(Arc::new(crate::routes::Routes::default())),
             }),
             stop: crate::stop::StopBudget::new(DRAIN_TIMEOUT),
         }
@@ -234,6 +270,26 @@ impl Server {
     pub fn with_stop_budget(mut self, stop: crate::stop::StopBudget) -> Server {
         self.stop = stop;
         self
+    }
+
+    /// The routes MAIL FROM chooses from (without them: every message takes the default route).
+    pub fn with_routes(self, routes: crate::routes::Routes) -> Server {
+        self.set_routes(routes);
+        self
+    }
+
+    /// Replaces the routes for the transactions that start from now on (a reload).
+    pub fn set_routes(&self, routes: crate::routes::Routes) {
+        *self
+            .shared
+            .routes
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(routes);
+    }
+
+    /// A handle that replaces the routes of the running server (SIGHUP).
+    pub fn routes_handle(&self) -> RoutesHandle {
+        RoutesHandle(self.shared.clone())
     }
 
     /// Submits messages through this server's rules in-process (the drop directory).
@@ -363,6 +419,9 @@ async fn serve_connection(
     let handshake_timeout = shared.settings.command_timeout;
     let write_timeout = shared.settings.write_timeout;
     let mut session = Session::new(shared, peer);
+    if let Ok(local) = stream.local_addr() {
+        session = session.at_listener(local);
+    }
     session.greeting();
     match session.drive(&mut stream, &shutdown).await {
         Ok(Next::StartTls) => {

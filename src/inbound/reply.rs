@@ -134,3 +134,9 @@ pub const NEEDS_SMTPUTF8: Reply = Reply::new(
     "5.6.7",
     "Non-ASCII address requires the SMTPUTF8 parameter",
 );
+
+/// `550 5.7.1` at MAIL FROM: no route takes mail from this sender here (the reason names the
+/// sender and the route, nothing secret).
+pub fn no_route(reason: &crate::routes::NoRoute) -> Reply {
+    Reply::with_text(550, "5.7.1", format!("Not accepted: {reason}"))
+}

@@ -39,6 +39,10 @@ pub struct Transaction {
     pub mail_flags: u64,
     pub env_id: Option<String>,
     pub recipients: Vec<crate::spool::Recipient>,
+    /// The route chosen at MAIL FROM ([`crate::routes`]), stored with the message.
+    pub route: String,
+    /// The largest message this transaction's route takes (Graph's is smaller than SMTP's).
+    pub size_limit: u64,
     /// Set once BDAT started: the message being received chunk by chunk.
     pub bdat: Option<BdatTransfer>,
 }
@@ -113,6 +117,9 @@ pub struct Session {
     /// An in-process session for the drop directory: its files were written by local users,
     /// whom `smtp.auth` does not ask for a password (sendmail has none to give).
     pub(super) local: bool,
+    /// The local address the client connected to (`match_listener` of routes); `None` for
+    /// in-process sessions.
+    pub(super) listener: Option<SocketAddr>,
 }
 
 impl Session {
@@ -132,7 +139,14 @@ impl Session {
             acked: false,
             transfer_deadline: None,
             local: false,
+            listener: None,
         }
+    }
+
+    /// The local address this session's client connected to (routes may match on it).
+    pub fn at_listener(mut self, local: SocketAddr) -> Session {
+        self.listener = Some(local);
+        self
     }
 
     /// Marks the session as the drop directory's (see [`super::local::LocalSubmitter`]).

@@ -284,6 +284,8 @@ fn deliver(config: &Config, o: &Options) -> u8 {
         helo: local.helo.clone(),
         auth_user: None,
         received_at: SystemTime::now(),
+        // The listener chooses the route again; this one is only the drop file's.
+        route: crate::routes::DEFAULT_ROUTE.into(),
     };
     block_on(hand_over(config, envelope, prepared.message, o.verbose))
 }
@@ -583,6 +585,7 @@ async fn offline_smtp(config: &Config, local: &Local, why: &str) -> u8 {
                         helo: local.helo.clone(),
                         auth_user: None,
                         received_at: SystemTime::now(),
+                        route: crate::routes::DEFAULT_ROUTE.into(),
                     };
                     match DropDir::from_config(config).deposit(&envelope, &message) {
                         Ok(id) => format!("250 2.0.0 queued as {id}"),

@@ -318,6 +318,7 @@ mod tests {
             helo: "app".into(),
             auth_user: None,
             received_at: std::time::SystemTime::now(),
+            route: "default".into(),
         }
     }
 

@@ -1,9 +1,10 @@
-//! The message file format (version 1): a small human-readable envelope header, a blank line,
+//! The message file format (version 2): a small human-readable envelope header, a blank line,
 //! then the exact message bytes.
 //!
 //! ```text
-//! Spool-Format: 1
+//! Spool-Format: 2
 //! Id: 01JDQ6Z8X1V3K5M7N9P0R2S4T6
+//! Route: billing
 //! Received-At: 2025-11-29T18:34:00.123456789Z
 //! Client: 127.0.0.1:54321
 //! Helo: printer.example
@@ -25,7 +26,8 @@
 //!
 //! Rules (enforced by [`decode`], produced by [`encode_header`]):
 //! - Lines end in LF and have the form `Key: value`; the header ends at the first empty line.
-//! - The first line is `Spool-Format: 1`; `Body-Length` is the last line and has exactly 20 digits
+//! - The first line is `Spool-Format: 2` (or 1: files written before routes existed, read as
+//!   route `default`); `Route` is required in version 2 and refused in 1. `Body-Length` is the last line and has exactly 20 digits
 //!   (it is written as zeros and patched in place once the body is complete).
 //! - `Auth-User`, `Envid`, `Ret` are optional; `Rcpt-Notify` and `Rcpt-Orcpt` belong to the
 //!   `Rcpt-To` line just above them. At least one `Rcpt-To`. Unknown keys are refused.
@@ -38,8 +40,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use super::error::SpoolError;
 use super::id::is_valid_id;
 
-/// The only format version this code writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this code writes; it also reads version 1 (before routes).
+pub const FORMAT_VERSION: u32 = 2;
 /// A header longer than this is refused (500 recipients with long ORCPTs fit easily).
 pub const MAX_HEADER_LEN: usize = 4 << 20;
 const LENGTH_WIDTH: usize = 20;
@@ -124,6 +126,8 @@ pub struct Envelope {
     pub helo: String,
     pub auth_user: Option<String>,
     pub received_at: SystemTime,
+    /// The route chosen at `MAIL FROM` ([`crate::routes`]); `default` for version 1 files.
+    pub route: String,
 }
 
 /// A decoded message file header.
@@ -191,6 +195,12 @@ pub fn validate_envelope(env: &Envelope) -> Result<(), SpoolError> {
             check_value("ORCPT", o)?;
         }
     }
+    if !is_route_name(&env.route) {
+        return Err(SpoolError::InvalidEnvelope(format!(
+            "route {:?} is not a route name",
+            env.route
+        )));
+    }
     check_value("client", &env.client)?;
     check_value("HELO name", &env.helo)?;
     if let Some(u) = &env.auth_user {
@@ -224,6 +234,7 @@ pub(crate) fn encode_with_offset(
     use std::fmt::Write as _;
     let _ = writeln!(s, "Spool-Format: {FORMAT_VERSION}");
     let _ = writeln!(s, "Id: {id}");
+    let _ = writeln!(s, "Route: {}", env.route);
     let _ = writeln!(
         s,
         "Received-At: {}",
@@ -282,6 +293,15 @@ pub(crate) fn length_digits(body_length: u64) -> [u8; LENGTH_WIDTH] {
     out
 }
 
+/// `[a-z0-9-]{1,32}`, as `route.name` (and `default`).
+fn is_route_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= crate::config::ROUTE_NAME_MAX
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
 /// Position of the first `\n\n` (end of the envelope header).
 pub(crate) fn find_header_end(bytes: &[u8]) -> Option<usize> {
     bytes.windows(2).position(|w| w == b"\n\n")
@@ -309,20 +329,22 @@ pub fn decode(bytes: &[u8]) -> Result<Header, DecodeError> {
         Err(_) => return invalid("header is not UTF-8"),
     };
     let mut lines = text.split('\n');
-    match lines.next() {
-        Some("Spool-Format: 1") => {}
+    let version = match lines.next() {
+        Some("Spool-Format: 1") => 1,
+        Some("Spool-Format: 2") => 2,
         Some(l) => match l.strip_prefix("Spool-Format: ") {
             Some(v) => return invalid(format!("unsupported spool format version {v:?}")),
             None => return invalid("first line is not Spool-Format"),
         },
         None => return invalid("empty header"),
-    }
+    };
 
     let mut id = None;
     let mut received_at = None;
     let mut client = None;
     let mut helo = None;
     let mut auth_user = None;
+    let mut route = None;
     let mut mail_from = None;
     let mut body = None;
     let mut smtputf8 = None;
@@ -361,6 +383,12 @@ pub fn decode(bytes: &[u8]) -> Result<Header, DecodeError> {
                 let t = humantime::parse_rfc3339(value)
                     .or_else(|_| invalid(format!("line {lineno}: bad Received-At {value:?}")))?;
                 once(&mut received_at, key, t)?
+            }
+            "Route" if version >= 2 => {
+                if !is_route_name(value) {
+                    return invalid(format!("line {lineno}: invalid Route {value:?}"));
+                }
+                once(&mut route, key, value.to_string())?
             }
             "Client" => once(&mut client, key, value.to_string())?,
             "Helo" => once(&mut helo, key, value.to_string())?,
@@ -434,9 +462,13 @@ pub fn decode(bytes: &[u8]) -> Result<Header, DecodeError> {
         helo: need(helo, "Helo")?,
         auth_user,
         received_at: need(received_at, "Received-At")?,
+        route: match version {
+            1 => crate::routes::DEFAULT_ROUTE.to_string(),
+            _ => need(route, "Route")?,
+        },
     };
     Ok(Header {
-        version: FORMAT_VERSION,
+        version,
         id: need(id, "Id")?,
         envelope,
         body_length,
@@ -477,6 +509,7 @@ mod tests {
             helo: "printer.example".into(),
             auth_user: Some("scanner".into()),
             received_at: UNIX_EPOCH + Duration::new(1_764_441_240, 123_456_789),
+            route: "default".into(),
         }
     }
 
@@ -510,8 +543,9 @@ mod tests {
     #[test]
     fn example_is_stable() {
         let bytes = encode_header(ID, &env(), 1234).unwrap();
-        let expected = "Spool-Format: 1\n\
+        let expected = "Spool-Format: 2\n\
 Id: 01JDQ6Z8X1V3K5M7N9P0R2S4T6\n\
+Route: default\n\
 Received-At: 2025-11-29T18:34:00.123456789Z\n\
 Client: 127.0.0.1:54321\n\
 Helo: printer.example\n\
@@ -529,6 +563,20 @@ Rcpt-To: <jörg@bücher.example>\n\
 Rcpt-Orcpt: utf-8;jörg@bücher.example\n\
 Body-Length: 00000000000000001234\n\n";
         assert_eq!(String::from_utf8(bytes).unwrap(), expected);
+    }
+
+    #[test]
+    fn version_1_files_are_read_as_the_default_route() {
+        let mut e = env();
+        e.route = "billing".into();
+        let v2 = String::from_utf8(encode_header(ID, &e, 5).unwrap()).unwrap();
+        assert_eq!(decode(v2.as_bytes()).unwrap().envelope.route, "billing");
+        let v1 = v2
+            .replace("Spool-Format: 2", "Spool-Format: 1")
+            .replace("Route: billing\n", "");
+        let h = decode(v1.as_bytes()).unwrap();
+        assert_eq!((h.version, h.envelope.route.as_str()), (1, "default"));
+        assert_eq!(h.envelope.mail_from, e.mail_from);
     }
 
     #[test]
@@ -572,8 +620,14 @@ Body-Length: 00000000000000001234\n\n";
     fn strict_decoder() {
         let g = good();
         let cases: Vec<(String, &str)> = vec![
-            (g.replace("Spool-Format: 1", "Spool-Format: 2"), "version"),
-            (g.replace("Spool-Format: 1\n", ""), "first line"),
+            (g.replace("Spool-Format: 2", "Spool-Format: 3"), "version"),
+            (g.replace("Spool-Format: 2\n", ""), "first line"),
+            (g.replace("Route: default\n", ""), "missing Route"),
+            (g.replace("Route: default", "Route: Bad Name"), "Route"),
+            (
+                g.replace("Spool-Format: 2", "Spool-Format: 1"),
+                "unknown key",
+            ),
             (g.replace("Helo: ", "Helo:"), "Key: value"),
             (g.replace("Body: 8BITMIME", "Body: 9BIT"), "Body"),
             (g.replace("Smtputf8: yes", "Smtputf8: true"), "Smtputf8"),

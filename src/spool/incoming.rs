@@ -50,6 +50,8 @@ pub struct IncomingMessage {
     length_offset: u64,
     body_len: u64,
     phase: Phase,
+    /// Announced with the commit (the deliverer's lane for it).
+    routing: crate::store::Routing,
 }
 
 impl std::fmt::Debug for IncomingMessage {
@@ -68,6 +70,7 @@ impl IncomingMessage {
         envelope: &Envelope,
     ) -> Result<IncomingMessage, SpoolError> {
         let id = inner.ids.next();
+        let routing = envelope.routing();
         let (header, offset) = format::encode_with_offset(&id, envelope, 0)?;
         let tmp_path = inner.tmp_dir().join(format!("{id}.msg"));
         let file = {
@@ -93,6 +96,7 @@ impl IncomingMessage {
             length_offset: offset as u64,
             body_len: 0,
             phase: Phase::Open,
+            routing,
         })
     }
 
@@ -232,10 +236,10 @@ impl IncomingMessage {
         self.phase = Phase::Committed;
         self.inner.counters.commits.fetch_add(1, Ordering::Relaxed);
         // No receiver (no deliverer yet) is not an error: it reads the queue when it starts.
-        let _ = self
-            .inner
-            .events
-            .send(crate::store::StoreEvent::Committed(self.id.clone()));
+        let _ = self.inner.events.send(crate::store::StoreEvent::Committed(
+            self.id.clone(),
+            self.routing.clone(),
+        ));
         Ok(self.id.clone())
     }
 

@@ -410,6 +410,7 @@ mod tests {
             helo: "localhost".into(),
             auth_user: None,
             received_at: SystemTime::now(),
+            route: "default".into(),
         }
     }
 

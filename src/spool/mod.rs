@@ -114,6 +114,9 @@ pub struct QueueEntry {
     /// Envelope sender; empty for the null sender.
     pub mail_from: String,
     pub recipients: Vec<String>,
+    /// The route chosen at accept, and the inbound AUTH user (a template route's mailbox).
+    pub route: String,
+    pub auth_user: Option<String>,
     /// Message size in bytes (the body after the envelope header).
     pub size: u64,
     /// Delivery state, if the message was ever attempted (and its state file is usable).
@@ -360,6 +363,8 @@ impl Spool {
             received_at: env.received_at,
             mail_from: env.mail_from.clone(),
             recipients: env.recipients.iter().map(|r| r.address.clone()).collect(),
+            route: env.route.clone(),
+            auth_user: env.auth_user.clone(),
             size: m.header.body_length,
             delivery,
             state_problem,

@@ -59,11 +59,40 @@ impl StoreError {
     }
 }
 
+/// What the deliverer needs to put a message in its mailbox's lane without reading it: the
+/// route chosen at accept and what a template route derives the mailbox from.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Routing {
+    pub route: String,
+    pub mail_from: String,
+    pub auth_user: Option<String>,
+}
+
+impl Envelope {
+    pub fn routing(&self) -> Routing {
+        Routing {
+            route: self.route.clone(),
+            mail_from: self.mail_from.clone(),
+            auth_user: self.auth_user.clone(),
+        }
+    }
+}
+
+impl QueueEntry {
+    pub fn routing(&self) -> Routing {
+        Routing {
+            route: self.route.clone(),
+            mail_from: self.mail_from.clone(),
+            auth_user: self.auth_user.clone(),
+        }
+    }
+}
+
 /// A change the deliverer must know about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreEvent {
     /// A new message was committed (received mail or a failure notice): due now.
-    Committed(String),
+    Committed(String, Routing),
     /// Messages changed state outside the deliverer (an operator command, here or in another
     /// process): what is queued must be read again.
     Changed,

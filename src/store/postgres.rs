@@ -503,7 +503,10 @@ impl PgIncoming {
         let header = encode_header(&self.id, &self.envelope, self.size)
             .map_err(|e| PgError::Setup(e.to_string()))?;
         let (id, size, received) = (self.id.clone(), self.size as i64, self.envelope.received_at);
-        let payload = format!("{} c {id}", self.store.inner.owner);
+        // The other relays place it in its mailbox's lane from the notification alone.
+        let routing = serde_json::to_string(&self.envelope.routing())
+            .map_err(|e| PgError::Setup(e.to_string()))?;
+        let payload = format!("{} c {id} {routing}", self.store.inner.owner);
         let client = self.begin().await?;
         client
             .execute(
@@ -560,7 +563,8 @@ impl Incoming for PgIncoming {
                 Ok(id) => {
                     // Committed: the connection is clean again and goes back to the pool.
                     drop(self.conn.take());
-                    self.store.announce(StoreEvent::Committed(id.clone()));
+                    self.store
+                        .announce(StoreEvent::Committed(id.clone(), self.envelope.routing()));
                     Ok(id)
                 }
                 // Dropping self closes the connection: whatever was begun is rolled back.
@@ -897,6 +901,8 @@ impl PgStore {
                     .iter()
                     .map(|r| r.address.clone())
                     .collect(),
+                route: envelope.route.clone(),
+                auth_user: envelope.auth_user.clone(),
                 size: col::<i64>(&row, 3)?.max(0) as u64,
                 delivery,
                 state_problem,
@@ -1026,13 +1032,20 @@ async fn listen(store: Weak<Inner>) {
                     payload = rx.recv() => {
                         let Some(payload) = payload else { break };
                         let Some(inner) = store.upgrade() else { return };
-                        let mut words = payload.splitn(3, ' ');
+                        let mut words = payload.splitn(4, ' ');
                         let from = words.next().unwrap_or("");
                         if from == owner {
                             continue; // announced in-process already
                         }
-                        let event = match (words.next(), words.next()) {
-                            (Some("c"), Some(id)) => StoreEvent::Committed(id.to_string()),
+                        let routing = |json: Option<&str>| {
+                            json.and_then(|j| serde_json::from_str::<super::Routing>(j).ok())
+                        };
+                        // Without a readable routing (an older relay): read the queue again.
+                        let event = match (words.next(), words.next(), words.next()) {
+                            (Some("c"), Some(id), json) => match routing(json) {
+                                Some(r) => StoreEvent::Committed(id.to_string(), r),
+                                None => StoreEvent::Changed,
+                            },
                             _ => StoreEvent::Changed,
                         };
                         let _ = inner.events.send(event);

@@ -578,6 +578,7 @@ mod tests {
             helo: "test".into(),
             auth_user: None,
             received_at: SystemTime::now(),
+            route: "default".into(),
         }
     }
 

@@ -411,7 +411,7 @@ fn tuned_deliverer(
             let transport = SmtpTransport::new(target, smtp, Arc::new(tokens), metrics.clone());
             (settings, Arc::new(transport))
         };
-    Deliverer::start(
+    Deliverer::start_fixed(
         Arc::new(spool.clone()),
         settings,
         transport,

@@ -89,6 +89,8 @@ pub fn config(port: u16, spool: &Path, sim: Option<&SimProc>, sendmail: &str) ->
 #[derive(Debug, Clone)]
 pub struct Delivered {
     pub rcpt_to: Vec<String>,
+    /// The mailbox that signed in (XOAUTH2 user) to deliver it.
+    pub auth_user: String,
     pub text: String,
 }
 
@@ -117,6 +119,7 @@ pub fn delivered(sim: &SimProc) -> Vec<Delivered> {
                 .unwrap_or_default();
             out.push(Delivered {
                 rcpt_to,
+                auth_user: v["auth_user"].as_str().unwrap_or_default().to_string(),
                 text: String::from_utf8_lossy(&eml).into_owned(),
             });
         }

@@ -33,6 +33,7 @@ pub fn session_rig(toml: &str) -> SessionRig {
             accepted: AtomicU64::new(0),
             metrics: Default::default(),
             auth_failures: Default::default(),
+            routes: Default::default(),
         }),
         spool,
         _dir: dir,

@@ -32,6 +32,7 @@ pub fn envelope(recipients: &[&str]) -> Envelope {
         helo: "app.legacy.test".into(),
         auth_user: None,
         received_at: SystemTime::now(),
+        route: "default".into(),
     }
 }
 
@@ -90,7 +91,10 @@ pub async fn commits_are_durable_and_announced(f: &mut impl StoreFixture) {
     let id = put(&*store, &["a@example.org", "b@example.org"], &bytes).await;
     assert_eq!(
         next_event(&mut events, Duration::from_secs(5)).await,
-        Some(StoreEvent::Committed(id.clone()))
+        Some(StoreEvent::Committed(
+            id.clone(),
+            envelope(&["a@example.org"]).routing()
+        ))
     );
     let aborted = store.put(&envelope(&["c@example.org"])).await.expect("put");
     aborted.abort().await;

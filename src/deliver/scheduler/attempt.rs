@@ -36,6 +36,17 @@ pub(super) async fn deliver_one(ctx: &Arc<Context>, id: &str) -> JobResult {
         }
     };
     let message = &claimed.message;
+    // Never with another route's credentials: a reload may have moved the message meanwhile
+    // (the rescan that follows every reload places it again).
+    if message.envelope.route != ctx.route {
+        tracing::warn!(
+            id,
+            route = %message.envelope.route,
+            lane = %ctx.route,
+            "message is not this route's: not sent here"
+        );
+        return JobResult::Skipped;
+    }
     let mut state = claimed.state.clone().unwrap_or_default();
     if state.recipients.is_empty() {
         state.recipients = message
@@ -400,6 +411,8 @@ async fn queue_notice(
         helo: ctx.settings().reporting_host.clone(),
         auth_user: None,
         received_at: SystemTime::now(),
+        // The notice is sent as the failed message was: same route, same mailbox.
+        route: message.envelope.route.clone(),
     };
     let mut incoming = ctx.store.put(&envelope).await?;
     incoming.write(&bytes).await?;

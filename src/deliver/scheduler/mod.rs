@@ -1,16 +1,20 @@
 //! The deliverer: drains the queue to Exchange Online at the pace Microsoft allows.
 //!
-//! One dispatcher task owns the schedule (which message is due when). It starts a delivery job
-//! when a message is due, a connection slot is free (`upstream.connections`), the rate allows
-//! (`upstream.rate`, evenly spaced) and the mailbox is not held. Jobs report back; the dispatcher
-//! reschedules. The store is the only record: the schedule is rebuilt from it at start and
-//! whenever the store says that something changed outside the deliverer (an operator command);
-//! each committed message is announced by the store ([`StoreEvent::Committed`]).
+//! One dispatcher task owns a lane per (route, mailbox) ([`lanes`]): each lane's schedule
+//! (which message is due when) and pacer. It starts a delivery job when a message is due, a
+//! connection slot of its mailbox is free (`upstream.connections`), the rate allows
+//! (`upstream.rate`, evenly spaced) and the mailbox is not held. Jobs report back; the
+//! dispatcher reschedules. The store is the only record: the lanes are rebuilt from it at start
+//! and whenever the store says that something changed outside the deliverer (an operator
+//! command); each committed message is announced by the store ([`StoreEvent::Committed`]) with
+//! its routing.
 //!
-//! Here: the settings, the mailbox status and the dispatcher loop; `schedule.rs`: what is due
-//! when; `attempt.rs`: one attempt from claim to the recorded outcome.
+//! Here: the settings, the mailbox status and the dispatcher loop; `lanes.rs`: which lane a
+//! message is in; `schedule.rs`: what is due when; `attempt.rs`: one attempt from claim to the
+//! recorded outcome.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
@@ -22,14 +26,16 @@ use super::pacer::{Attempt, Pacer, PacerSettings, Progress, Start, Transition};
 use crate::config::{Rate, RewriteFrom};
 use crate::metrics::Metrics;
 use crate::stop::StopBudget;
-use crate::store::{EntryState, Store, StoreEvent};
+use crate::store::{EntryState, Routing, Store, StoreEvent};
 use crate::transport::Transport;
 
 mod attempt;
+pub mod lanes;
 mod schedule;
 
 pub use attempt::backoff;
 use attempt::deliver_one;
+pub use lanes::{FixedUpstream, LaneKey, LaneParts, Unroutable, Upstreams};
 use schedule::Schedule;
 
 /// Delivery policy, resolved from the configuration.
@@ -74,7 +80,7 @@ impl DeliverySettings {
     }
 }
 
-/// The mailbox as a whole, shown by logs, `queue list` and (later) `/healthz`.
+/// The mailbox as a whole, shown by logs, `queue list` and `/healthz`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MailboxState {
     Running,
@@ -82,6 +88,12 @@ pub enum MailboxState {
     Held {
         cause: HoldCause,
         reply: String,
+        since: SystemTime,
+    },
+    /// Its route cannot send (removed by a reload, or a template that gives no mailbox): the
+    /// messages wait, never sent with another route's credentials.
+    Unroutable {
+        reason: String,
         since: SystemTime,
     },
 }
@@ -102,12 +114,22 @@ impl MailboxState {
                 "fix": cause.fix(),
                 "since": humantime::format_rfc3339_seconds(*since).to_string(),
             }),
+            MailboxState::Unroutable { reason, since } => serde_json::json!({
+                "state": "held",
+                "reason": reason,
+                "fix": "Restore the route in relay.toml (then SIGHUP or restart), or remove the \
+                        messages with smtp-oauth-relay queue delete ID: they are never sent \
+                        with another route's credentials.",
+                "since": humantime::format_rfc3339_seconds(*since).to_string(),
+            }),
         }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct MailboxStatus {
+    pub route: String,
+    pub mailbox: String,
     pub state: MailboxState,
     /// Exchange asked to slow down (432/421) recently; sending is paced down until then.
     pub throttled_until: Option<SystemTime>,
@@ -116,32 +138,68 @@ pub struct MailboxStatus {
     pub queued: usize,
 }
 
+impl MailboxStatus {
+    fn new(key: &LaneKey, state: MailboxState) -> MailboxStatus {
+        MailboxStatus {
+            route: key.route.clone(),
+            mailbox: key.mailbox.clone(),
+            state,
+            throttled_until: None,
+            last_delivery: None,
+            delivered: 0,
+            queued: 0,
+        }
+    }
+}
+
 /// Lets the daemon and the admin endpoint talk to the deliverer (new mail reaches it through
 /// the store's events).
 #[derive(Clone)]
 pub struct DeliveryHandle {
     events: mpsc::UnboundedSender<Event>,
-    status: Arc<Mutex<MailboxStatus>>,
+    statuses: Arc<Mutex<BTreeMap<LaneKey, MailboxStatus>>>,
 }
 
 impl DeliveryHandle {
-    /// New delivery settings (a reload): the next attempts, deferrals and the pacer's limits
-    /// use them; a held mailbox probes at once (the change may be its fix).
-    pub fn reconfigure(&self, settings: DeliverySettings) {
-        let _ = self.events.send(Event::Reconfigure(Box::new(settings)));
+    /// New routes (a reload): every lane takes its settings and transport again for its next
+    /// attempts, messages of a route that is gone are held, a held mailbox probes at once (the
+    /// change may be its fix).
+    pub fn reconfigure(&self, upstreams: Arc<dyn Upstreams>) {
+        let _ = self.events.send(Event::Reconfigure(upstreams));
     }
 
+    /// Every mailbox lane, by route then mailbox.
+    pub fn statuses(&self) -> Vec<MailboxStatus> {
+        let map = match self.statuses.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.values().cloned().collect()
+    }
+
+    /// The mailbox of the default route (or the first lane): the relay's status with one
+    /// mailbox.
     pub fn status(&self) -> MailboxStatus {
-        match self.status.lock() {
-            Ok(s) => s.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        let all = self.statuses();
+        all.iter()
+            .find(|s| s.route == crate::routes::DEFAULT_ROUTE)
+            .or(all.first())
+            .cloned()
+            .unwrap_or_else(|| {
+                MailboxStatus::new(
+                    &LaneKey {
+                        route: crate::routes::DEFAULT_ROUTE.into(),
+                        mailbox: String::new(),
+                    },
+                    MailboxState::Running,
+                )
+            })
     }
 }
 
 enum Event {
     Done(JobReport),
-    Reconfigure(Box<DeliverySettings>),
+    Reconfigure(Arc<dyn Upstreams>),
 }
 
 /// What a job tells the dispatcher.
@@ -169,33 +227,72 @@ pub(crate) enum JobResult {
 
 #[derive(Debug)]
 struct JobReport {
+    lane: LaneKey,
     id: String,
     result: JobResult,
 }
 
+/// What one lane's attempts work with. Replaced as a whole by a reload; an attempt in flight
+/// keeps the one it started with.
 pub(crate) struct Context {
     store: Arc<dyn Store>,
-    /// Replaced by a reload ([`DeliveryHandle::reconfigure`]); each use takes the current one.
-    settings: RwLock<Arc<DeliverySettings>>,
+    settings: Arc<DeliverySettings>,
     transport: Arc<dyn Transport>,
     metrics: Arc<Metrics>,
+    /// The route this lane sends for: a claimed message of another route is not sent here.
+    route: String,
 }
 
 impl Context {
     fn settings(&self) -> Arc<DeliverySettings> {
-        self.settings
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.settings.clone()
     }
+}
+
+/// One (route, mailbox): its schedule, its pacer, its status.
+struct Lane {
+    /// `None`: the route cannot send; its messages wait (see [`MailboxState::Unroutable`]).
+    ctx: Option<Arc<Context>>,
+    schedule: Schedule,
+    pacer: Pacer,
+    status: MailboxStatus,
 }
 
 pub struct Deliverer;
 
 impl Deliverer {
     /// Starts the dispatcher. It runs until `shutdown`, then waits for jobs in flight and
-    /// closes the transport, all within the deadline of `stop`.
+    /// closes the transports, all within the deadline of `stop`.
     pub fn start(
+        store: Arc<dyn Store>,
+        upstreams: Arc<dyn Upstreams>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+        stop: StopBudget,
+    ) -> (DeliveryHandle, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let statuses = Arc::new(Mutex::new(BTreeMap::new()));
+        let handle = DeliveryHandle {
+            events: tx.clone(),
+            statuses: statuses.clone(),
+        };
+        // Subscribed before the first read of the queue: nothing committed in between is missed.
+        let changes = store.events();
+        let dispatcher = Dispatcher {
+            store,
+            upstreams,
+            metrics,
+            lanes: BTreeMap::new(),
+            lane_of_id: HashMap::new(),
+            tx,
+            statuses,
+        };
+        let task = tokio::spawn(dispatch(dispatcher, rx, changes, shutdown, stop));
+        (handle, task)
+    }
+
+    /// One mailbox, one transport (see [`FixedUpstream`]).
+    pub fn start_fixed(
         store: Arc<dyn Store>,
         settings: DeliverySettings,
         transport: Arc<dyn Transport>,
@@ -203,28 +300,8 @@ impl Deliverer {
         shutdown: CancellationToken,
         stop: StopBudget,
     ) -> (DeliveryHandle, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let status = Arc::new(Mutex::new(MailboxStatus {
-            state: MailboxState::Running,
-            throttled_until: None,
-            last_delivery: None,
-            delivered: 0,
-            queued: 0,
-        }));
-        let handle = DeliveryHandle {
-            events: tx.clone(),
-            status: status.clone(),
-        };
-        // Subscribed before the first read of the queue: nothing committed in between is missed.
-        let changes = store.events();
-        let ctx = Arc::new(Context {
-            store,
-            settings: RwLock::new(Arc::new(settings)),
-            transport,
-            metrics,
-        });
-        let task = tokio::spawn(dispatch(ctx, tx, rx, changes, status, shutdown, stop));
-        (handle, task)
+        let upstreams = Arc::new(FixedUpstream::new(settings, transport));
+        Deliverer::start(store, upstreams, metrics, shutdown, stop)
     }
 }
 
@@ -233,6 +310,7 @@ impl Deliverer {
 /// never delivers.
 struct ReportOnDrop {
     tx: mpsc::UnboundedSender<Event>,
+    lane: LaneKey,
     id: String,
     retry_in: Duration,
     sent: bool,
@@ -242,6 +320,7 @@ impl ReportOnDrop {
     fn send(mut self, result: JobResult) {
         self.sent = true;
         let _ = self.tx.send(Event::Done(JobReport {
+            lane: self.lane.clone(),
             id: std::mem::take(&mut self.id),
             result,
         }));
@@ -255,6 +334,7 @@ impl Drop for ReportOnDrop {
         }
         tracing::error!(id = %self.id, "delivery attempt panicked; the message stays queued");
         let _ = self.tx.send(Event::Done(JobReport {
+            lane: self.lane.clone(),
             id: std::mem::take(&mut self.id),
             result: JobResult::Retry {
                 at: Instant::now() + self.retry_in,
@@ -266,119 +346,402 @@ impl Drop for ReportOnDrop {
     }
 }
 
-async fn dispatch(
-    ctx: Arc<Context>,
+/// The dispatcher's state: the lanes and where each message is.
+struct Dispatcher {
+    store: Arc<dyn Store>,
+    upstreams: Arc<dyn Upstreams>,
+    metrics: Arc<Metrics>,
+    lanes: BTreeMap<LaneKey, Lane>,
+    /// The lane of every message waiting or in flight.
+    lane_of_id: HashMap<String, LaneKey>,
     tx: mpsc::UnboundedSender<Event>,
+    statuses: Arc<Mutex<BTreeMap<LaneKey, MailboxStatus>>>,
+}
+
+/// Retry settings for a lane that cannot send (no settings of its own).
+fn unroutable_pacer() -> PacerSettings {
+    PacerSettings::new(
+        1,
+        1,
+        Duration::from_secs(60),
+        Duration::from_secs(60),
+        Duration::from_secs(300),
+    )
+}
+
+impl Dispatcher {
+    /// The lane of `routing`, opened if it is new.
+    fn lane_for(&mut self, routing: &Routing) -> LaneKey {
+        let key = match self.upstreams.lane_of(routing) {
+            Ok(key) => key,
+            Err(u) => LaneKey {
+                route: u.route,
+                mailbox: String::new(),
+            },
+        };
+        if !self.lanes.contains_key(&key) {
+            let lane = self.open_lane(&key, routing);
+            self.lanes.insert(key.clone(), lane);
+        }
+        key
+    }
+
+    fn open_lane(&self, key: &LaneKey, routing: &Routing) -> Lane {
+        let now = Instant::now();
+        match self.context(key, routing) {
+            Ok(ctx) => {
+                tracing::debug!(route = %key.route, mailbox = %key.mailbox, "mailbox lane opened");
+                Lane {
+                    pacer: Pacer::new(pacer_settings(&ctx.settings), now),
+                    ctx: Some(ctx),
+                    schedule: Schedule::default(),
+                    status: MailboxStatus::new(key, MailboxState::Running),
+                }
+            }
+            Err(reason) => {
+                tracing::error!(
+                    route = %key.route,
+                    reason = %reason,
+                    "messages of this route are held: they are never sent with another \
+                     route's credentials"
+                );
+                Lane {
+                    pacer: Pacer::new(unroutable_pacer(), now),
+                    ctx: None,
+                    schedule: Schedule::default(),
+                    status: MailboxStatus::new(
+                        key,
+                        MailboxState::Unroutable {
+                            reason,
+                            since: SystemTime::now(),
+                        },
+                    ),
+                }
+            }
+        }
+    }
+
+    /// A lane's context, or why the lane cannot send.
+    fn context(&self, key: &LaneKey, routing: &Routing) -> Result<Arc<Context>, String> {
+        if key.mailbox.is_empty() {
+            return Err(self
+                .upstreams
+                .lane_of(routing)
+                .err()
+                .map_or_else(|| format!("route {} cannot send", key.route), |u| u.reason));
+        }
+        let parts = self.upstreams.open(key)?;
+        Ok(Arc::new(Context {
+            store: self.store.clone(),
+            settings: Arc::new(parts.settings),
+            transport: parts.transport,
+            metrics: self.metrics.clone(),
+            route: key.route.clone(),
+        }))
+    }
+
+    /// Reads the queue and makes every lane's schedule agree with it ([`Schedule::sync`]):
+    /// each message at its recorded next attempt (or now), in the lane its routing names now;
+    /// held and deleted ones are dropped.
+    async fn rescan(&mut self) {
+        let entries = match self.store.list().await {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list the queue");
+                return;
+            }
+        };
+        let now_sys = SystemTime::now();
+        let now = Instant::now();
+        let mut by_lane: BTreeMap<LaneKey, Vec<(String, Instant)>> = BTreeMap::new();
+        for entry in entries
+            .into_iter()
+            .filter(|e| e.state == EntryState::Queued)
+        {
+            let at = entry
+                .delivery
+                .as_ref()
+                .and_then(|d| d.next_attempt)
+                .and_then(|t| t.duration_since(now_sys).ok())
+                .map_or(now, |wait| now + wait);
+            let key = self.lane_for(&entry.routing());
+            by_lane.entry(key).or_default().push((entry.id, at));
+        }
+        let keys: Vec<LaneKey> = self.lanes.keys().cloned().collect();
+        let (mut added, mut dropped) = (0, 0);
+        for key in keys {
+            let queued = by_lane.remove(&key).unwrap_or_default();
+            for (id, _) in &queued {
+                self.lane_of_id.insert(id.clone(), key.clone());
+            }
+            if let Some(lane) = self.lanes.get_mut(&key) {
+                let (a, d) = lane.schedule.sync(queued);
+                added += a;
+                dropped += d;
+            }
+        }
+        // A message that moved lanes (its route went away or came back) is dropped from the
+        // lane it was in: forget the stale entries, keep the ones still waiting or in flight.
+        let lanes = &self.lanes;
+        self.lane_of_id
+            .retain(|id, key| lanes.get(key).is_some_and(|l| l.schedule.holds(id)));
+        // A stuck lane with nothing left has nothing to say.
+        self.lanes
+            .retain(|_, l| l.ctx.is_some() || l.schedule.queued() > 0);
+        if added + dropped > 0 {
+            tracing::debug!(added, dropped, "schedule follows the queue");
+        }
+    }
+
+    /// New routes: every lane takes its settings and transport again.
+    fn reconfigure(&mut self, upstreams: Arc<dyn Upstreams>) {
+        self.upstreams = upstreams;
+        let now = Instant::now();
+        let keys: Vec<LaneKey> = self.lanes.keys().cloned().collect();
+        for key in keys {
+            let routing = Routing {
+                route: key.route.clone(),
+                mail_from: key.mailbox.clone(),
+                auth_user: Some(key.mailbox.clone()),
+            };
+            let ctx = match self.upstreams.lane_of(&routing) {
+                // The lane's route still exists and still names this mailbox.
+                Ok(k) if k == key => self.context(&key, &routing),
+                Ok(_) | Err(_) if key.mailbox.is_empty() => Err(String::new()),
+                Ok(_) => Err(format!(
+                    "route {} no longer sends as {}",
+                    key.route, key.mailbox
+                )),
+                Err(u) => Err(u.reason),
+            };
+            let Some(lane) = self.lanes.get_mut(&key) else {
+                continue;
+            };
+            match ctx {
+                Ok(ctx) => {
+                    lane.pacer.set_settings(pacer_settings(&ctx.settings));
+                    lane.ctx = Some(ctx);
+                    if matches!(lane.status.state, MailboxState::Unroutable { .. }) {
+                        lane.status.state = MailboxState::Running;
+                    }
+                }
+                Err(reason) => {
+                    // Its messages move to the route's stuck lane at the rescan that follows.
+                    lane.ctx = None;
+                    if !reason.is_empty() {
+                        lane.status.state = MailboxState::Unroutable {
+                            reason,
+                            since: SystemTime::now(),
+                        };
+                    }
+                }
+            }
+            lane.pacer.wake(now);
+        }
+        tracing::info!(lanes = self.lanes.len(), "delivery settings reloaded");
+    }
+
+    /// Starts every job that is due, as far as each lane's pacer allows; returns when to look
+    /// again.
+    fn start_due(&mut self) -> Instant {
+        let now = Instant::now();
+        let mut wake = now + Duration::from_secs(1);
+        for (key, lane) in self.lanes.iter_mut() {
+            let Some(ctx) = lane.ctx.clone() else {
+                continue;
+            };
+            while let Some((at, id)) = lane.schedule.first() {
+                if at > now {
+                    wake = wake.min(at);
+                    break;
+                }
+                match lane.pacer.try_start(now) {
+                    Start::Now { probe } => {
+                        if probe {
+                            tracing::info!(id = %id, mailbox = %key.mailbox, "mailbox held: probing with one message");
+                        }
+                    }
+                    Start::At(when) => {
+                        wake = wake.min(when.max(now));
+                        break;
+                    }
+                    Start::Busy => break,
+                }
+                lane.schedule.start(at, &id);
+                let ctx = ctx.clone();
+                let report = ReportOnDrop {
+                    tx: self.tx.clone(),
+                    lane: key.clone(),
+                    id: id.clone(),
+                    retry_in: ctx.settings.retry_max,
+                    sent: false,
+                };
+                tokio::spawn(async move {
+                    let result = deliver_one(&ctx, &id).await;
+                    report.send(result);
+                });
+            }
+        }
+        wake
+    }
+
+    fn committed(&mut self, id: String, routing: &Routing) {
+        let key = self.lane_for(routing);
+        self.lane_of_id.insert(id.clone(), key.clone());
+        if let Some(lane) = self.lanes.get_mut(&key) {
+            lane.schedule.add(id, Instant::now());
+        }
+    }
+
+    fn done(&mut self, report: JobReport) {
+        let now = Instant::now();
+        let Some(lane) = self.lanes.get_mut(&report.lane) else {
+            return;
+        };
+        let again = lane.schedule.finished(&report.id);
+        let attempt = match &report.result {
+            JobResult::Finished { delivered: true } => Attempt::Delivered,
+            JobResult::Finished { delivered: false } => Attempt::Failed,
+            JobResult::Skipped => Attempt::Skipped,
+            JobResult::Retry {
+                throttle,
+                reached,
+                pause,
+                ..
+            } => Attempt::Retry {
+                throttle: *throttle,
+                reached: *reached,
+                pause: *pause,
+            },
+            JobResult::Hold { cause, reply } => Attempt::Hold {
+                cause: *cause,
+                reply: reply.clone(),
+            },
+        };
+        match lane.pacer.finished(now, attempt) {
+            Transition::None => {}
+            Transition::Held {
+                cause,
+                reply,
+                since,
+            } => {
+                tracing::error!(
+                    route = %report.lane.route,
+                    mailbox = %report.lane.mailbox,
+                    cause = %cause,
+                    reply = %reply,
+                    fix = cause.fix(),
+                    "delivery held: every message stays queued until this is fixed"
+                );
+                lane.status.state = MailboxState::Held {
+                    cause,
+                    reply,
+                    since,
+                };
+            }
+            Transition::Resumed => {
+                tracing::info!(route = %report.lane.route, mailbox = %report.lane.mailbox, "delivery resumed");
+                lane.status.state = MailboxState::Running;
+            }
+        }
+        lane.status.throttled_until = lane
+            .pacer
+            .throttled_until(now)
+            .map(|until| SystemTime::now() + (until - now));
+        if matches!(report.result, JobResult::Finished { delivered: true }) {
+            lane.status.delivered += 1;
+            lane.status.last_delivery = Some(SystemTime::now());
+        }
+        match report.result {
+            JobResult::Finished { .. } | JobResult::Skipped => {
+                self.lane_of_id.remove(&report.id);
+            }
+            // An operator held or deleted it during the attempt: it stays out.
+            JobResult::Retry { .. } | JobResult::Hold { .. } if !again => {
+                self.lane_of_id.remove(&report.id);
+            }
+            // A reload moved its route away during the attempt: the next rescan places it.
+            JobResult::Retry { .. } | JobResult::Hold { .. } if lane.ctx.is_none() => {
+                self.lane_of_id.remove(&report.id);
+            }
+            JobResult::Retry { at, .. } => lane.schedule.add(report.id, at),
+            // Held: the message waits for the mailbox's next probe.
+            JobResult::Hold { .. } => lane.schedule.add(report.id, now),
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.lanes
+            .values()
+            .map(|l| l.schedule.in_flight.len())
+            .sum()
+    }
+
+    /// Publishes every lane's status for `/healthz` and `queue list` (best effort; the store
+    /// is the record).
+    async fn publish(&mut self) {
+        let mut changed = Vec::new();
+        {
+            let mut shared = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
+            shared.retain(|k, _| self.lanes.contains_key(k));
+            for (key, lane) in self.lanes.iter_mut() {
+                lane.status.queued = lane.schedule.queued();
+                let before = shared.get(key).map(|s| s.state.to_json());
+                let now = lane.status.state.to_json();
+                if before.as_ref() != Some(&now) {
+                    changed.push((key.status_name(), now));
+                }
+                shared.insert(key.clone(), lane.status.clone());
+            }
+        }
+        for (name, json) in changed {
+            self.store.publish_status(&name, &json).await;
+        }
+    }
+}
+
+async fn dispatch(
+    mut d: Dispatcher,
     mut rx: mpsc::UnboundedReceiver<Event>,
     mut changes: tokio::sync::broadcast::Receiver<StoreEvent>,
-    status: Arc<Mutex<MailboxStatus>>,
     shutdown: CancellationToken,
     stop: StopBudget,
 ) {
     use tokio::sync::broadcast::error::RecvError;
     crate::failpoint::panic_point("task-dispatcher");
-    let mut schedule = Schedule::default();
-    let mut pacer = Pacer::new(pacer_settings(&ctx.settings()), Instant::now());
-    rescan(&ctx, &mut schedule).await;
-    publish(&ctx, &status, &schedule).await;
+    d.rescan().await;
+    d.publish().await;
     // False once the store's event channel closed (the store is gone): no busy loop on it.
     let mut listening = true;
 
     loop {
-        // Start every job that is due, as far as the pacer allows.
-        let now = Instant::now();
-        let mut wake = now + Duration::from_secs(1);
-        while let Some((at, id)) = schedule.first() {
-            if at > now {
-                wake = wake.min(at);
-                break;
-            }
-            match pacer.try_start(now) {
-                Start::Now { probe } => {
-                    if probe {
-                        tracing::info!(id = %id, "mailbox held: probing with one message");
-                    }
-                }
-                Start::At(when) => {
-                    wake = wake.min(when.max(now));
-                    break;
-                }
-                Start::Busy => break,
-            }
-            schedule.start(at, &id);
-            let ctx = ctx.clone();
-            let report = ReportOnDrop {
-                tx: tx.clone(),
-                id: id.clone(),
-                retry_in: ctx.settings().retry_max,
-                sent: false,
-            };
-            tokio::spawn(async move {
-                let result = deliver_one(&ctx, &id).await;
-                report.send(result);
-            });
-        }
-
+        let wake = d.start_due();
         tokio::select! {
             change = changes.recv(), if listening => match change {
-                Ok(StoreEvent::Committed(id)) => schedule.add(id, Instant::now()),
+                Ok(StoreEvent::Committed(id, routing)) => {
+                    d.committed(id, &routing);
+                    d.publish().await;
+                }
                 // An operator command (or more changes than the backlog holds): read it all.
                 Ok(StoreEvent::Changed) | Err(RecvError::Lagged(_)) => {
-                    rescan(&ctx, &mut schedule).await;
-                    pacer.wake(Instant::now());
-                    publish(&ctx, &status, &schedule).await;
+                    d.rescan().await;
+                    let now = Instant::now();
+                    for lane in d.lanes.values_mut() {
+                        lane.pacer.wake(now);
+                    }
+                    d.publish().await;
                 }
                 Err(RecvError::Closed) => listening = false,
             },
             event = rx.recv() => match event {
-                Some(Event::Reconfigure(settings)) => {
-                    pacer.set_settings(pacer_settings(&settings));
-                    pacer.wake(Instant::now());
-                    *ctx.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(*settings);
-                    tracing::info!("delivery settings reloaded");
+                Some(Event::Reconfigure(upstreams)) => {
+                    d.reconfigure(upstreams);
+                    d.rescan().await;
+                    d.publish().await;
                 }
                 Some(Event::Done(report)) => {
-                    let again = schedule.finished(&report.id);
-                    let now = Instant::now();
-                    let attempt = match &report.result {
-                        JobResult::Finished { delivered: true } => Attempt::Delivered,
-                        JobResult::Finished { delivered: false } => Attempt::Failed,
-                        JobResult::Skipped => Attempt::Skipped,
-                        JobResult::Retry { throttle, reached, pause, .. } => Attempt::Retry {
-                            throttle: *throttle,
-                            reached: *reached,
-                            pause: *pause,
-                        },
-                        JobResult::Hold { cause, reply } => Attempt::Hold {
-                            cause: *cause,
-                            reply: reply.clone(),
-                        },
-                    };
-                    match pacer.finished(now, attempt) {
-                        Transition::None => {}
-                        Transition::Held { cause, reply, since } => {
-                            enter_hold(&ctx, &status, cause, &reply, since)
-                        }
-                        Transition::Resumed => resume(&ctx, &status),
-                    }
-                    if let Ok(mut s) = status.lock() {
-                        s.throttled_until = pacer
-                            .throttled_until(now)
-                            .map(|until| SystemTime::now() + (until - now));
-                        if matches!(report.result, JobResult::Finished { delivered: true }) {
-                            s.delivered += 1;
-                            s.last_delivery = Some(SystemTime::now());
-                        }
-                    }
-                    match report.result {
-                        JobResult::Finished { .. } | JobResult::Skipped => {}
-                        // An operator held or deleted it during the attempt: it stays out.
-                        JobResult::Retry { .. } | JobResult::Hold { .. } if !again => {}
-                        JobResult::Retry { at, .. } => schedule.add(report.id, at),
-                        // Held: the message waits for the mailbox's next probe.
-                        JobResult::Hold { .. } => schedule.add(report.id, now),
-                    }
-                    publish(&ctx, &status, &schedule).await;
+                    d.done(report);
+                    d.publish().await;
                 }
                 None => break,
             },
@@ -389,24 +752,35 @@ async fn dispatch(
 
     // Shutdown: jobs in flight finish, then QUIT, all by the stop deadline.
     let attempts_deadline = stop.attempts_deadline();
-    while !schedule.in_flight.is_empty() {
+    while d.in_flight() > 0 {
         match tokio::time::timeout_at(attempts_deadline, rx.recv()).await {
             Ok(Some(Event::Done(report))) => {
-                schedule.in_flight.remove(&report.id);
+                if let Some(lane) = d.lanes.get_mut(&report.lane) {
+                    lane.schedule.in_flight.remove(&report.id);
+                }
             }
             Ok(Some(Event::Reconfigure(_))) => {}
             Ok(None) | Err(_) => break,
         }
     }
-    if !schedule.in_flight.is_empty() {
+    if d.in_flight() > 0 {
         tracing::warn!(
-            attempts = schedule.in_flight.len(),
+            attempts = d.in_flight(),
             stop_timeout = %humantime::format_duration(stop.budget()),
             "stop deadline: delivery attempts still running are abandoned; their messages stay \
              queued and are sent after the restart (possibly twice, if Exchange already had them)"
         );
     }
-    if tokio::time::timeout_at(stop.deadline(), ctx.transport.close())
+    let close = async {
+        let mut seen = HashSet::new();
+        for transport in d.upstreams.transports() {
+            // Several lanes may share a transport: each gets one QUIT round.
+            if seen.insert(Arc::as_ptr(&transport) as *const () as usize) {
+                transport.close().await;
+            }
+        }
+    };
+    if tokio::time::timeout_at(stop.deadline(), close)
         .await
         .is_err()
     {
@@ -424,80 +798,4 @@ fn pacer_settings(settings: &DeliverySettings) -> PacerSettings {
         settings.retry_min,
         settings.retry_max,
     )
-}
-
-/// Reads the queue and makes the schedule agree with it ([`Schedule::sync`]): each message
-/// at its recorded next attempt (or now); held and deleted ones are dropped.
-async fn rescan(ctx: &Arc<Context>, schedule: &mut Schedule) {
-    let entries = match ctx.store.list().await {
-        Ok(entries) => entries,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot list the queue");
-            return;
-        }
-    };
-    let now_sys = SystemTime::now();
-    let now = Instant::now();
-    let queued = entries
-        .into_iter()
-        .filter(|e| e.state == EntryState::Queued)
-        .map(|entry| {
-            let at = entry
-                .delivery
-                .as_ref()
-                .and_then(|d| d.next_attempt)
-                .and_then(|t| t.duration_since(now_sys).ok())
-                .map_or(now, |wait| now + wait);
-            (entry.id, at)
-        })
-        .collect();
-    let (added, dropped) = schedule.sync(queued);
-    if added + dropped > 0 {
-        tracing::debug!(added, dropped, "schedule follows the queue");
-    }
-}
-
-fn enter_hold(
-    ctx: &Context,
-    status: &Mutex<MailboxStatus>,
-    cause: HoldCause,
-    reply: &str,
-    since: SystemTime,
-) {
-    tracing::error!(
-        mailbox = %ctx.settings().mailbox,
-        cause = %cause,
-        reply = %reply,
-        fix = cause.fix(),
-        "delivery held: every message stays queued until this is fixed"
-    );
-    if let Ok(mut s) = status.lock() {
-        s.state = MailboxState::Held {
-            cause,
-            reply: reply.to_string(),
-            since,
-        };
-    }
-}
-
-fn resume(ctx: &Context, status: &Mutex<MailboxStatus>) {
-    tracing::info!(mailbox = %ctx.settings().mailbox, "delivery resumed");
-    if let Ok(mut s) = status.lock() {
-        s.state = MailboxState::Running;
-    }
-}
-
-/// Publishes the mailbox status for `queue list` (best effort; the store is the record).
-async fn publish(ctx: &Context, status: &Mutex<MailboxStatus>, schedule: &Schedule) {
-    let snapshot = match status.lock() {
-        Ok(mut s) => {
-            s.queued = schedule.queued();
-            s.clone()
-        }
-        Err(_) => return,
-    };
-    let mailbox = ctx.settings().mailbox.clone();
-    ctx.store
-        .publish_status(&mailbox, &snapshot.state.to_json())
-        .await;
 }

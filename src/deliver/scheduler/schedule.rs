@@ -91,6 +91,11 @@ impl Schedule {
         (added, dropped)
     }
 
+    /// `id` is waiting or in flight here.
+    pub(super) fn holds(&self, id: &str) -> bool {
+        self.waiting.contains_key(id) || self.in_flight.contains(id)
+    }
+
     /// Messages the deliverer is responsible for (waiting or in flight), each counted once.
     pub(super) fn queued(&self) -> usize {
         self.waiting.len() + self.in_flight.len()

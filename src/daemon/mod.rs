@@ -30,6 +30,9 @@ use crate::transport::graph::{GraphSettings, GraphTransport};
 use crate::transport::smtp::session::upstream_target;
 use crate::transport::smtp::{SmtpSettings, SmtpTransport};
 
+mod upstreams;
+pub use upstreams::{RouteUpstreams, UpstreamPool};
+
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error(transparent)]
@@ -110,13 +113,16 @@ pub async fn serve(
         }
     }
     let mut tasks = Supervisor::new();
+    let server = Server::new(settings, store.clone(), metrics.clone())
+        .with_stop_budget(stop.clone())
+        .with_routes(config.route_table());
     let live = Live {
         delivery: delivery.as_ref().map(|d| LiveDelivery {
-            tokens: d.tokens.clone(),
             handle: d.handle.clone(),
-            transport: d.transport.clone(),
+            pool: d.pool.clone(),
         }),
         sim: sim_pointer,
+        inbound_routes: server.routes_handle(),
     };
     let (handle, tokens) = match delivery {
         Some(d) => {
@@ -178,7 +184,6 @@ pub async fn serve(
             humantime::format_duration(stop_budget.budget())
         ));
     });
-    let server = Server::new(settings, store, metrics).with_stop_budget(stop);
     // Messages sendmail stored while the relay was not running (or still starting).
     let maildrop = DropDir::from_config(&config);
     match maildrop.prepare() {
@@ -285,14 +290,17 @@ fn log_fd_budget(config: &Config, limits: &admin::AdminLimits) {
 pub struct RunningDelivery {
     pub handle: DeliveryHandle,
     pub metrics: Arc<Metrics>,
+    /// The default route's token (or the first route's), for `/healthz`.
     pub tokens: TokenProvider,
-    /// The upstream (SIGHUP gives it new settings).
-    pub transport: UpstreamTransport,
+    /// Token providers and transports of every route (SIGHUP gives them new settings).
+    pub pool: Arc<UpstreamPool>,
     pub deliverer: tokio::task::JoinHandle<()>,
+    /// Supervises every token refresher (one per distinct app).
     pub refresher: tokio::task::JoinHandle<()>,
 }
 
-/// Starts the token refresher and the deliverer, or returns `None` when no tenant is configured.
+/// Starts the token refreshers and the deliverer, or returns `None` when no route has a
+/// tenant configured.
 pub fn start_delivery(
     config: &Config,
     store: &Arc<dyn Store>,
@@ -300,21 +308,28 @@ pub fn start_delivery(
     shutdown: &CancellationToken,
     stop: &StopBudget,
 ) -> Result<Option<RunningDelivery>, DaemonError> {
-    if !config.oauth.is_configured() {
+    if !config
+        .route_table()
+        .iter()
+        .any(|r| r.config.oauth.is_configured())
+    {
         tracing::warn!(
             "upstream not configured ([oauth] is empty): mail is accepted and kept in the spool, \
              nothing is delivered until a tenant is configured"
         );
         return Ok(None);
     }
-    let endpoints = crate::oauth::endpoints(config)?;
-    let (tokens, refresher) = TokenProvider::start(config, shutdown.clone())?;
-    let (transport, settings) =
-        build_transport(config, Arc::new(tokens.clone()), metrics, &endpoints)?;
+    let (pool, refresher) = UpstreamPool::new(metrics.clone(), shutdown.clone());
+    let upstreams = pool.upstreams(config)?;
+    for route in config.route_table().iter() {
+        log_route(route);
+    }
+    let Some(tokens) = pool.first_tokens(config) else {
+        return Ok(None);
+    };
     let (handle, deliverer) = Deliverer::start(
         store.clone(),
-        settings,
-        transport.as_dyn(),
+        Arc::new(upstreams),
         metrics.clone(),
         shutdown.clone(),
         stop.clone(),
@@ -323,10 +338,40 @@ pub fn start_delivery(
         handle,
         metrics: metrics.clone(),
         tokens,
-        transport,
+        pool,
         deliverer,
         refresher,
     }))
+}
+
+/// One line per route at start: what it matches and how it sends.
+fn log_route(route: &crate::routes::RouteSpec) {
+    let up = &route.config.upstream;
+    tracing::info!(
+        route = %route.name,
+        mail_account = up.mail_account.as_deref().unwrap_or(""),
+        transport = ?up.transport,
+        match_sender = route.match_sender.len(),
+        match_auth_user = route.match_auth_user.len(),
+        match_listener = route.match_listener.len(),
+        "route"
+    );
+}
+
+/// The deliverer's settings for a configuration (one lane's), with the upstream's name for
+/// failure notices.
+pub(crate) fn delivery_settings(config: &Config) -> Result<DeliverySettings, String> {
+    let host = match config.upstream.transport {
+        TransportKind::Smtp => upstream_target(config)?.server_name,
+        TransportKind::Graph => {
+            let graph = GraphSettings::from_config(config)?;
+            url::Url::parse(&graph.graph_url)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_string))
+                .unwrap_or(graph.graph_url)
+        }
+    };
+    Ok(DeliverySettings::from_config(config, &host))
 }
 
 /// The transport a relay delivers with, as `upstream.transport` chose it.
@@ -426,12 +471,13 @@ struct Live {
     delivery: Option<LiveDelivery>,
     /// `--simulate`: a reloaded config is pointed at the simulator again.
     sim: Option<SimPointer>,
+    /// The routes inbound chooses from at MAIL FROM.
+    inbound_routes: crate::inbound::RoutesHandle,
 }
 
 struct LiveDelivery {
-    tokens: TokenProvider,
     handle: DeliveryHandle,
-    transport: UpstreamTransport,
+    pool: Arc<UpstreamPool>,
 }
 
 impl service::LiveParts for Live {
@@ -445,33 +491,20 @@ impl service::LiveParts for Live {
         self.delivery.is_some()
     }
 
-    fn apply_delivery(&self, new: &Config, changed: &[String]) -> Result<(), String> {
+    fn apply_delivery(&self, new: &Config, _changed: &[String]) -> Result<(), String> {
         let Some(d) = &self.delivery else {
             return Err("no deliverer is running".into());
         };
-        // Everything that can fail first, so that a failure changes nothing.
-        if d.transport.kind() != new.upstream.transport {
-            return Err(
-                "upstream.transport changed: restart the relay to use the other transport".into(),
-            );
+        // Everything that can fail first, so that a failure changes nothing: every route's
+        // app and endpoints, then the lanes take their transports again.
+        for route in new.route_table().iter() {
+            if route.config.oauth.is_configured() && !route.mailbox.is_template() {
+                delivery_settings(&route.config)?;
+            }
         }
-        let host = match new.upstream.transport {
-            TransportKind::Smtp => upstream_target(new)?.server_name,
-            TransportKind::Graph => GraphSettings::from_config(new)?.graph_url,
-        };
-        let settings = DeliverySettings::from_config(new, &host);
-        // The token client depends on [oauth] and on the cloud and CA roots of [upstream].
-        let tokens = changed
-            .iter()
-            .any(|k| k.starts_with("oauth.") || k == "upstream.cloud" || k == "upstream.ca_file");
-        if tokens {
-            d.tokens.reload(new).map_err(|e| e.to_string())?;
-        }
-        // A session is tied to its upstream and to the token it authenticated with.
-        if tokens || changed.iter().any(|k| k.starts_with("upstream.")) {
-            d.transport.reconfigure(new)?;
-        }
-        d.handle.reconfigure(settings);
+        let upstreams = d.pool.upstreams(new).map_err(|e| e.to_string())?;
+        self.inbound_routes.set(new.route_table());
+        d.handle.reconfigure(Arc::new(upstreams));
         Ok(())
     }
 }
