@@ -113,6 +113,9 @@ pub struct Session {
     /// An in-process session for the drop directory: its files were written by local users,
     /// whom `smtp.auth` does not ask for a password (sendmail has none to give).
     pub(super) local: bool,
+    /// The configured address of the listener the client connected to (routes match on it);
+    /// `None` for the drop directory and in-memory sessions.
+    pub(super) listener: Option<SocketAddr>,
 }
 
 impl Session {
@@ -132,7 +135,13 @@ impl Session {
             acked: false,
             transfer_deadline: None,
             local: false,
+            listener: None,
         }
+    }
+
+    /// The session came in on the listener configured as `address`.
+    pub fn on_listener(&mut self, address: SocketAddr) {
+        self.listener = Some(address);
     }
 
     /// Marks the session as the drop directory's (see [`super::local::LocalSubmitter`]).
@@ -184,6 +193,10 @@ impl Session {
 
     pub(super) fn close_after_reply(&mut self) {
         self.next = Some(Next::Close);
+    }
+
+    pub(super) fn closing(&self) -> bool {
+        self.next == Some(Next::Close)
     }
 
     pub(super) fn start_tls_after_reply(&mut self) {
