@@ -307,20 +307,24 @@ impl Server {
     /// Binds `smtp.listen` and every `[[smtp.listener]]` of `config`, each table with its
     /// settings resolved now (a bad certificate or users file stops the start).
     pub async fn bind_config(config: &Config) -> Result<Vec<Bound>, InboundError> {
-        let mut bound = Vec::new();
+        // Settings first: the sockets are then bound together, so that one accepting means
+        // all are (and a bad certificate leaves none bound).
+        let mut planned = Vec::new();
         for addr in &config.smtp.listen {
-            bound.push(Bound {
-                socket: bind_one(*addr).await?,
-                address: *addr,
-                settings: None,
-            });
+            planned.push((*addr, None));
         }
         for (n, table) in config.smtp.listener.iter().enumerate() {
-            let settings = InboundSettings::for_listener(config, n)?;
+            planned.push((
+                table.address,
+                Some(InboundSettings::for_listener(config, n)?),
+            ));
+        }
+        let mut bound = Vec::with_capacity(planned.len());
+        for (address, settings) in planned {
             bound.push(Bound {
-                socket: bind_one(table.address).await?,
-                address: table.address,
-                settings: Some(settings),
+                socket: bind_one(address).await?,
+                address,
+                settings,
             });
         }
         Ok(bound)
