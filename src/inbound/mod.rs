@@ -51,7 +51,7 @@ use reply::Reply;
 // Public for the fuzz loop in tests/fault_hostile_input.rs (a session over any stream).
 pub use session::{Next, Session};
 
-use crate::config::{Config, ListenTls, ListenerSettings};
+use crate::config::{Config, ListenTls, ListenerConfig, ListenerSettings};
 use crate::store::Store;
 
 /// How long sessions get to finish after shutdown starts before they are cut off.
@@ -124,14 +124,13 @@ impl InboundSettings {
         Self::resolve(config, &config.smtp.listen_settings(), "smtp.")
     }
 
-    /// `[[smtp.listener]]` number `n` (from 0), unset keys from `[smtp]`.
-    pub fn for_listener(config: &Config, n: usize) -> Result<InboundSettings, InboundError> {
-        let Some(table) = config.smtp.listener.get(n) else {
-            return Err(InboundError::Tls {
-                key: format!("smtp.listener.{n}"),
-                reason: "no such listener".into(),
-            });
-        };
+    /// `table`, the `[[smtp.listener]]` number `n` (from 0, for errors), unset keys from
+    /// `[smtp]`.
+    pub fn for_listener(
+        config: &Config,
+        n: usize,
+        table: &ListenerConfig,
+    ) -> Result<InboundSettings, InboundError> {
         let resolved = config.smtp.listener_settings(table);
         Self::resolve(config, &resolved, &format!("smtp.listener.{n}."))
     }
@@ -314,10 +313,8 @@ impl Server {
             planned.push((*addr, None));
         }
         for (n, table) in config.smtp.listener.iter().enumerate() {
-            planned.push((
-                table.address,
-                Some(InboundSettings::for_listener(config, n)?),
-            ));
+            let settings = InboundSettings::for_listener(config, n, table)?;
+            planned.push((table.address, Some(settings)));
         }
         let mut bound = Vec::with_capacity(planned.len());
         for (address, settings) in planned {
