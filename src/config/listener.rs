@@ -371,4 +371,23 @@ mod tests {
         let k = keys("[[smtp.listener]]\naddress = \"127.0.0.1:2600\"\ntls = \"ssl\"\n");
         assert!(k.iter().any(|k| k.starts_with("smtp.listener")), "{k:?}");
     }
+
+    #[test]
+    fn sendmail_does_not_need_a_listeners_private_files() {
+        // The certificate key and users file of a listener may be readable by the relay only.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("missing");
+        let path = dir.path().join("relay.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[[smtp.listener]]\naddress = \"127.0.0.1:2600\"\ntls = \"implicit\"\n\
+                 auth = \"{m}\"\ntls_cert_file = \"{m}\"\ntls_key_file = \"{m}\"\n",
+                m = missing.display()
+            ),
+        )
+        .expect("write");
+        assert!(load_for_sendmail(Some(&path)).is_ok());
+        assert!(load(Some(&path)).is_err());
+    }
 }
