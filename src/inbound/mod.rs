@@ -146,6 +146,13 @@ impl InboundSettings {
                 key: format!("{prefix}tls_cert_file / {prefix}tls_key_file"),
                 reason,
             })?),
+            // Validation refuses this; never serve plaintext where TLS was asked for.
+            None if l.tls != ListenTls::None => {
+                return Err(InboundError::Tls {
+                    key: format!("{prefix}tls"),
+                    reason: "needs tls_cert_file and tls_key_file".into(),
+                });
+            }
             None => None,
         };
         let auth = AuthPolicy::from_setting(&l.auth).map_err(|reason| InboundError::Auth {
