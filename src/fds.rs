@@ -20,10 +20,13 @@ pub const FDS_PER_UPSTREAM_CONNECTION: u64 = 2;
 /// fsync, token requests and DNS, the status file, a config reload, the failure notices.
 pub const FDS_SHARED: u64 = 16;
 
-/// Descriptors kept free for SMTP and delivery: `smtp.max_connections` sessions and
+/// Descriptors kept free for SMTP and delivery: every SMTP session the listeners allow (see
+/// [`crate::config::SmtpConfig::max_sessions`]) and
 /// `upstream.connections` upstream connections at their worst, plus [`FDS_SHARED`].
 pub fn smtp_reserve(config: &Config) -> u64 {
-    (config.smtp.max_connections as u64)
+    config
+        .smtp
+        .max_sessions()
         .saturating_mul(FDS_PER_SMTP_SESSION)
         .saturating_add(
             (config.upstream.connections as u64).saturating_mul(FDS_PER_UPSTREAM_CONNECTION),

@@ -203,7 +203,12 @@ fn label(value: &str) -> String {
 }
 
 /// Name, type, help and value of a per-mailbox series.
-type LaneMetric = (&'static str, &'static str, &'static str, fn(&LaneGauge) -> f64);
+type LaneMetric = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&LaneGauge) -> f64,
+);
 
 fn render_lanes(out: &mut String, lanes: &[LaneGauge]) {
     let mut series: Vec<LaneGauge> = Vec::new();

@@ -79,27 +79,35 @@ fn users_file(dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 #[tokio::test]
-async fn five_failures_lock_the_address_out_even_with_the_right_password() {
+async fn five_failures_end_the_connection_and_lock_the_address_out() {
     let dir = tempfile::tempdir().expect("tempdir");
     let users = users_file(dir.path());
     let relay = start_relay(&format!("[smtp]\nauth = \"{}\"\n", users.display())).await;
     let mut c = relay.connect().await;
     c.expect("220").await;
     c.cmd_expect("EHLO c", "250").await;
-    // base64("\0scanner\0wrong"), 5 times (the limit), each after the failure delay.
-    for _ in 0..5 {
+    // base64("\0scanner\0wrong"), 4 times, each after the failure delay.
+    for _ in 0..4 {
         c.cmd_expect("AUTH PLAIN AHNjYW5uZXIAd3Jvbmc=", "535 5.7.8")
             .await;
     }
-    // base64("\0scanner\0right-password"): refused without being checked.
-    c.cmd_expect("AUTH PLAIN AHNjYW5uZXIAcmlnaHQtcGFzc3dvcmQ=", "454 4.7.0")
+    // The 5th (the limit) is answered, then the connection ends with 421.
+    c.cmd_expect("AUTH PLAIN AHNjYW5uZXIAd3Jvbmc=", "535 5.7.8")
         .await;
-    // The limit is the address's, not the connection's.
+    c.expect("421 4.7.0").await;
+    c.expect_closed().await;
+    // The limit is the address's, not the connection's: even the right password
+    // (base64("\0scanner\0right-password")) is refused without being checked.
     let mut c = relay.connect().await;
     c.expect("220").await;
     c.cmd_expect("EHLO c", "250").await;
-    c.cmd_expect("AUTH PLAIN AHNjYW5uZXIAcmlnaHQtcGFzc3dvcmQ=", "454 4.7.0")
+    c.cmd_expect("AUTH PLAIN AHNjYW5uZXIAcmlnaHQtcGFzc3dvcmQ=", "421 4.7.0")
         .await;
+    c.expect_closed().await;
+    // Without AUTH the address gets no further than before.
+    let mut c = relay.connect().await;
+    c.expect("220").await;
+    c.cmd_expect("EHLO c", "250").await;
     c.cmd_expect("MAIL FROM:<a@legacy.test>", "530 5.7.0").await;
 }
 

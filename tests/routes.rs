@@ -444,3 +444,61 @@ fn check_walks_every_route_or_the_one_named() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("routes: fabrikam, default"));
 }
+
+#[test]
+fn a_device_that_logs_in_over_smtps_sends_as_its_own_mailbox() {
+    use base64::Engine as _;
+    let work = tempfile::tempdir().unwrap();
+    let contoso = sim(work.path(), "contoso", "", CONTOSO_DEVICES);
+    let (cert, key) = common::fixtures::self_signed_tls(work.path());
+    let users = work.path().join("users");
+    let hash = common::process::hash_password_cli("scanner-password");
+    std::fs::write(&users, format!("scanner1@contoso.example:{hash}\n")).unwrap();
+    let smtps = common::process::free_port();
+    let listener = format!(
+        "[[smtp.listener]]\naddress = \"127.0.0.1:{smtps}\"\ntls = \"implicit\"\n\
+         tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nauth = \"{}\"\n\n",
+        cert.display(),
+        key.display(),
+        users.display()
+    );
+    // Only what logs in on the SMTPS listener as a listed user becomes a mailbox.
+    let routes = format!(
+        "{listener}[[route]]\nname = \"devices\"\nmatch_listener = [\"127.0.0.1:{smtps}\"]\n\
+         match_auth_user = [\"scanner1@contoso.example\"]\n\
+         [route.upstream]\nmail_account = \"{{auth_user}}\"\n"
+    );
+    let relay = Relay::builder()
+        .work(work.path())
+        .config(|s| relay_config(s, &contoso, true, &routes))
+        .start();
+
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], smtps));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let mut c = common::smtp::Client::connect_smtps(addr, &cert, "localhost").await;
+        c.expect("220 ").await;
+        c.cmd_expect("EHLO printer.test", "250").await;
+        let login = base64::engine::general_purpose::STANDARD
+            .encode("\0scanner1@contoso.example\0scanner-password");
+        c.cmd_expect(&format!("AUTH PLAIN {login}"), "235").await;
+        // The sender on the device stays what it was: the mailbox is the login.
+        c.cmd_expect("MAIL FROM:<printer@contoso.example>", "250 2.1.0")
+            .await;
+        c.cmd_expect("RCPT TO:<someone@example.org>", "250 2.1.5")
+            .await;
+        c.cmd_expect("DATA", "354").await;
+        c.send(b"Subject: scanned-page\r\n\r\npage\r\n.\r\n").await;
+        c.expect("250 2.0.0 queued as").await;
+    });
+    let d = wait_delivered(&contoso, "scanned-page");
+    assert_eq!(d.auth_user, "scanner1@contoso.example");
+    // The same sender on the plain listener takes the default route.
+    let plain = send(&relay, "printer@contoso.example", "plain-listener");
+    assert!(plain.starts_with("250"), "{plain}");
+    assert_eq!(
+        wait_delivered(&contoso, "plain-listener").auth_user,
+        "relay@contoso.example"
+    );
+    drop(relay);
+}

@@ -118,14 +118,17 @@ pub fn load_for_sendmail(explicit: Option<&Path>) -> Result<Config, ConfigError>
     figment = figment.merge(env_provider());
     let source = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok());
     let (config, issues) = extract_all(&figment, source.as_deref());
-    // The TLS key and the users file are the listener's, and may be unreadable to the caller.
+    // The TLS key and the users file (of [smtp] and of each [[smtp.listener]]) are the
+    // listener's, and may be unreadable to the caller.
     let theirs = ["smtp.tls_cert_file", "smtp.tls_key_file", "smtp.auth"];
     let mine = |i: &ConfigIssue| {
         i.key.is_empty()
             || (["smtp.", "queue.", "sendmail."]
                 .iter()
                 .any(|p| i.key.starts_with(p))
-                && !theirs.contains(&i.key.as_str()))
+                && !theirs.contains(&i.key.as_str())
+                && !(i.key.starts_with("smtp.listener.")
+                    && theirs.iter().any(|t| i.key.ends_with(&t["smtp".len()..]))))
     };
     let mut issues: Vec<ConfigIssue> = issues.into_iter().filter(mine).collect();
     let invalid = |issues| ConfigError::Invalid {
@@ -227,7 +230,9 @@ pub(super) fn find_origin<'a>(
         .find_map(|n| figment.find_metadata(&path[..n].join(".")))
 }
 
-/// Removes the key at `path` from `dict`; a path into an array removes the whole array.
+/// Removes the key at `path` from `dict`. A path into a table of an array of tables
+/// (`smtp.listener.1.tls`) removes that key only, so the other tables are still checked; any
+/// other path into an array removes the whole array.
 pub(super) fn remove_key(dict: &mut figment::value::Dict, path: &[String]) -> bool {
     use figment::value::Value;
     let Some((first, rest)) = path.split_first() else {
@@ -236,11 +241,21 @@ pub(super) fn remove_key(dict: &mut figment::value::Dict, path: &[String]) -> bo
     if rest.is_empty() {
         return dict.remove(first).is_some();
     }
-    match dict.get_mut(first) {
-        Some(Value::Dict(_, inner)) => remove_key(inner, rest) || dict.remove(first).is_some(),
-        Some(_) => dict.remove(first).is_some(),
-        None => false,
-    }
+    let removed = match dict.get_mut(first) {
+        Some(Value::Dict(_, inner)) => remove_key(inner, rest),
+        Some(Value::Array(_, items)) => match rest.split_first() {
+            Some((index, inner_path)) if !inner_path.is_empty() => {
+                match index.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
+                    Some(Value::Dict(_, table)) => remove_key(table, inner_path),
+                    _ => false,
+                }
+            }
+            _ => false,
+        },
+        Some(_) => false,
+        None => return false,
+    };
+    removed || dict.remove(first).is_some()
 }
 
 /// The relay's variables are `RELAY_<SECTION>__<KEY>`: the double underscore marks them.

@@ -9,11 +9,13 @@
 
 pub mod bounds;
 pub mod identity;
+mod listener;
 mod load;
 mod routes;
 mod validate;
 mod values;
 pub use identity::looks_like_address;
+pub use listener::*;
 pub use load::*;
 pub use routes::{ROUTE_NAME_MAX, RouteConfig, RouteTable};
 pub use validate::*;
@@ -90,6 +92,8 @@ pub struct SmtpConfig {
     pub auth: String,
     /// AUTH without TLS from loopback clients (nothing on the wire to sniff); elsewhere 538.
     pub allow_plaintext_auth_on_loopback: bool,
+    /// `[[smtp.listener]]` tables (see [`ListenerConfig`]); last, as TOML wants tables after keys.
+    pub listener: Vec<ListenerConfig>,
 }
 
 impl Default for SmtpConfig {
@@ -116,6 +120,7 @@ impl Default for SmtpConfig {
             tls_key_file: None,
             auth: "off".into(),
             allow_plaintext_auth_on_loopback: true,
+            listener: Vec::new(),
         }
     }
 }

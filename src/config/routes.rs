@@ -206,10 +206,15 @@ impl Config {
                 }
             }
             for addr in table.match_listener.iter().flatten() {
-                if !self.smtp.listen.contains(addr) {
+                let listens = self.smtp.listen.contains(addr)
+                    || self.smtp.listener.iter().any(|l| l.address == *addr);
+                if !listens {
                     issues.push(issue(
                         &format!("{prefix}match_listener"),
-                        format!("{addr} is not one of smtp.listen: the route would never match"),
+                        format!(
+                            "{addr} is neither in smtp.listen nor an [[smtp.listener]] address: \
+                             the route would never match"
+                        ),
                     ));
                 }
             }

@@ -54,9 +54,13 @@ impl Config {
             duration_text,
         );
         let smtp = &self.smtp;
-        if smtp.listen.is_empty() {
-            issues.push(issue("smtp.listen", "at least one address is required"));
+        if smtp.listen.is_empty() && smtp.listener.is_empty() {
+            issues.push(issue(
+                "smtp.listen",
+                "at least one address (here or in [[smtp.listener]]) is required",
+            ));
         }
+        smtp.validate_listeners(issues);
         // No accidental open relay: anything but loopback needs an explicit allow-list.
         if smtp.allow_networks.is_none() {
             for addr in smtp.listen.iter().filter(|a| !a.ip().is_loopback()) {

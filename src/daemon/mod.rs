@@ -60,7 +60,7 @@ impl DaemonError {
     /// Problems the admin fixes in `relay.toml` (exit code 2) as opposed to runtime failures.
     pub fn is_config_error(&self) -> bool {
         match self {
-            DaemonError::Inbound(InboundError::Tls(_) | InboundError::Auth(_)) => true,
+            DaemonError::Inbound(InboundError::Tls { .. } | InboundError::Auth { .. }) => true,
             DaemonError::OAuth(e) => {
                 matches!(**e, OAuthError::Config(_) | OAuthError::Credential(_))
             }
@@ -106,12 +106,8 @@ pub async fn serve(
     let metrics = Arc::new(Metrics::default());
     let stop = StopBudget::from_config(&config);
     let delivery = start_delivery(&config, &store, &metrics, &shutdown, &stop)?;
-    let listeners = Server::bind(&config.smtp.listen).await?;
-    for listener in &listeners {
-        if let Ok(addr) = listener.local_addr() {
-            tracing::info!(%addr, "accepting SMTP");
-        }
-    }
+    // Every listener's settings (certificates, users files) are resolved here, before binding.
+    let listeners = Server::bind_config(&config).await?;
     let mut tasks = Supervisor::new();
     let server = Server::new(settings, store.clone(), metrics.clone())
         .with_stop_budget(stop.clone())
@@ -170,7 +166,8 @@ pub async fn serve(
     }
     admin_state.accepting.store(true, Ordering::Release);
     // READY=1 only now: the listener is bound and spool recovery is done.
-    service::ready(&format!("accepting SMTP on {:?}", config.smtp.listen));
+    let addresses: Vec<SocketAddr> = listeners.iter().map(|l| l.address).collect();
+    service::ready(&format!("accepting SMTP on {addresses:?}"));
     let accepting = admin_state.accepting.clone();
     let stop_notice = shutdown.clone();
     let stop_budget = stop.clone();
@@ -210,7 +207,7 @@ pub async fn serve(
              is down are not taken in"
         ),
     }
-    let server = server.run(listeners, shutdown.clone());
+    let server = server.serve(listeners, shutdown.clone());
     let watchdog = service::watchdog_interval();
     tasks.watch(
         "inbound",

@@ -133,8 +133,9 @@ impl AuthPolicy {
     }
 }
 
-/// Failed AUTH attempts per client IP: after [`MAX_FAILURES`] within [`FAILURE_WINDOW`], AUTH
-/// from that address is refused (454 4.7.0) until the window has passed.
+/// Failed AUTH attempts per client IP: the failure that reaches [`MAX_FAILURES`] within
+/// [`FAILURE_WINDOW`] ends the connection (421 4.7.0), and so does any AUTH from that address
+/// until the window has passed.
 pub const MAX_FAILURES: u32 = 5;
 pub const FAILURE_WINDOW: Duration = Duration::from_secs(600);
 /// Entries kept at most: a spray from many addresses cannot grow memory without bound.
@@ -205,7 +206,7 @@ impl Session {
             return self.reply(reply::ALREADY_AUTHENTICATED);
         }
         if self.shared.auth_failures.blocked(self.peer.ip()) {
-            return self.reply(reply::AUTH_TOO_MANY_FAILURES);
+            return self.refuse_guessing();
         }
         if self.tx.is_some() {
             return self.reply(reply::BAD_SEQUENCE);
@@ -300,11 +301,22 @@ impl Session {
             tracing::warn!(client = %self.peer, user = %user, "client authentication failed");
             let limit = self.shared.auth_failures.record(self.peer.ip());
             tokio::time::sleep(FAILED_AUTH_DELAY).await;
+            self.reply(reply::AUTH_INVALID);
             if limit {
                 tracing::warn!(client = %self.peer, "too many failed authentications: AUTH refused for this address");
+                self.refuse_guessing();
             }
-            self.reply(reply::AUTH_INVALID);
         }
+    }
+
+    /// 421 and disconnect: a guesser gets no further attempts on this connection.
+    fn refuse_guessing(&mut self) {
+        if self.closing() {
+            // Already saying 421 (smtp.max_errors reached by the same reply).
+            return;
+        }
+        self.close_after_reply();
+        self.reply(reply::AUTH_TOO_MANY_FAILURES);
     }
 }
 

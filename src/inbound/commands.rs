@@ -200,7 +200,7 @@ impl Session {
 
     fn handle_help(&mut self) {
         let mut verbs = String::from("EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP");
-        if self.shared.settings.tls.is_some() {
+        if self.shared.settings.tls.is_some() && !self.tls {
             verbs.push_str(" STARTTLS");
         }
         if self.shared.settings.auth != AuthPolicy::Off {

@@ -17,6 +17,10 @@
 //! - writes: `smtp.write_timeout` per reply batch (Postfix bounds writes with `smtpd_timeout`):
 //!   a client that does not read is dropped; the TLS handshake gets `command_timeout`;
 //! - errors: `smtp.max_errors` replies of class 4/5 → `421 4.7.0` and disconnect.
+//!
+//! Each `[[smtp.listener]]` has its own [`InboundSettings`] (resolved once at start, unset keys
+//! from `[smtp]`) and its own `max_connections`; the `smtp.listen` addresses share `[smtp]`'s.
+//! With `tls = "implicit"` (SMTPS) the TLS handshake comes before the greeting.
 
 mod auth;
 mod commands;
@@ -47,7 +51,7 @@ use reply::Reply;
 // Public for the fuzz loop in tests/fault_hostile_input.rs (a session over any stream).
 pub use session::{Next, Session};
 
-use crate::config::Config;
+use crate::config::{Config, ListenTls, ListenerConfig, ListenerSettings};
 use crate::store::Store;
 
 /// How long sessions get to finish after shutdown starts before they are cut off.
@@ -55,10 +59,11 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum InboundError {
-    #[error("smtp.tls_cert_file / smtp.tls_key_file: {0}")]
-    Tls(String),
-    #[error("smtp.auth: {0}")]
-    Auth(String),
+    /// `key`: `smtp.tls_cert_file / smtp.tls_key_file`, or a listener's.
+    #[error("{key}: {reason}")]
+    Tls { key: String, reason: String },
+    #[error("{key}: {reason}")]
+    Auth { key: String, reason: String },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -82,7 +87,10 @@ pub struct InboundSettings {
     pub postmaster: String,
     pub max_errors: u32,
     pub min_free_space: u64,
+    /// STARTTLS, or with `implicit_tls` the handshake at connect; `None`: plain only.
     pub tls: Option<TlsAcceptor>,
+    /// `tls = "implicit"` (SMTPS): TLS before the greeting, no STARTTLS.
+    pub implicit_tls: bool,
     pub auth: AuthPolicy,
     /// `smtp.allow_plaintext_auth_on_loopback`: AUTH without TLS from 127.0.0.0/8 and ::1.
     pub plaintext_auth_on_loopback: bool,
@@ -93,7 +101,11 @@ pub struct InboundSettings {
 /// refused at once (552 5.3.4, early on `SIZE=`) rather than accepted and failed later. There
 /// is no upload-session path for larger messages yet.
 pub fn accept_limit(config: &Config) -> u64 {
-    let configured = config.smtp.max_message_size.0;
+    graph_cap(config, config.smtp.max_message_size.0)
+}
+
+/// `configured` lowered to what `transport = "graph"` can send (see [`accept_limit`]).
+fn graph_cap(config: &Config, configured: u64) -> u64 {
     match config.upstream.transport {
         crate::config::TransportKind::Smtp => configured,
         crate::config::TransportKind::Graph => {
@@ -107,34 +119,75 @@ pub fn accept_limit(config: &Config) -> u64 {
 const GRAPH_HEADER_RESERVE: u64 = 64 * 1024;
 
 impl InboundSettings {
+    /// The `smtp.listen` addresses' settings: `[smtp]` (and the drop directory's).
     pub fn from_config(config: &Config) -> Result<InboundSettings, InboundError> {
-        let smtp = &config.smtp;
-        let tls = match (&smtp.tls_cert_file, &smtp.tls_key_file) {
-            (Some(cert), Some(key)) => Some(load_tls(cert, key)?),
-            _ => None,
+        Self::resolve(config, &config.smtp.listen_settings(), "smtp.")
+    }
+
+    /// `table`, the `[[smtp.listener]]` number `n` (from 0, for errors), unset keys from
+    /// `[smtp]`.
+    pub fn for_listener(
+        config: &Config,
+        n: usize,
+        table: &ListenerConfig,
+    ) -> Result<InboundSettings, InboundError> {
+        let resolved = config.smtp.listener_settings(table);
+        Self::resolve(config, &resolved, &format!("smtp.listener.{n}."))
+    }
+
+    /// `prefix` names the table in errors (`smtp.` or `smtp.listener.N.`).
+    fn resolve(
+        config: &Config,
+        l: &ListenerSettings,
+        prefix: &str,
+    ) -> Result<InboundSettings, InboundError> {
+        let tls = match &l.tls_files {
+            Some((cert, key)) => Some(load_tls(cert, key).map_err(|reason| InboundError::Tls {
+                key: format!("{prefix}tls_cert_file / {prefix}tls_key_file"),
+                reason,
+            })?),
+            // Validation refuses this; never serve plaintext where TLS was asked for.
+            None if l.tls != ListenTls::None => {
+                return Err(InboundError::Tls {
+                    key: format!("{prefix}tls"),
+                    reason: "needs tls_cert_file and tls_key_file".into(),
+                });
+            }
+            None => None,
+        };
+        let auth = AuthPolicy::from_setting(&l.auth).map_err(|reason| InboundError::Auth {
+            key: format!("{prefix}auth"),
+            reason,
+        })?;
+        let max_message_size = graph_cap(config, l.max_message_size.0);
+        let min_free_space = match config.queue.min_free_space.0 {
+            // Automatic: room for two of the largest message this listener takes.
+            0 => l.max_message_size.0.saturating_mul(2),
+            n => n,
         };
         Ok(InboundSettings {
-            hostname: smtp.hostname.clone(),
-            // EHLO's SIZE: the most any route takes (MAIL FROM applies the chosen route's).
+            hostname: config.smtp.hostname.clone(),
+            // EHLO's SIZE: the most any route takes here (MAIL FROM applies the chosen route's).
             max_message_size: config
                 .route_table()
                 .iter()
-                .map(|r| accept_limit(&r.config))
+                .map(|r| graph_cap(&r.config, max_message_size))
                 .max()
-                .unwrap_or_else(|| accept_limit(config)),
-            max_recipients: smtp.max_recipients,
-            max_connections: smtp.max_connections,
-            allow_networks: config.allowed_networks(),
-            command_timeout: smtp.command_timeout,
-            data_timeout: smtp.data_timeout,
-            write_timeout: smtp.write_timeout,
-            min_data_rate: smtp.min_data_rate,
+                .unwrap_or(max_message_size),
+            max_recipients: l.max_recipients,
+            max_connections: l.max_connections,
+            allow_networks: l.allowed_networks(),
+            command_timeout: l.command_timeout,
+            data_timeout: l.data_timeout,
+            write_timeout: l.write_timeout,
+            min_data_rate: l.min_data_rate,
             postmaster: postmaster_address(config),
-            max_errors: smtp.max_errors,
-            min_free_space: config.min_free_space(),
+            max_errors: l.max_errors,
+            min_free_space,
+            implicit_tls: tls.is_some() && l.tls == ListenTls::Implicit,
             tls,
-            auth: AuthPolicy::from_setting(&smtp.auth).map_err(InboundError::Auth)?,
-            plaintext_auth_on_loopback: smtp.allow_plaintext_auth_on_loopback,
+            auth,
+            plaintext_auth_on_loopback: l.allow_plaintext_auth_on_loopback,
         })
     }
 }
@@ -155,25 +208,21 @@ fn postmaster_address(config: &Config) -> String {
     format!("postmaster@{domain}")
 }
 
-fn load_tls(cert: &Path, key: &Path) -> Result<TlsAcceptor, InboundError> {
+fn load_tls(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let certs = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| InboundError::Tls(format!("{}: {e}", cert.display())))?;
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
     if certs.is_empty() {
-        return Err(InboundError::Tls(format!(
-            "{}: no certificate",
-            cert.display()
-        )));
+        return Err(format!("{}: no certificate", cert.display()));
     }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| InboundError::Tls(format!("{}: {e}", key.display())))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
-        .map_err(|e| InboundError::Tls(e.to_string()))?;
+        .map_err(|e| e.to_string())?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -184,14 +233,27 @@ pub struct Shared {
     /// Messages accepted since start (for logs and, later, metrics).
     pub accepted: AtomicU64,
     pub metrics: Arc<crate::metrics::Metrics>,
-    /// Failed AUTH per client address (the brute-force limit).
-    pub auth_failures: AuthFailures,
-    /// The routes MAIL FROM chooses from; replaced by a reload.
-    pub routes: std::sync::RwLock<Arc<crate::routes::Routes>>,
+    /// Failed AUTH per client address (the brute-force limit), one table for all listeners.
+    pub auth_failures: Arc<AuthFailures>,
+    /// The routes MAIL FROM chooses from, one table for all listeners; replaced by a reload.
+    pub routes: Arc<std::sync::RwLock<Arc<crate::routes::Routes>>>,
 }
 
 impl Shared {
-    /// The route for a transaction and the size limit of its transport, or why none takes it.
+    /// The same store, metrics, failure table and routes with another listener's settings.
+    fn with_settings(&self, settings: InboundSettings) -> Shared {
+        Shared {
+            settings,
+            store: self.store.clone(),
+            accepted: AtomicU64::new(0),
+            metrics: self.metrics.clone(),
+            auth_failures: self.auth_failures.clone(),
+            routes: self.routes.clone(),
+        }
+    }
+
+    /// The route for a transaction and the size limit of its transport on this listener, or
+    /// why none takes it.
     pub fn choose_route(
         &self,
         sender: &str,
@@ -204,7 +266,7 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let (route, _mailbox) = routes.choose(sender, auth_user, listener)?;
-        let limit = accept_limit(&route.config).min(self.settings.max_message_size);
+        let limit = graph_cap(&route.config, self.settings.max_message_size);
         Ok((route.name.clone(), limit))
     }
 
@@ -258,8 +320,8 @@ impl Server {
                 store,
                 accepted: AtomicU64::new(0),
                 metrics,
-                auth_failures: AuthFailures::default(),
-                routes: std::sync::RwLock::new(Arc::new(crate::routes::Routes::default())),
+                auth_failures: Default::default(),
+                routes: Default::default(),
             }),
             stop: crate::stop::StopBudget::new(DRAIN_TIMEOUT),
         }
@@ -301,32 +363,90 @@ impl Server {
     pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, InboundError> {
         let mut listeners = Vec::with_capacity(addrs.len());
         for addr in addrs {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| InboundError::Bind {
-                    addr: *addr,
-                    source,
-                })?;
-            listeners.push(listener);
+            listeners.push(bind_one(*addr).await?);
         }
         Ok(listeners)
     }
 
+    /// Binds `smtp.listen` and every `[[smtp.listener]]` of `config`, each table with its
+    /// settings resolved now (a bad certificate or users file stops the start).
+    pub async fn bind_config(config: &Config) -> Result<Vec<Bound>, InboundError> {
+        // Settings first: the sockets are then bound together, so that one accepting means
+        // all are (and a bad certificate leaves none bound).
+        let mut planned = Vec::new();
+        for addr in &config.smtp.listen {
+            planned.push((*addr, None));
+        }
+        for (n, table) in config.smtp.listener.iter().enumerate() {
+            let settings = InboundSettings::for_listener(config, n, table)?;
+            planned.push((table.address, Some(settings)));
+        }
+        let mut bound = Vec::with_capacity(planned.len());
+        for (address, settings) in planned {
+            bound.push(Bound {
+                socket: bind_one(address).await?,
+                address,
+                settings,
+            });
+        }
+        Ok(bound)
+    }
+
+    /// [`Server::serve`] with `listeners` on the server's own settings.
+    pub async fn run(self, listeners: Vec<TcpListener>, shutdown: CancellationToken) {
+        let bound = listeners
+            .into_iter()
+            .filter_map(|socket| {
+                let address = socket.local_addr().ok()?;
+                Some(Bound {
+                    socket,
+                    address,
+                    settings: None,
+                })
+            })
+            .collect();
+        self.serve(bound, shutdown).await
+    }
+
     /// Serves until `shutdown` is cancelled, then stops accepting, lets sessions finish until
     /// the stop deadline ([`Server::with_stop_budget`]; [`DRAIN_TIMEOUT`] unless set), and
-    /// returns.
-    pub async fn run(self, listeners: Vec<TcpListener>, shutdown: CancellationToken) {
+    /// returns. Listeners on the server's own settings share its `max_connections`; each
+    /// other one has its own.
+    pub async fn serve(self, listeners: Vec<Bound>, shutdown: CancellationToken) {
         let sessions = TaskTracker::new();
-        let limit = Arc::new(Semaphore::new(self.shared.settings.max_connections));
+        let shared_limit = Arc::new(Semaphore::new(self.shared.settings.max_connections));
         let mut accept_loops = Vec::new();
-        for listener in listeners {
-            let shared = self.shared.clone();
-            let shutdown = shutdown.clone();
-            let sessions = sessions.clone();
-            let limit = limit.clone();
-            accept_loops.push(tokio::spawn(async move {
-                accept_loop(listener, shared, limit, sessions, shutdown).await
-            }));
+        for bound in listeners {
+            let (shared, limit) = match bound.settings {
+                None => (self.shared.clone(), shared_limit.clone()),
+                Some(settings) => {
+                    let limit = Arc::new(Semaphore::new(settings.max_connections));
+                    (Arc::new(self.shared.with_settings(settings)), limit)
+                }
+            };
+            if let Ok(addr) = bound.socket.local_addr() {
+                tracing::info!(
+                    %addr,
+                    tls = if shared.settings.implicit_tls {
+                        "implicit"
+                    } else if shared.settings.tls.is_some() {
+                        "starttls"
+                    } else {
+                        "none"
+                    },
+                    max_connections = shared.settings.max_connections,
+                    "accepting SMTP"
+                );
+            }
+            let accept = AcceptLoop {
+                socket: bound.socket,
+                address: bound.address,
+                shared,
+                limit,
+                sessions: sessions.clone(),
+                shutdown: shutdown.clone(),
+            };
+            accept_loops.push(tokio::spawn(accept.run()));
         }
         for handle in accept_loops {
             let _ = handle.await;
@@ -346,61 +466,85 @@ impl Server {
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
+/// A bound listener: its socket, the address it was configured with (routes match on it),
+/// and for a `[[smtp.listener]]` its own settings (`None`: the server's, `[smtp]`).
+pub struct Bound {
+    pub socket: TcpListener,
+    pub address: SocketAddr,
+    pub settings: Option<InboundSettings>,
+}
+
+async fn bind_one(addr: SocketAddr) -> Result<TcpListener, InboundError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| InboundError::Bind { addr, source })
+}
+
+struct AcceptLoop {
+    socket: TcpListener,
+    address: SocketAddr,
     shared: Arc<Shared>,
     limit: Arc<Semaphore>,
     sessions: TaskTracker,
     shutdown: CancellationToken,
-) {
-    let mut backoff = Duration::from_millis(10);
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.cancelled() => return,
-        };
-        let (stream, peer) = match accepted {
-            Ok(pair) => {
-                backoff = Duration::from_millis(10);
-                pair
-            }
-            Err(e) => {
-                // EMFILE and friends: wait rather than spin (mini-redis does the same).
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let shared = shared.clone();
-        let shutdown = shutdown.clone();
-        let permit = limit.clone().try_acquire_owned().ok();
-        sessions.spawn(async move {
-            let Some(_permit) = permit else {
-                tracing::warn!(client = %peer, "refusing connection: smtp.max_connections reached");
-                shared.metrics.refused(reply::TOO_MANY_CONNECTIONS.status);
-                return refuse(stream, reply::TOO_MANY_CONNECTIONS).await;
+}
+
+impl AcceptLoop {
+    async fn run(self) {
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let accepted = tokio::select! {
+                a = self.socket.accept() => a,
+                _ = self.shutdown.cancelled() => return,
             };
-            let ip = peer.ip().to_canonical();
-            if !shared
-                .settings
-                .allow_networks
-                .iter()
-                .any(|n| n.contains(&ip))
-            {
-                tracing::warn!(client = %peer, "refusing connection: not in smtp.allow_networks");
-                shared.metrics.refused(reply::NOT_ALLOWED.status);
-                return refuse(stream, reply::NOT_ALLOWED).await;
-            }
-            serve_connection(stream, peer, shared, shutdown).await;
-        });
+            let (stream, peer) = match accepted {
+                Ok(pair) => {
+                    backoff = Duration::from_millis(10);
+                    pair
+                }
+                Err(e) => {
+                    // EMFILE and friends: wait rather than spin (mini-redis does the same).
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let shared = self.shared.clone();
+            let shutdown = self.shutdown.clone();
+            let listener = self.address;
+            let permit = self.limit.clone().try_acquire_owned().ok();
+            self.sessions.spawn(async move {
+                // A plaintext reply means nothing to an SMTPS client: it only sees the close.
+                let plain = !shared.settings.implicit_tls;
+                let Some(_permit) = permit else {
+                    tracing::warn!(client = %peer, %listener, "refusing connection: max_connections reached");
+                    shared.metrics.refused(reply::TOO_MANY_CONNECTIONS.status);
+                    return refuse(stream, plain.then_some(reply::TOO_MANY_CONNECTIONS)).await;
+                };
+                let ip = peer.ip().to_canonical();
+                if !shared
+                    .settings
+                    .allow_networks
+                    .iter()
+                    .any(|n| n.contains(&ip))
+                {
+                    tracing::warn!(client = %peer, %listener, "refusing connection: not in allow_networks");
+                    shared.metrics.refused(reply::NOT_ALLOWED.status);
+                    return refuse(stream, plain.then_some(reply::NOT_ALLOWED)).await;
+                }
+                serve_connection(stream, peer, listener, shared, shutdown).await;
+            });
+        }
     }
 }
 
-async fn refuse(mut stream: TcpStream, reply: Reply) {
+async fn refuse(mut stream: TcpStream, reply: Option<Reply>) {
     let mut out = Vec::new();
-    reply.write_to(&mut out);
+    if let Some(reply) = reply {
+        reply.write_to(&mut out);
+    }
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = stream.write_all(&out).await;
         let _ = stream.shutdown().await;
@@ -411,37 +555,51 @@ async fn refuse(mut stream: TcpStream, reply: Reply) {
 async fn serve_connection(
     mut stream: TcpStream,
     peer: SocketAddr,
+    listener: SocketAddr,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
-    tracing::debug!(client = %peer, "connection opened");
+    tracing::debug!(client = %peer, %listener, "connection opened");
     let tls = shared.settings.tls.clone();
+    let implicit = shared.settings.implicit_tls;
     let handshake_timeout = shared.settings.command_timeout;
     let write_timeout = shared.settings.write_timeout;
     let mut session = Session::new(shared, peer);
-    if let Ok(local) = stream.local_addr() {
-        session = session.at_listener(local);
+    session.on_listener(listener);
+    if implicit {
+        let Some(acceptor) = tls else { return };
+        if let Some(mut tls_stream) = handshake(&acceptor, stream, handshake_timeout, peer).await {
+            // SMTPS: the greeting is the first thing inside TLS, and STARTTLS is not offered.
+            session.tls_established();
+            session.greeting();
+            drive_tls(
+                &mut session,
+                &mut tls_stream,
+                &shutdown,
+                write_timeout,
+                peer,
+            )
+            .await;
+        }
+        tracing::debug!(client = %peer, "connection closed");
+        return;
     }
     session.greeting();
     match session.drive(&mut stream, &shutdown).await {
         Ok(Next::StartTls) => {
             let Some(acceptor) = tls else { return };
-            // A client that says STARTTLS and then nothing must not keep its slot.
-            match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(mut tls_stream)) => {
-                    session.tls_established();
-                    let result = session.drive(&mut tls_stream, &shutdown).await;
-                    match result {
-                        // close_notify is a write too: bounded like every other.
-                        Ok(_) => {
-                            let _ =
-                                tokio::time::timeout(write_timeout, tls_stream.shutdown()).await;
-                        }
-                        Err(e) => tracing::debug!(client = %peer, error = %e, "connection error"),
-                    }
-                }
-                Ok(Err(e)) => tracing::info!(client = %peer, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::info!(client = %peer, "TLS handshake timed out"),
+            if let Some(mut tls_stream) =
+                handshake(&acceptor, stream, handshake_timeout, peer).await
+            {
+                session.tls_established();
+                drive_tls(
+                    &mut session,
+                    &mut tls_stream,
+                    &shutdown,
+                    write_timeout,
+                    peer,
+                )
+                .await;
             }
         }
         Ok(Next::Close) => {
@@ -450,4 +608,43 @@ async fn serve_connection(
         Err(e) => tracing::debug!(client = %peer, error = %e, "connection error"),
     }
     tracing::debug!(client = %peer, "connection closed");
+}
+
+type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// The server side of a TLS handshake, bounded: a client that connects (or says STARTTLS) and
+/// then sends nothing must not keep its slot.
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+    limit: Duration,
+    peer: SocketAddr,
+) -> Option<TlsStream> {
+    match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+        Ok(Ok(tls_stream)) => Some(tls_stream),
+        Ok(Err(e)) => {
+            tracing::info!(client = %peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::info!(client = %peer, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+async fn drive_tls(
+    session: &mut Session,
+    tls_stream: &mut TlsStream,
+    shutdown: &CancellationToken,
+    write_timeout: Duration,
+    peer: SocketAddr,
+) {
+    match session.drive(tls_stream, shutdown).await {
+        // close_notify is a write too: bounded like every other.
+        Ok(_) => {
+            let _ = tokio::time::timeout(write_timeout, tls_stream.shutdown()).await;
+        }
+        Err(e) => tracing::debug!(client = %peer, error = %e, "connection error"),
+    }
 }

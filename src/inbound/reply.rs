@@ -110,9 +110,9 @@ pub const ENCRYPTION_REQUIRED: Reply = Reply::new(
     "Encryption required for requested authentication mechanism",
 );
 pub const AUTH_TOO_MANY_FAILURES: Reply = Reply::new(
-    454,
+    421,
     "4.7.0",
-    "Too many failed authentications from this address; try again later",
+    "Too many failed authentications from this address, closing connection; try again later",
 );
 pub const AUTH_INVALID: Reply = Reply::new(535, "5.7.8", "Authentication credentials invalid");
 pub const NOT_ALLOWED: Reply = Reply::new(

@@ -117,8 +117,8 @@ pub struct Session {
     /// An in-process session for the drop directory: its files were written by local users,
     /// whom `smtp.auth` does not ask for a password (sendmail has none to give).
     pub(super) local: bool,
-    /// The local address the client connected to (`match_listener` of routes); `None` for
-    /// in-process sessions.
+    /// The configured address of the listener the client connected to (routes match on it);
+    /// `None` for the drop directory and in-memory sessions.
     pub(super) listener: Option<SocketAddr>,
 }
 
@@ -143,10 +143,9 @@ impl Session {
         }
     }
 
-    /// The local address this session's client connected to (routes may match on it).
-    pub fn at_listener(mut self, local: SocketAddr) -> Session {
-        self.listener = Some(local);
-        self
+    /// The session came in on the listener configured as `address`.
+    pub fn on_listener(&mut self, address: SocketAddr) {
+        self.listener = Some(address);
     }
 
     /// Marks the session as the drop directory's (see [`super::local::LocalSubmitter`]).
@@ -198,6 +197,10 @@ impl Session {
 
     pub(super) fn close_after_reply(&mut self) {
         self.next = Some(Next::Close);
+    }
+
+    pub(super) fn closing(&self) -> bool {
+        self.next == Some(Next::Close)
     }
 
     pub(super) fn start_tls_after_reply(&mut self) {

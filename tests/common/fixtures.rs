@@ -10,6 +10,19 @@ use std::sync::Mutex;
 use smtp_oauth_relay::spool::format::{self, Header};
 
 // ---------------------------------------------------------------------------------------------
+// TLS
+
+/// A self-signed certificate for `localhost` (also the root a verifying client trusts) and its
+/// key, written to `dir/tls.crt` and `dir/tls.key`.
+pub fn self_signed_tls(dir: &Path) -> (PathBuf, PathBuf) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let (cert_path, key_path) = (dir.join("tls.crt"), dir.join("tls.key"));
+    fs::write(&cert_path, cert.cert.pem()).expect("write cert");
+    fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
+    (cert_path, key_path)
+}
+
+// ---------------------------------------------------------------------------------------------
 // Dot-stuffing
 
 /// RFC 5321 §4.5.2 transparency: a line starting with "." gets another "." (a line starts after

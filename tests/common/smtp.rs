@@ -426,27 +426,53 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Client<S> {
     /// `server_name`.
     pub async fn starttls(mut self, ca_file: &Path, server_name: &str) -> Client {
         self.cmd("STARTTLS").await.assert(220, "2.0.0");
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(ca_file).expect("ca file") {
-            roots.add(cert.expect("ca pem")).expect("add root");
-        }
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let name = ServerName::try_from(server_name.to_string()).expect("server name");
         let timeout = self.timeout;
-        let tls = tokio::time::timeout(timeout, connector.connect(name, self.into_inner()))
+        let tls = tls_handshake(self.into_inner(), ca_file, server_name, timeout)
             .await
-            .expect("tls in time")
             .expect("tls");
         let mut c = Client::boxed(tls);
         c.timeout = timeout;
         c
     }
+}
+
+impl Client {
+    /// SMTPS (implicit TLS): the handshake right after connecting, trusting only `ca_file` and
+    /// checking `server_name`; the greeting is the test's first `expect`.
+    pub async fn connect_smtps(addr: SocketAddr, ca_file: &Path, server_name: &str) -> Client {
+        let tcp = tokio::time::timeout(REPLY_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        let tls = tls_handshake(tcp, ca_file, server_name, REPLY_TIMEOUT)
+            .await
+            .expect("tls");
+        Client::boxed(tls)
+    }
+}
+
+/// The client side of a TLS handshake over `stream`, bounded by `timeout`.
+async fn tls_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    ca_file: &Path,
+    server_name: &str,
+    timeout: Duration,
+) -> io::Result<tokio_rustls::client::TlsStream<S>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_file).expect("ca file") {
+        roots.add(cert.expect("ca pem")).expect("add root");
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = ServerName::try_from(server_name.to_string()).expect("server name");
+    tokio::time::timeout(timeout, connector.connect(name, stream))
+        .await
+        .map_err(|_| timed_out("TLS handshake", timeout))?
 }
 
 // ---------------------------------------------------------------------------------------------
