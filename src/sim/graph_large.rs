@@ -218,6 +218,15 @@ pub async fn upload(
 ) -> Response {
     let shared = &st.shared;
     shared.graph_uploads.fetch_add(1, Ordering::Relaxed);
+    if let Some(super::control::GraphFault::Error {
+        status,
+        code,
+        message,
+        retry_after,
+    }) = shared.next_upload_fault()
+    {
+        return error(status, &code, &message, retry_after);
+    }
     // The URL is pre-authenticated; a token sent along is refused.
     if headers.contains_key(header::AUTHORIZATION) {
         return error(
