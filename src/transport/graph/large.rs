@@ -127,7 +127,12 @@ impl GraphTransport {
         );
         let mut refreshed = false;
         let draft_id = {
-            let encoded = base64::engine::general_purpose::STANDARD.encode(&draft);
+            // Shared, not copied, by a second request after a token refresh.
+            let encoded = bytes::Bytes::from(
+                base64::engine::general_purpose::STANDARD
+                    .encode(&draft)
+                    .into_bytes(),
+            );
             drop(draft);
             match self
                 .create_draft(current, encoded, &mut refreshed, count)
@@ -165,7 +170,7 @@ impl GraphTransport {
     async fn create_draft(
         &self,
         current: &Current,
-        encoded: String,
+        encoded: bytes::Bytes,
         refreshed: &mut bool,
         count: usize,
     ) -> Result<String, Attempted> {

@@ -551,7 +551,7 @@ where
 {
     let mut decoder = Decoder::new(part.encoding);
     let mut reader = body.range_reader(part.body_start, part.body_end);
-    let mut out: Vec<u8> = Vec::with_capacity(piece * 2);
+    let mut out: Vec<u8> = Vec::with_capacity(piece + crate::spool::body::CHUNK);
     let mut sent = 0u64;
     let mut done = false;
     while !done {
