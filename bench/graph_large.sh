@@ -8,7 +8,8 @@
 #   bench/graph_large.sh [COUNT]   COUNT for bench/graph.sh (default 1000); prints figures
 #
 # Environment: NO_BUILD=1 skips `cargo build --release`, BENCH_TMP (parent of the scratch
-# directory; default /var/tmp), BENCH_PORT (the relay's SMTP port; default 23627).
+# directory; default /var/tmp), BENCH_PORT (the relay's SMTP port; default 23627), ATTACH_MIB
+# (size of each attachment; default 11, which makes the message 30 MiB).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -111,7 +112,8 @@ PY
 wait_for 1
 base=$(hwm)
 t0=$(now)
-bytes=$(send $((11 * 1024 * 1024)))
+ATTACH_MIB=${ATTACH_MIB:-11}
+bytes=$(send $((ATTACH_MIB * 1024 * 1024)))
 t1=$(now)
 accept_peak=$(hwm)
 # Reset the high-water mark at the 250 (Linux clear_refs "5"): what follows is the upload's.
@@ -119,16 +121,16 @@ echo 5 >"/proc/$RELAY/clear_refs"
 wait_for 2
 t2=$(now)
 peak=$(hwm)
-python3 - "$bytes" "$base" "$accept_peak" "$peak" "$t0" "$t1" "$t2" "$(nproc)" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'PY'
+python3 - "$bytes" "$ATTACH_MIB" "$base" "$accept_peak" "$peak" "$t0" "$t1" "$t2" "$(nproc)" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'PY'
 import sys
-size, base, accept, peak = (int(a) for a in sys.argv[1:5])
-t0, t1, t2 = map(float, sys.argv[5:8])
+size, each, base, accept, peak = (int(a) for a in sys.argv[1:6])
+t0, t1, t2 = map(float, sys.argv[6:9])
 print(
-    f"graph large: one {size / 2**20:.1f} MiB message (2 attachments of 11 MiB) accepted in "
+    f"graph large: one {size / 2**20:.1f} MiB message (2 attachments of {each} MiB) accepted in "
     f"{t1 - t0:.2f} s, delivered through draft + upload sessions {t2 - t1:.2f} s later "
     f"({size / 2**20 / (t2 - t1):.1f} MiB/s); relay peak RSS (VmHWM) during the upload "
     f"{peak / 1024:.1f} MiB, up to the 250 {accept / 1024:.1f} MiB, after a warm-up sendMail "
-    f"{base / 1024:.1f} MiB; simulator in its own process; {sys.argv[8]} cores, load {sys.argv[9]}"
+    f"{base / 1024:.1f} MiB; simulator in its own process; {sys.argv[9]} cores, load {sys.argv[10]}"
 )
 PY
 kill -TERM "$RELAY" 2>/dev/null && wait "$RELAY" 2>/dev/null || true

@@ -564,8 +564,10 @@ where
         }
         while out.len() >= piece || (done && !out.is_empty()) {
             let n = out.len().min(piece);
-            let rest = out.split_off(n);
-            let this = std::mem::replace(&mut out, rest);
+            // A piece of exactly its size; `out` keeps its buffer for the next one.
+            let mut this = Vec::with_capacity(n);
+            this.extend_from_slice(&out[..n]);
+            out.drain(..n);
             let len = this.len() as u64;
             each(sent, this).await.map_err(DecodeError::Sink)?;
             sent += len;
