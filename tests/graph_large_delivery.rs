@@ -341,3 +341,22 @@ async fn with_the_key_off_larger_messages_are_refused_at_accept() {
     .await;
     c.cmd_expect("QUIT", "221").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_refused_on_the_draft_is_refreshed_once_and_the_message_goes() {
+    let r = start_delivering(LARGE, large_tenant()).await;
+    let issued = r.sim.control().tokens_issued();
+    r.sim
+        .control()
+        .script_graph_fault(GraphFault::code("InvalidAuthenticationToken"), 1);
+    let a = payload(4 * MIB, 8);
+    let msg = with_attachments("refresh", &[("a.bin", "application/octet-stream", &a)]);
+    r.submit("<app@legacy.test>", &["b@example.org"], &msg)
+        .await;
+    let got = wait_delivered(&r, 1).await;
+    assert!(attachment_of(&got[0].text(), "a.bin") == a);
+    assert!(r.sim.control().tokens_issued() > issued, "no fresh token");
+    assert_eq!(r.sim.control().graph_faults_fired(), 1);
+    assert_eq!(r.sim.control().graph_drafts(), 0);
+    assert_eq!(r.spool_in(EntryState::Failed), 0);
+}
