@@ -179,13 +179,21 @@ async fn a_message_just_over_3_mib_goes_as_a_draft_and_its_small_parts_stay_in_i
     let r = start_delivering(LARGE, large_tenant()).await;
     let big = payload(2 * MIB + 512 * 1024, 3);
     let small = payload(2_000, 4);
-    let msg = with_attachments(
+    // big.bin is an inline part with a Content-ID (an image the HTML body shows).
+    let msg = String::from_utf8(with_attachments(
         "three",
         &[
             ("big.bin", "application/octet-stream", &big),
             ("small.txt", "text/plain", &small),
         ],
-    );
+    ))
+    .expect("ascii")
+    .replacen(
+        "Content-Disposition: attachment; filename=\"big.bin\"",
+        "Content-ID: <big@legacy.test>\r\nContent-Disposition: inline; filename=\"big.bin\"",
+        1,
+    )
+    .into_bytes();
     assert!(
         msg.len() > 3 * MIB && msg.len() < 4 * MIB,
         "{} bytes",
@@ -196,6 +204,14 @@ async fn a_message_just_over_3_mib_goes_as_a_draft_and_its_small_parts_stay_in_i
     let got = wait_delivered(&r, 1).await;
     let text = got[0].text();
     assert!(attachment_of(&text, "big.bin") == big);
+    // Its part headers reached Graph: the upload session said inline, with the Content-ID.
+    assert!(
+        text.contains(
+            "Content-ID: <big@legacy.test>\r\nContent-Disposition: inline; filename=\"big.bin\""
+        ),
+        "{}",
+        &text[..text.len().min(2000)]
+    );
     // The small attachment was never pulled out: it is in the draft as the client wrote it.
     assert!(text.contains(&b64_lines(&small)));
     assert_eq!(r.sim.control().graph_uploads(), pieces(big.len()));
