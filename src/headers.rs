@@ -13,6 +13,23 @@ use mail_parser::{Addr, Address, HeaderValue, MessageParser};
 
 pub use mail_parser::HeaderName;
 
+/// A MIME field with parameters: its value in lower case (`multipart/mixed`, `attachment`) and
+/// its parameters (names in lower case, RFC 2231 and RFC 2047 encodings decoded).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MimeField {
+    pub value: String,
+    pub params: Vec<(String, String)>,
+}
+
+impl MimeField {
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
 /// The parsed header section of a message.
 pub struct Headers<'a> {
     raw: &'a [u8],
@@ -95,6 +112,28 @@ impl<'a> Headers<'a> {
             HeaderValue::TextList(l) => Some(l.join(", ")),
             _ => Some(String::new()),
         }
+    }
+
+    /// A MIME field with parameters (`Content-Type`, `Content-Disposition`) as mail-parser
+    /// reads it; `None` when absent.
+    pub fn mime(&self, name: &HeaderName<'_>) -> Option<MimeField> {
+        let field = self.fields.iter().find(|f| &f.name == name)?;
+        let HeaderValue::ContentType(ct) = &field.value else {
+            return None;
+        };
+        let value = match &ct.c_subtype {
+            Some(sub) => format!("{}/{sub}", ct.c_type),
+            None => ct.c_type.to_string(),
+        };
+        Some(MimeField {
+            value: value.to_ascii_lowercase(),
+            params: ct
+                .attributes
+                .iter()
+                .flatten()
+                .map(|a| (a.name.to_ascii_lowercase(), a.value.to_string()))
+                .collect(),
+        })
     }
 
     /// Offset just past the trace block at the top of the message: the leading run of

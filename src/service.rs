@@ -100,10 +100,12 @@ pub fn reload_log_level(level: &str) -> Result<bool, String> {
 
 /// Keys the running process cannot change without a restart: the listeners and their limits
 /// (fixed in the inbound server at start), the spool location and queue backend, the admin address, the log
-/// format and the stop budget (shared by the running parts since start). A reload keeps their
-/// running values in the published config and says so.
+/// format and the stop budget (shared by the running parts since start), and
+/// `upstream.graph_large_messages` (it sets the listener's size limit too, which is fixed at
+/// start). A reload keeps their running values in the published config and says so.
 pub const RESTART_ONLY: &[&str] = &[
     "smtp.*",
+    "upstream.graph_large_messages",
     "queue.dir",
     "queue.min_free_space",
     "queue.backend",
@@ -284,6 +286,8 @@ pub fn merge_reload(
             outcome.needs_restart.push(key);
         }
     }
+    // The listener's limit follows it; the transport must not change alone.
+    new.upstream.graph_large_messages = running.upstream.graph_large_messages;
     let mut keep_delivery = false;
     if !delivery.is_empty() {
         let configured = new
@@ -515,6 +519,22 @@ mod tests {
         assert_eq!(merged.admin.listen, running.admin.listen);
         assert_eq!(merged.log.level, "warn");
         assert_eq!(merged.queue.retry_min, std::time::Duration::from_secs(120));
+    }
+
+    #[test]
+    fn graph_large_messages_waits_for_a_restart_with_the_listener_limit() {
+        let graph = OAUTH.replace("[upstream]\n", "[upstream]\ntransport = \"graph\"\n");
+        let running = cfg(&graph);
+        let new = cfg(&graph.replace(
+            "[upstream]\n",
+            "[upstream]\ngraph_large_messages = true\nrate = \"10/min\"\n",
+        ));
+        let deliverer = live(true, false);
+        let (merged, outcome) = merge_reload(&running, new, &deliverer);
+        assert_eq!(outcome.needs_restart, vec!["upstream.graph_large_messages"]);
+        assert_eq!(outcome.applied, vec!["upstream.rate"]);
+        assert!(!merged.upstream.graph_large_messages);
+        assert_eq!(merged.upstream.rate.messages, 10);
     }
 
     #[test]

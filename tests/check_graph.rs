@@ -202,3 +202,53 @@ async fn an_unreachable_graph_host_fails_at_https() {
     assert_eq!(run.step("sendMail permission").0, "skipped");
     assert_eq!(run.step("test message").0, "skipped");
 }
+
+/// `upstream.graph_large_messages = true`: the permission step also probes a draft, which needs
+/// `Mail.ReadWrite`; without it the step fails with that grant (Entra or RBAC) as the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_need_mail_read_write_and_check_says_how_to_grant_it() {
+    let s = Setup::start().await;
+    let large = |path: PathBuf| {
+        let text = std::fs::read_to_string(&path).expect("config");
+        let text = text.replacen(
+            "transport = \"graph\"\n",
+            "transport = \"graph\"\ngraph_large_messages = true\n",
+            1,
+        );
+        std::fs::write(&path, text).expect("write config");
+        path
+    };
+    // Mail.Send only (SimConfig::graph()): sendMail would work, drafts would not.
+    let run = check(large(s.config(&s.sim.graph_url(), GRAPH_SCOPE)), &[]).await;
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    let (status, line, fix) = run.step("token contents");
+    assert_eq!(status, "WARNING", "{line}");
+    assert!(line.contains("no Mail.ReadWrite role"), "{line}");
+    assert!(fix.contains("Application Mail.ReadWrite"), "{fix}");
+    let (status, line, fix) = run.step("sendMail permission");
+    assert_eq!(status, "FAILED", "{}", run.stdout);
+    assert!(
+        line.contains("graph_large_messages") && line.contains("403 ErrorAccessDenied"),
+        "{line}"
+    );
+    for part in [
+        "Application permissions, Mail.ReadWrite",
+        "Grant admin consent",
+        "-Role \"Application Mail.ReadWrite\"",
+        "upstream.graph_large_messages = false",
+    ] {
+        assert!(fix.contains(part), "fix lacks {part:?}: {fix}");
+    }
+
+    // With the role granted, the step passes and creates nothing.
+    s.sim.control().set_roles(Some(vec![
+        "Mail.Send".to_string(),
+        "Mail.ReadWrite".to_string(),
+    ]));
+    let run = check(large(s.config(&s.sim.graph_url(), GRAPH_SCOPE)), &[]).await;
+    assert_eq!(run.code, 0, "{}", run.stdout);
+    let (status, line, _) = run.step("sendMail permission");
+    assert_eq!(status, "ok", "{line}");
+    assert!(line.contains("would create drafts"), "{line}");
+    assert_eq!(s.sim.control().graph_drafts(), 0);
+}

@@ -80,6 +80,11 @@ fn wrong_graph_keys_are_refused_with_the_key_named() {
             "429 ApplicationThrottled",
         ),
         ("transport = \"ews\"", "upstream.transport", "ews"),
+        (
+            "transport = \"smtp\"\ngraph_large_messages = true",
+            "upstream.graph_large_messages",
+            "applies only to upstream.transport = \"graph\"",
+        ),
     ] {
         let file = config(dir.path(), upstream);
         for command in [&["config"][..], &["serve"][..]] {

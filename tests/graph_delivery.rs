@@ -490,9 +490,9 @@ async fn start_delivering_tuned() -> DeliveringRelay {
     .await
 }
 
-/// No upload-session path yet: a Graph relay refuses at accept what sendMail would not take
-/// (552 5.3.4, already on `SIZE=`), instead of accepting it and failing it later; what fits is
-/// delivered whole.
+/// With `upstream.graph_large_messages` off (the default), a Graph relay refuses at accept what
+/// sendMail would not take (552 5.3.4, already on `SIZE=`), instead of accepting it and failing
+/// it later; what fits is delivered whole.
 #[tokio::test]
 async fn messages_too_large_for_sendmail_are_refused_at_accept() {
     let r = start_delivering(GRAPH, SimConfig::graph()).await;

@@ -1,8 +1,8 @@
 //! Graph's large-message path in the simulator (graph-transport.md §2): a draft from MIME, an
 //! upload session per attachment, the bytes PUT in ranges under 4 MB to the pre-authenticated
 //! URL, then send; the MIME Exchange builds lands in the mailbox folder as sendMail's does.
-//! These tests speak HTTP to the simulator directly; the relay's side of this path is not built
-//! yet (messages above the sendMail limit are still refused at accept).
+//! These tests speak HTTP to the simulator directly; the relay's side of this path is tested in
+//! `graph_large_delivery.rs`.
 
 mod common;
 

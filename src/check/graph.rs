@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use super::*;
 use crate::config::looks_like_address;
-use crate::deliver::classify::{Outcome, classify_graph};
+use crate::deliver::classify::{HoldCause, Outcome, classify_graph};
 use crate::deliver::{Token, TokenFuture, TokenSource};
 use crate::oauth::AccessToken;
 use crate::transport::graph::{GraphSettings, GraphTransport, http_client};
@@ -165,14 +165,16 @@ async fn permission(
             )
         );
     if content_refused {
-        return Ok(Step::ok(
-            "permission",
-            format!(
-                "Graph accepted the token for {} and refused only the empty test request ({shown}): \
-                 the app may send as this mailbox; nothing was sent",
-                names.mailbox
-            ),
-        ));
+        let mut detail = format!(
+            "Graph accepted the token for {} and refused only the empty test request ({shown}): \
+             the app may send as this mailbox; nothing was sent",
+            names.mailbox
+        );
+        if settings.large_messages {
+            detail.push_str("; ");
+            detail.push_str(&draft_permission(settings, &http, token, names).await?);
+        }
+        return Ok(Step::ok("permission", detail));
     }
     let fix = match classify_graph(status, code.as_deref()) {
         Outcome::Hold(cause) => names.fill(cause.fix()),
@@ -187,6 +189,70 @@ async fn permission(
     Err(Step::failed(
         "permission",
         format!("Graph answered sendMail for {} with {shown}", names.mailbox),
+        fix,
+    ))
+}
+
+/// With `upstream.graph_large_messages`: a draft (`POST …/messages`) with no message in it, the
+/// way the sendMail probe works. A 403 means no `Mail.ReadWrite` (or no RBAC role covering the
+/// mailbox); an answer about the content means the draft would be made. Nothing is created.
+async fn draft_permission(
+    settings: &GraphSettings,
+    http: &reqwest::Client,
+    token: &AccessToken,
+    names: &Names,
+) -> Result<String, Step> {
+    let url = settings
+        .user_url(&["messages"])
+        .map_err(|e| Step::failed("permission", e, "Fix upstream.graph_url."))?;
+    let resp = http
+        .post(url)
+        .bearer_auth(token.secret())
+        .header(reqwest::header::CONTENT_TYPE, "text/plain")
+        .body("!")
+        .send()
+        .await
+        .map_err(|e| {
+            Step::failed(
+                "permission",
+                format!("draft request failed: {e}"),
+                "Run check again; if it keeps failing, check proxies between this host and Graph.",
+            )
+        })?;
+    let status = resp.status().as_u16();
+    let body = resp.bytes().await.unwrap_or_default();
+    let code = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|j| j["error"]["code"].as_str().map(str::to_string));
+    let shown = format!(
+        "HTTP {status}{}",
+        code.as_deref().map(|c| format!(" {c}")).unwrap_or_default()
+    );
+    if status == 400 {
+        return Ok(format!(
+            "large messages: Graph would create drafts for {} (Mail.ReadWrite; {shown} to the empty \
+             test draft, nothing created)",
+            names.mailbox
+        ));
+    }
+    let fix = match classify_graph(status, code.as_deref()) {
+        Outcome::Hold(HoldCause::GraphAccessDenied)
+        | Outcome::Hold(HoldCause::GraphNoPermissions) => {
+            names.fill(HoldCause::GraphReadWriteDenied.fix())
+        }
+        Outcome::Hold(cause) => names.fill(cause.fix()),
+        Outcome::Retry { .. } => {
+            "Graph answered with a temporary error; run check again in a few minutes.".into()
+        }
+        _ => "Graph refused the request; the answer above names the reason.".into(),
+    };
+    Err(Step::failed(
+        "permission",
+        format!(
+            "upstream.graph_large_messages is on, and Graph answered a draft for {} with {shown}: \
+             messages larger than sendMail takes would be held",
+            names.mailbox
+        ),
         fix,
     ))
 }

@@ -31,6 +31,8 @@ use token::*;
 const SEND_AS_APP: &str = "SMTP.SendAsApp";
 /// The role Graph `sendMail` wants (unless RBAC for Applications is used).
 const MAIL_SEND: &str = "Mail.Send";
+/// The Graph role drafts and upload sessions need (`upstream.graph_large_messages`).
+const MAIL_READ_WRITE: &str = "Mail.ReadWrite";
 
 /// What `check` was asked to do.
 #[derive(Debug, Clone, Default)]

@@ -227,6 +227,22 @@ pub(super) fn inspect_token(config: &Config, token: &str) -> Contents {
              Exchange Online PowerShell: RBAC is in use if it lists the app's service principal."
         ));
     }
+    let large = graph && config.upstream.graph_large_messages;
+    let has_read_write = roles
+        .as_ref()
+        .is_some_and(|r| r.iter().any(|x| x == MAIL_READ_WRITE));
+    // No roles at all is RBAC for Applications (or nothing granted): the Mail.Send warning
+    // above already says so; the permission step probes the draft either way.
+    if large && roles.as_ref().is_some_and(|r| !r.is_empty()) && !has_read_write {
+        warnings.push(format!(
+            "the token has no {MAIL_READ_WRITE} role, which upstream.graph_large_messages needs"
+        ));
+        fixes.push(
+            crate::deliver::classify::HoldCause::GraphReadWriteDenied
+                .fix()
+                .to_string(),
+        );
+    }
     let expected_aud = crate::oauth::endpoints(config)
         .map(|e| e.scope.trim_end_matches("/.default").to_string())
         .unwrap_or_default();

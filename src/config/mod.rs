@@ -326,6 +326,9 @@ pub struct UpstreamConfig {
     /// Microsoft Graph root for `transport = "graph"`; derived from `cloud` when unset.
     pub graph_url: Option<String>,
     pub graph_extra_recipients: ExtraRecipients,
+    /// `transport = "graph"`: messages above what `sendMail` takes go through a draft and
+    /// upload sessions (needs `Mail.ReadWrite`) instead of being refused at accept.
+    pub graph_large_messages: bool,
     /// Derived from `cloud` when unset.
     pub host: Option<String>,
     pub port: u16,
@@ -349,6 +352,8 @@ impl Default for UpstreamConfig {
             transport: TransportKind::Smtp,
             graph_url: None,
             graph_extra_recipients: ExtraRecipients::Refuse,
+            // Off: the upload path needs the broad Mail.ReadWrite grant, which many tenants refuse.
+            graph_large_messages: false,
             host: None,
             port: 587,
             tls: UpstreamTls::Starttls,
@@ -769,6 +774,16 @@ mod tests {
         assert_eq!(
             keys("[upstream]\ngraph_extra_recipients = \"maybe\"\n"),
             vec!["upstream.graph_extra_recipients"]
+        );
+        assert!(
+            keys(
+                "[upstream]\ntransport = \"graph\"\nconnections = 4\ngraph_large_messages = true\n"
+            )
+            .is_empty()
+        );
+        assert_eq!(
+            keys("[upstream]\ngraph_large_messages = true\n"),
+            vec!["upstream.graph_large_messages"]
         );
     }
 

@@ -322,6 +322,16 @@ pub(super) fn validate_delivery(
         },
         |n| n.to_string(),
     );
+    if up.graph_large_messages && up.transport != TransportKind::Graph {
+        // An error, not a warning: a key that silently does nothing misleads.
+        issues.push(issue(
+            &k("upstream.graph_large_messages"),
+            format!(
+                "applies only to {prefix}upstream.transport = \"graph\" (SMTP takes messages up \
+                 to smtp.max_message_size without it); remove it or set transport = \"graph\""
+            ),
+        ));
+    }
     if let Some(url) = &up.graph_url
         && let Err(e) = check_token_url(url)
     {

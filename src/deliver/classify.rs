@@ -69,6 +69,9 @@ pub enum HoldCause {
     GraphTokenRejected,
     /// Graph `NoPermissionsInAccessToken`: the token carries no application permission.
     GraphNoPermissions,
+    /// Graph `403 ErrorAccessDenied` on a draft or an upload session (the large-message path,
+    /// `upstream.graph_large_messages`): no consented `Mail.ReadWrite`.
+    GraphReadWriteDenied,
 }
 
 impl HoldCause {
@@ -160,6 +163,15 @@ impl HoldCause {
                  Microsoft Graph, Application permissions, Mail.Send, and Grant admin consent (or assign \
                  the RBAC role \"Application Mail.Send\" with New-ManagementRoleAssignment)."
             }
+            HoldCause::GraphReadWriteDenied => {
+                "Messages larger than sendMail takes go through a draft and upload sessions \
+                 (upstream.graph_large_messages), which need Mail.ReadWrite: open API permissions, Add \
+                 a permission, Microsoft Graph, Application permissions, Mail.ReadWrite, and Grant \
+                 admin consent; or (RBAC for Applications) New-ManagementRoleAssignment -App \
+                 <client_id> -Role \"Application Mail.ReadWrite\" -CustomResourceScope relay-senders. \
+                 Without that grant, set upstream.graph_large_messages = false: larger messages are \
+                 then refused at accept (552 5.3.4)."
+            }
         }
     }
 }
@@ -184,6 +196,7 @@ impl fmt::Display for HoldCause {
             HoldCause::GraphMailboxNotFound => "mailbox not found by Graph",
             HoldCause::GraphTokenRejected => "Graph rejected the token",
             HoldCause::GraphNoPermissions => "no permissions in the token",
+            HoldCause::GraphReadWriteDenied => "Graph drafts denied (no Mail.ReadWrite)",
         };
         f.write_str(name)
     }

@@ -90,7 +90,8 @@ impl HoldCause {
             | HoldCause::GraphMailboxNotEnabled
             | HoldCause::GraphMailboxNotFound
             | HoldCause::GraphTokenRejected
-            | HoldCause::GraphNoPermissions => None,
+            | HoldCause::GraphNoPermissions
+            | HoldCause::GraphReadWriteDenied => None,
         }
     }
 }

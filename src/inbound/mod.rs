@@ -98,8 +98,9 @@ pub struct InboundSettings {
 
 /// The largest message accepted: `smtp.max_message_size`, and with `transport = "graph"` no more
 /// than `sendMail` takes once the relay's own header fields (Received, an added Bcc) are in:
-/// refused at once (552 5.3.4, early on `SIZE=`) rather than accepted and failed later. There
-/// is no upload-session path for larger messages yet.
+/// refused at once (552 5.3.4, early on `SIZE=`) rather than accepted and failed later. With
+/// `upstream.graph_large_messages` the Graph transport takes larger ones through a draft and
+/// upload sessions, so `smtp.max_message_size` alone applies.
 pub fn accept_limit(config: &Config) -> u64 {
     graph_cap(config, config.smtp.max_message_size.0)
 }
@@ -108,6 +109,7 @@ pub fn accept_limit(config: &Config) -> u64 {
 fn graph_cap(config: &Config, configured: u64) -> u64 {
     match config.upstream.transport {
         crate::config::TransportKind::Smtp => configured,
+        crate::config::TransportKind::Graph if config.upstream.graph_large_messages => configured,
         crate::config::TransportKind::Graph => {
             configured.min(crate::transport::graph::SENDMAIL_MAX_RAW - GRAPH_HEADER_RESERVE)
         }

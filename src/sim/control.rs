@@ -221,6 +221,8 @@ pub(crate) struct Shared {
     pub smtp_connections: AtomicU64,
     graph_faults: Mutex<VecDeque<(GraphFault, usize)>>,
     graph_faults_fired: AtomicU64,
+    /// Scripted answers to `PUT`s to upload URLs (apart from the API calls' faults).
+    upload_faults: Mutex<VecDeque<(GraphFault, usize)>>,
     pub graph_requests: AtomicU64,
     /// `PUT`s to upload URLs (large messages), counted apart from the Graph API calls.
     pub graph_uploads: AtomicU64,
@@ -277,6 +279,7 @@ impl Shared {
             smtp_connections: AtomicU64::new(0),
             graph_faults: Mutex::new(VecDeque::new()),
             graph_faults_fired: AtomicU64::new(0),
+            upload_faults: Mutex::new(VecDeque::new()),
             graph_requests: AtomicU64::new(0),
             graph_uploads: AtomicU64::new(0),
             graph_drafts: Default::default(),
@@ -334,6 +337,19 @@ impl Shared {
     /// Takes the next scripted Graph fault, if any.
     pub fn next_graph_fault(&self) -> Option<GraphFault> {
         let mut q = lock(&self.graph_faults);
+        let (fault, remaining) = q.front_mut()?;
+        let fault = fault.clone();
+        *remaining -= 1;
+        if *remaining == 0 {
+            q.pop_front();
+        }
+        self.graph_faults_fired.fetch_add(1, Ordering::Relaxed);
+        Some(fault)
+    }
+
+    /// Takes the next scripted fault for an upload `PUT`, if any.
+    pub fn next_upload_fault(&self) -> Option<GraphFault> {
+        let mut q = lock(&self.upload_faults);
         let (fault, remaining) = q.front_mut()?;
         let fault = fault.clone();
         *remaining -= 1;
@@ -564,12 +580,20 @@ impl Control {
         lock(&self.shared.token_faults).clear();
         lock(&self.shared.smtp_faults).clear();
         lock(&self.shared.graph_faults).clear();
+        lock(&self.shared.upload_faults).clear();
     }
 
     /// The next `times` Graph `sendMail` requests get `fault`. Faults queue in order.
     pub fn script_graph_fault(&self, fault: GraphFault, times: usize) {
         if times > 0 {
             lock(&self.shared.graph_faults).push_back((fault, times));
+        }
+    }
+
+    /// The next `times` PUTs to upload URLs get `fault` (only [`GraphFault::Error`] applies).
+    pub fn script_upload_fault(&self, fault: GraphFault, times: usize) {
+        if times > 0 {
+            lock(&self.shared.upload_faults).push_back((fault, times));
         }
     }
 

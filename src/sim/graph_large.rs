@@ -46,6 +46,9 @@ struct Draft {
 struct Attachment {
     name: String,
     content_type: String,
+    /// `isInline` and `contentId` of the AttachmentItem: an inline part keeps its Content-ID.
+    content_id: Option<String>,
+    inline: bool,
     bytes: Vec<u8>,
 }
 
@@ -53,6 +56,8 @@ struct Session {
     draft: String,
     name: String,
     content_type: String,
+    content_id: Option<String>,
+    inline: bool,
     size: u64,
     received: Vec<u8>,
     expires_at: u64,
@@ -160,6 +165,14 @@ pub async fn create_upload_session(
         .and_then(Value::as_str)
         .unwrap_or("application/octet-stream")
         .to_string();
+    let content_id = item
+        .get("contentId")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let inline = item
+        .get("isInline")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let mut drafts = lock(&st.shared.graph_drafts.drafts);
     let Some(draft) = drafts
         .get_mut(&id)
@@ -194,6 +207,8 @@ pub async fn create_upload_session(
             draft: id,
             name: name.to_string(),
             content_type,
+            content_id,
+            inline,
             size,
             received: Vec::new(),
             expires_at,
@@ -218,6 +233,15 @@ pub async fn upload(
 ) -> Response {
     let shared = &st.shared;
     shared.graph_uploads.fetch_add(1, Ordering::Relaxed);
+    if let Some(super::control::GraphFault::Error {
+        status,
+        code,
+        message,
+        retry_after,
+    }) = shared.next_upload_fault()
+    {
+        return error(status, &code, &message, retry_after);
+    }
     // The URL is pre-authenticated; a token sent along is refused.
     if headers.contains_key(header::AUTHORIZATION) {
         return error(
@@ -306,6 +330,8 @@ pub async fn upload(
     draft.attachments.push(Attachment {
         name: done.name,
         content_type: done.content_type,
+        content_id: done.content_id,
+        inline: done.inline,
         bytes: done.received,
     });
     let attachment = guid();
@@ -511,11 +537,19 @@ fn assemble(draft: &[u8], attachments: &[Attachment]) -> Vec<u8> {
     let parts = |boundary: &str| {
         let mut out = Vec::new();
         for a in attachments {
+            let cid = a
+                .content_id
+                .as_ref()
+                .map(|c| format!("Content-ID: <{c}>\r\n"))
+                .unwrap_or_default();
             out.extend_from_slice(
                 format!(
-                    "--{boundary}\r\nContent-Type: {}; name=\"{}\"\r\nContent-Disposition: \
-                     attachment; filename=\"{}\"\r\nContent-Transfer-Encoding: base64\r\n\r\n",
-                    a.content_type, a.name, a.name
+                    "--{boundary}\r\nContent-Type: {}; name=\"{}\"\r\n{cid}Content-Disposition: \
+                     {}; filename=\"{}\"\r\nContent-Transfer-Encoding: base64\r\n\r\n",
+                    a.content_type,
+                    a.name,
+                    if a.inline { "inline" } else { "attachment" },
+                    a.name
                 )
                 .as_bytes(),
             );
@@ -621,6 +655,8 @@ mod tests {
         let a = Attachment {
             name: "a.bin".into(),
             content_type: "application/pdf".into(),
+            content_id: None,
+            inline: false,
             bytes: b"hello".to_vec(),
         };
         let mixed = b"To: b@x.example\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b1--\r\n";

@@ -123,10 +123,24 @@ impl MessageBody {
 
     /// Reads the whole message, head first, as a stream of pieces.
     pub fn reader(&self) -> BodyReader {
+        self.range_reader(0, self.len())
+    }
+
+    /// Reads bytes `start..end` of the message (clamped to its length) as a stream of pieces,
+    /// never more than [`CHUNK`] from the file at a time: what a transport needs to send one
+    /// part of a large message without the rest.
+    pub fn range_reader(&self, start: u64, end: u64) -> BodyReader {
+        let end = end.min(self.len());
+        let start = start.min(end);
+        let held = self.head.len() as u64;
         BodyReader {
             body: self.clone(),
-            head_done: false,
-            pos: 0,
+            head: Some(
+                self.head
+                    .slice(start.min(held) as usize..end.min(held) as usize),
+            ),
+            pos: start.saturating_sub(held),
+            end: end.saturating_sub(held),
             pending: None,
         }
     }
@@ -246,24 +260,27 @@ fn read_exact_at(file: &File, buf: &mut [u8], at: u64, path: &Path) -> Result<()
         .map_err(|e| SpoolError::io("read", path, e))
 }
 
-/// Reads a [`MessageBody`] piece by piece: the head, then the file in [`CHUNK`]s, one piece
-/// read ahead on the blocking pool while the caller sends the last one.
+/// Reads a [`MessageBody`] (or a range of it) piece by piece: the part held in memory, then
+/// the file in [`CHUNK`]s, one piece read ahead on the blocking pool while the caller sends the
+/// last one.
 pub struct BodyReader {
     body: MessageBody,
-    head_done: bool,
-    /// Bytes of the tail handed out or being read.
+    /// The part of the head still to hand out (`None` once handed out).
+    head: Option<Bytes>,
+    /// Offset in the tail of the next piece to read.
     pos: u64,
+    /// Offset in the tail where the range ends.
+    end: u64,
     pending: Option<tokio::task::JoinHandle<io::Result<Vec<u8>>>>,
 }
 
 impl BodyReader {
     /// The next piece, `None` at the end. Pieces are never empty.
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, SpoolError> {
-        if !self.head_done {
-            self.head_done = true;
+        if let Some(head) = self.head.take() {
             self.start_read();
-            if !self.body.head.is_empty() {
-                return Ok(Some(self.body.head.clone()));
+            if !head.is_empty() {
+                return Ok(Some(head));
             }
         }
         let Some(pending) = self.pending.take() else {
@@ -285,16 +302,17 @@ impl BodyReader {
         Ok(Some(Bytes::from(piece)))
     }
 
-    /// Starts reading the next piece of the tail, if any is left.
+    /// Starts reading the next piece of the tail, if any is left in the range.
     fn start_read(&mut self) {
         let Some(tail) = self.body.tail.clone() else {
             return;
         };
-        if self.pos >= tail.len {
+        let end = self.end.min(tail.len);
+        if self.pos >= end {
             return;
         }
         let at = self.pos;
-        let n = (tail.len - at).min(CHUNK as u64) as usize;
+        let n = (end - at).min(CHUNK as u64) as usize;
         self.pos += n as u64;
         self.pending = Some(tokio::task::spawn_blocking(move || {
             let mut buf = vec![0u8; n];
@@ -453,6 +471,32 @@ mod tests {
         };
         assert!(matches!(error, SpoolError::Io { .. }), "{error}");
         assert!(got < message.len());
+    }
+
+    #[tokio::test]
+    async fn a_range_reads_exactly_its_bytes_across_head_and_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (spool, _) = Spool::open(&dir.path().join("s")).expect("spool");
+        let message = big_message(b"From: app@legacy.test\r\n\r\n", 30_000);
+        let body = stored(&spool, &message).await;
+        let held = body.head().len() as u64;
+        let len = message.len() as u64;
+        for (start, end) in [
+            (0, 5),
+            (3, held + 10),
+            (held, held + CHUNK as u64 + 7),
+            (len - 100, len + 50),
+            (10, 10),
+        ] {
+            let mut reader = body.range_reader(start, end);
+            let mut out = Vec::new();
+            while let Some(piece) = reader.next_chunk().await.expect("read") {
+                assert!(!piece.is_empty() && piece.len() <= CHUNK);
+                out.extend_from_slice(&piece);
+            }
+            let want = &message[start as usize..end.min(len) as usize];
+            assert!(out == want, "range {start}..{end}");
+        }
     }
 
     #[tokio::test]

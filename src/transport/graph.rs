@@ -18,8 +18,14 @@
 //! - **401 `InvalidAuthenticationToken`**: one forced token refresh and one more request, then a
 //!   hold with the fix.
 //! - **Size**: `sendMail` takes about 4 MB of base64, so at most [`SENDMAIL_MAX_RAW`] bytes of
-//!   message; larger ones are refused at accept (`inbound`) and, should one be in the spool
-//!   already, failed here before sending. The upload-session path does not exist yet.
+//!   message. Larger ones go through a draft and upload sessions ([`large`]) when
+//!   `upstream.graph_large_messages` is on; otherwise they are refused at accept (`inbound`)
+//!   and, should one be in the spool already, failed here before sending.
+
+mod large;
+pub mod split;
+
+pub use large::UPLOAD_PIECE;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -53,6 +59,9 @@ pub struct GraphSettings {
     /// The mailbox in the URL: the sender (`upstream.mail_account`).
     pub mailbox: String,
     pub extra_recipients: ExtraRecipients,
+    /// `upstream.graph_large_messages`: messages above [`SENDMAIL_MAX_RAW`] go through a draft
+    /// and upload sessions ([`large`]).
+    pub large_messages: bool,
     pub connect_timeout: Duration,
     /// The whole request, upload and answer; a timeout after sending is a possible duplicate.
     pub request_timeout: Duration,
@@ -69,6 +78,7 @@ impl GraphSettings {
             graph_url: endpoints.graph_url,
             mailbox: config.upstream.mail_account.clone().unwrap_or_default(),
             extra_recipients: config.upstream.graph_extra_recipients,
+            large_messages: config.upstream.graph_large_messages,
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(120),
             ca_file: config.upstream.ca_file.clone(),
@@ -77,12 +87,18 @@ impl GraphSettings {
 
     /// `{graph_url}/v1.0/users/{mailbox}/sendMail`, the mailbox percent-encoded as one segment.
     pub fn send_mail_url(&self) -> Result<url::Url, String> {
+        self.user_url(&["sendMail"])
+    }
+
+    /// `{graph_url}/v1.0/users/{mailbox}/{rest...}`, each piece percent-encoded as one segment.
+    pub fn user_url(&self, rest: &[&str]) -> Result<url::Url, String> {
         let mut url = url::Url::parse(&self.graph_url)
             .map_err(|e| format!("upstream.graph_url is not a URL ({e})"))?;
         url.path_segments_mut()
             .map_err(|()| "upstream.graph_url cannot have a path".to_string())?
             .pop_if_empty()
-            .extend(["v1.0", "users", &self.mailbox, "sendMail"]);
+            .extend(["v1.0", "users", &self.mailbox])
+            .extend(rest);
         Ok(url)
     }
 }
@@ -169,20 +185,10 @@ impl GraphTransport {
     async fn attempt(&self, submission: Submission<'_>) -> Attempted {
         let count = submission.recipients.len();
         let current = self.current();
-        let bytes = match message_bytes(&submission).await {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                tracing::error!(id = %submission.id, error = %e, "cannot read the message to send it");
-                return Attempted::all(
-                    count,
-                    Outcome::Retry { throttle: false },
-                    Reply::Local(format!("cannot read the message from the spool: {e}")),
-                    Progress::Token,
-                );
-            }
-        };
-        let prepared = match prepare(
-            &bytes,
+        // The recipients live in the header section, which is in memory: the rest of a large
+        // message is never read for this.
+        let prepared = match prepare_head(
+            submission.body.head(),
             submission.envelope,
             submission.recipients,
             current.settings.extra_recipients,
@@ -209,6 +215,41 @@ impl GraphTransport {
                  and get the message too (upstream.graph_extra_recipients = \"send\")"
             );
         }
+        let body = submission.body.with_head(prepared.mime);
+        let large = body.len() > SENDMAIL_MAX_RAW;
+        if large && !current.settings.large_messages {
+            let refusal = too_large(body.len());
+            tracing::warn!(id = %submission.id, reply = %refusal, "message refused before sending to Graph");
+            return Attempted::all(
+                count,
+                Outcome::Failed,
+                Reply::Refused(refusal),
+                Progress::Transaction,
+            );
+        }
+        if large {
+            let Ok(_permit) = self.permits.acquire().await else {
+                return Attempted::all(
+                    count,
+                    Outcome::Retry { throttle: false },
+                    Reply::Local("the Graph transport is closing".into()),
+                    Progress::Token,
+                );
+            };
+            return self.send_large(&submission, &current, &body, count).await;
+        }
+        let bytes = match message_bytes(&body).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::error!(id = %submission.id, error = %e, "cannot read the message to send it");
+                return Attempted::all(
+                    count,
+                    Outcome::Retry { throttle: false },
+                    Reply::Local(format!("cannot read the message from the spool: {e}")),
+                    Progress::Token,
+                );
+            }
+        };
         // The permit is held for the whole request, so at most 4 are ever in flight.
         let Ok(_permit) = self.permits.acquire().await else {
             return Attempted::all(
@@ -218,7 +259,7 @@ impl GraphTransport {
                 Progress::Token,
             );
         };
-        let body = base64::engine::general_purpose::STANDARD.encode(&prepared.mime);
+        let body = base64::engine::general_purpose::STANDARD.encode(&bytes);
         let mut refreshed = false;
         loop {
             let token = match self.tokens.token().await {
@@ -326,12 +367,13 @@ impl GraphTransport {
     }
 }
 
-/// The one place that reads the message body of a submission. sendMail takes the MIME whole
-/// (base64 in one request), and messages above its limit are refused at accept, so this is
-/// bounded by that limit.
-async fn message_bytes(submission: &Submission<'_>) -> Result<Vec<u8>, crate::spool::SpoolError> {
-    let mut bytes = Vec::with_capacity(submission.body.len() as usize);
-    let mut reader = submission.body.reader();
+/// The whole message for sendMail, which takes the MIME whole (base64 in one request): called
+/// only for messages within [`SENDMAIL_MAX_RAW`], so bounded by it.
+async fn message_bytes(
+    body: &crate::spool::MessageBody,
+) -> Result<Vec<u8>, crate::spool::SpoolError> {
+    let mut bytes = Vec::with_capacity(body.len() as usize);
+    let mut reader = body.reader();
     while let Some(chunk) = reader.next_chunk().await? {
         bytes.extend_from_slice(&chunk);
     }
@@ -382,12 +424,17 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 }
 
 /// At most [`MAX_ERROR_BODY`] bytes of the response (a 202's is empty).
-async fn read_bounded(mut response: reqwest::Response) -> Vec<u8> {
+async fn read_bounded(response: reqwest::Response) -> Vec<u8> {
+    read_limited(response, MAX_ERROR_BODY).await
+}
+
+/// At most `max` bytes of the response.
+async fn read_limited(mut response: reqwest::Response, max: usize) -> Vec<u8> {
     let mut body = Vec::new();
     while let Ok(Some(chunk)) = response.chunk().await {
-        let room = MAX_ERROR_BODY.saturating_sub(body.len());
+        let room = max.saturating_sub(body.len());
         body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if body.len() >= MAX_ERROR_BODY {
+        if body.len() >= max {
             break;
         }
     }
@@ -429,12 +476,41 @@ pub struct Prepared {
     pub extra: Vec<String>,
 }
 
-/// Makes the header recipients match the envelope (Graph has no envelope, §1.6):
+/// Makes the header recipients match the envelope (Graph has no envelope, §1.6), as
+/// [`prepare_head`] does, for a whole message; one over [`SENDMAIL_MAX_RAW`] is refused:
+/// sendMail would refuse it.
+pub fn prepare(
+    body: &[u8],
+    envelope: &crate::spool::Envelope,
+    recipients: &[String],
+    policy: ExtraRecipients,
+) -> Result<Prepared, UpstreamReply> {
+    let prepared = prepare_head(body, envelope, recipients, policy)?;
+    if prepared.mime.len() as u64 > SENDMAIL_MAX_RAW {
+        return Err(too_large(prepared.mime.len() as u64));
+    }
+    Ok(prepared)
+}
+
+/// The refusal of a message sendMail cannot take while the draft path is off.
+fn too_large(len: u64) -> UpstreamReply {
+    refusal(
+        552,
+        Enhanced::new(5, 3, 4),
+        format!(
+            "message of {len} bytes is larger than Graph sendMail takes ({SENDMAIL_MAX_RAW} \
+             bytes); set upstream.graph_large_messages = true (needs Mail.ReadWrite) or send it \
+             with upstream.transport = \"smtp\""
+        ),
+    )
+}
+
+/// Makes the header recipients match the envelope (Graph has no envelope, §1.6), given the
+/// header section (`head`: the message's start, the whole message or just its header section):
 /// `recipients` (still pending) missing from To/Cc/Bcc are added to `Bcc:` (the existing field
 /// when there is one, else a new field below the trace block); header recipients that are not
-/// envelope recipients at all are refused or kept, by `policy`. A message over
-/// [`SENDMAIL_MAX_RAW`] is refused: Graph would refuse it.
-pub fn prepare(
+/// envelope recipients at all are refused or kept, by `policy`. `mime` is `head` rewritten.
+pub fn prepare_head(
     body: &[u8],
     envelope: &crate::spool::Envelope,
     recipients: &[String],
@@ -487,18 +563,6 @@ pub fn prepare(
         ));
     }
     let mime = with_bcc(body, &headers, &added_bcc);
-    if mime.len() as u64 > SENDMAIL_MAX_RAW {
-        return Err(refusal(
-            552,
-            Enhanced::new(5, 3, 4),
-            format!(
-                "message of {} bytes is larger than Graph sendMail takes ({} bytes); the \
-                 upload-session path does not exist yet: send it with upstream.transport = \"smtp\"",
-                mime.len(),
-                SENDMAIL_MAX_RAW
-            ),
-        ));
-    }
     Ok(Prepared {
         mime,
         added_bcc,
@@ -652,6 +716,7 @@ mod tests {
             graph_url: "https://graph.microsoft.com".into(),
             mailbox: "relay@contoso.com".into(),
             extra_recipients: ExtraRecipients::Refuse,
+            large_messages: false,
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
             ca_file: None,
