@@ -5,14 +5,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::Stdio;
-use std::time::Duration;
 
-use common::process::{Relay, command, require_tool};
+use common::process::{Relay, require_tool};
 use common::sendmail::{
-    SENDMAIL_SECTION, as_link, config, link, sendmail, wait_delivered, with_stdin,
+    BsSession, SENDMAIL_SECTION, as_link, config, link, sendmail, wait_delivered, with_stdin,
 };
 use common::sim_process::SimProc;
 
@@ -191,65 +188,23 @@ fn the_sendmail_name_mailx_and_newaliases() {
     assert_eq!(r.code, 0, "{}", r.stderr);
 }
 
-/// Symfony Mailer's default transport: `/usr/sbin/sendmail -bs`, SMTP on stdin/stdout. With
-/// the relay running the conversation is the relay's own.
+/// Symfony Mailer's default transport: `/usr/sbin/sendmail -bs`, SMTP on stdin/stdout,
+/// answered by sendmail itself; each message handed to the relay before its `250`.
 #[test]
 fn symfony_bs_speaks_smtp_on_stdin() {
     let work = tempfile::tempdir().unwrap();
     let (sim, relay) = start(work.path());
-    let mut child = command(&[
-        "--config",
-        &relay.config.display().to_string(),
-        "sendmail",
-        "-bs",
-    ])
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut reply = |want: &str| -> String {
-        // One reply, multi-line included (bounded by the relay's own reply sizes).
-        let mut all = String::new();
-        for _ in 0..50 {
-            let line = lines.next().expect("a reply line").expect("read");
-            all.push_str(&line);
-            all.push('\n');
-            if line.as_bytes().get(3) == Some(&b' ') {
-                break;
-            }
-        }
-        assert!(all.starts_with(want), "expected {want}: {all}");
-        all
-    };
-    reply("220 ");
-    let mut say = |line: &str| {
-        stdin.write_all(line.as_bytes()).unwrap();
-        stdin.write_all(b"\r\n").unwrap();
-        stdin.flush().unwrap();
-    };
-    say("EHLO app.local");
-    reply("250");
-    say("MAIL FROM:<app@example.com>");
-    reply("250");
-    say("RCPT TO:<customer@example.org>");
-    reply("250");
-    say("DATA");
-    reply("354");
-    say("Subject: symfony-bs\r\nFrom: app@example.com\r\n\r\n..stuffed by the client\r\n.");
-    let queued = reply("250");
+    let mut bs = BsSession::start(&relay.config);
+    bs.command("EHLO app.local", "250");
+    bs.command("MAIL FROM:<app@example.com>", "250");
+    bs.command("RCPT TO:<customer@example.org>", "250");
+    bs.command("DATA", "354");
+    let queued = bs.command(
+        "Subject: symfony-bs\r\nFrom: app@example.com\r\n\r\n..stuffed by the client\r\n.",
+        "250",
+    );
     assert!(queued.contains("queued as"), "{queued}");
-    say("QUIT");
-    reply("221");
-    drop(stdin);
-    let mut waited = 0;
-    while child.try_wait().unwrap().is_none() && waited < 1000 {
-        std::thread::sleep(Duration::from_millis(10));
-        waited += 1;
-    }
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(bs.quit(), Some(0));
     let d = wait_delivered(&sim, "symfony-bs");
     assert_eq!(d.rcpt_to, ["customer@example.org"]);
     assert!(
@@ -257,4 +212,42 @@ fn symfony_bs_speaks_smtp_on_stdin() {
         "{}",
         d.text
     );
+}
+
+/// `-bs` resolves names as the command line does, the relay running: a bare `RCPT TO:<root>`
+/// reaches the alias of root, other bare names get default_domain, an alias with two addresses
+/// gives both, and a bare sender is qualified.
+#[test]
+fn bs_resolves_bare_names_as_the_command_line() {
+    let work = tempfile::tempdir().unwrap();
+    let (sim, relay) = start(work.path());
+    let mut bs = BsSession::start(&relay.config);
+    bs.command("EHLO app.local", "250");
+    bs.command("MAIL FROM:<www-data>", "250");
+    for rcpt in ["<root>", "<www-data>", "<ops>", "<root@localhost>"] {
+        bs.command(&format!("RCPT TO:{rcpt}"), "250");
+    }
+    bs.command("DATA", "354");
+    bs.command(
+        "Subject: bs-bare-names\r\n\r\nx\r\n.",
+        "250 2.0.0 queued as",
+    );
+    // A second transaction in the same session.
+    bs.command("MAIL FROM:<app>", "250");
+    bs.command("RCPT TO:<root>", "250");
+    bs.command("DATA", "354");
+    bs.command("Subject: bs-second\r\n\r\ny\r\n.", "250 2.0.0 queued as");
+    assert_eq!(bs.quit(), Some(0));
+    let d = wait_delivered(&sim, "bs-bare-names");
+    assert_eq!(
+        sorted(d.rcpt_to),
+        [
+            "admin@example.com",
+            "ops1@example.com",
+            "ops2@example.com",
+            "www-data@example.com"
+        ]
+    );
+    let d = wait_delivered(&sim, "bs-second");
+    assert_eq!(d.rcpt_to, ["admin@example.com"]);
 }

@@ -2,7 +2,8 @@
 //! directory and exits 0; the relay takes it in at start (delivered to the simulator
 //! afterwards) and while running (a message dropped during its start-up). Dropped messages
 //! meet the listener's rules: one the session refuses is kept in `rejected/`, never delivered.
-//! An unprivileged caller (nobody) sends through a setgid drop directory and the listener.
+//! An unprivileged caller (nobody) sends through a setgid drop directory and the listener;
+//! `-bs` while stopped is stored in the drop directory too.
 
 mod common;
 
@@ -262,4 +263,36 @@ fn unprivileged_caller_drops_and_hands_over() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stderr.contains("queued as"), "{}", r.stderr);
     assert_eq!(relay.queued_files(), 2);
+}
+
+/// `-bs` (Symfony) with the relay stopped: sendmail answers, resolves the bare name and stores
+/// the message in the drop directory before its `250`; the relay delivers it after its start.
+#[test]
+fn bs_while_stopped_is_dropped_then_delivered() {
+    let work = tempfile::tempdir().unwrap();
+    let spool = work.path().join("spool");
+    std::fs::create_dir(&spool).unwrap();
+    let sim = SimProc::start(work.path(), "");
+    let cfg = down_config(work.path(), &spool, SENDMAIL_SECTION);
+    let mut bs = common::sendmail::BsSession::start(&cfg);
+    bs.command("EHLO app.local", "250");
+    bs.command("MAIL FROM:<www-data>", "250");
+    bs.command("RCPT TO:<root>", "250");
+    bs.command("DATA", "354");
+    bs.command(
+        "Subject: bs-while-stopped\r\n\r\nx\r\n.",
+        "250 2.0.0 queued as ",
+    );
+    assert_eq!(bs.quit(), Some(0));
+    let files = drop_files(&spool.join("maildrop"));
+    assert_eq!(files.len(), 1);
+    let h = smtp_oauth_relay::spool::format::decode(&std::fs::read(&files[0]).unwrap()).unwrap();
+    assert_eq!(h.envelope.mail_from, "www-data@example.com");
+    let _relay = Relay::builder()
+        .work(work.path())
+        .spool(&spool)
+        .config(|s| config(s.smtp, &s.spool, Some(&sim), SENDMAIL_SECTION))
+        .start();
+    let d = wait_delivered(&sim, "bs-while-stopped");
+    assert_eq!(d.rcpt_to, ["admin@example.com"]);
 }

@@ -157,3 +157,78 @@ pub fn drop_files(dir: &Path) -> Vec<PathBuf> {
     v.sort();
     v
 }
+
+/// `sendmail -bs` run as a child: SMTP on its stdin/stdout, one command and one reply at a time.
+pub struct BsSession {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl BsSession {
+    /// `smtp-oauth-relay --config CONFIG sendmail -bs`, its greeting read.
+    pub fn start(config: &Path) -> BsSession {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        let mut child = command(&["--config", &config.display().to_string(), "sendmail", "-bs"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn sendmail -bs");
+        let stdin = child.stdin.take();
+        let lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut s = BsSession {
+            child,
+            stdin,
+            lines,
+        };
+        s.reply("220 ");
+        s
+    }
+
+    /// One reply (multi-line included, bounded), which must start with `want`.
+    pub fn reply(&mut self, want: &str) -> String {
+        let mut all = String::new();
+        for _ in 0..50 {
+            let line = self.lines.next().expect("a reply line").expect("read");
+            all.push_str(&line);
+            all.push('\n');
+            if line.as_bytes().get(3) == Some(&b' ') {
+                break;
+            }
+        }
+        assert!(all.starts_with(want), "expected {want}: {all}");
+        all
+    }
+
+    /// Sends `line` + CRLF.
+    pub fn say(&mut self, line: &str) {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(line.as_bytes()).expect("write");
+        stdin.write_all(b"\r\n").expect("write");
+        stdin.flush().expect("flush");
+    }
+
+    /// `line`, then its reply, which must start with `want`.
+    pub fn command(&mut self, line: &str, want: &str) -> String {
+        self.say(line);
+        self.reply(want)
+    }
+
+    /// QUIT, then the exit code (bounded: 10 s).
+    pub fn quit(mut self) -> Option<i32> {
+        self.command("QUIT", "221");
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        panic!("sendmail -bs did not exit after QUIT");
+    }
+}
