@@ -193,6 +193,18 @@ def main():
         p(f"| start-up with 100,000 queued < 2 s | {big[0]['startup_s']:.3f} s | {'yes' if big[0]['startup_s'] < 2 else 'no'} |")
     p("")
 
+    routes = by("routes")
+    if routes:
+        p("### Routes: accept rate and memory by route shape (bench/routes.py)")
+        p("")
+        p("| scenario | mailboxes | accepted/s | accepted → all delivered | idle RSS | peak RSS | RSS after |")
+        p("|---|---|---|---|---|---|---|")
+        for r in routes:
+            p(f"| {r['scenario']} | {r['mailboxes']} | {r['accept_per_s']:.0f} | {r['drain_s']:.1f} s "
+              f"({r['delivered']}/{r['accepted']}) | {r['idle_rss_mib']:.1f} MiB | {r['peak_rss_mib']:.1f} MiB | "
+              f"{r['rss_after_mib']:.1f} MiB |")
+        p("")
+
     table = "\n".join(out)
     print(table)
     if a.out:

@@ -9,7 +9,7 @@
 #   BENCH_TMP (parent of the scratch directory; default /var/tmp, same filesystem as /work here),
 #   KEEP=1 keeps the scratch directory, NO_BUILD=1 skips `cargo build --release`,
 #   RELAY_BIN=PATH measures that binary instead (e.g. another commit's build; implies NO_BUILD),
-#   PARTS (default "disk accept drain mem delivery"): the parts to run, e.g. PARTS="accept delivery"
+#   PARTS (default "disk accept drain mem delivery routes"): the parts to run, e.g. PARTS="accept delivery"
 #   for the accept rate and the delivery memory of one binary in one run,
 #   ACCEPT_CONFIGS (SIZE:SESSIONS:MESSAGES:LATENCY_MESSAGES ...) replaces the accept runs' counts.
 # Needs (root): postfix 3.x (smtp-source, postfix, postsuper, postqueue), python3, openssl.
@@ -28,7 +28,7 @@ PB=${BENCH_PORT_BASE:-23500}
 P_RELAY=$((PB + 25)) P_PF=$((PB + 26)) P_PFD=$((PB + 27)) P_SINK=$((PB + 28)) P_CLOSED=$((PB + 29))
 BIN=${RELAY_BIN:-$ROOT/target/release/smtp-oauth-relay}
 [ -n "${RELAY_BIN:-}" ] && NO_BUILD=1
-PARTS=" ${PARTS:-disk accept drain mem delivery} "
+PARTS=" ${PARTS:-disk accept drain mem delivery routes} "
 part() { [[ "$PARTS" == *" $1 "* ]]; }
 B=$ROOT/bench
 # shellcheck source=bench/postfix.sh
@@ -463,6 +463,16 @@ relay_stop
 s=$(secs "$t0" "$t1")
 record "{\"kind\":\"delivery_mem\",\"messages\":$DM_N,\"size\":$DM_SIZE,\"idle_rss_kb\":$idle,\"peak_rss_kb\":$peak,\"peak_sampled_kb\":$peak_sampled,\"hwm_reset\":$hwm_reset,\"above_idle_kb\":$((peak - idle)),\"left\":$wait_left,\"failed\":$failed,\"delivered_to_sim\":$((eml1 - eml0)),\"seconds\":$s,\"load\":\"$l\"}"
 log "delivery memory: $DM_N x $DM_SIZE bytes, idle RSS ${idle} kB, peak ${peak} kB (+$((peak - idle)) kB), ${s}s, left $wait_left, failed $failed, simulator got $((eml1 - eml0))"
+fi
+
+if part routes; then
+    # 1 route, 50 routes x 1 mailbox, 1 template route x 500 mailboxes: one simulator, a relay
+    # process each (bench/routes.py prints its own table too).
+    if [ "$MODE" = smoke ]; then RT_N=100; else RT_N=${ROUTES_MESSAGES:-2000}; fi
+    log "routes: $RT_N messages per scenario"
+    BENCH_TMP=$W python3 "$B/routes.py" --bin "$BIN" --messages "$RT_N" >"$W/routes.out"
+    grep '^{' "$W/routes.out" | sed 's/^{/{"kind":"routes",/' >>"$RES"
+    grep -v '^{' "$W/routes.out" >&2
 fi
 
 record "{\"kind\":\"end\",\"load_end\":\"$(load)\",\"finished\":\"$(date -u +%FT%TZ)\"}"

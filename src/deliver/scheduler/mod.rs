@@ -286,6 +286,7 @@ impl Deliverer {
             lane_of_id: HashMap::new(),
             tx,
             statuses,
+            rescan_needed: false,
         };
         let task = tokio::spawn(dispatch(dispatcher, rx, changes, shutdown, stop));
         (handle, task)
@@ -356,6 +357,9 @@ struct Dispatcher {
     lane_of_id: HashMap<String, LaneKey>,
     tx: mpsc::UnboundedSender<Event>,
     statuses: Arc<Mutex<BTreeMap<LaneKey, MailboxStatus>>>,
+    /// A finished attempt left its message in no lane's schedule although it may still be
+    /// queued (a reload moved it, or an operator command): read the queue again.
+    rescan_needed: bool,
 }
 
 /// Retry settings for a lane that cannot send (no settings of its own).
@@ -493,32 +497,31 @@ impl Dispatcher {
         }
     }
 
-    /// New routes: every lane takes its settings and transport again.
+    /// New routes: every lane takes its settings and transport again (or, when its route can
+    /// no longer send, none: the rescan that follows moves its messages where their routing
+    /// puts them now, a removed route's into its held lane).
     fn reconfigure(&mut self, upstreams: Arc<dyn Upstreams>) {
         self.upstreams = upstreams;
         let now = Instant::now();
         let keys: Vec<LaneKey> = self.lanes.keys().cloned().collect();
         for key in keys {
-            let routing = Routing {
-                route: key.route.clone(),
-                mail_from: key.mailbox.clone(),
-                auth_user: Some(key.mailbox.clone()),
-            };
-            let ctx = match self.upstreams.lane_of(&routing) {
-                // The lane's route still exists and still names this mailbox.
-                Ok(k) if k == key => self.context(&key, &routing),
-                Ok(_) | Err(_) if key.mailbox.is_empty() => Err(String::new()),
-                Ok(_) => Err(format!(
-                    "route {} no longer sends as {}",
-                    key.route, key.mailbox
-                )),
-                Err(u) => Err(u.reason),
-            };
+            // A route's held lane: the rescan decides again where its messages go.
+            if key.mailbox.is_empty() {
+                continue;
+            }
+            let opened = self.upstreams.open(&key);
             let Some(lane) = self.lanes.get_mut(&key) else {
                 continue;
             };
-            match ctx {
-                Ok(ctx) => {
+            match opened {
+                Ok(parts) => {
+                    let ctx = Arc::new(Context {
+                        store: self.store.clone(),
+                        settings: Arc::new(parts.settings),
+                        transport: parts.transport,
+                        metrics: self.metrics.clone(),
+                        route: key.route.clone(),
+                    });
                     lane.pacer.set_settings(pacer_settings(&ctx.settings));
                     lane.ctx = Some(ctx);
                     if matches!(lane.status.state, MailboxState::Unroutable { .. }) {
@@ -526,14 +529,11 @@ impl Dispatcher {
                     }
                 }
                 Err(reason) => {
-                    // Its messages move to the route's stuck lane at the rescan that follows.
                     lane.ctx = None;
-                    if !reason.is_empty() {
-                        lane.status.state = MailboxState::Unroutable {
-                            reason,
-                            since: SystemTime::now(),
-                        };
-                    }
+                    lane.status.state = MailboxState::Unroutable {
+                        reason,
+                        since: SystemTime::now(),
+                    };
                 }
             }
             lane.pacer.wake(now);
@@ -656,13 +656,11 @@ impl Dispatcher {
             JobResult::Finished { .. } | JobResult::Skipped => {
                 self.lane_of_id.remove(&report.id);
             }
-            // An operator held or deleted it during the attempt: it stays out.
-            JobResult::Retry { .. } | JobResult::Hold { .. } if !again => {
+            // An operator held or deleted it during the attempt (it stays out), or a reload
+            // moved it to another lane or to its route's held lane: the queue says which.
+            JobResult::Retry { .. } | JobResult::Hold { .. } if !again || lane.ctx.is_none() => {
                 self.lane_of_id.remove(&report.id);
-            }
-            // A reload moved its route away during the attempt: the next rescan places it.
-            JobResult::Retry { .. } | JobResult::Hold { .. } if lane.ctx.is_none() => {
-                self.lane_of_id.remove(&report.id);
+                self.rescan_needed = true;
             }
             JobResult::Retry { at, .. } => lane.schedule.add(report.id, at),
             // Held: the message waits for the mailbox's next probe.
@@ -741,6 +739,9 @@ async fn dispatch(
                 }
                 Some(Event::Done(report)) => {
                     d.done(report);
+                    if std::mem::take(&mut d.rescan_needed) {
+                        d.rescan().await;
+                    }
                     d.publish().await;
                 }
                 None => break,
