@@ -502,3 +502,52 @@ fn a_device_that_logs_in_over_smtps_sends_as_its_own_mailbox() {
     );
     drop(relay);
 }
+
+#[test]
+fn a_route_can_deliver_through_graph_beside_an_smtp_route() {
+    let work = tempfile::tempdir().unwrap();
+    let contoso = sim(work.path(), "contoso", "", "");
+    // Fabrikam's app has Graph's Mail.Send (no SMTP AUTH needed).
+    let fabrikam = sim(
+        work.path(),
+        "fabrikam",
+        "",
+        &FABRIKAM.replace("roles = [\"SMTP.SendAsApp\"]", "roles = [\"Mail.Send\"]"),
+    );
+    let graph_route = format!(
+        "[[route]]\nname = \"fabrikam\"\nmatch_sender = [\"*@fabrikam.example\"]\n{}",
+        as_route(&fabrikam.fragment)
+            .replace(
+                "[route.upstream]\n",
+                &format!(
+                    "[route.upstream]\ntransport = \"graph\"\ngraph_url = \"{}\"\n",
+                    fabrikam.graph_url
+                ),
+            )
+            .replace(
+                "https://outlook.office365.com/.default",
+                "https://graph.microsoft.com/.default"
+            )
+    );
+    let relay = Relay::builder()
+        .work(work.path())
+        .config(|s| relay_config(s, &contoso, true, &graph_route))
+        .start();
+    assert!(send(&relay, "billing@fabrikam.example", "by-graph").starts_with("250"));
+    assert!(send(&relay, "app@contoso.example", "by-smtp").starts_with("250"));
+    assert_eq!(
+        wait_delivered(&fabrikam, "by-graph").auth_user,
+        "relay@fabrikam.example"
+    );
+    assert_eq!(
+        wait_delivered(&contoso, "by-smtp").auth_user,
+        "relay@contoso.example"
+    );
+    assert!(
+        relay
+            .log_text()
+            .contains("delivering through Microsoft Graph sendMail"),
+        "{}",
+        relay.log_text()
+    );
+}

@@ -14,6 +14,8 @@ pub struct SimProc {
     /// `[upstream]` and `[oauth]` sections pointing at the simulator.
     pub fragment: String,
     pub mailbox: PathBuf,
+    /// The Graph root (`upstream.graph_url` for `transport = "graph"`).
+    pub graph_url: String,
     pub log: PathBuf,
 }
 
@@ -54,18 +56,22 @@ impl SimProc {
             let mut lines = BufReader::new(stdout).lines();
             let mut fragment = String::new();
             let mut mailbox = String::new();
+            let mut graph = String::new();
             let mut inside = false;
             for line in lines.by_ref() {
                 let Ok(line) = line else { break };
                 if let Some(m) = line.strip_prefix("Mailbox directory:") {
                     mailbox = m.trim().to_string();
                 }
+                if let Some(g) = line.strip_prefix("Graph sendMail root:") {
+                    graph = g.split_whitespace().next().unwrap_or_default().to_string();
+                }
                 if line.starts_with("# --- relay.toml fragment") {
                     inside = true;
                     continue;
                 }
                 if line.starts_with("# --- end") {
-                    let _ = tx.send((fragment.clone(), mailbox.clone()));
+                    let _ = tx.send((fragment.clone(), mailbox.clone(), graph.clone()));
                     break;
                 }
                 if inside {
@@ -76,7 +82,7 @@ impl SimProc {
             // Keep draining so the simulator never blocks on a full pipe.
             for _ in lines {}
         });
-        let (fragment, mailbox) = rx
+        let (fragment, mailbox, graph_url) = rx
             .recv_timeout(Duration::from_secs(30))
             .unwrap_or_else(|_| {
                 panic!(
@@ -88,6 +94,7 @@ impl SimProc {
             child: Some(child),
             fragment,
             mailbox: PathBuf::from(mailbox),
+            graph_url,
             log,
         }
     }
