@@ -106,6 +106,11 @@ fn send(relay: &Relay, from: &str, subject: &str) -> String {
     r.text()
 }
 
+/// The mailbox that delivered the message with `marker` (waits for it, bounded).
+fn sent_as(sim: &SimProc, marker: &str) -> String {
+    wait_delivered(sim, marker).auth_user
+}
+
 fn queue_list(relay: &Relay) -> String {
     let out = run_cli(&relay.config, &["queue", "list"], &[]);
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -263,19 +268,10 @@ fn a_template_route_sends_each_device_as_its_own_mailbox() {
     assert!(send(&relay, "Scanner1@contoso.example", "scan-1").starts_with("250"));
     assert!(send(&relay, "scanner2@contoso.example", "scan-2").starts_with("250"));
     assert!(send(&relay, "app@contoso.example", "app").starts_with("250"));
-    assert_eq!(
-        wait_delivered(&contoso, "scan-1").auth_user,
-        "scanner1@contoso.example"
-    );
-    assert_eq!(
-        wait_delivered(&contoso, "scan-2").auth_user,
-        "scanner2@contoso.example"
-    );
+    assert_eq!(sent_as(&contoso, "scan-1"), "scanner1@contoso.example");
+    assert_eq!(sent_as(&contoso, "scan-2"), "scanner2@contoso.example");
     // A sender the template does not allow takes the default route's mailbox.
-    assert_eq!(
-        wait_delivered(&contoso, "app").auth_user,
-        "relay@contoso.example"
-    );
+    assert_eq!(sent_as(&contoso, "app"), "relay@contoso.example");
 }
 
 #[test]
@@ -296,10 +292,7 @@ fn no_matching_route_and_no_default_is_refused_at_mail_from() {
         "{refused}"
     );
     assert!(send(&relay, "alerts@contoso.example", "alert").starts_with("250"));
-    assert_eq!(
-        wait_delivered(&contoso, "alert").auth_user,
-        "relay@contoso.example"
-    );
+    assert_eq!(sent_as(&contoso, "alert"), "relay@contoso.example");
     assert!(queue_list(&relay).contains("queue is empty"));
 }
 
@@ -496,10 +489,7 @@ fn a_device_that_logs_in_over_smtps_sends_as_its_own_mailbox() {
     // The same sender on the plain listener takes the default route.
     let plain = send(&relay, "printer@contoso.example", "plain-listener");
     assert!(plain.starts_with("250"), "{plain}");
-    assert_eq!(
-        wait_delivered(&contoso, "plain-listener").auth_user,
-        "relay@contoso.example"
-    );
+    assert_eq!(sent_as(&contoso, "plain-listener"), "relay@contoso.example");
     drop(relay);
 }
 
@@ -535,14 +525,8 @@ fn a_route_can_deliver_through_graph_beside_an_smtp_route() {
         .start();
     assert!(send(&relay, "billing@fabrikam.example", "by-graph").starts_with("250"));
     assert!(send(&relay, "app@contoso.example", "by-smtp").starts_with("250"));
-    assert_eq!(
-        wait_delivered(&fabrikam, "by-graph").auth_user,
-        "relay@fabrikam.example"
-    );
-    assert_eq!(
-        wait_delivered(&contoso, "by-smtp").auth_user,
-        "relay@contoso.example"
-    );
+    assert_eq!(sent_as(&fabrikam, "by-graph"), "relay@fabrikam.example");
+    assert_eq!(sent_as(&contoso, "by-smtp"), "relay@contoso.example");
     assert!(
         relay
             .log_text()

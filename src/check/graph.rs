@@ -132,29 +132,7 @@ async fn permission(
     let fix_of = |e: String| Step::failed("permission", e, "Fix upstream.graph_url.");
     let http = http_client(settings).map_err(fix_of)?;
     let url = settings.send_mail_url().map_err(fix_of)?;
-    let resp = http
-        .post(url)
-        .bearer_auth(token.secret())
-        .header(reqwest::header::CONTENT_TYPE, "text/plain")
-        .body("!")
-        .send()
-        .await
-        .map_err(|e| {
-            Step::failed(
-                "permission",
-                format!("sendMail request failed: {e}"),
-                "Run check again; if it keeps failing, check proxies between this host and Graph.",
-            )
-        })?;
-    let status = resp.status().as_u16();
-    let body = resp.bytes().await.unwrap_or_default();
-    let code = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|j| j["error"]["code"].as_str().map(str::to_string));
-    let shown = format!(
-        "HTTP {status}{}",
-        code.as_deref().map(|c| format!(" {c}")).unwrap_or_default()
-    );
+    let (status, code, shown) = probe(&http, url, token, "sendMail").await?;
     let content_refused = status == 400
         && matches!(
             code.as_deref(),
@@ -205,29 +183,7 @@ async fn draft_permission(
     let url = settings
         .user_url(&["messages"])
         .map_err(|e| Step::failed("permission", e, "Fix upstream.graph_url."))?;
-    let resp = http
-        .post(url)
-        .bearer_auth(token.secret())
-        .header(reqwest::header::CONTENT_TYPE, "text/plain")
-        .body("!")
-        .send()
-        .await
-        .map_err(|e| {
-            Step::failed(
-                "permission",
-                format!("draft request failed: {e}"),
-                "Run check again; if it keeps failing, check proxies between this host and Graph.",
-            )
-        })?;
-    let status = resp.status().as_u16();
-    let body = resp.bytes().await.unwrap_or_default();
-    let code = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|j| j["error"]["code"].as_str().map(str::to_string));
-    let shown = format!(
-        "HTTP {status}{}",
-        code.as_deref().map(|c| format!(" {c}")).unwrap_or_default()
-    );
+    let (status, code, shown) = probe(http, url, token, "draft").await?;
     if status == 400 {
         return Ok(format!(
             "large messages: Graph would create drafts for {} (Mail.ReadWrite; {shown} to the empty \
@@ -331,4 +287,38 @@ async fn send_test(settings: GraphSettings, token: &AccessToken, names: &Names, 
             },
         ),
     }
+}
+
+/// A POST of one invalid byte (nothing is sent or created) that shows what Graph lets this token
+/// do: the status, Graph's error code and both as text.
+async fn probe(
+    http: &reqwest::Client,
+    url: url::Url,
+    token: &AccessToken,
+    what: &str,
+) -> Result<(u16, Option<String>, String), Step> {
+    let resp = http
+        .post(url)
+        .bearer_auth(token.secret())
+        .header(reqwest::header::CONTENT_TYPE, "text/plain")
+        .body("!")
+        .send()
+        .await
+        .map_err(|e| {
+            Step::failed(
+                "permission",
+                format!("{what} request failed: {e}"),
+                "Run check again; if it keeps failing, check proxies between this host and Graph.",
+            )
+        })?;
+    let status = resp.status().as_u16();
+    let body = resp.bytes().await.unwrap_or_default();
+    let code = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|j| j["error"]["code"].as_str().map(str::to_string));
+    let shown = format!(
+        "HTTP {status}{}",
+        code.as_deref().map(|c| format!(" {c}")).unwrap_or_default()
+    );
+    Ok((status, code, shown))
 }
