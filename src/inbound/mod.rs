@@ -78,6 +78,9 @@ pub struct InboundSettings {
     pub max_recipients: usize,
     pub max_connections: usize,
     pub allow_networks: Vec<IpNet>,
+    /// Where these settings come from in relay.toml (`smtp.` or `smtp.listener.N.`), so that
+    /// a refusal in the log names the key to change.
+    pub key_prefix: String,
     pub command_timeout: Duration,
     pub data_timeout: Duration,
     pub write_timeout: Duration,
@@ -179,6 +182,7 @@ impl InboundSettings {
             max_recipients: l.max_recipients,
             max_connections: l.max_connections,
             allow_networks: l.allowed_networks(),
+            key_prefix: prefix.to_string(),
             command_timeout: l.command_timeout,
             data_timeout: l.data_timeout,
             write_timeout: l.write_timeout,
@@ -521,7 +525,12 @@ impl AcceptLoop {
                 // A plaintext reply means nothing to an SMTPS client: it only sees the close.
                 let plain = !shared.settings.implicit_tls;
                 let Some(_permit) = permit else {
-                    tracing::warn!(client = %peer, %listener, "refusing connection: max_connections reached");
+                    tracing::warn!(
+                        client = %peer,
+                        %listener,
+                        "refusing connection: {}max_connections reached",
+                        shared.settings.key_prefix
+                    );
                     shared.metrics.refused(reply::TOO_MANY_CONNECTIONS.status);
                     return refuse(stream, plain.then_some(reply::TOO_MANY_CONNECTIONS)).await;
                 };
@@ -532,7 +541,12 @@ impl AcceptLoop {
                     .iter()
                     .any(|n| n.contains(&ip))
                 {
-                    tracing::warn!(client = %peer, %listener, "refusing connection: not in allow_networks");
+                    tracing::warn!(
+                        client = %peer,
+                        %listener,
+                        "refusing connection: not in {}allow_networks",
+                        shared.settings.key_prefix
+                    );
                     shared.metrics.refused(reply::NOT_ALLOWED.status);
                     return refuse(stream, plain.then_some(reply::NOT_ALLOWED)).await;
                 }
