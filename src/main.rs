@@ -106,6 +106,10 @@ struct SetupArgs {
     /// upstream.cloud: global, gcc-high, dod or china
     #[arg(long, value_name = "CLOUD")]
     cloud: Option<String>,
+    /// upstream.transport: smtp (SMTP AUTH XOAUTH2, the setup guide) or graph (Microsoft Graph
+    /// sendMail, when SMTP AUTH is disabled); the printed script follows it
+    #[arg(long, value_name = "smtp|graph")]
+    transport: Option<String>,
     /// The Object ID on Enterprise applications (for the script when setup cannot read it from
     /// the app's token)
     #[arg(long, value_name = "GUID")]
@@ -303,6 +307,7 @@ fn setup(a: SetupArgs, config: Option<PathBuf>) -> ExitCode {
         script_out: a.script_out,
         send_to: a.send_to,
         cloud: a.cloud,
+        transport: a.transport,
         set: a.set,
         systemd: a.systemd,
         non_interactive: a.non_interactive,

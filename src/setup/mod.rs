@@ -12,10 +12,9 @@
 //!    RBAC for Applications variant) with the values filled in, the Enterprise applications
 //!    Object ID read from the app's own token ([`script`]).
 //!
-//! Only the default route (top-level `[upstream]` + `[oauth]`) and the SMTP transport exist
-//! today. Routes slot in at [`write::ConfigDoc`]'s section lookup (the one place that names
-//! where the keys live) and Graph at [`script::ApiPermission`] (the permission part 1 grants
-//! and the RBAC role part 2 assigns).
+//! `--transport graph` writes `upstream.transport = "graph"` and prints the Graph variant of
+//! the Microsoft side ([`script::ApiPermission`]: the permission part 1 grants and the RBAC
+//! role part 2 assigns).
 
 pub mod prompt;
 pub mod script;
@@ -29,7 +28,7 @@ use toml_edit::Value;
 
 use crate::check::{self, CheckOptions, Report, Status};
 use crate::config::identity::ValueProblem;
-use crate::config::{self, Config, ConfigError};
+use crate::config::{self, Config, ConfigError, TransportKind};
 use prompt::Terminal;
 use values::{Existing, Given, SecretSource};
 use write::{ConfigDoc, parent_dir, write_atomic};
@@ -52,6 +51,8 @@ pub struct SetupOptions {
     pub send_to: Option<String>,
     /// `upstream.cloud`.
     pub cloud: Option<String>,
+    /// `upstream.transport`: `smtp` or `graph`.
+    pub transport: Option<String>,
     /// Other keys as `section.key=value` (e.g. `upstream.host`, `oauth.token_url`: how a
     /// simulator or a proxy is named).
     pub set: Vec<String>,
@@ -196,6 +197,15 @@ fn run_to(options: SetupOptions, out: &mut dyn std::io::Write) -> Result<u8, Set
         client_secret,
         send_to: options.send_to.clone(),
         object_id: options.object_id.clone(),
+        transport: options
+            .transport
+            .as_deref()
+            .map(values::parse_transport)
+            .transpose()
+            .map_err(|problem| SetupError::Value {
+                flag: "--transport".into(),
+                problem,
+            })?,
     };
     let answers = values::gather(given, &existing, terminal.as_mut())?;
     drop(terminal);
@@ -205,6 +215,14 @@ fn run_to(options: SetupOptions, out: &mut dyn std::io::Write) -> Result<u8, Set
     doc.set_str("oauth", "client_id", answers.client_id.trim());
     doc.set_str("upstream", "mail_account", answers.mail_account.trim());
     doc.set_str("upstream", "from", answers.from.trim());
+    doc.set_str(
+        "upstream",
+        "transport",
+        match answers.transport {
+            TransportKind::Smtp => "smtp",
+            TransportKind::Graph => "graph",
+        },
+    );
     if let Some(cloud) = &options.cloud {
         doc.set_str("upstream", "cloud", cloud);
     }
@@ -294,7 +312,8 @@ fn run_to(options: SetupOptions, out: &mut dyn std::io::Write) -> Result<u8, Set
         cloud: validated.upstream.cloud,
         object_id: object_id.as_deref(),
         object_id_from_token: token_oid.is_some(),
-        permission: &script::SMTP_SEND_AS_APP,
+        transport: validated.upstream.transport,
+        graph_large_messages: validated.upstream.graph_large_messages,
     });
     writeln!(out, "\n{text}").map_err(output_error)?;
     if let Some(path) = &options.script_out {
@@ -461,12 +480,13 @@ fn run_check(layout: &Layout, send_to: Option<String>) -> Report {
 }
 
 /// The keys setup asks for itself; `--set` must not bypass their rules.
-const OWN_KEYS: [(&str, &str); 5] = [
+const OWN_KEYS: [(&str, &str); 6] = [
     ("oauth.tenant_id", "--tenant-id"),
     ("oauth.client_id", "--client-id"),
     ("upstream.mail_account", "--mail-account"),
     ("upstream.from", "--from"),
     ("upstream.cloud", "--cloud"),
+    ("upstream.transport", "--transport"),
 ];
 
 /// `--set section.key=value`: TOML values (`2587`, `true`, `["a"]`, `"x"`) as typed, anything
