@@ -136,6 +136,27 @@ struct SetupArgs {
     /// Write the files and print the script, but do not run check
     #[arg(long)]
     no_check: bool,
+    /// Add a [[route]] named NAME ([a-z0-9-], not "default") to an EXISTING relay.toml instead
+    /// of writing the top level: its mailbox, and in [route.oauth] only what differs from the
+    /// top level (another tenant, client or secret; the secret in client_secret_NAME, 0600).
+    /// --set then writes into [route.upstream]/[route.oauth]. Check and the script are the route's
+    #[arg(long, value_name = "NAME")]
+    route: Option<String>,
+    /// With --route: the envelope senders it takes (addresses or *@domain; repeatable or a
+    /// comma list)
+    #[arg(
+        long,
+        value_name = "ADDR|*@DOMAIN",
+        value_delimiter = ',',
+        requires = "route"
+    )]
+    match_sender: Vec<String>,
+    /// With --route: the inbound AUTH users it takes (repeatable or a comma list)
+    #[arg(long, value_name = "USER", value_delimiter = ',', requires = "route")]
+    match_auth_user: Vec<String>,
+    /// With --route: replace the route of that name (its matches and keys) instead of refusing
+    #[arg(long, requires = "route")]
+    replace: bool,
 }
 
 #[derive(Subcommand)]
@@ -312,6 +333,14 @@ fn setup(a: SetupArgs, config: Option<PathBuf>) -> ExitCode {
         systemd: a.systemd,
         non_interactive: a.non_interactive,
         no_check: a.no_check,
+        route: a
+            .route
+            .map(|name| smtp_oauth_relay::setup::route::RouteOptions {
+                name,
+                match_sender: a.match_sender,
+                match_auth_user: a.match_auth_user,
+                replace: a.replace,
+            }),
     };
     ExitCode::from(smtp_oauth_relay::setup::run(options))
 }

@@ -86,6 +86,26 @@ impl Existing {
     }
 }
 
+impl Existing {
+    /// For a new `[[route]]`: the top level's app (tenant, client, transport) is the default and
+    /// its credential is inherited on Enter; the mailbox and From are the route's own.
+    pub fn for_route(doc: &ConfigDoc, systemd_secret: Option<&Path>) -> Existing {
+        let top = Existing::of(doc, systemd_secret);
+        let credential = top
+            .credential
+            .clone()
+            .or_else(|| top.inline_secret.as_ref().map(|_| "the secret".to_string()))
+            .map(|c| format!("{c} of the top level (inherited)"));
+        Existing {
+            mail_account: None,
+            from: None,
+            inline_secret: None,
+            credential,
+            ..top
+        }
+    }
+}
+
 /// A rule's refusal of a flag's value: stops setup with the explanation (exit 2).
 fn flag(name: &str, rule: Result<(), ValueProblem>) -> Result<(), SetupError> {
     rule.map_err(|problem| SetupError::Value {
