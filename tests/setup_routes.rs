@@ -13,8 +13,8 @@ use std::process::Output;
 use common::setup_cli::{Sim, run_in};
 use smtp_oauth_relay::config;
 use smtp_oauth_relay::sim::{
-    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_MAILBOX, DEFAULT_TENANT_ID, MailboxConfig,
-    SecretConfig, SimConfig,
+    ClientConfig, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_MAILBOX, DEFAULT_TENANT_ID,
+    MailboxConfig, SecretConfig, SimConfig,
 };
 
 const BILLING: &str = "billing@contoso.example";
@@ -276,5 +276,116 @@ async fn duplicate_and_bad_route_names_and_a_missing_file_are_refused() {
     assert_eq!(
         std::fs::read_to_string(&path).expect("relay.toml"),
         replaced
+    );
+
+    // The systemd layout: the service reads secrets only through LoadCredential=, so a route
+    // secret setup cannot hand it is refused, not written where the service cannot read it.
+    let systemd = tempfile::tempdir().expect("tempdir");
+    let mut a = args(&[
+        "setup",
+        "--non-interactive",
+        "--systemd",
+        "--tenant-id",
+        DEFAULT_TENANT_ID,
+        "--client-id",
+        DEFAULT_CLIENT_ID,
+        "--client-secret-stdin",
+        "--mail-account",
+        DEFAULT_MAILBOX,
+        "--no-check",
+    ]);
+    a.extend(sim.set_args());
+    let out = run(systemd.path(), a, Some(DEFAULT_CLIENT_SECRET)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let mut a = route_args("scanners", SCANNERS, "*@s.example");
+    a.extend(args(&["--systemd", "--client-secret-stdin"]));
+    let out = run(systemd.path(), a, Some(SECOND_SECRET)).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("LoadCredential="), "{}", text(&out));
+    assert!(!systemd.path().join("client_secret_scanners").exists());
+    // Without a new secret it inherits the top level's credential and is added.
+    let mut a = route_args("scanners", SCANNERS, "*@s.example");
+    a.push("--systemd".into());
+    let out = run(systemd.path(), a, None).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("== route scanners"), "{}", text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_with_another_app_gets_its_own_client_id_and_secret_file() {
+    const OTHER_CLIENT: &str = "7c1e2d3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f";
+    const OTHER_SECRET: &str = "other~app~secret~value~0123456789";
+    let mut c = SimConfig::default();
+    c.mailboxes.push(MailboxConfig {
+        address: BILLING.into(),
+        ..MailboxConfig::default()
+    });
+    c.clients.push(ClientConfig {
+        client_id: OTHER_CLIENT.into(),
+        object_id: "2b3c4d5e-6f70-4812-9a3b-4c5d6e7f8091".into(),
+        secrets: vec![SecretConfig {
+            value: OTHER_SECRET.into(),
+            expired: false,
+        }],
+        ..ClientConfig::default()
+    });
+    let sim = Sim::start_with(c).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    first_setup(&sim, dir.path()).await;
+
+    let mut a = route_args("other-app", BILLING, "*@billing.example");
+    a.extend(args(&[
+        "--client-id",
+        OTHER_CLIENT,
+        "--client-secret-stdin",
+        "--script-out",
+        "other-app.ps1",
+    ]));
+    let out = run(dir.path(), a, Some(OTHER_SECRET)).await;
+    let shown = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{shown}");
+    assert!(shown.contains("result: passed"), "{shown}");
+    assert!(!shown.contains(OTHER_SECRET), "{shown}");
+
+    let path = dir.path().join("relay.toml");
+    let written = std::fs::read_to_string(&path).expect("relay.toml");
+    assert!(!written.contains(OTHER_SECRET), "{written}");
+    let secret_file = dir.path().join("client_secret_other-app");
+    let route = &written[written.find("name = \"other-app\"").expect("route")..];
+    assert!(
+        route.contains(&format!(
+            "[route.oauth]\nclient_id = \"{OTHER_CLIENT}\"\nclient_secret_file = \"{}\"\n",
+            secret_file.display()
+        )),
+        "only the app and its secret differ:\n{route}"
+    );
+    assert!(
+        !route.contains("tenant_id"),
+        "the tenant is inherited:\n{route}"
+    );
+    let script = std::fs::read_to_string(dir.path().join("other-app.ps1")).expect("script");
+    assert!(
+        script.contains(&format!("$AppId    = '{OTHER_CLIENT}'")),
+        "{script}"
+    );
+    assert!(script.contains("$ObjectId = '2b3c4d5e-6f70-4812-9a3b-4c5d6e7f8091'"));
+
+    let config = config::load(Some(&path)).expect("relay.toml loads");
+    let spec = config
+        .route_table()
+        .get("other-app")
+        .cloned()
+        .expect("route");
+    assert_eq!(spec.config.oauth.client_id.as_deref(), Some(OTHER_CLIENT));
+    assert_eq!(
+        config
+            .route_table()
+            .get("default")
+            .expect("default")
+            .config
+            .oauth
+            .client_id
+            .as_deref(),
+        Some(DEFAULT_CLIENT_ID)
     );
 }

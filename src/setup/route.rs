@@ -211,6 +211,17 @@ pub(crate) fn write_and_check(
             }
         }
     };
+    if layout.systemd_secret.is_some() && !matches!(credential, Credential::Inherited) {
+        // The unit runs as a dynamic user that reads only what LoadCredential= hands it.
+        return Err(SetupError::Usage(format!(
+            "route {:?} would have its own secret, but with the systemd layout the service reads \
+             secrets only through the unit's LoadCredential= (client_secret, the top level's) and \
+             setup writes no unit drop-ins: add the route without a new secret (it inherits the \
+             top level's app), or add LoadCredential= for its secret with systemctl edit and set \
+             its [route.oauth] client_secret_file by hand",
+            route.name
+        )));
+    }
     let top_transport = doc.get_str("upstream", "transport");
     let transport = match a.transport {
         TransportKind::Smtp => "smtp",
