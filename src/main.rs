@@ -65,7 +65,8 @@ enum Command {
     Simulate,
     /// Configure a Microsoft 365 tenant: ask (or take from flags) the setup guide's five values,
     /// write relay.toml and the secret file (0600), run check, print the Exchange Online
-    /// PowerShell with the values filled in
+    /// PowerShell with the values filled in (--transport graph: the Graph variant; --route NAME:
+    /// add a [[route]] to an existing relay.toml)
     Setup(Box<SetupArgs>),
     /// sendmail for cron, PHP mail() and system tools: `sendmail [flags] [recipient...]`
     /// (also when run as sendmail, mailq or newaliases; see README "Cron jobs and sendmail")

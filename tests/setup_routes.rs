@@ -2,7 +2,8 @@
 //! that setup wrote keeps its comments and the routes already there, loads with both, and its
 //! own check passes (with the inherited app, and with a second secret that goes into its own
 //! 0600 file); a duplicate name, a bad name and a missing file are refused with exit 2, nothing
-//! written; the secret is never in relay.toml or the output.
+//! written; the secret is never in relay.toml or the output. On a terminal the route asks its
+//! senders and Enter keeps the top level's app.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Output;
 
-use common::setup_cli::{Sim, run_in};
+use common::setup_cli::{Pty, Sim, run_in};
 use smtp_oauth_relay::config;
 use smtp_oauth_relay::sim::{
     ClientConfig, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_MAILBOX, DEFAULT_TENANT_ID,
@@ -388,4 +389,53 @@ async fn a_route_with_another_app_gets_its_own_client_id_and_secret_file() {
             .as_deref(),
         Some(DEFAULT_CLIENT_ID)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_terminal_a_route_asks_its_senders_and_keeps_the_top_level_app_on_enter() {
+    let sim = sim().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    first_setup(&sim, dir.path()).await;
+    let path = dir.path().to_path_buf();
+    let (status, screen) = tokio::task::spawn_blocking(move || {
+        let mut t = Pty::spawn(&path, &args(&["setup", "--route", "billing"]));
+        t.wait_for("Senders for this route:", 1);
+        t.type_line("nobody");
+        t.wait_for("neither an address nor *@domain", 1);
+        t.wait_for("Senders for this route:", 2);
+        t.type_line("*@billing.example, erp@legacy.example");
+        t.wait_for(&format!("Directory (tenant) ID [{DEFAULT_TENANT_ID}]:"), 1);
+        t.type_line("");
+        t.wait_for(
+            &format!("Application (client) ID [{DEFAULT_CLIENT_ID}]:"),
+            1,
+        );
+        t.type_line("");
+        t.wait_for("of the top level (inherited))", 1);
+        t.type_line("");
+        t.wait_for("Mail Account:", 1);
+        t.type_line(BILLING);
+        t.wait_for(&format!("From [{BILLING}]:"), 1);
+        t.type_line("");
+        t.wait_for("Transport (smtp or graph) [smtp]:", 1);
+        t.type_line("");
+        t.wait_for("Send a test message to:", 1);
+        t.type_line("");
+        t.finish()
+    })
+    .await
+    .expect("terminal session");
+    assert_eq!(status.code(), Some(0), "{screen}");
+    assert!(screen.contains("== route billing"), "{screen}");
+    assert!(screen.contains("setup: done, check passed"), "{screen}");
+    assert!(!screen.contains(DEFAULT_CLIENT_SECRET), "{screen}");
+    let written = std::fs::read_to_string(dir.path().join("relay.toml")).expect("relay.toml");
+    let route = &written[written
+        .find("[[route]]\nname = \"billing\"")
+        .expect("route")..];
+    assert!(
+        route.contains("match_sender = [\"*@billing.example\", \"erp@legacy.example\"]"),
+        "{route}"
+    );
+    assert!(!route.contains("[route.oauth]"), "{route}");
 }

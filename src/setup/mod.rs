@@ -12,6 +12,8 @@
 //!    RBAC for Applications variant) with the values filled in, the Enterprise applications
 //!    Object ID read from the app's own token ([`script`]).
 //!
+//! `--route NAME` adds a `[[route]]` to an existing file instead ([`route`]).
+//!
 //! `--transport graph` writes `upstream.transport = "graph"` and prints the Graph variant of
 //! the Microsoft side ([`script::ApiPermission`]: the permission part 1 grants and the RBAC
 //! role part 2 assigns).
