@@ -169,19 +169,6 @@ impl ConfigDoc {
         }
     }
 
-    /// A string of the route table at `index`, `[route.<section>] key`.
-    pub fn route_str(&self, index: usize, section: &str, key: &str) -> Option<String> {
-        self.doc
-            .get("route")
-            .and_then(Item::as_array_of_tables)?
-            .get(index)?
-            .get(section)?
-            .as_table_like()?
-            .get(key)?
-            .as_str()
-            .map(str::to_string)
-    }
-
     pub fn render(&self) -> String {
         self.doc.to_string()
     }
