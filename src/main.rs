@@ -65,7 +65,8 @@ enum Command {
     Simulate,
     /// Configure a Microsoft 365 tenant: ask (or take from flags) the setup guide's five values,
     /// write relay.toml and the secret file (0600), run check, print the Exchange Online
-    /// PowerShell with the values filled in
+    /// PowerShell with the values filled in (--transport graph: the Graph variant; --route NAME:
+    /// add a [[route]] to an existing relay.toml)
     Setup(Box<SetupArgs>),
     /// sendmail for cron, PHP mail() and system tools: `sendmail [flags] [recipient...]`
     /// (also when run as sendmail, mailq or newaliases; see README "Cron jobs and sendmail")
@@ -106,6 +107,10 @@ struct SetupArgs {
     /// upstream.cloud: global, gcc-high, dod or china
     #[arg(long, value_name = "CLOUD")]
     cloud: Option<String>,
+    /// upstream.transport: smtp (SMTP AUTH XOAUTH2, the setup guide) or graph (Microsoft Graph
+    /// sendMail, when SMTP AUTH is disabled); the printed script follows it
+    #[arg(long, value_name = "smtp|graph")]
+    transport: Option<String>,
     /// The Object ID on Enterprise applications (for the script when setup cannot read it from
     /// the app's token)
     #[arg(long, value_name = "GUID")]
@@ -132,6 +137,27 @@ struct SetupArgs {
     /// Write the files and print the script, but do not run check
     #[arg(long)]
     no_check: bool,
+    /// Add a [[route]] named NAME ([a-z0-9-], not "default") to an EXISTING relay.toml instead
+    /// of writing the top level: its mailbox, and in [route.oauth] only what differs from the
+    /// top level (another tenant, client or secret; the secret in client_secret_NAME, 0600).
+    /// --set then writes into [route.upstream]/[route.oauth]. Check and the script are the route's
+    #[arg(long, value_name = "NAME")]
+    route: Option<String>,
+    /// With --route: the envelope senders it takes (addresses or *@domain; repeatable or a
+    /// comma list)
+    #[arg(
+        long,
+        value_name = "ADDR|*@DOMAIN",
+        value_delimiter = ',',
+        requires = "route"
+    )]
+    match_sender: Vec<String>,
+    /// With --route: the inbound AUTH users it takes (repeatable or a comma list)
+    #[arg(long, value_name = "USER", value_delimiter = ',', requires = "route")]
+    match_auth_user: Vec<String>,
+    /// With --route: replace the route of that name (its matches and keys) instead of refusing
+    #[arg(long, requires = "route")]
+    replace: bool,
 }
 
 #[derive(Subcommand)]
@@ -303,10 +329,19 @@ fn setup(a: SetupArgs, config: Option<PathBuf>) -> ExitCode {
         script_out: a.script_out,
         send_to: a.send_to,
         cloud: a.cloud,
+        transport: a.transport,
         set: a.set,
         systemd: a.systemd,
         non_interactive: a.non_interactive,
         no_check: a.no_check,
+        route: a
+            .route
+            .map(|name| smtp_oauth_relay::setup::route::RouteOptions {
+                name,
+                match_sender: a.match_sender,
+                match_auth_user: a.match_auth_user,
+                replace: a.replace,
+            }),
     };
     ExitCode::from(smtp_oauth_relay::setup::run(options))
 }

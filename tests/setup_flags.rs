@@ -538,3 +538,87 @@ async fn the_systemd_layout_puts_the_secret_where_the_unit_loads_it() {
     assert_eq!(mode(&etc.join("client_secret")), 0o600);
     assert!(!shown.contains(DEFAULT_CLIENT_SECRET));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transport_graph_writes_graph_and_its_check_and_script_pass() {
+    let sim = Sim::start_with(smtp_oauth_relay::sim::SimConfig::graph()).await;
+    // The mailbox may send as the From (what the script's Add-RecipientPermission grants).
+    sim.sim
+        .control()
+        .set_send_as(DEFAULT_MAILBOX, vec!["alerts@contoso.example".into()]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut a = full_setup(&sim);
+    a.extend(args(&[
+        "--transport",
+        "graph",
+        "--from",
+        "alerts@contoso.example",
+        "--send-to",
+        "alice@fabrikam.example",
+        "--script-out",
+        "m365-setup.ps1",
+        "--set",
+        &format!("upstream.graph_url={}", sim.sim.graph_url()),
+    ]));
+    let out = run(
+        dir.path(),
+        a,
+        Some(format!("{DEFAULT_CLIENT_SECRET}\n").into_bytes()),
+    )
+    .await;
+    let shown = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{shown}");
+    // check walked Graph, not SMTP.
+    assert!(shown.contains("Graph over HTTPS"), "{shown}");
+    assert!(!shown.contains("XOAUTH2"), "{shown}");
+    assert!(shown.contains("setup: done, check passed"), "{shown}");
+    assert!(!shown.contains(DEFAULT_CLIENT_SECRET), "{shown}");
+    assert_eq!(sim.sim.messages().expect("mailbox").len(), 1);
+
+    let written = std::fs::read_to_string(dir.path().join("relay.toml")).expect("relay.toml");
+    assert!(written.contains("transport = \"graph\""), "{written}");
+    let config = smtp_oauth_relay::config::load(Some(&dir.path().join("relay.toml")))
+        .expect("the written relay.toml loads");
+    assert_eq!(
+        config.upstream.transport,
+        smtp_oauth_relay::config::TransportKind::Graph
+    );
+    assert_eq!(
+        config.upstream.from.as_deref(),
+        Some("alerts@contoso.example")
+    );
+
+    let script = std::fs::read_to_string(dir.path().join("m365-setup.ps1")).expect("script");
+    for part in [
+        "# $Api = '00000003-0000-0000-c000-000000000000'",
+        "appRoles[?value=='Mail.Send'].id",
+        "New-ManagementRoleAssignment -App $ObjectId -Role 'Application Mail.Send'",
+        "New-ManagementScope",
+        "Test-ServicePrincipalAuthorization",
+        "Add-RecipientPermission -Identity 'alerts@contoso.example' -Trustee $Mailbox",
+        &format!("$ObjectId = '{SIM_OBJECT_ID}'"),
+    ] {
+        assert!(script.contains(part), "script lacks {part:?}:\n{script}");
+    }
+    for absent in [
+        "Set-CASMailbox -Identity",
+        "Add-MailboxPermission",
+        "SMTP.SendAsApp'",
+    ] {
+        assert!(!script.contains(absent), "{absent} in:\n{script}");
+    }
+
+    // A transport that does not exist is refused before anything is written.
+    let other = tempfile::tempdir().expect("tempdir");
+    let mut a = full_setup(&sim);
+    a.extend(args(&["--transport", "mapi"]));
+    let out = run(
+        other.path(),
+        a,
+        Some(format!("{DEFAULT_CLIENT_SECRET}\n").into_bytes()),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("is not a transport"), "{}", text(&out));
+    assert!(!other.path().join("relay.toml").exists());
+}

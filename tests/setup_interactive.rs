@@ -53,6 +53,12 @@ async fn a_terminal_session_explains_wrong_answers_and_never_echoes_the_secret()
         // From: Enter takes the mail account, shown as the default.
         t.wait_for(&format!("From [{DEFAULT_MAILBOX}]:"), 1);
         t.type_line("");
+        // Transport: a wrong one is explained, Enter keeps smtp.
+        t.wait_for("Transport (smtp or graph) [smtp]:", 1);
+        t.type_line("mapi");
+        t.wait_for("is not a transport", 1);
+        t.wait_for("Transport (smtp or graph) [smtp]:", 2);
+        t.type_line("");
         t.wait_for("Send a test message to:", 1);
         t.type_line("alice@fabrikam.example");
         t.finish()

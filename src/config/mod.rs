@@ -17,7 +17,7 @@ mod values;
 pub use identity::looks_like_address;
 pub use listener::*;
 pub use load::*;
-pub use routes::{ROUTE_NAME_MAX, RouteConfig, RouteTable};
+pub use routes::{ROUTE_NAME_MAX, RouteConfig, RouteTable, route_name_problem};
 pub use validate::*;
 pub use values::*;
 

@@ -155,24 +155,8 @@ impl Config {
         for (i, table) in self.route.iter().enumerate() {
             let prefix = route_prefix(i, &table.name);
             let name = &table.name;
-            let well_formed = !name.is_empty()
-                && name.len() <= ROUTE_NAME_MAX
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-            if !well_formed {
-                issues.push(issue(
-                    &format!("{prefix}name"),
-                    format!(
-                        "{name:?} is not a route name: 1 to {ROUTE_NAME_MAX} of a-z, 0-9 and - \
-                         (it becomes a metrics label and a queue list column)"
-                    ),
-                ));
-            } else if name == DEFAULT_ROUTE {
-                issues.push(issue(
-                    &format!("{prefix}name"),
-                    "\"default\" is the top-level [upstream] + [oauth]; give this route another name",
-                ));
+            if let Some(problem) = route_name_problem(name) {
+                issues.push(issue(&format!("{prefix}name"), problem));
             } else if !seen.insert(name.clone()) {
                 issues.push(issue(
                     &format!("{prefix}name"),
@@ -270,14 +254,35 @@ impl Config {
     }
 }
 
-/// `route.billing.` (or `route[2].` for a table whose name cannot be used).
-fn route_prefix(index: usize, name: &str) -> String {
-    let usable = !name.is_empty()
+/// Why `name` cannot name a `[[route]]` (`None`: it can). The one rule for relay.toml and
+/// `setup --route`.
+pub fn route_name_problem(name: &str) -> Option<String> {
+    if !well_formed(name) {
+        Some(format!(
+            "{name:?} is not a route name: 1 to {ROUTE_NAME_MAX} of a-z, 0-9 and - (it becomes a \
+             metrics label and a queue list column)"
+        ))
+    } else if name == DEFAULT_ROUTE {
+        Some(
+            "\"default\" is the top-level [upstream] + [oauth]; give this route another name"
+                .into(),
+        )
+    } else {
+        None
+    }
+}
+
+fn well_formed(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= ROUTE_NAME_MAX
         && name
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if usable {
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// `route.billing.` (or `route[2].` for a table whose name cannot be used).
+fn route_prefix(index: usize, name: &str) -> String {
+    if well_formed(name) {
         format!("route.{name}.")
     } else {
         format!("route[{}].", index + 1)

@@ -12,12 +12,14 @@
 //!    RBAC for Applications variant) with the values filled in, the Enterprise applications
 //!    Object ID read from the app's own token ([`script`]).
 //!
-//! Only the default route (top-level `[upstream]` + `[oauth]`) and the SMTP transport exist
-//! today. Routes slot in at [`write::ConfigDoc`]'s section lookup (the one place that names
-//! where the keys live) and Graph at [`script::ApiPermission`] (the permission part 1 grants
-//! and the RBAC role part 2 assigns).
+//! `--route NAME` adds a `[[route]]` to an existing file instead ([`route`]).
+//!
+//! `--transport graph` writes `upstream.transport = "graph"` and prints the Graph variant of
+//! the Microsoft side ([`script::ApiPermission`]: the permission part 1 grants and the RBAC
+//! role part 2 assigns).
 
 pub mod prompt;
+pub mod route;
 pub mod script;
 pub mod values;
 pub mod write;
@@ -29,7 +31,7 @@ use toml_edit::Value;
 
 use crate::check::{self, CheckOptions, Report, Status};
 use crate::config::identity::ValueProblem;
-use crate::config::{self, Config, ConfigError};
+use crate::config::{self, Config, ConfigError, TransportKind};
 use prompt::Terminal;
 use values::{Existing, Given, SecretSource};
 use write::{ConfigDoc, parent_dir, write_atomic};
@@ -52,6 +54,8 @@ pub struct SetupOptions {
     pub send_to: Option<String>,
     /// `upstream.cloud`.
     pub cloud: Option<String>,
+    /// `upstream.transport`: `smtp` or `graph`.
+    pub transport: Option<String>,
     /// Other keys as `section.key=value` (e.g. `upstream.host`, `oauth.token_url`: how a
     /// simulator or a proxy is named).
     pub set: Vec<String>,
@@ -60,6 +64,8 @@ pub struct SetupOptions {
     pub systemd: bool,
     pub non_interactive: bool,
     pub no_check: bool,
+    /// `--route NAME`: add a `[[route]]` to an existing file instead of the top level.
+    pub route: Option<route::RouteOptions>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,13 +122,13 @@ pub fn run(options: SetupOptions) -> u8 {
 }
 
 /// Where the relay's files go.
-struct Layout {
+pub(crate) struct Layout {
     /// `relay.toml`, absolute.
-    config: PathBuf,
+    pub config: PathBuf,
     /// The secret file for a systemd service (`<config dir>/client_secret`), read by the unit's
     /// `LoadCredential=client_secret:...`; `None` when not for systemd.
-    systemd_secret: Option<PathBuf>,
-    dir: PathBuf,
+    pub systemd_secret: Option<PathBuf>,
+    pub dir: PathBuf,
 }
 
 impl Layout {
@@ -150,6 +156,10 @@ fn run_to(options: SetupOptions, out: &mut dyn std::io::Write) -> Result<u8, Set
     let layout = Layout::of(&options)?;
     let (mut doc, existed) = ConfigDoc::open(&layout.config)?;
     let sets = parse_sets(&options.set)?;
+    let route_at = match &options.route {
+        Some(r) => route::preflight(r, &layout, &doc, existed)?,
+        None => None,
+    };
     let existing = Existing::of(&doc, layout.systemd_secret.as_deref());
 
     let stdin_is_terminal = std::io::stdin().is_terminal();
@@ -174,7 +184,15 @@ fn run_to(options: SetupOptions, out: &mut dyn std::io::Write) -> Result<u8, Set
     };
     let interactive = !options.non_interactive && !options.client_secret_stdin && stdin_is_terminal;
     let mut terminal = interactive.then(Terminal::new);
-    if let Some(t) = terminal.as_mut() {
+    if let (Some(t), Some(r)) = (terminal.as_mut(), &options.route) {
+        t.say(&format!(
+            "smtp-oauth-relay setup --route {} adds a [[route]] to {} (its comments and the other \n\
+             routes kept), runs that route's check, and prints the Exchange Online PowerShell for its\n\
+             mailbox. Enter keeps the top level's app. Ctrl-D stops without writing anything.",
+            r.name,
+            layout.config.display()
+        ));
+    } else if let Some(t) = terminal.as_mut() {
         t.say(&format!(
             "smtp-oauth-relay setup writes {} ({}) and the client secret file, runs check, and prints\n\
              the Exchange Online PowerShell with your values. The values come from the Azure portal\n\
@@ -196,7 +214,32 @@ fn run_to(options: SetupOptions, out: &mut dyn std::io::Write) -> Result<u8, Set
         client_secret,
         send_to: options.send_to.clone(),
         object_id: options.object_id.clone(),
+        transport: options
+            .transport
+            .as_deref()
+            .map(values::parse_transport)
+            .transpose()
+            .map_err(|problem| SetupError::Value {
+                flag: "--transport".into(),
+                problem,
+            })?,
     };
+    if let Some(r) = &options.route {
+        let plan = route::gather(r, given, &doc, &layout, terminal.as_mut())?;
+        drop(terminal);
+        let outcome = route::write_and_check(
+            r,
+            route_at,
+            plan,
+            doc,
+            &layout,
+            options.cloud.as_deref(),
+            sets,
+            options.no_check,
+            out,
+        )?;
+        return finish(out, outcome, options.script_out.as_deref());
+    }
     let answers = values::gather(given, &existing, terminal.as_mut())?;
     drop(terminal);
 
@@ -205,6 +248,14 @@ fn run_to(options: SetupOptions, out: &mut dyn std::io::Write) -> Result<u8, Set
     doc.set_str("oauth", "client_id", answers.client_id.trim());
     doc.set_str("upstream", "mail_account", answers.mail_account.trim());
     doc.set_str("upstream", "from", answers.from.trim());
+    doc.set_str(
+        "upstream",
+        "transport",
+        match answers.transport {
+            TransportKind::Smtp => "smtp",
+            TransportKind::Graph => "graph",
+        },
+    );
     if let Some(cloud) = &options.cloud {
         doc.set_str("upstream", "cloud", cloud);
     }
@@ -271,10 +322,74 @@ fn run_to(options: SetupOptions, out: &mut dyn std::io::Write) -> Result<u8, Set
         write!(out, "{}", report.to_text()).map_err(output_error)?;
         Some(report)
     };
+    let start = if layout.systemd_secret.is_some() {
+        "sudo systemctl restart smtp-oauth-relay".to_string()
+    } else {
+        format!(
+            "smtp-oauth-relay serve --config {}",
+            layout.config.display()
+        )
+    };
+    finish(
+        out,
+        Outcome {
+            report,
+            typed_object_id: answers.object_id.clone(),
+            tenant_id: answers.tenant_id.trim().to_string(),
+            client_id: answers.client_id.trim().to_string(),
+            mail_account: answers.mail_account.trim().to_string(),
+            from: answers.from.trim().to_string(),
+            cloud: validated.upstream.cloud,
+            transport: validated.upstream.transport,
+            graph_large_messages: validated.upstream.graph_large_messages,
+            check_again: check_command(&layout, None, answers.send_to.as_deref()),
+            start,
+        },
+        options.script_out.as_deref(),
+    )
+}
 
+/// What is left to show once the files are written.
+pub(crate) struct Outcome {
+    /// `None`: check was not run (`--no-check`).
+    pub report: Option<Report>,
+    pub typed_object_id: Option<String>,
+    pub tenant_id: String,
+    pub client_id: String,
+    pub mail_account: String,
+    pub from: String,
+    pub cloud: config::Cloud,
+    pub transport: TransportKind,
+    pub graph_large_messages: bool,
+    /// The check command to run after fixing.
+    pub check_again: String,
+    /// How to start the relay.
+    pub start: String,
+}
+
+/// `check` on `layout`'s file (`--route NAME`, `--send-to ADDR` when given).
+pub(crate) fn check_command(layout: &Layout, route: Option<&str>, send_to: Option<&str>) -> String {
+    format!(
+        "smtp-oauth-relay check --config {}{}{}",
+        layout.config.display(),
+        route.map(|r| format!(" --route {r}")).unwrap_or_default(),
+        send_to
+            .map(|t| format!(" --send-to {t}"))
+            .unwrap_or_default()
+    )
+}
+
+/// The Microsoft side's script and the verdict: 0 check passed (or not run), 1 it failed,
+/// 2 the configuration did not load.
+pub(crate) fn finish(
+    out: &mut dyn std::io::Write,
+    o: Outcome,
+    script_out: Option<&Path>,
+) -> Result<u8, SetupError> {
+    let report = o.report;
     // The Enterprise applications Object ID: the token's own `oid` beats a typed one.
     let token_oid = report.as_ref().and_then(|r| r.service_principal_id.clone());
-    if let (Some(typed), Some(oid)) = (&answers.object_id, &token_oid)
+    if let (Some(typed), Some(oid)) = (&o.typed_object_id, &token_oid)
         && !typed.trim().eq_ignore_ascii_case(oid)
     {
         writeln!(
@@ -285,32 +400,25 @@ fn run_to(options: SetupOptions, out: &mut dyn std::io::Write) -> Result<u8, Set
         )
         .map_err(output_error)?;
     }
-    let object_id = token_oid.clone().or(answers.object_id.clone());
+    let object_id = token_oid.clone().or(o.typed_object_id.clone());
     let text = script::render(&script::ScriptValues {
-        tenant_id: answers.tenant_id.trim(),
-        client_id: answers.client_id.trim(),
-        mail_account: answers.mail_account.trim(),
-        from: answers.from.trim(),
-        cloud: validated.upstream.cloud,
+        tenant_id: &o.tenant_id,
+        client_id: &o.client_id,
+        mail_account: &o.mail_account,
+        from: &o.from,
+        cloud: o.cloud,
         object_id: object_id.as_deref(),
         object_id_from_token: token_oid.is_some(),
-        permission: &script::SMTP_SEND_AS_APP,
+        transport: o.transport,
+        graph_large_messages: o.graph_large_messages,
     });
     writeln!(out, "\n{text}").map_err(output_error)?;
-    if let Some(path) = &options.script_out {
+    if let Some(path) = script_out {
         write_atomic(path, text.as_bytes(), 0o644)?;
         writeln!(out, "wrote the script to {}", path.display()).map_err(output_error)?;
     }
 
-    let check_again = format!(
-        "smtp-oauth-relay check --config {}{}",
-        layout.config.display(),
-        answers
-            .send_to
-            .as_ref()
-            .map(|t| format!(" --send-to {t}"))
-            .unwrap_or_default()
-    );
+    let check_again = o.check_again;
     let code = match &report {
         None => {
             writeln!(
@@ -322,14 +430,7 @@ fn run_to(options: SetupOptions, out: &mut dyn std::io::Write) -> Result<u8, Set
             0
         }
         Some(r) if r.passed() => {
-            let start = if layout.systemd_secret.is_some() {
-                "sudo systemctl restart smtp-oauth-relay".to_string()
-            } else {
-                format!(
-                    "smtp-oauth-relay serve --config {}",
-                    layout.config.display()
-                )
-            };
+            let start = &o.start;
             writeln!(out, "\nsetup: done, check passed. Start the relay: {start}")
                 .map_err(output_error)?;
             0
@@ -364,7 +465,7 @@ fn run_to(options: SetupOptions, out: &mut dyn std::io::Write) -> Result<u8, Set
     Ok(code)
 }
 
-fn output_error(source: std::io::Error) -> SetupError {
+pub(crate) fn output_error(source: std::io::Error) -> SetupError {
     SetupError::Io {
         what: "write to stdout".into(),
         source,
@@ -441,11 +542,20 @@ fn run_check(layout: &Layout, send_to: Option<String>) -> Report {
         config_file: config_file.clone(),
         timeouts: None,
     };
+    block_on_check(&config, &options, config_file)
+}
+
+/// The check walk on its own runtime (setup is synchronous).
+pub(crate) fn block_on_check(
+    config: &Config,
+    options: &CheckOptions,
+    config_file: Option<PathBuf>,
+) -> Report {
     match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
-        Ok(rt) => rt.block_on(check::run(&config, &options)),
+        Ok(rt) => rt.block_on(check::run(config, options)),
         Err(e) => Report::invalid_config(
             &ConfigError::Invalid {
                 file: config_file.clone(),
@@ -461,12 +571,13 @@ fn run_check(layout: &Layout, send_to: Option<String>) -> Report {
 }
 
 /// The keys setup asks for itself; `--set` must not bypass their rules.
-const OWN_KEYS: [(&str, &str); 5] = [
+const OWN_KEYS: [(&str, &str); 6] = [
     ("oauth.tenant_id", "--tenant-id"),
     ("oauth.client_id", "--client-id"),
     ("upstream.mail_account", "--mail-account"),
     ("upstream.from", "--from"),
     ("upstream.cloud", "--cloud"),
+    ("upstream.transport", "--transport"),
 ];
 
 /// `--set section.key=value`: TOML values (`2587`, `true`, `["a"]`, `"x"`) as typed, anything

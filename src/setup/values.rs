@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use super::SetupError;
 use super::prompt::{Question, Terminal};
 use super::write::ConfigDoc;
+use crate::config::TransportKind;
 use crate::config::identity::{self, ValueProblem};
 
 /// Where the client secret comes from.
@@ -29,6 +30,7 @@ pub struct Answers {
     pub from: String,
     pub send_to: Option<String>,
     pub object_id: Option<String>,
+    pub transport: TransportKind,
 }
 
 /// The values given as flags (`None`: not given).
@@ -43,6 +45,8 @@ pub struct Given {
     pub client_secret: Option<String>,
     pub send_to: Option<String>,
     pub object_id: Option<String>,
+    /// `--transport`.
+    pub transport: Option<TransportKind>,
 }
 
 /// What the file being edited already says.
@@ -51,6 +55,7 @@ pub struct Existing {
     client_id: Option<String>,
     mail_account: Option<String>,
     from: Option<String>,
+    transport: Option<String>,
     inline_secret: Option<String>,
     /// A credential setup leaves alone when no new secret is given.
     credential: Option<String>,
@@ -74,8 +79,29 @@ impl Existing {
             client_id: doc.get_str("oauth", "client_id"),
             mail_account: doc.get_str("upstream", "mail_account"),
             from: doc.get_str("upstream", "from"),
+            transport: doc.get_str("upstream", "transport"),
             inline_secret: doc.get_str("oauth", "client_secret"),
             credential,
+        }
+    }
+}
+
+impl Existing {
+    /// For a new `[[route]]`: the top level's app (tenant, client, transport) is the default and
+    /// its credential is inherited on Enter; the mailbox and From are the route's own.
+    pub fn for_route(doc: &ConfigDoc, systemd_secret: Option<&Path>) -> Existing {
+        let top = Existing::of(doc, systemd_secret);
+        let credential = top
+            .credential
+            .clone()
+            .or_else(|| top.inline_secret.as_ref().map(|_| "the secret".to_string()))
+            .map(|c| format!("{c} of the top level (inherited)"));
+        Existing {
+            mail_account: None,
+            from: None,
+            inline_secret: None,
+            credential,
+            ..top
         }
     }
 }
@@ -121,6 +147,13 @@ const FROM: Question<'static> = Question {
     help: "The sender address shown in outgoing mail (Enter: the mail account itself).",
     optional: false,
 };
+const TRANSPORT: Question<'static> = Question {
+    label: "Transport (smtp or graph)",
+    help: "smtp: SMTP AUTH with XOAUTH2, as in the setup guide. graph: Microsoft Graph sendMail,\n\
+           for tenants or mailboxes where SMTP AUTH is disabled and stays so (README \"Microsoft\n\
+           Graph instead of SMTP AUTH\").",
+    optional: false,
+};
 const SEND_TO: Question<'static> = Question {
     label: "Send a test message to",
     help: "After writing the files setup runs check; give an address to also send a real test\n\
@@ -139,6 +172,24 @@ fn address_rule(value: &str) -> Result<(), ValueProblem> {
             fix: "Give the address that should receive the test message, e.g. you@contoso.com.",
         })
     }
+}
+
+/// `smtp` or `graph`, as `upstream.transport` spells them.
+pub fn parse_transport(value: &str) -> Result<TransportKind, ValueProblem> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "smtp" => Ok(TransportKind::Smtp),
+        "graph" => Ok(TransportKind::Graph),
+        other => Err(ValueProblem {
+            key: "upstream.transport",
+            what: format!("`{other}` is not a transport"),
+            fix: "Give smtp (SMTP AUTH, the setup guide) or graph (Microsoft Graph sendMail, when \
+                  SMTP AUTH is disabled).",
+        }),
+    }
+}
+
+fn transport_rule(value: &str) -> Result<(), ValueProblem> {
+    parse_transport(value).map(|_| ())
 }
 
 /// Collects the answers. `terminal` is `None` without a terminal (or with
@@ -235,6 +286,25 @@ pub fn gather(
         &identity::from,
         ("--from", "the sender address"),
     )?;
+    let transport = match given.transport {
+        Some(t) => t,
+        None => {
+            // The file's transport is kept; a new file (whose example says smtp) is asked.
+            let kept = existing.transport.clone().unwrap_or_else(|| "smtp".into());
+            let answer = match terminal.as_deref_mut() {
+                Some(t) => {
+                    let default = Some(kept.as_str()).filter(|k| transport_rule(k).is_ok());
+                    t.ask(&TRANSPORT, default, &transport_rule)?
+                        .ok_or_else(|| SetupError::NoAnswer(TRANSPORT.label.to_string()))?
+                }
+                None => kept,
+            };
+            parse_transport(&answer).map_err(|problem| SetupError::Value {
+                flag: "--transport".into(),
+                problem,
+            })?
+        }
+    };
     let send_to = match (given.send_to, terminal) {
         (Some(to), _) => Some(to),
         (None, Some(t)) => t.ask(&SEND_TO, None, &address_rule)?,
@@ -248,6 +318,7 @@ pub fn gather(
         from,
         send_to,
         object_id: given.object_id,
+        transport,
     })
 }
 

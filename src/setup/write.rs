@@ -7,7 +7,7 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use toml_edit::{DocumentMut, Item, Key, Table, TableLike, Value};
+use toml_edit::{ArrayOfTables, DocumentMut, Item, Key, Table, TableLike, Value};
 
 use super::SetupError;
 
@@ -116,8 +116,93 @@ impl ConfigDoc {
             .expect("inserted above")
     }
 
+    /// The position of the `[[route]]` table named `name`.
+    pub fn route_index(&self, name: &str) -> Option<usize> {
+        self.doc
+            .get("route")
+            .and_then(Item::as_array_of_tables)?
+            .iter()
+            .position(|t| t.get("name").and_then(Item::as_str) == Some(name))
+    }
+
+    /// Puts a `[[route]]` table at `at` (replacing the one there, keeping the comment lines
+    /// above it), or after the other routes. The other routes and the rest of the file stay.
+    pub fn put_route(&mut self, mut table: Table, at: Option<usize>) {
+        let root = self.doc.as_table_mut();
+        if !root.get("route").is_some_and(Item::is_array_of_tables) {
+            root.insert("route", Item::ArrayOfTables(ArrayOfTables::new()));
+        }
+        let Some(routes) = root.get_mut("route").and_then(Item::as_array_of_tables_mut) else {
+            return;
+        };
+        match at.and_then(|i| routes.get_mut(i)) {
+            Some(old) => {
+                *table.decor_mut() = old.decor().clone();
+                set_positions(&mut table, old.position().unwrap_or_default(), false);
+                *old = table;
+            }
+            None => {
+                // After every table of the file: one without a position would be written
+                // after whichever table precedes it in key order, not at the end.
+                set_positions(&mut table, last_position(self.doc.as_table()) + 1, true);
+                // The comment lines at the end of the file (the annotated example's route
+                // documentation) stay above the new route instead of ending up inside it.
+                let trailing = self.doc.trailing().as_str().unwrap_or("").to_string();
+                if !trailing.is_empty() {
+                    let own = table
+                        .decor()
+                        .prefix()
+                        .and_then(|p| p.as_str())
+                        .unwrap_or("")
+                        .to_string();
+                    table.decor_mut().set_prefix(format!("{trailing}{own}"));
+                    self.doc.set_trailing("");
+                }
+                if let Some(routes) = self
+                    .doc
+                    .get_mut("route")
+                    .and_then(Item::as_array_of_tables_mut)
+                {
+                    routes.push(table);
+                }
+            }
+        }
+    }
+
     pub fn render(&self) -> String {
         self.doc.to_string()
+    }
+}
+
+/// The largest position of any table in `table` (0 for none).
+fn last_position(table: &Table) -> usize {
+    let mut last = table.position().unwrap_or(0);
+    for (_, item) in table.iter() {
+        match item {
+            Item::Table(t) => last = last.max(last_position(t)),
+            Item::ArrayOfTables(a) => {
+                for t in a.iter() {
+                    last = last.max(last_position(t));
+                }
+            }
+            _ => {}
+        }
+    }
+    last
+}
+
+/// Positions `table` and its subtables from `first` on (`step`: one each; else all at `first`,
+/// in the place of a table they replace).
+fn set_positions(table: &mut Table, first: usize, step: bool) {
+    table.set_position(first);
+    let mut next = first;
+    for (_, item) in table.iter_mut() {
+        if let Item::Table(t) = item {
+            if step {
+                next += 1;
+            }
+            t.set_position(next);
+        }
     }
 }
 
