@@ -1,7 +1,8 @@
 //! Two relay processes on one PostgreSQL queue: mail is sent to both, the one holding a claim
 //! while its upstream session hangs after the final dot is SIGKILLed, and the other delivers
 //! every acknowledged message (the dead relay's claimed message once its lease expires,
-//! logged as a possible duplicate).
+//! logged as a possible duplicate). Two relays share each mailbox's budget: together they stay
+//! within its rate and session limits, as the simulator counts them.
 
 mod common;
 
@@ -12,7 +13,7 @@ use common::fixtures::data_block;
 use common::postgres::{fresh_database, query_texts};
 use common::process::{Relay, relay_toml, with_upstream};
 use common::smtp::Client;
-use smtp_oauth_relay::sim::{SmtpFault, SmtpStage};
+use smtp_oauth_relay::sim::{RateMode, SmtpFault, SmtpStage};
 
 async fn send(relay: &Relay, marker: &str) {
     let mut c = Client::connect(SocketAddr::from(([127, 0, 0, 1], relay.port))).await;
@@ -58,11 +59,11 @@ async fn a_replica_killed_mid_delivery_loses_no_acknowledged_mail() {
         .script_smtp_fault(SmtpStage::DataEnd, SmtpFault::Stall, 1);
     let work = tempfile::tempdir().expect("tempdir");
     let url = fresh_database();
-    // One session each: the simulator allows 3 per mailbox, as Exchange does, and the
-    // per-mailbox budget is not yet shared between relays.
+    // Two sessions for the mailbox across both relays: the stalled one holds one of them
+    // until the kill (and then until its lease expires), the rest go through the other.
     let fragment = with_upstream(
         &sim.relay_config_fragment(),
-        "rate = \"1000/s\"\nconnections = 1",
+        "rate = \"1000/s\"\nconnections = 2",
     );
     let mut a = start(work.path(), "a", &url, &fragment);
     let mut b = start(work.path(), "b", &url, &fragment);
@@ -158,4 +159,63 @@ async fn a_replica_killed_mid_delivery_loses_no_acknowledged_mail() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         left = query_texts(&url, "SELECT id FROM relay_message");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_mailbox_rate_and_session_budget() {
+    let sim = common::sim::start().await;
+    let mailbox = sim.config().mailboxes[0].address.clone();
+    // The simulator refuses (432 4.3.2) a third session and a 31st message within a second,
+    // and takes a moment to answer each end of DATA, so sessions overlap: each relay alone
+    // stays within that at 20/s and 2 sessions, two that do not share their budget do not.
+    sim.control().set_connections_per_mailbox(2);
+    sim.control()
+        .set_rate_limit(30, Duration::from_secs(1), RateMode::Reject);
+    sim.control().set_data_end_delay(Duration::from_millis(250));
+    let work = tempfile::tempdir().expect("tempdir");
+    let url = fresh_database();
+    let fragment = with_upstream(
+        &sim.relay_config_fragment(),
+        "rate = \"20/s\"\nconnections = 2",
+    );
+    let a = start(work.path(), "a", &url, &fragment);
+    let b = start(work.path(), "b", &url, &fragment);
+
+    let total = 40;
+    for i in 0..total {
+        send(if i % 2 == 0 { &a } else { &b }, &format!("shared-{i}")).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let delivered = sim.messages().expect("mailbox").len();
+        let left = query_texts(&url, "SELECT id FROM relay_message");
+        if delivered >= total && left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{delivered} of {total} delivered, {} left; logs:\n{}\n{}",
+            left.len(),
+            a.log_text(),
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        sim.control().throttled(&mailbox),
+        0,
+        "432 4.3.2 answers: the two relays went past the mailbox's limits; logs:\n{}\n{}",
+        a.log_text(),
+        b.log_text()
+    );
+    assert!(
+        sim.control().peak_sessions(&mailbox) <= 2,
+        "{} sessions at once",
+        sim.control().peak_sessions(&mailbox)
+    );
+    assert_eq!(
+        sim.messages().expect("mailbox").len(),
+        total,
+        "each message once"
+    );
 }

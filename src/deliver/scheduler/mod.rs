@@ -9,6 +9,16 @@
 //! command); each committed message is announced by the store ([`StoreEvent::Committed`]) with
 //! its routing.
 //!
+//! # Several relays, one budget
+//! A store shared by several relays hands out a [`SharedBudget`] (the file spool does not: its
+//! relay is alone). Then a start the local pacer allows is not yet an attempt: the dispatcher
+//! asks the shared budget for it in a task of its own (never waiting in the loop), at most one
+//! question per lane at a time. A grant (a session slot and a start from the mailbox's
+//! bucket) starts the job, which holds the slot until the attempt ends; a refusal gives the
+//! start back to the pacer ([`Attempt::Skipped`]) and the lane asks again at the time the
+//! budget named. The budget cannot be asked (the database is away): the lane waits, it never
+//! sends past a budget it cannot see.
+//!
 //! Here: the settings, the mailbox status and the dispatcher loop; `lanes.rs`: which lane a
 //! message is in; `schedule.rs`: what is due when; `attempt.rs`: one attempt from claim to the
 //! recorded outcome.
@@ -26,6 +36,7 @@ use super::pacer::{Attempt, Pacer, PacerSettings, Progress, Start, Transition};
 use crate::config::{Rate, RewriteFrom};
 use crate::metrics::Metrics;
 use crate::stop::StopBudget;
+use crate::store::budget::{BudgetLimits, BudgetSlot, Grant, SharedBudget};
 use crate::store::{EntryState, Routing, Store, StoreEvent};
 use crate::transport::Transport;
 
@@ -199,6 +210,8 @@ impl DeliveryHandle {
 
 enum Event {
     Done(JobReport),
+    /// The shared budget answered a lane's question.
+    Granted(GrantReport),
     Reconfigure(Arc<dyn Upstreams>),
 }
 
@@ -223,6 +236,18 @@ pub(crate) enum JobResult {
         cause: HoldCause,
         reply: String,
     },
+}
+
+/// The shared budget's answer for a message the lane's pacer let start.
+#[derive(Debug)]
+struct GrantReport {
+    lane: LaneKey,
+    id: String,
+    /// When the message was due (it goes back there when refused).
+    due: Instant,
+    /// The start was a held mailbox's probe.
+    probe: bool,
+    grant: Result<Grant, String>,
 }
 
 #[derive(Debug)]
@@ -256,6 +281,17 @@ struct Lane {
     schedule: Schedule,
     pacer: Pacer,
     status: MailboxStatus,
+    /// The shared budget's part (only with a shared store).
+    gate: Gate,
+}
+
+/// Where a lane stands with the shared budget.
+#[derive(Debug, Default)]
+struct Gate {
+    /// A question is out: nothing else starts in this lane until it is answered.
+    asking: bool,
+    /// The budget refused: ask again no sooner than this.
+    not_before: Option<Instant>,
 }
 
 pub struct Deliverer;
@@ -279,6 +315,7 @@ impl Deliverer {
         // Subscribed before the first read of the queue: nothing committed in between is missed.
         let changes = store.events();
         let dispatcher = Dispatcher {
+            budget: store.budget(),
             store,
             upstreams,
             metrics,
@@ -349,6 +386,8 @@ impl Drop for ReportOnDrop {
 /// The dispatcher's state: the lanes and where each message is.
 struct Dispatcher {
     store: Arc<dyn Store>,
+    /// `None`: this relay is the only one delivering from its store.
+    budget: Option<Arc<dyn SharedBudget>>,
     upstreams: Arc<dyn Upstreams>,
     metrics: Arc<Metrics>,
     lanes: BTreeMap<LaneKey, Lane>,
@@ -396,6 +435,7 @@ impl Dispatcher {
                     ctx: Some(ctx),
                     schedule: Schedule::default(),
                     status: MailboxStatus::new(key, MailboxState::Running),
+                    gate: Gate::default(),
                 }
             }
             Err(reason) => {
@@ -416,6 +456,7 @@ impl Dispatcher {
                             since: SystemTime::now(),
                         },
                     ),
+                    gate: Gate::default(),
                 }
             }
         }
@@ -550,39 +591,93 @@ impl Dispatcher {
             let Some(ctx) = lane.ctx.clone() else {
                 continue;
             };
+            if self.budget.is_some() {
+                if lane.gate.asking {
+                    continue;
+                }
+                match lane.gate.not_before {
+                    Some(t) if t > now => {
+                        wake = wake.min(t);
+                        continue;
+                    }
+                    _ => lane.gate.not_before = None,
+                }
+            }
             while let Some((at, id)) = lane.schedule.first() {
                 if at > now {
                     wake = wake.min(at);
                     break;
                 }
-                match lane.pacer.try_start(now) {
+                let probe = match lane.pacer.try_start(now) {
                     Start::Now { probe } => {
                         if probe {
                             tracing::info!(id = %id, mailbox = %key.mailbox, "mailbox held: probing with one message");
                         }
+                        probe
                     }
                     Start::At(when) => {
                         wake = wake.min(when.max(now));
                         break;
                     }
                     Start::Busy => break,
-                }
-                lane.schedule.start(at, &id);
-                let ctx = ctx.clone();
-                let report = ReportOnDrop {
-                    tx: self.tx.clone(),
-                    lane: key.clone(),
-                    id: id.clone(),
-                    retry_in: ctx.settings.retry_max,
-                    sent: false,
                 };
-                tokio::spawn(async move {
-                    let result = deliver_one(&ctx, &id).await;
-                    report.send(result);
-                });
+                lane.schedule.start(at, &id);
+                if let Some(budget) = &self.budget {
+                    lane.gate.asking = true;
+                    tokio::spawn(ask(
+                        budget.clone(),
+                        self.tx.clone(),
+                        key.clone(),
+                        (id, at, probe),
+                        budget_limits(&ctx.settings),
+                    ));
+                    break;
+                }
+                spawn_job(&self.tx, key, ctx.clone(), id, None);
             }
         }
         wake
+    }
+
+    /// The shared budget answered: start the job with its slot, or give the start back.
+    fn granted(&mut self, report: GrantReport) {
+        let now = Instant::now();
+        let Some(lane) = self.lanes.get_mut(&report.lane) else {
+            return;
+        };
+        lane.gate.asking = false;
+        let refused = match report.grant {
+            Ok(Grant::Start(slot)) => match lane.ctx.clone() {
+                Some(ctx) => {
+                    spawn_job(&self.tx, &report.lane, ctx, report.id, Some(slot));
+                    return;
+                }
+                // A reload took the lane's route away meanwhile: not sent here.
+                None => None,
+            },
+            Ok(Grant::Wait(wait)) => Some(wait),
+            Err(error) => {
+                tracing::warn!(
+                    route = %report.lane.route,
+                    mailbox = %report.lane.mailbox,
+                    %error,
+                    "cannot ask the shared mailbox budget; waiting (nothing is sent past it)"
+                );
+                Some(BUDGET_UNAVAILABLE_WAIT)
+            }
+        };
+        // Nothing started: the pacer gets its session slot back, the message its place.
+        lane.pacer.finished(now, Attempt::Skipped);
+        if report.probe {
+            // A held mailbox's probe is owed, not spent: it goes at the next question.
+            lane.pacer.wake(now);
+        }
+        lane.gate.not_before = refused.map(|wait| now + wait);
+        if lane.schedule.finished(&report.id) && lane.ctx.is_some() {
+            lane.schedule.add(report.id, report.due);
+        } else {
+            self.lane_of_id.remove(&report.id);
+        }
     }
 
     fn committed(&mut self, id: String, routing: &Routing) {
@@ -700,6 +795,62 @@ impl Dispatcher {
     }
 }
 
+/// How long a lane waits when the shared budget cannot be asked at all.
+const BUDGET_UNAVAILABLE_WAIT: Duration = Duration::from_secs(1);
+
+/// Asks the shared budget for one start in `lane` and reports the answer.
+async fn ask(
+    budget: Arc<dyn SharedBudget>,
+    tx: mpsc::UnboundedSender<Event>,
+    lane: LaneKey,
+    (id, due, probe): (String, Instant, bool),
+    limits: BudgetLimits,
+) {
+    let grant = budget
+        .acquire(&lane.budget_name(), limits)
+        .await
+        .map_err(|e| e.to_string());
+    // The dispatcher is gone (stopping): the slot, if any, is dropped with the report.
+    let _ = tx.send(Event::Granted(GrantReport {
+        lane,
+        id,
+        due,
+        probe,
+        grant,
+    }));
+}
+
+/// The shared budget's limits from the delivery settings.
+fn budget_limits(settings: &DeliverySettings) -> BudgetLimits {
+    BudgetLimits {
+        connections: settings.connections,
+        per_second: f64::from(settings.rate.messages.max(1))
+            / settings.rate.per.as_secs_f64().max(1e-3),
+    }
+}
+
+/// Starts one attempt; `slot` (the shared budget's) is held until it ends.
+fn spawn_job(
+    tx: &mpsc::UnboundedSender<Event>,
+    lane: &LaneKey,
+    ctx: Arc<Context>,
+    id: String,
+    slot: Option<BudgetSlot>,
+) {
+    let report = ReportOnDrop {
+        tx: tx.clone(),
+        lane: lane.clone(),
+        id: id.clone(),
+        retry_in: ctx.settings.retry_max,
+        sent: false,
+    };
+    tokio::spawn(async move {
+        let result = deliver_one(&ctx, &id).await;
+        drop(slot);
+        report.send(result);
+    });
+}
+
 async fn dispatch(
     mut d: Dispatcher,
     mut rx: mpsc::UnboundedReceiver<Event>,
@@ -743,6 +894,7 @@ async fn dispatch(
                     d.done(report);
                     d.publish().await;
                 }
+                Some(Event::Granted(report)) => d.granted(report),
                 None => break,
             },
             _ = tokio::time::sleep_until(wake) => {}
@@ -755,6 +907,12 @@ async fn dispatch(
     while d.in_flight() > 0 {
         match tokio::time::timeout_at(attempts_deadline, rx.recv()).await {
             Ok(Some(Event::Done(report))) => {
+                if let Some(lane) = d.lanes.get_mut(&report.lane) {
+                    lane.schedule.in_flight.remove(&report.id);
+                }
+            }
+            // Not started: its slot (if granted) is given back as the report is dropped.
+            Ok(Some(Event::Granted(report))) => {
                 if let Some(lane) = d.lanes.get_mut(&report.lane) {
                     lane.schedule.in_flight.remove(&report.id);
                 }
