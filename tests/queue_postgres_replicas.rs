@@ -2,7 +2,8 @@
 //! while its upstream session hangs after the final dot is SIGKILLed, and the other delivers
 //! every acknowledged message (the dead relay's claimed message once its lease expires,
 //! logged as a possible duplicate). Two relays share each mailbox's budget: together they stay
-//! within its rate and session limits, as the simulator counts them.
+//! within its rate and session limits, as the simulator counts them, and a mailbox one relay
+//! holds (535 5.7.139) is held by the other too until the first sees it work again.
 
 mod common;
 
@@ -30,6 +31,11 @@ async fn send(relay: &Relay, marker: &str) {
 }
 
 fn start(work: &std::path::Path, tag: &str, url: &str, fragment: &str) -> Relay {
+    start_with(work, tag, url, "retry_max = \"1s\"", fragment)
+}
+
+/// `retry`: the `queue.retry_max` line (a held mailbox probes that often, 5 min at most).
+fn start_with(work: &std::path::Path, tag: &str, url: &str, retry: &str, fragment: &str) -> Relay {
     let spool = work.join(format!("spool-{tag}"));
     Relay::builder()
         .work(work)
@@ -41,7 +47,7 @@ fn start(work: &std::path::Path, tag: &str, url: &str, fragment: &str) -> Relay 
                 "",
                 &format!(
                     "backend = \"postgres\"\nurl = \"{url}\"\nlease = \"5s\"\n\
-                     retry_min = \"200ms\"\nretry_max = \"1s\"\nmin_free_space = 1"
+                     retry_min = \"200ms\"\n{retry}\nmin_free_space = 1"
                 ),
                 &format!("[log]\nlevel = \"info\"\n\n{fragment}"),
             )
@@ -218,4 +224,67 @@ async fn two_replicas_share_one_mailbox_rate_and_session_budget() {
         total,
         "each message once"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mailbox_one_replica_holds_is_held_by_the_other_until_it_resumes() {
+    let sim = common::sim::start().await;
+    let mailbox = sim.config().mailboxes[0].address.clone();
+    sim.control().set_mailbox_smtp_auth_disabled(&mailbox, true);
+    let work = tempfile::tempdir().expect("tempdir");
+    let url = fresh_database();
+    // A held mailbox probes every 5 minutes: within this test only a wake-up probes it.
+    let retry = "retry_max = \"10m\"";
+    let fragment = with_upstream(&sim.relay_config_fragment(), "rate = \"30/min\"");
+    let a = start_with(work.path(), "a", &url, retry, &fragment);
+    send(&a, "held-0").await;
+    a.wait_log("delivery held", 0).await;
+    assert!(
+        a.log_text().contains("5.7.139"),
+        "held for 535 5.7.139:\n{}",
+        a.log_text()
+    );
+
+    // B starts after the hold: it never tried the mailbox, yet holds it too.
+    let b = start_with(work.path(), "b", &url, retry, &fragment);
+    let line = b.wait_log("delivery held", 0).await;
+    assert!(line.contains("by_another_relay=true"), "{line}");
+    let connections = sim.control().smtp_connections();
+    for i in 1..5 {
+        send(if i % 2 == 0 { &a } else { &b }, &format!("held-{i}")).await;
+    }
+    // Neither sends while held (their next probe is minutes away).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        sim.control().smtp_connections(),
+        connections,
+        "a relay sent to the held mailbox; B's log:\n{}",
+        b.log_text()
+    );
+    assert!(sim.messages().expect("mailbox").is_empty());
+
+    // Fixed; a reload (a changed rate) makes A probe at once. Its delivery resumes B too
+    // (whose own probe is minutes away), and together they deliver everything.
+    sim.control()
+        .set_mailbox_smtp_auth_disabled(&mailbox, false);
+    let config = std::fs::read_to_string(&a.config).expect("A's config");
+    std::fs::write(
+        &a.config,
+        config.replace("rate = \"30/min\"", "rate = \"31/min\""),
+    )
+    .expect("rewrite A's config");
+    a.signal(libc::SIGHUP);
+    a.wait_log("delivery resumed", 0).await;
+    let line = b.wait_log("delivery resumed", 0).await;
+    assert!(line.contains("by_another_relay=true"), "{line}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sim.messages().expect("mailbox").len() < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "not all delivered; logs:\n{}\n{}",
+            a.log_text(),
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -97,6 +97,8 @@ pub enum StoreEvent {
     /// Messages changed state outside the deliverer (an operator command, here or in another
     /// process): what is queued must be read again.
     Changed,
+    /// Another relay held or resumed a mailbox of the shared budget ([`budget::SharedHold`]).
+    HoldsChanged,
 }
 
 /// Queue gauges, without reading any message.

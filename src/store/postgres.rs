@@ -7,7 +7,8 @@
 //! - `relay_body`: the message bytes as `bytea` chunks of [`CHUNK`] bytes, apart from the
 //!   message rows so that claims and listings stay small.
 //! - `relay_status`: the mailbox statuses for `queue list`.
-//! - `relay_budget`, `relay_session_slot`: the mailbox budget the relays share ([`budget`]).
+//! - `relay_budget`, `relay_session_slot`, `relay_hold`: the mailbox budget the relays share
+//!   ([`budget`]).
 //!
 //! # Commit
 //! A message's chunks are inserted as they arrive, in one transaction opened at the first full
@@ -92,7 +93,8 @@ pub const MIGRATIONS: &[&str] = &[
         status jsonb NOT NULL,
         updated_at timestamptz NOT NULL DEFAULT now()
      );",
-    // 2: the shared mailbox budget (see `budget`): a token bucket and session slots per lane.
+    // 2: the shared mailbox budget (see `budget`): a token bucket, session slots and the
+    // hold per lane.
     "CREATE TABLE relay_budget (
         lane text PRIMARY KEY,
         tokens float8 NOT NULL,
@@ -105,6 +107,12 @@ pub const MIGRATIONS: &[&str] = &[
         token bigint,
         lease_until timestamptz,
         PRIMARY KEY (lane, slot)
+     );
+     CREATE TABLE relay_hold (
+        lane text PRIMARY KEY,
+        cause text NOT NULL,
+        reply text NOT NULL,
+        since timestamptz NOT NULL
      );",
 ];
 
@@ -1063,6 +1071,7 @@ async fn listen(store: Weak<Inner>) {
                                 Some(r) => StoreEvent::Committed(id.to_string(), r),
                                 None => StoreEvent::Changed,
                             },
+                            (Some("h"), _, _) => StoreEvent::HoldsChanged,
                             _ => StoreEvent::Changed,
                         };
                         let _ = inner.events.send(event);

@@ -36,7 +36,7 @@ use super::pacer::{Attempt, Pacer, PacerSettings, Progress, Start, Transition};
 use crate::config::{Rate, RewriteFrom};
 use crate::metrics::Metrics;
 use crate::stop::StopBudget;
-use crate::store::budget::{BudgetLimits, BudgetSlot, Grant, SharedBudget};
+use crate::store::budget::{BudgetLimits, BudgetSlot, Grant, SharedBudget, SharedHold};
 use crate::store::{EntryState, Routing, Store, StoreEvent};
 use crate::transport::Transport;
 
@@ -290,6 +290,9 @@ struct Lane {
 struct Gate {
     /// A question is out: nothing else starts in this lane until it is answered.
     asking: bool,
+    /// The lane's hold is recorded in the shared budget (by this relay or another): it ends
+    /// when the record goes.
+    hold_shared: bool,
     /// The budget refused: ask again no sooner than this.
     not_before: Option<Instant>,
 }
@@ -316,6 +319,7 @@ impl Deliverer {
         let changes = store.events();
         let dispatcher = Dispatcher {
             budget: store.budget(),
+            to_share: Vec::new(),
             store,
             upstreams,
             metrics,
@@ -388,6 +392,8 @@ struct Dispatcher {
     store: Arc<dyn Store>,
     /// `None`: this relay is the only one delivering from its store.
     budget: Option<Arc<dyn SharedBudget>>,
+    /// Holds and resumes of this relay's lanes not yet written to the shared budget.
+    to_share: Vec<(LaneKey, Transition)>,
     upstreams: Arc<dyn Upstreams>,
     metrics: Arc<Metrics>,
     lanes: BTreeMap<LaneKey, Lane>,
@@ -713,32 +719,12 @@ impl Dispatcher {
                 reply: reply.clone(),
             },
         };
-        match lane.pacer.finished(now, attempt) {
-            Transition::None => {}
-            Transition::Held {
-                cause,
-                reply,
-                since,
-            } => {
-                tracing::error!(
-                    route = %report.lane.route,
-                    mailbox = %report.lane.mailbox,
-                    cause = %cause,
-                    reply = %reply,
-                    fix = cause.fix(),
-                    "delivery held: every message stays queued until this is fixed"
-                );
-                lane.status.state = MailboxState::Held {
-                    cause,
-                    reply,
-                    since,
-                };
-            }
-            Transition::Resumed => {
-                tracing::info!(route = %report.lane.route, mailbox = %report.lane.mailbox, "delivery resumed");
-                lane.status.state = MailboxState::Running;
-            }
+        let transition = lane.pacer.finished(now, attempt);
+        if self.budget.is_some() && transition != Transition::None {
+            self.to_share
+                .push((report.lane.clone(), transition.clone()));
         }
+        note_transition(&report.lane, &mut lane.status, transition, false);
         lane.status.throttled_until = lane
             .pacer
             .throttled_until(now)
@@ -762,6 +748,94 @@ impl Dispatcher {
             JobResult::Retry { at, .. } => lane.schedule.add(report.id, at),
             // Held: the message waits for the mailbox's next probe.
             JobResult::Hold { .. } => lane.schedule.add(report.id, now),
+        }
+    }
+
+    /// Writes this relay's holds and resumes to the shared budget (the other relays follow).
+    async fn share_holds(&mut self) {
+        let Some(budget) = self.budget.clone() else {
+            return;
+        };
+        for (key, transition) in std::mem::take(&mut self.to_share) {
+            let name = key.budget_name();
+            let shared = match transition {
+                Transition::Held {
+                    cause,
+                    reply,
+                    since,
+                } => {
+                    let cause = match serde_json::to_value(cause) {
+                        Ok(serde_json::Value::String(c)) => c,
+                        _ => continue,
+                    };
+                    let hold = SharedHold {
+                        lane: name,
+                        cause,
+                        reply,
+                        since,
+                    };
+                    budget.hold(&hold).await.map(|()| true)
+                }
+                Transition::Resumed => budget.resume(&name).await.map(|()| false),
+                Transition::None => continue,
+            };
+            match shared {
+                Ok(held) => {
+                    if let Some(lane) = self.lanes.get_mut(&key) {
+                        lane.gate.hold_shared = held;
+                    }
+                }
+                Err(error) => tracing::warn!(
+                    route = %key.route,
+                    mailbox = %key.mailbox,
+                    %error,
+                    "cannot share the mailbox's hold state with the other relays"
+                ),
+            }
+        }
+    }
+
+    /// Follows the holds of the shared budget: a mailbox another relay held is held here
+    /// too, and resumes when that hold is cleared.
+    async fn follow_holds(&mut self) {
+        let Some(budget) = self.budget.clone() else {
+            return;
+        };
+        let holds = match budget.holds().await {
+            Ok(holds) => holds,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the mailbox holds of the other relays");
+                return;
+            }
+        };
+        let now = Instant::now();
+        for (key, lane) in self.lanes.iter_mut() {
+            if lane.ctx.is_none() {
+                continue;
+            }
+            let name = key.budget_name();
+            let transition = match holds.iter().find(|h| h.lane == name) {
+                Some(hold) if lane.pacer.hold().is_none() => {
+                    let cause = serde_json::Value::String(hold.cause.clone());
+                    let Ok(cause) = serde_json::from_value::<HoldCause>(cause) else {
+                        tracing::warn!(cause = %hold.cause, "a hold cause this relay does not know");
+                        continue;
+                    };
+                    lane.gate.hold_shared = true;
+                    lane.pacer
+                        .hold_elsewhere(now, cause, hold.reply.clone(), hold.since)
+                }
+                Some(_) => {
+                    lane.gate.hold_shared = true;
+                    Transition::None
+                }
+                None if lane.gate.hold_shared && lane.pacer.hold().is_some() => {
+                    lane.gate.hold_shared = false;
+                    lane.pacer.resume_elsewhere()
+                }
+                None => Transition::None,
+            };
+            note_transition(key, &mut lane.status, transition, true);
         }
     }
 
@@ -791,6 +865,48 @@ impl Dispatcher {
         }
         for (name, json) in changed {
             self.store.publish_status(&name, &json).await;
+        }
+    }
+}
+
+/// Logs a lane's hold or resume and shows it in its status; `elsewhere`: another relay
+/// sharing the mailbox's budget saw it.
+fn note_transition(
+    key: &LaneKey,
+    status: &mut MailboxStatus,
+    transition: Transition,
+    elsewhere: bool,
+) {
+    match transition {
+        Transition::None => {}
+        Transition::Held {
+            cause,
+            reply,
+            since,
+        } => {
+            tracing::error!(
+                route = %key.route,
+                mailbox = %key.mailbox,
+                cause = %cause,
+                reply = %reply,
+                fix = cause.fix(),
+                by_another_relay = elsewhere,
+                "delivery held: every message stays queued until this is fixed"
+            );
+            status.state = MailboxState::Held {
+                cause,
+                reply,
+                since,
+            };
+        }
+        Transition::Resumed => {
+            tracing::info!(
+                route = %key.route,
+                mailbox = %key.mailbox,
+                by_another_relay = elsewhere,
+                "delivery resumed"
+            );
+            status.state = MailboxState::Running;
         }
     }
 }
@@ -861,6 +977,7 @@ async fn dispatch(
     use tokio::sync::broadcast::error::RecvError;
     crate::failpoint::panic_point("task-dispatcher");
     d.rescan().await;
+    d.follow_holds().await;
     d.publish().await;
     // False once the store's event channel closed (the store is gone): no busy loop on it.
     let mut listening = true;
@@ -880,6 +997,11 @@ async fn dispatch(
                     for lane in d.lanes.values_mut() {
                         lane.pacer.wake(now);
                     }
+                    d.follow_holds().await;
+                    d.publish().await;
+                }
+                Ok(StoreEvent::HoldsChanged) => {
+                    d.follow_holds().await;
                     d.publish().await;
                 }
                 Err(RecvError::Closed) => listening = false,
@@ -892,6 +1014,7 @@ async fn dispatch(
                 }
                 Some(Event::Done(report)) => {
                     d.done(report);
+                    d.share_holds().await;
                     d.publish().await;
                 }
                 Some(Event::Granted(report)) => d.granted(report),

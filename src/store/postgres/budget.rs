@@ -8,6 +8,9 @@
 //!   renewed every third of `queue.lease`, so a relay that dies gives its slots back when the
 //!   lease runs out.
 //!
+//! - `relay_hold`: the lanes held, with the first cause, reply and time; a change is
+//!   `NOTIFY`ed (`h`), so the other relays read the holds again at once.
+//!
 //! A slot is taken first, then a token; without a token the slot is given back at once.
 
 use std::collections::HashMap;
@@ -16,7 +19,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use super::{Inner, PgError, PgStore, col, db};
-use crate::store::budget::{BudgetLimits, BudgetSlot, Grant, SharedBudget};
+use crate::store::budget::{BudgetLimits, BudgetSlot, Grant, SharedBudget, SharedHold};
 use crate::store::{Lease, StoreError, StoreFuture};
 
 /// The bucket holds at most one token: starts are evenly spaced.
@@ -165,6 +168,61 @@ impl SharedBudget for PgBudget {
         limits: BudgetLimits,
     ) -> StoreFuture<'a, Result<Grant, StoreError>> {
         Box::pin(async move { Ok(self.acquire_inner(lane, limits).await?) })
+    }
+
+    fn hold<'a>(&'a self, hold: &'a SharedHold) -> StoreFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let client = self.store.client().await?;
+            let n = client
+                .execute(
+                    "INSERT INTO relay_hold (lane, cause, reply, since) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (lane) DO NOTHING",
+                    &[&hold.lane, &hold.cause, &hold.reply, &hold.since],
+                )
+                .await
+                .map_err(db("record a mailbox hold"))?;
+            if n > 0 {
+                self.store.notify(&client, "h").await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn resume<'a>(&'a self, lane: &'a str) -> StoreFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let client = self.store.client().await?;
+            let n = client
+                .execute("DELETE FROM relay_hold WHERE lane = $1", &[&lane])
+                .await
+                .map_err(db("clear a mailbox hold"))?;
+            if n > 0 {
+                self.store.notify(&client, "h").await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn holds(&self) -> StoreFuture<'_, Result<Vec<SharedHold>, StoreError>> {
+        Box::pin(async move {
+            let client = self.store.client().await?;
+            let rows = client
+                .query(
+                    "SELECT lane, cause, reply, since FROM relay_hold ORDER BY lane",
+                    &[],
+                )
+                .await
+                .map_err(db("read mailbox holds"))?;
+            let mut holds = Vec::with_capacity(rows.len());
+            for row in &rows {
+                holds.push(SharedHold {
+                    lane: col(row, 0)?,
+                    cause: col(row, 1)?,
+                    reply: col(row, 2)?,
+                    since: col(row, 3)?,
+                });
+            }
+            Ok(holds)
+        })
     }
 }
 
