@@ -8,7 +8,7 @@
 //!   message rows so that claims and listings stay small.
 //! - `relay_status`: the mailbox statuses for `queue list`.
 //! - `relay_budget`, `relay_session_slot`, `relay_hold`: the mailbox budget the relays share
-//!   ([`budget`]).
+//!   (`postgres/budget.rs`).
 //!
 //! # Commit
 //! A message's chunks are inserted as they arrive, in one transaction opened at the first full

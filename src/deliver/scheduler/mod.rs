@@ -19,6 +19,12 @@
 //! budget named. The budget cannot be asked (the database is away): the lane waits, it never
 //! sends past a budget it cannot see.
 //!
+//! Holds are shared the same way: a lane's own hold or resume is written to the budget after
+//! the attempt that caused it, and every announcement of a change by another relay
+//! ([`StoreEvent::HoldsChanged`], or any re-read of the queue) makes each lane follow the
+//! recorded holds: held there means held here ([`Pacer::hold_elsewhere`], probing no sooner
+//! than a probe interval), a hold this lane follows that is gone means resumed.
+//!
 //! Here: the settings, the mailbox status and the dispatcher loop; `lanes.rs`: which lane a
 //! message is in; `schedule.rs`: what is due when; `attempt.rs`: one attempt from claim to the
 //! recorded outcome.
