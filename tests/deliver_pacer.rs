@@ -415,3 +415,37 @@ async fn a_retry_after_pauses_the_whole_mailbox_that_long_within_a_cap() {
         assert_eq!(next.start - throttled.end, paused, "asked {asked:?}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_hold_from_another_relay_stops_starts_until_it_is_cleared() {
+    let mut pacer = Pacer::new(defaults(), Instant::now());
+    let now = Instant::now();
+    let since = std::time::SystemTime::now();
+    let held = pacer.hold_elsewhere(
+        now,
+        HoldCause::SmtpAuthDisabled,
+        "535 5.7.139".into(),
+        since,
+    );
+    assert_eq!(
+        held,
+        Transition::Held {
+            cause: HoldCause::SmtpAuthDisabled,
+            reply: "535 5.7.139".into(),
+            since,
+        }
+    );
+    // The other relay probes: this one waits a whole probe interval (retry_max, 10 min).
+    assert_eq!(
+        pacer.try_start(now),
+        Start::At(now + Duration::from_secs(300))
+    );
+    // Held already: a second report changes nothing.
+    assert_eq!(
+        pacer.hold_elsewhere(now, HoldCause::SendAsDenied, "550 5.7.60".into(), since),
+        Transition::None
+    );
+    assert_eq!(pacer.resume_elsewhere(), Transition::Resumed);
+    assert_eq!(pacer.try_start(now), Start::Now { probe: false });
+    assert_eq!(pacer.resume_elsewhere(), Transition::None);
+}

@@ -1,7 +1,9 @@
 //! Two relay processes on one PostgreSQL queue: mail is sent to both, the one holding a claim
 //! while its upstream session hangs after the final dot is SIGKILLed, and the other delivers
 //! every acknowledged message (the dead relay's claimed message once its lease expires,
-//! logged as a possible duplicate).
+//! logged as a possible duplicate). Two relays share each mailbox's budget: together they stay
+//! within its rate and session limits, as the simulator counts them, and a mailbox one relay
+//! holds (535 5.7.139) is held by the other too until the first sees it work again.
 
 mod common;
 
@@ -12,7 +14,7 @@ use common::fixtures::data_block;
 use common::postgres::{fresh_database, query_texts};
 use common::process::{Relay, relay_toml, with_upstream};
 use common::smtp::Client;
-use smtp_oauth_relay::sim::{SmtpFault, SmtpStage};
+use smtp_oauth_relay::sim::{RateMode, SmtpFault, SmtpStage};
 
 async fn send(relay: &Relay, marker: &str) {
     let mut c = Client::connect(SocketAddr::from(([127, 0, 0, 1], relay.port))).await;
@@ -29,6 +31,11 @@ async fn send(relay: &Relay, marker: &str) {
 }
 
 fn start(work: &std::path::Path, tag: &str, url: &str, fragment: &str) -> Relay {
+    start_with(work, tag, url, "retry_max = \"1s\"", fragment)
+}
+
+/// `retry`: the `queue.retry_max` line (a held mailbox probes that often, 5 min at most).
+fn start_with(work: &std::path::Path, tag: &str, url: &str, retry: &str, fragment: &str) -> Relay {
     let spool = work.join(format!("spool-{tag}"));
     Relay::builder()
         .work(work)
@@ -40,7 +47,7 @@ fn start(work: &std::path::Path, tag: &str, url: &str, fragment: &str) -> Relay 
                 "",
                 &format!(
                     "backend = \"postgres\"\nurl = \"{url}\"\nlease = \"5s\"\n\
-                     retry_min = \"200ms\"\nretry_max = \"1s\"\nmin_free_space = 1"
+                     retry_min = \"200ms\"\n{retry}\nmin_free_space = 1"
                 ),
                 &format!("[log]\nlevel = \"info\"\n\n{fragment}"),
             )
@@ -58,11 +65,11 @@ async fn a_replica_killed_mid_delivery_loses_no_acknowledged_mail() {
         .script_smtp_fault(SmtpStage::DataEnd, SmtpFault::Stall, 1);
     let work = tempfile::tempdir().expect("tempdir");
     let url = fresh_database();
-    // One session each: the simulator allows 3 per mailbox, as Exchange does, and the
-    // per-mailbox budget is not yet shared between relays.
+    // Two sessions for the mailbox across both relays: the stalled one holds one of them
+    // until the kill (and then until its lease expires), the rest go through the other.
     let fragment = with_upstream(
         &sim.relay_config_fragment(),
-        "rate = \"1000/s\"\nconnections = 1",
+        "rate = \"1000/s\"\nconnections = 2",
     );
     let mut a = start(work.path(), "a", &url, &fragment);
     let mut b = start(work.path(), "b", &url, &fragment);
@@ -157,5 +164,127 @@ async fn a_replica_killed_mid_delivery_loses_no_acknowledged_mail() {
         assert!(Instant::now() < deadline, "still queued: {left:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
         left = query_texts(&url, "SELECT id FROM relay_message");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_mailbox_rate_and_session_budget() {
+    let sim = common::sim::start().await;
+    let mailbox = sim.config().mailboxes[0].address.clone();
+    // The simulator refuses (432 4.3.2) a third session and a 31st message within a second,
+    // and takes a moment to answer each end of DATA, so sessions overlap: each relay alone
+    // stays within that at 20/s and 2 sessions, two that do not share their budget do not.
+    sim.control().set_connections_per_mailbox(2);
+    sim.control()
+        .set_rate_limit(30, Duration::from_secs(1), RateMode::Reject);
+    sim.control().set_data_end_delay(Duration::from_millis(250));
+    let work = tempfile::tempdir().expect("tempdir");
+    let url = fresh_database();
+    let fragment = with_upstream(
+        &sim.relay_config_fragment(),
+        "rate = \"20/s\"\nconnections = 2",
+    );
+    let a = start(work.path(), "a", &url, &fragment);
+    let b = start(work.path(), "b", &url, &fragment);
+
+    let total = 40;
+    for i in 0..total {
+        send(if i % 2 == 0 { &a } else { &b }, &format!("shared-{i}")).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let delivered = sim.messages().expect("mailbox").len();
+        let left = query_texts(&url, "SELECT id FROM relay_message");
+        if delivered >= total && left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{delivered} of {total} delivered, {} left; logs:\n{}\n{}",
+            left.len(),
+            a.log_text(),
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        sim.control().throttled(&mailbox),
+        0,
+        "432 4.3.2 answers: the two relays went past the mailbox's limits; logs:\n{}\n{}",
+        a.log_text(),
+        b.log_text()
+    );
+    assert!(
+        sim.control().peak_sessions(&mailbox) <= 2,
+        "{} sessions at once",
+        sim.control().peak_sessions(&mailbox)
+    );
+    assert_eq!(
+        sim.messages().expect("mailbox").len(),
+        total,
+        "each message once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mailbox_one_replica_holds_is_held_by_the_other_until_it_resumes() {
+    let sim = common::sim::start().await;
+    let mailbox = sim.config().mailboxes[0].address.clone();
+    sim.control().set_mailbox_smtp_auth_disabled(&mailbox, true);
+    let work = tempfile::tempdir().expect("tempdir");
+    let url = fresh_database();
+    // A held mailbox probes every 5 minutes: within this test only a wake-up probes it.
+    let retry = "retry_max = \"10m\"";
+    let fragment = with_upstream(&sim.relay_config_fragment(), "rate = \"30/min\"");
+    let a = start_with(work.path(), "a", &url, retry, &fragment);
+    send(&a, "held-0").await;
+    a.wait_log("delivery held", 0).await;
+    assert!(
+        a.log_text().contains("5.7.139"),
+        "held for 535 5.7.139:\n{}",
+        a.log_text()
+    );
+
+    // B starts after the hold: it never tried the mailbox, yet holds it too.
+    let b = start_with(work.path(), "b", &url, retry, &fragment);
+    let line = b.wait_log("delivery held", 0).await;
+    assert!(line.contains("by_another_relay=true"), "{line}");
+    let connections = sim.control().smtp_connections();
+    for i in 1..5 {
+        send(if i % 2 == 0 { &a } else { &b }, &format!("held-{i}")).await;
+    }
+    // Neither sends while held (their next probe is minutes away).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        sim.control().smtp_connections(),
+        connections,
+        "a relay sent to the held mailbox; B's log:\n{}",
+        b.log_text()
+    );
+    assert!(sim.messages().expect("mailbox").is_empty());
+
+    // Fixed; a reload (a changed rate) makes A probe at once. Its delivery resumes B too
+    // (whose own probe is minutes away), and together they deliver everything.
+    sim.control()
+        .set_mailbox_smtp_auth_disabled(&mailbox, false);
+    let config = std::fs::read_to_string(&a.config).expect("A's config");
+    std::fs::write(
+        &a.config,
+        config.replace("rate = \"30/min\"", "rate = \"31/min\""),
+    )
+    .expect("rewrite A's config");
+    a.signal(libc::SIGHUP);
+    a.wait_log("delivery resumed", 0).await;
+    let line = b.wait_log("delivery resumed", 0).await;
+    assert!(line.contains("by_another_relay=true"), "{line}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sim.messages().expect("mailbox").len() < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "not all delivered; logs:\n{}\n{}",
+            a.log_text(),
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -30,7 +30,8 @@ pub enum Stage {
 
 /// Why the mailbox is held. Each cause knows the fix an admin applies (shown by logs, `queue
 /// list`, and later `check` and `/healthz`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Its serde name is how a hold is shared with other relays (see `store::budget`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum HoldCause {
     /// 535 5.7.139: SMTP AUTH is disabled for the tenant or the mailbox, or a policy blocks it.
     SmtpAuthDisabled,

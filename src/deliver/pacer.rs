@@ -265,6 +265,38 @@ impl Pacer {
         }
     }
 
+    /// Another relay sharing this mailbox's budget held it: this one stops too (its next probe
+    /// comes a probe interval from now, the other relay probes meanwhile). Already held: the
+    /// first hold stays.
+    pub fn hold_elsewhere(
+        &mut self,
+        now: Instant,
+        cause: HoldCause,
+        reply: String,
+        since: SystemTime,
+    ) -> Transition {
+        if self.hold.is_some() {
+            return Transition::None;
+        }
+        self.hold = Some(Hold {
+            cause,
+            reply: reply.clone(),
+            since,
+            next_probe: now + self.settings.probe_every,
+            cleared_by: cause.cleared_by(),
+        });
+        Transition::Held {
+            cause,
+            reply,
+            since,
+        }
+    }
+
+    /// The relay that held this mailbox saw it work again.
+    pub fn resume_elsewhere(&mut self) -> Transition {
+        self.resume_if(|_| true)
+    }
+
     /// An operator changed the queue (`queue retry`, `release`): a held mailbox probes now.
     pub fn wake(&mut self, now: Instant) {
         if let Some(hold) = &mut self.hold {

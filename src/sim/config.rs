@@ -179,6 +179,10 @@ pub struct SmtpConfig {
     /// How long a scripted stall holds the connection silent before closing it.
     #[serde(with = "humantime_serde")]
     pub stall_duration: Duration,
+    /// How long the end of DATA takes to be answered (Exchange takes a moment to submit); the
+    /// session counts against the mailbox's limit meanwhile.
+    #[serde(with = "humantime_serde")]
+    pub data_end_delay: Duration,
     /// `Set-TransportConfig -SmtpClientAuthenticationDisabled $true` (tenant-wide 535 5.7.139).
     pub smtp_auth_disabled: bool,
     /// RBAC for Applications: tokens need no `roles`; FullAccess stands in for the management scope.
@@ -278,6 +282,7 @@ impl Default for SmtpConfig {
             recipients_per_day: 10_000,
             idle_timeout: Duration::from_secs(300),
             stall_duration: Duration::from_secs(600),
+            data_end_delay: Duration::ZERO,
             smtp_auth_disabled: false,
             rbac_mode: false,
             send_as_reply: SendAsReply::Code5760,

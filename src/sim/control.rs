@@ -205,6 +205,10 @@ pub(crate) struct MailboxUsage {
     pub recipients: VecDeque<(Instant, usize)>,
     /// SendAs denials in a row (continuous-error throttle).
     pub send_as_denials: u32,
+    /// The most authenticated sessions at once so far.
+    pub peak_sessions: usize,
+    /// `432 4.3.2` answers so far (thread limit and submission rate).
+    pub throttled: u64,
 }
 
 pub(crate) struct Shared {
@@ -502,6 +506,11 @@ impl Control {
         self.set(|c| c.smtp.stall_duration = d);
     }
 
+    /// The end of DATA is answered after `d` (the concurrency and rate checks come after it).
+    pub fn set_data_end_delay(&self, d: Duration) {
+        self.set(|c| c.smtp.data_end_delay = d);
+    }
+
     /// `limit` messages per `window` per mailbox, over it reject (432 4.3.2) or delay.
     pub fn set_rate_limit(&self, limit: usize, window: Duration, mode: RateMode) {
         self.set(|c| {
@@ -688,6 +697,24 @@ impl Control {
             .usage()
             .get(&mailbox.to_ascii_lowercase())
             .map(|u| u.active_sessions)
+            .unwrap_or(0)
+    }
+
+    /// The most authenticated sessions `mailbox` had at once so far.
+    pub fn peak_sessions(&self, mailbox: &str) -> usize {
+        self.shared
+            .usage()
+            .get(&mailbox.to_ascii_lowercase())
+            .map(|u| u.peak_sessions)
+            .unwrap_or(0)
+    }
+
+    /// `432 4.3.2` answers `mailbox` got so far for its session count or submission rate.
+    pub fn throttled(&self, mailbox: &str) -> u64 {
+        self.shared
+            .usage()
+            .get(&mailbox.to_ascii_lowercase())
+            .map(|u| u.throttled)
             .unwrap_or(0)
     }
 

@@ -13,6 +13,7 @@
 //! PostgreSQL ([`postgres::PgStore`], one queue shared by several relays), chosen by
 //! `queue.backend`. Both pass the same conformance suite (`tests/store_conformance.rs`).
 
+pub mod budget;
 pub mod postgres;
 
 use std::future::Future;
@@ -96,6 +97,8 @@ pub enum StoreEvent {
     /// Messages changed state outside the deliverer (an operator command, here or in another
     /// process): what is queued must be read again.
     Changed,
+    /// Another relay held or resumed a mailbox of the shared budget ([`budget::SharedHold`]).
+    HoldsChanged,
 }
 
 /// Queue gauges, without reading any message.
@@ -254,6 +257,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// The statuses last published, by mailbox.
     fn statuses(&self) -> StoreFuture<'_, Vec<(String, serde_json::Value)>>;
+
+    /// The mailbox budget shared with the other relays of this store ([`budget`]); `None`
+    /// when this process is the only one delivering from it (the file spool): then each
+    /// mailbox's local pacer is its whole budget.
+    fn budget(&self) -> Option<Arc<dyn budget::SharedBudget>> {
+        None
+    }
 }
 
 /// Opens the store `serve` delivers from, recovering what a crash left behind. Returns the

@@ -7,6 +7,8 @@
 //! - `relay_body`: the message bytes as `bytea` chunks of [`CHUNK`] bytes, apart from the
 //!   message rows so that claims and listings stay small.
 //! - `relay_status`: the mailbox statuses for `queue list`.
+//! - `relay_budget`, `relay_session_slot`, `relay_hold`: the mailbox budget the relays share
+//!   (`postgres/budget.rs`).
 //!
 //! # Commit
 //! A message's chunks are inserted as they arrive, in one transaction opened at the first full
@@ -23,6 +25,8 @@
 //! Changes are `NOTIFY`ed on [`CHANNEL`]; each relay listens on a dedicated connection (not
 //! from the pool), reconnects when it is lost (and then announces `Changed`, since it may have
 //! missed something), and every [`POLL_EVERY`] sweeps expired leases as a backup.
+
+mod budget;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -88,6 +92,27 @@ pub const MIGRATIONS: &[&str] = &[
         mailbox text PRIMARY KEY,
         status jsonb NOT NULL,
         updated_at timestamptz NOT NULL DEFAULT now()
+     );",
+    // 2: the shared mailbox budget (see `budget`): a token bucket, session slots and the
+    // hold per lane.
+    "CREATE TABLE relay_budget (
+        lane text PRIMARY KEY,
+        tokens float8 NOT NULL,
+        refreshed_at timestamptz NOT NULL
+     );
+     CREATE TABLE relay_session_slot (
+        lane text NOT NULL,
+        slot integer NOT NULL,
+        holder text,
+        token bigint,
+        lease_until timestamptz,
+        PRIMARY KEY (lane, slot)
+     );
+     CREATE TABLE relay_hold (
+        lane text PRIMARY KEY,
+        cause text NOT NULL,
+        reply text NOT NULL,
+        since timestamptz NOT NULL
      );",
 ];
 
@@ -1046,6 +1071,7 @@ async fn listen(store: Weak<Inner>) {
                                 Some(r) => StoreEvent::Committed(id.to_string(), r),
                                 None => StoreEvent::Changed,
                             },
+                            (Some("h"), _, _) => StoreEvent::HoldsChanged,
                             _ => StoreEvent::Changed,
                         };
                         let _ = inner.events.send(event);
@@ -1324,6 +1350,11 @@ impl Store for PgStore {
                     .remove(mailbox);
             }
         })
+    }
+
+    fn budget(&self) -> Option<Arc<dyn super::budget::SharedBudget>> {
+        // Not kept in the store: the budget holds the store, and the store must be able to go.
+        Some(Arc::new(budget::PgBudget::new(self.clone())))
     }
 
     fn statuses(&self) -> StoreFuture<'_, Vec<(String, serde_json::Value)>> {

@@ -18,6 +18,12 @@ pub struct LaneKey {
 }
 
 impl LaneKey {
+    /// The lane's key in a shared budget: the same on every relay with the same routes (a
+    /// route name has no `:`; mailboxes compare without case).
+    pub fn budget_name(&self) -> String {
+        format!("{}:{}", self.route, self.mailbox.to_ascii_lowercase())
+    }
+
     /// How the lane is named in the store's published statuses (`queue list`): the mailbox
     /// alone for the default route, as before routes existed.
     pub fn status_name(&self) -> String {

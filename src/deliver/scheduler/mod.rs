@@ -9,6 +9,22 @@
 //! command); each committed message is announced by the store ([`StoreEvent::Committed`]) with
 //! its routing.
 //!
+//! # Several relays, one budget
+//! A store shared by several relays hands out a [`SharedBudget`] (the file spool does not: its
+//! relay is alone). Then a start the local pacer allows is not yet an attempt: the dispatcher
+//! asks the shared budget for it in a task of its own (never waiting in the loop), at most one
+//! question per lane at a time. A grant (a session slot and a start from the mailbox's
+//! bucket) starts the job, which holds the slot until the attempt ends; a refusal gives the
+//! start back to the pacer ([`Attempt::Skipped`]) and the lane asks again at the time the
+//! budget named. The budget cannot be asked (the database is away): the lane waits, it never
+//! sends past a budget it cannot see.
+//!
+//! Holds are shared the same way: a lane's own hold or resume is written to the budget after
+//! the attempt that caused it, and every announcement of a change by another relay
+//! ([`StoreEvent::HoldsChanged`], or any re-read of the queue) makes each lane follow the
+//! recorded holds: held there means held here ([`Pacer::hold_elsewhere`], probing no sooner
+//! than a probe interval), a hold this lane follows that is gone means resumed.
+//!
 //! Here: the settings, the mailbox status and the dispatcher loop; `lanes.rs`: which lane a
 //! message is in; `schedule.rs`: what is due when; `attempt.rs`: one attempt from claim to the
 //! recorded outcome.
@@ -26,6 +42,7 @@ use super::pacer::{Attempt, Pacer, PacerSettings, Progress, Start, Transition};
 use crate::config::{Rate, RewriteFrom};
 use crate::metrics::Metrics;
 use crate::stop::StopBudget;
+use crate::store::budget::{BudgetLimits, BudgetSlot, Grant, SharedBudget, SharedHold};
 use crate::store::{EntryState, Routing, Store, StoreEvent};
 use crate::transport::Transport;
 
@@ -199,6 +216,8 @@ impl DeliveryHandle {
 
 enum Event {
     Done(JobReport),
+    /// The shared budget answered a lane's question.
+    Granted(GrantReport),
     Reconfigure(Arc<dyn Upstreams>),
 }
 
@@ -223,6 +242,18 @@ pub(crate) enum JobResult {
         cause: HoldCause,
         reply: String,
     },
+}
+
+/// The shared budget's answer for a message the lane's pacer let start.
+#[derive(Debug)]
+struct GrantReport {
+    lane: LaneKey,
+    id: String,
+    /// When the message was due (it goes back there when refused).
+    due: Instant,
+    /// The start was a held mailbox's probe.
+    probe: bool,
+    grant: Result<Grant, String>,
 }
 
 #[derive(Debug)]
@@ -256,6 +287,20 @@ struct Lane {
     schedule: Schedule,
     pacer: Pacer,
     status: MailboxStatus,
+    /// The shared budget's part (only with a shared store).
+    gate: Gate,
+}
+
+/// Where a lane stands with the shared budget.
+#[derive(Debug, Default)]
+struct Gate {
+    /// A question is out: nothing else starts in this lane until it is answered.
+    asking: bool,
+    /// The lane's hold is recorded in the shared budget (by this relay or another): it ends
+    /// when the record goes.
+    hold_shared: bool,
+    /// The budget refused: ask again no sooner than this.
+    not_before: Option<Instant>,
 }
 
 pub struct Deliverer;
@@ -279,6 +324,8 @@ impl Deliverer {
         // Subscribed before the first read of the queue: nothing committed in between is missed.
         let changes = store.events();
         let dispatcher = Dispatcher {
+            budget: store.budget(),
+            to_share: Vec::new(),
             store,
             upstreams,
             metrics,
@@ -350,6 +397,10 @@ impl Drop for ReportOnDrop {
 /// The dispatcher's state: the lanes and where each message is.
 struct Dispatcher {
     store: Arc<dyn Store>,
+    /// `None`: this relay is the only one delivering from its store.
+    budget: Option<Arc<dyn SharedBudget>>,
+    /// Holds and resumes of this relay's lanes not yet written to the shared budget.
+    to_share: Vec<(LaneKey, Transition)>,
     upstreams: Arc<dyn Upstreams>,
     metrics: Arc<Metrics>,
     lanes: BTreeMap<LaneKey, Lane>,
@@ -400,6 +451,7 @@ impl Dispatcher {
                     ctx: Some(ctx),
                     schedule: Schedule::default(),
                     status: MailboxStatus::new(key, MailboxState::Running),
+                    gate: Gate::default(),
                 }
             }
             Err(reason) => {
@@ -420,6 +472,7 @@ impl Dispatcher {
                             since: SystemTime::now(),
                         },
                     ),
+                    gate: Gate::default(),
                 }
             }
         }
@@ -550,39 +603,93 @@ impl Dispatcher {
             let Some(ctx) = lane.ctx.clone() else {
                 continue;
             };
+            if self.budget.is_some() {
+                if lane.gate.asking {
+                    continue;
+                }
+                match lane.gate.not_before {
+                    Some(t) if t > now => {
+                        wake = wake.min(t);
+                        continue;
+                    }
+                    _ => lane.gate.not_before = None,
+                }
+            }
             while let Some((at, id)) = lane.schedule.first() {
                 if at > now {
                     wake = wake.min(at);
                     break;
                 }
-                match lane.pacer.try_start(now) {
+                let probe = match lane.pacer.try_start(now) {
                     Start::Now { probe } => {
                         if probe {
                             tracing::info!(id = %id, mailbox = %key.mailbox, "mailbox held: probing with one message");
                         }
+                        probe
                     }
                     Start::At(when) => {
                         wake = wake.min(when.max(now));
                         break;
                     }
                     Start::Busy => break,
-                }
-                lane.schedule.start(at, &id);
-                let ctx = ctx.clone();
-                let report = ReportOnDrop {
-                    tx: self.tx.clone(),
-                    lane: key.clone(),
-                    id: id.clone(),
-                    retry_in: ctx.settings.retry_max,
-                    sent: false,
                 };
-                tokio::spawn(async move {
-                    let result = deliver_one(&ctx, &id).await;
-                    report.send(result);
-                });
+                lane.schedule.start(at, &id);
+                if let Some(budget) = &self.budget {
+                    lane.gate.asking = true;
+                    tokio::spawn(ask(
+                        budget.clone(),
+                        self.tx.clone(),
+                        key.clone(),
+                        (id, at, probe),
+                        budget_limits(&ctx.settings),
+                    ));
+                    break;
+                }
+                spawn_job(&self.tx, key, ctx.clone(), id, None);
             }
         }
         wake
+    }
+
+    /// The shared budget answered: start the job with its slot, or give the start back.
+    fn granted(&mut self, report: GrantReport) {
+        let now = Instant::now();
+        let Some(lane) = self.lanes.get_mut(&report.lane) else {
+            return;
+        };
+        lane.gate.asking = false;
+        let refused = match report.grant {
+            Ok(Grant::Start(slot)) => match lane.ctx.clone() {
+                Some(ctx) => {
+                    spawn_job(&self.tx, &report.lane, ctx, report.id, Some(slot));
+                    return;
+                }
+                // A reload took the lane's route away meanwhile: not sent here.
+                None => None,
+            },
+            Ok(Grant::Wait(wait)) => Some(wait),
+            Err(error) => {
+                tracing::warn!(
+                    route = %report.lane.route,
+                    mailbox = %report.lane.mailbox,
+                    %error,
+                    "cannot ask the shared mailbox budget; waiting (nothing is sent past it)"
+                );
+                Some(BUDGET_UNAVAILABLE_WAIT)
+            }
+        };
+        // Nothing started: the pacer gets its session slot back, the message its place.
+        lane.pacer.finished(now, Attempt::Skipped);
+        if report.probe {
+            // A held mailbox's probe is owed, not spent: it goes at the next question.
+            lane.pacer.wake(now);
+        }
+        lane.gate.not_before = refused.map(|wait| now + wait);
+        if lane.schedule.finished(&report.id) && lane.ctx.is_some() {
+            lane.schedule.add(report.id, report.due);
+        } else {
+            self.lane_of_id.remove(&report.id);
+        }
     }
 
     fn committed(&mut self, id: String, routing: &Routing) {
@@ -618,32 +725,12 @@ impl Dispatcher {
                 reply: reply.clone(),
             },
         };
-        match lane.pacer.finished(now, attempt) {
-            Transition::None => {}
-            Transition::Held {
-                cause,
-                reply,
-                since,
-            } => {
-                tracing::error!(
-                    route = %report.lane.route,
-                    mailbox = %report.lane.mailbox,
-                    cause = %cause,
-                    reply = %reply,
-                    fix = cause.fix(),
-                    "delivery held: every message stays queued until this is fixed"
-                );
-                lane.status.state = MailboxState::Held {
-                    cause,
-                    reply,
-                    since,
-                };
-            }
-            Transition::Resumed => {
-                tracing::info!(route = %report.lane.route, mailbox = %report.lane.mailbox, "delivery resumed");
-                lane.status.state = MailboxState::Running;
-            }
+        let transition = lane.pacer.finished(now, attempt);
+        if self.budget.is_some() && transition != Transition::None {
+            self.to_share
+                .push((report.lane.clone(), transition.clone()));
         }
+        note_transition(&report.lane, &mut lane.status, transition, false);
         lane.status.throttled_until = lane
             .pacer
             .throttled_until(now)
@@ -665,6 +752,94 @@ impl Dispatcher {
             JobResult::Retry { at, .. } => lane.schedule.add(report.id, at),
             // Held: the message waits for the mailbox's next probe.
             JobResult::Hold { .. } => lane.schedule.add(report.id, now),
+        }
+    }
+
+    /// Writes this relay's holds and resumes to the shared budget (the other relays follow).
+    async fn share_holds(&mut self) {
+        let Some(budget) = self.budget.clone() else {
+            return;
+        };
+        for (key, transition) in std::mem::take(&mut self.to_share) {
+            let name = key.budget_name();
+            let shared = match transition {
+                Transition::Held {
+                    cause,
+                    reply,
+                    since,
+                } => {
+                    let cause = match serde_json::to_value(cause) {
+                        Ok(serde_json::Value::String(c)) => c,
+                        _ => continue,
+                    };
+                    let hold = SharedHold {
+                        lane: name,
+                        cause,
+                        reply,
+                        since,
+                    };
+                    budget.hold(&hold).await.map(|()| true)
+                }
+                Transition::Resumed => budget.resume(&name).await.map(|()| false),
+                Transition::None => continue,
+            };
+            match shared {
+                Ok(held) => {
+                    if let Some(lane) = self.lanes.get_mut(&key) {
+                        lane.gate.hold_shared = held;
+                    }
+                }
+                Err(error) => tracing::warn!(
+                    route = %key.route,
+                    mailbox = %key.mailbox,
+                    %error,
+                    "cannot share the mailbox's hold state with the other relays"
+                ),
+            }
+        }
+    }
+
+    /// Follows the holds of the shared budget: a mailbox another relay held is held here
+    /// too, and resumes when that hold is cleared.
+    async fn follow_holds(&mut self) {
+        let Some(budget) = self.budget.clone() else {
+            return;
+        };
+        let holds = match budget.holds().await {
+            Ok(holds) => holds,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the mailbox holds of the other relays");
+                return;
+            }
+        };
+        let now = Instant::now();
+        for (key, lane) in self.lanes.iter_mut() {
+            if lane.ctx.is_none() {
+                continue;
+            }
+            let name = key.budget_name();
+            let transition = match holds.iter().find(|h| h.lane == name) {
+                Some(hold) if lane.pacer.hold().is_none() => {
+                    let cause = serde_json::Value::String(hold.cause.clone());
+                    let Ok(cause) = serde_json::from_value::<HoldCause>(cause) else {
+                        tracing::warn!(cause = %hold.cause, "a hold cause this relay does not know");
+                        continue;
+                    };
+                    lane.gate.hold_shared = true;
+                    lane.pacer
+                        .hold_elsewhere(now, cause, hold.reply.clone(), hold.since)
+                }
+                Some(_) => {
+                    lane.gate.hold_shared = true;
+                    Transition::None
+                }
+                None if lane.gate.hold_shared && lane.pacer.hold().is_some() => {
+                    lane.gate.hold_shared = false;
+                    lane.pacer.resume_elsewhere()
+                }
+                None => Transition::None,
+            };
+            note_transition(key, &mut lane.status, transition, true);
         }
     }
 
@@ -698,6 +873,104 @@ impl Dispatcher {
     }
 }
 
+/// Logs a lane's hold or resume and shows it in its status; `elsewhere`: another relay
+/// sharing the mailbox's budget saw it.
+fn note_transition(
+    key: &LaneKey,
+    status: &mut MailboxStatus,
+    transition: Transition,
+    elsewhere: bool,
+) {
+    match transition {
+        Transition::None => {}
+        Transition::Held {
+            cause,
+            reply,
+            since,
+        } => {
+            tracing::error!(
+                route = %key.route,
+                mailbox = %key.mailbox,
+                cause = %cause,
+                reply = %reply,
+                fix = cause.fix(),
+                by_another_relay = elsewhere,
+                "delivery held: every message stays queued until this is fixed"
+            );
+            status.state = MailboxState::Held {
+                cause,
+                reply,
+                since,
+            };
+        }
+        Transition::Resumed => {
+            tracing::info!(
+                route = %key.route,
+                mailbox = %key.mailbox,
+                by_another_relay = elsewhere,
+                "delivery resumed"
+            );
+            status.state = MailboxState::Running;
+        }
+    }
+}
+
+/// How long a lane waits when the shared budget cannot be asked at all.
+const BUDGET_UNAVAILABLE_WAIT: Duration = Duration::from_secs(1);
+
+/// Asks the shared budget for one start in `lane` and reports the answer.
+async fn ask(
+    budget: Arc<dyn SharedBudget>,
+    tx: mpsc::UnboundedSender<Event>,
+    lane: LaneKey,
+    (id, due, probe): (String, Instant, bool),
+    limits: BudgetLimits,
+) {
+    let grant = budget
+        .acquire(&lane.budget_name(), limits)
+        .await
+        .map_err(|e| e.to_string());
+    // The dispatcher is gone (stopping): the slot, if any, is dropped with the report.
+    let _ = tx.send(Event::Granted(GrantReport {
+        lane,
+        id,
+        due,
+        probe,
+        grant,
+    }));
+}
+
+/// The shared budget's limits from the delivery settings.
+fn budget_limits(settings: &DeliverySettings) -> BudgetLimits {
+    BudgetLimits {
+        connections: settings.connections,
+        per_second: f64::from(settings.rate.messages.max(1))
+            / settings.rate.per.as_secs_f64().max(1e-3),
+    }
+}
+
+/// Starts one attempt; `slot` (the shared budget's) is held until it ends.
+fn spawn_job(
+    tx: &mpsc::UnboundedSender<Event>,
+    lane: &LaneKey,
+    ctx: Arc<Context>,
+    id: String,
+    slot: Option<BudgetSlot>,
+) {
+    let report = ReportOnDrop {
+        tx: tx.clone(),
+        lane: lane.clone(),
+        id: id.clone(),
+        retry_in: ctx.settings.retry_max,
+        sent: false,
+    };
+    tokio::spawn(async move {
+        let result = deliver_one(&ctx, &id).await;
+        drop(slot);
+        report.send(result);
+    });
+}
+
 async fn dispatch(
     mut d: Dispatcher,
     mut rx: mpsc::UnboundedReceiver<Event>,
@@ -708,6 +981,7 @@ async fn dispatch(
     use tokio::sync::broadcast::error::RecvError;
     crate::failpoint::panic_point("task-dispatcher");
     d.rescan().await;
+    d.follow_holds().await;
     d.publish().await;
     // False once the store's event channel closed (the store is gone): no busy loop on it.
     let mut listening = true;
@@ -727,6 +1001,11 @@ async fn dispatch(
                     for lane in d.lanes.values_mut() {
                         lane.pacer.wake(now);
                     }
+                    d.follow_holds().await;
+                    d.publish().await;
+                }
+                Ok(StoreEvent::HoldsChanged) => {
+                    d.follow_holds().await;
                     d.publish().await;
                 }
                 Err(RecvError::Closed) => listening = false,
@@ -742,8 +1021,10 @@ async fn dispatch(
                     if std::mem::take(&mut d.rescan_needed) {
                         d.rescan().await;
                     }
+                    d.share_holds().await;
                     d.publish().await;
                 }
+                Some(Event::Granted(report)) => d.granted(report),
                 None => break,
             },
             _ = tokio::time::sleep_until(wake) => {}
@@ -756,6 +1037,12 @@ async fn dispatch(
     while d.in_flight() > 0 {
         match tokio::time::timeout_at(attempts_deadline, rx.recv()).await {
             Ok(Some(Event::Done(report))) => {
+                if let Some(lane) = d.lanes.get_mut(&report.lane) {
+                    lane.schedule.in_flight.remove(&report.id);
+                }
+            }
+            // Not started: its slot (if granted) is given back as the report is dropped.
+            Ok(Some(Event::Granted(report))) => {
                 if let Some(lane) = d.lanes.get_mut(&report.lane) {
                     lane.schedule.in_flight.remove(&report.id);
                 }

@@ -157,12 +157,12 @@ impl Session {
                 .to_string());
         }
         let key = mailbox.address.to_ascii_lowercase();
-        self.ctx
-            .shared
-            .usage()
-            .entry(key.clone())
-            .or_default()
-            .active_sessions += 1;
+        {
+            let mut usage = self.ctx.shared.usage();
+            let u = usage.entry(key.clone()).or_default();
+            u.active_sessions += 1;
+            u.peak_sessions = u.peak_sessions.max(u.active_sessions);
+        }
         Ok(Authenticated {
             mailbox: key.clone(),
             appid: identity.appid,

@@ -229,6 +229,9 @@ impl Session {
             }
         }
 
+        if !cfg.smtp.data_end_delay.is_zero() {
+            tokio::time::sleep(cfg.smtp.data_end_delay).await;
+        }
         if !keep_then_drop {
             if let Some(reply) = self.content_checks(cfg, &message, &mail_from, &mailbox, transfer)
             {

@@ -95,6 +95,7 @@ impl Session {
                 let mut usage = self.ctx.shared.usage();
                 let u = usage.entry(mailbox.to_string()).or_default();
                 if u.active_sessions > cfg.smtp.connections_per_mailbox {
+                    u.throttled += 1;
                     return Err(format!(
                         "432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded [Hostname={host}]"
                     ));
@@ -128,6 +129,7 @@ impl Session {
                 }
                 match cfg.smtp.rate_mode {
                     RateMode::Reject => {
+                        u.throttled += 1;
                         return Err(format!(
                             "432 4.3.2 STOREDRV.ClientSubmit; sender submission rate exceeded [Hostname={host}]"
                         ));
@@ -139,6 +141,9 @@ impl Session {
                 }
             };
             tokio::time::sleep(wait).await;
+        }
+        if let Some(u) = self.ctx.shared.usage().get_mut(mailbox) {
+            u.throttled += 1;
         }
         Err(format!(
             "432 4.3.2 STOREDRV.ClientSubmit; sender submission rate exceeded [Hostname={host}]"

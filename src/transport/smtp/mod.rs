@@ -30,7 +30,8 @@ pub struct SmtpSettings {
     pub mailbox: String,
     /// Connections are not reused beyond this age (tokens are checked at AUTH only).
     pub session_max_age: Duration,
-    /// Exchange closes idle connections; do not reuse one idle longer than this.
+    /// Exchange closes idle connections; do not reuse one idle longer than this. Zero: no
+    /// session is kept once its attempt ends (QUIT before the attempt returns).
     pub session_max_idle: Duration,
     /// A 535 with a token this close to expiry forces one refresh and one retry.
     pub refresh_before: Duration,
@@ -38,12 +39,19 @@ pub struct SmtpSettings {
 
 impl SmtpSettings {
     /// The settings `serve` uses: sessions reused for 10 minutes, 60 s idle at most (Exchange
-    /// closes idle connections), the configured `oauth.refresh_before`.
+    /// closes idle connections; none kept idle with `queue.backend = "postgres"`), the
+    /// configured `oauth.refresh_before`.
     pub fn from_config(config: &crate::config::Config) -> SmtpSettings {
         SmtpSettings {
             mailbox: config.upstream.mail_account.clone().unwrap_or_default(),
             session_max_age: Duration::from_secs(600),
-            session_max_idle: Duration::from_secs(60),
+            // Relays sharing a queue share each mailbox's session slots: an idle session
+            // would hold one that no attempt uses, so sessions end with their attempt.
+            session_max_idle: if config.queue.backend == crate::config::Backend::Postgres {
+                Duration::ZERO
+            } else {
+                Duration::from_secs(60)
+            },
             refresh_before: config.oauth.refresh_before,
         }
     }
@@ -225,7 +233,11 @@ impl SmtpTransport {
                         },
                     })
                     .collect();
-                self.pool_again(current.generation, session);
+                if current.settings.session_max_idle.is_zero() {
+                    session.quit().await;
+                } else {
+                    self.pool_again(current.generation, session);
+                }
                 Attempted {
                     recipients,
                     reached: Progress::Transaction,

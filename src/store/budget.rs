@@ -1,0 +1,80 @@
+//! The shared budget seam: one mailbox budget across every relay that shares a store.
+//!
+//! Each relay paces a mailbox with its own [`crate::deliver::pacer::Pacer`]. With one host that
+//! is the whole budget, so the file spool has no shared budget. Relays sharing a PostgreSQL
+//! queue would together send N times the rate and open N times the sessions, so that store
+//! hands out a [`SharedBudget`]: before an attempt starts (after the local pacer allowed it)
+//! the deliverer asks it for a [`Grant`], which is a session slot held until the attempt ends
+//! plus one attempt start taken from the mailbox's token bucket. A mailbox one relay holds
+//! (535 5.7.139, SendAs denied, ...) is held for all: the hold is recorded here, announced as
+//! [`StoreEvent::HoldsChanged`](super::StoreEvent::HoldsChanged), and cleared by the relay
+//! whose probe got through.
+
+use std::time::{Duration, SystemTime};
+
+use super::{Lease, StoreError, StoreFuture};
+
+/// A mailbox's limits as this relay is configured (every replica should agree).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BudgetLimits {
+    /// At most this many attempts at once across relays (`upstream.connections`).
+    pub connections: usize,
+    /// Attempt starts per second across relays (`upstream.rate`).
+    pub per_second: f64,
+}
+
+/// A session slot held by one attempt. Dropping it gives the slot back.
+pub struct BudgetSlot(#[allow(dead_code)] Lease);
+
+impl BudgetSlot {
+    pub fn new(lease: Lease) -> BudgetSlot {
+        BudgetSlot(lease)
+    }
+}
+
+impl std::fmt::Debug for BudgetSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BudgetSlot")
+    }
+}
+
+/// The answer to [`SharedBudget::acquire`].
+#[derive(Debug)]
+pub enum Grant {
+    /// Start the attempt now; hold the slot until it ends.
+    Start(BudgetSlot),
+    /// Every session slot is in use elsewhere, or the bucket is empty: ask again after this
+    /// long.
+    Wait(Duration),
+}
+
+/// A mailbox held by one relay, as every relay sharing the store sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedHold {
+    pub lane: String,
+    /// The hold cause's name (as the deliverer serialises it).
+    pub cause: String,
+    /// The reply that caused it.
+    pub reply: String,
+    pub since: SystemTime,
+}
+
+/// Rate, sessions and hold of each mailbox, shared by the relays of one store.
+pub trait SharedBudget: Send + Sync + 'static {
+    /// Records that `hold.lane` is held (the first hold stays) and tells the other relays.
+    fn hold<'a>(&'a self, hold: &'a SharedHold) -> StoreFuture<'a, Result<(), StoreError>>;
+
+    /// Clears `lane`'s hold for every relay.
+    fn resume<'a>(&'a self, lane: &'a str) -> StoreFuture<'a, Result<(), StoreError>>;
+
+    /// Every mailbox held now.
+    fn holds(&self) -> StoreFuture<'_, Result<Vec<SharedHold>, StoreError>>;
+
+    /// One attempt start for the mailbox lane `lane` (route and mailbox) with a session slot.
+    /// Never waits for the budget itself: a refusal says when to ask again.
+    fn acquire<'a>(
+        &'a self,
+        lane: &'a str,
+        limits: BudgetLimits,
+    ) -> StoreFuture<'a, Result<Grant, StoreError>>;
+}

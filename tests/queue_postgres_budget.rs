@@ -1,0 +1,205 @@
+//! The mailbox budget the PostgreSQL store shares between relays, at the store level: two
+//! stores on one database stand for two replicas. The token bucket grants exactly its rate to
+//! concurrent takers, at most `connections` session slots are held at once, a dead relay's
+//! slot comes back when its lease expires, and the file spool has no shared budget.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::postgres::{execute, fresh_database};
+use smtp_oauth_relay::config::{Backend, DbUrl, QueueConfig};
+use smtp_oauth_relay::store::Store;
+use smtp_oauth_relay::store::budget::{BudgetLimits, Grant, SharedBudget};
+
+fn replica(url: &str, lease: Duration) -> Arc<dyn Store> {
+    let work = std::env::temp_dir();
+    smtp_oauth_relay::store::open_for_operator(&QueueConfig {
+        dir: work.join("unused-spool"),
+        backend: Backend::Postgres,
+        url: Some(DbUrl::new(url.to_string())),
+        lease,
+        ..Default::default()
+    })
+    .expect("store")
+}
+
+fn budget(store: &Arc<dyn Store>) -> Arc<dyn SharedBudget> {
+    store
+        .budget()
+        .expect("the PostgreSQL store shares a budget")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bucket_grants_its_rate_exactly_to_concurrent_takers() {
+    let url = fresh_database();
+    let limits = BudgetLimits {
+        connections: 64,
+        per_second: 20.0,
+    };
+    let budgets = [
+        budget(&replica(&url, Duration::from_secs(30))),
+        budget(&replica(&url, Duration::from_secs(30))),
+    ];
+    // The rows exist before the clock starts: the first grant is the bucket's one token.
+    match budgets[0].acquire("default mbx@x", limits).await {
+        Ok(Grant::Start(slot)) => drop(slot),
+        other => panic!("first acquire: {other:?}"),
+    }
+    let grants = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let run_for = Duration::from_secs(3);
+    let mut takers = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let budget = budgets[i % 2].clone();
+        let grants = grants.clone();
+        takers.spawn(async move {
+            // Bounded: at most one grant or refusal per iteration, for `run_for`.
+            for _ in 0..100_000 {
+                if started.elapsed() >= run_for {
+                    break;
+                }
+                match budget.acquire("default mbx@x", limits).await {
+                    Ok(Grant::Start(slot)) => {
+                        grants.fetch_add(1, Ordering::Relaxed);
+                        drop(slot);
+                    }
+                    Ok(Grant::Wait(wait)) => {
+                        assert!(wait <= Duration::from_millis(60), "asked to wait {wait:?}");
+                        // Ask again early (a busy taker), not at the time named.
+                        tokio::time::sleep(wait / 4).await;
+                    }
+                    Err(e) => panic!("acquire: {e}"),
+                }
+            }
+        });
+    }
+    while let Some(done) = takers.join_next().await {
+        done.expect("taker");
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let granted = grants.load(Ordering::Relaxed) as f64;
+    // The bucket was empty at the start (its token was taken above): 20 a second at most,
+    // one more for the token that may have refilled as the clock started.
+    let most = 20.0 * elapsed + 1.0;
+    // A figure for the report, not an assertion.
+    println!("{granted} grants in {elapsed:.3} s to 8 takers on 2 stores (at most {most:.1})");
+    assert!(
+        granted <= most,
+        "{granted} grants in {elapsed:.2} s: more than {most:.1}"
+    );
+    // Eight takers asking every few milliseconds leave few tokens unused.
+    assert!(
+        granted >= 20.0 * run_for.as_secs_f64() * 0.6,
+        "{granted} grants in {elapsed:.2} s: the bucket hardly granted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_connections_session_slots_are_held_across_replicas() {
+    let url = fresh_database();
+    let limits = BudgetLimits {
+        connections: 2,
+        per_second: 1000.0,
+    };
+    let budgets = [
+        budget(&replica(&url, Duration::from_secs(30))),
+        budget(&replica(&url, Duration::from_secs(30))),
+    ];
+    let holding = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let sessions = Arc::new(AtomicUsize::new(0));
+    let mut takers = tokio::task::JoinSet::new();
+    for i in 0..6 {
+        let (budget, holding, most, sessions) = (
+            budgets[i % 2].clone(),
+            holding.clone(),
+            most.clone(),
+            sessions.clone(),
+        );
+        takers.spawn(async move {
+            for _ in 0..400 {
+                if sessions.load(Ordering::Relaxed) >= 40 {
+                    break;
+                }
+                match budget.acquire("billing mbx@x", limits).await {
+                    Ok(Grant::Start(slot)) => {
+                        let now = holding.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(30)).await;
+                        holding.fetch_sub(1, Ordering::SeqCst);
+                        sessions.fetch_add(1, Ordering::Relaxed);
+                        drop(slot);
+                        // The release is on its way; a new acquire may not see it yet.
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Ok(Grant::Wait(wait)) => tokio::time::sleep(wait).await,
+                    Err(e) => panic!("acquire: {e}"),
+                }
+            }
+        });
+    }
+    while let Some(done) = takers.join_next().await {
+        done.expect("taker");
+    }
+    assert!(
+        sessions.load(Ordering::Relaxed) >= 40,
+        "only {} sessions granted",
+        sessions.load(Ordering::Relaxed)
+    );
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        2,
+        "session slots held at once across the two replicas"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replicas_session_slot_comes_back_when_its_lease_expires() {
+    let url = fresh_database();
+    let limits = BudgetLimits {
+        connections: 1,
+        per_second: 1000.0,
+    };
+    let store = replica(&url, Duration::from_secs(30));
+    let budget = budget(&store);
+    match budget.acquire("default dead@x", limits).await {
+        Ok(Grant::Start(slot)) => drop(slot),
+        other => panic!("first acquire: {other:?}"),
+    }
+    // Another relay took the only slot and died: nobody renews its lease.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    execute(
+        &url,
+        "UPDATE relay_session_slot SET holder = 'dead-relay', token = 1,
+                lease_until = now() + interval '1 second'",
+    );
+    match budget.acquire("default dead@x", limits).await {
+        Ok(Grant::Wait(_)) => {}
+        other => panic!("the slot is held elsewhere, yet: {other:?}"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match budget.acquire("default dead@x", limits).await {
+            Ok(Grant::Start(_)) => break,
+            Ok(Grant::Wait(wait)) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the dead relay's slot never came back"
+                );
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => panic!("acquire: {e}"),
+        }
+    }
+}
+
+#[test]
+fn the_file_spool_has_no_shared_budget() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let (spool, _) =
+        smtp_oauth_relay::spool::Spool::open(&work.path().join("spool")).expect("spool");
+    assert!(spool.budget().is_none());
+}
