@@ -5,10 +5,14 @@
 # no secret in a ConfigMap, probes on the admin port, securityContext, metric names against
 # src/metrics.rs) and, given the relay binary, that `config` accepts each rendered relay.toml.
 #   deploy/helm/check.sh [target/debug/smtp-oauth-relay]
+# Needs Debian's python3 (3.11: tomllib) with python3-yaml; installs python3-yaml if missing.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-if ! python3 -c 'import yaml' 2>/dev/null; then
-  timeout 300 apt-get install -y -qq --no-install-recommends python3-yaml >/dev/null ||
-    { timeout 300 apt-get update -qq && timeout 300 apt-get install -y -qq --no-install-recommends python3-yaml >/dev/null; }
+py=/usr/bin/python3
+if ! "$py" -c 'import yaml, tomllib' 2>/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  timeout 300 apt-get install -y -qq --no-install-recommends python3 python3-yaml >/dev/null 2>&1 ||
+    { timeout 300 apt-get update -qq &&
+      timeout 300 apt-get install -y -qq --no-install-recommends python3 python3-yaml >/dev/null; }
 fi
-exec python3 deploy/helm/check.py "$@"
+exec "$py" deploy/helm/check.py "$@"
