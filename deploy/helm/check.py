@@ -202,7 +202,31 @@ def refused(label, override, needle):
     check(False, f"{label}: rendered instead of failing")
 
 
+def chart_lint():
+    """What `helm lint` would catch that rendering does not: Chart.yaml's fields, and a
+    .Values path in a template that the default values do not have (a typo renders as empty)."""
+    meta = yaml.safe_load(open(os.path.join(CHART, "Chart.yaml")))
+    check(meta.get("apiVersion") == "v2" and meta.get("name") == os.path.basename(CHART), "Chart.yaml: apiVersion v2, name = directory")
+    check(re.fullmatch(r"\d+\.\d+\.\d+", str(meta.get("version", ""))) is not None, "Chart.yaml: semver version")
+    values = yaml.safe_load(open(os.path.join(CHART, "values.yaml")))
+    tdir = os.path.join(CHART, "templates")
+    for name in sorted(os.listdir(tdir)):
+        for path in re.findall(r"\.Values((?:\.\w+)+)", open(os.path.join(tdir, name)).read()):
+            parts = path[1:].split(".")
+            v, ok = values, True
+            for i, part in enumerate(parts):
+                if isinstance(v, dict) and part in v:
+                    v = v[part]
+                elif parts[0] == "config" and i == 2:
+                    break  # an optional relay.toml key under config.<section>
+                else:
+                    ok = False
+                    break
+            check(ok, f"templates/{name}: .Values{path} is not in values.yaml")
+
+
 def main():
+    chart_lint()
     binary = sys.argv[1] if len(sys.argv) > 1 else None
     scenarios = [("defaults", [])] + [
         (f, [os.path.join(CHART, "ci", f)]) for f in sorted(os.listdir(os.path.join(CHART, "ci")))

@@ -218,7 +218,9 @@ def nindent(n, s):
 
 
 def indent(n, s):
-    return "\n".join((" " * n + line) if line else line for line in go_str(s).split("\n"))
+    # As Helm's: every line padded, empty ones too.
+    pad = " " * n
+    return pad + go_str(s).replace("\n", "\n" + pad)
 
 
 def default(d, v=None):
