@@ -173,13 +173,15 @@ def scenario(label, values_files, binary):
         # The relay itself must accept the rendered relay.toml, with stand-ins for the Secrets
         # at the paths it names.
         with tempfile.TemporaryDirectory() as tmp:
-            text = toml_text.replace("/run/secrets/", tmp + "/secrets/")
+            text = toml_text
+            for src in sorted(set(re.findall(r'^\s*\w+_file = "(/[^"]+)"', toml_text, re.M))):
+                text = text.replace(f'"{src}"', f'"{tmp}/secrets{src}"')
             for f in re.findall(r'"(' + re.escape(tmp) + r'/secrets/[^"]+)"', text):
                 os.makedirs(os.path.dirname(f), exist_ok=True)
                 with open(f, "w") as out:
                     if f.endswith(".pem"):
                         out.write(open("/etc/ssl/certs/ca-certificates.crt").read())
-                    elif "/database/" in f:
+                    elif "/database/" in f and f.endswith("/url"):
                         out.write("postgres://relay:not-a-password@db.internal/relay")
                     else:
                         out.write("not-a-secret")
