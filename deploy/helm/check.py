@@ -1,7 +1,10 @@
 """Rendering check of the Helm chart (no helm binary: render.py renders the subset the chart
 uses). Renders the chart with its default values and with each ci/*.yaml, parses every document
 as YAML and relay.toml as TOML, and checks what the chart promises. Usage:
-python3 deploy/helm/check.py [RELAY_BINARY]  (with a binary, `config` must accept each relay.toml)
+python3 deploy/helm/check.py [--go-render GOTEMPLATE] [RELAY_BINARY]
+With a relay binary, its `config` must accept each rendered relay.toml; with --go-render (the
+program in gotemplate/, built by check.sh when a Go toolchain is there), Go's text/template must
+render every case to the same documents as render.py, and refuse the same values.
 """
 import json
 import os
@@ -193,9 +196,13 @@ def scenario(label, values_files, binary):
     return kinds
 
 
+REFUSED = []
+
+
 def refused(label, override, needle):
     path = os.path.join(tempfile.mkdtemp(), "v.yaml")
     open(path, "w").write(yaml.safe_dump(override))
+    REFUSED.append(path)
     try:
         render.render_chart(CHART, [path])
     except render.Fail as e:
@@ -227,9 +234,40 @@ def chart_lint():
             check(ok, f"templates/{name}: .Values{path} is not in values.yaml")
 
 
+def go_crosscheck(go_render, values_files):
+    """Go's text/template and render.py agree on this case: same documents, same relay.toml
+    text, or both refuse."""
+    values = yaml.safe_load(open(os.path.join(CHART, "values.yaml")))
+    for vf in values_files:
+        values = render.merge(values, yaml.safe_load(open(vf)) or {})
+    meta = yaml.safe_load(open(os.path.join(CHART, "Chart.yaml")))
+    root = {"Values": values, "Release": {"Name": "relay", "Namespace": "mail", "Service": "Helm"},
+            "Chart": {"Name": meta["name"], "Version": meta["version"], "AppVersion": meta["appVersion"]}}
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(root, f)
+        f.flush()
+        go = json.loads(subprocess.run([go_render, CHART, f.name], capture_output=True, text=True, check=True, timeout=30).stdout)
+    label = ",".join(os.path.basename(v) for v in values_files) or "defaults"
+    try:
+        py, _ = render.render_chart(CHART, values_files)
+    except render.Fail as e:
+        check("error" in go, f"go cross-check {label}: render.py refuses ({e}), Go renders")
+        return
+    if not check("error" not in go, f"go cross-check {label}: Go refuses: {go.get('error')}"):
+        return
+    for name in sorted(set(go) | set(py)):
+        a = [d for d in yaml.safe_load_all(go.get(name, "")) if d is not None]
+        b = [d for d in yaml.safe_load_all(py.get(name, "")) if d is not None]
+        check(a == b, f"go cross-check {label}: {name} differs between Go and render.py")
+
+
 def main():
     chart_lint()
-    binary = sys.argv[1] if len(sys.argv) > 1 else None
+    args = sys.argv[1:]
+    go_render = None
+    if args[:1] == ["--go-render"]:
+        go_render, args = args[1], args[2:]
+    binary = args[0] if args else None
     scenarios = [("defaults", [])] + [
         (f, [os.path.join(CHART, "ci", f)]) for f in sorted(os.listdir(os.path.join(CHART, "ci")))
     ]
@@ -247,6 +285,12 @@ def main():
     refused("inline route secret", {"routes": [{"name": "x", "oauth": {"client_secret": "s3cret"}}]}, "client_secret")
     refused("no database secret", {"queue": {"database": {"existingSecret": ""}}}, "existingSecret")
     refused("unknown mode", {"mode": "daemonset"}, "mode")
+    if go_render:
+        for _, vf in scenarios:
+            go_crosscheck(go_render, vf)
+        for path in REFUSED:
+            go_crosscheck(go_render, [path])
+        print(f"go cross-check: {len(scenarios) + len(REFUSED)} cases rendered by Go's text/template")
     for f in failures:
         print("FAIL", f)
     print(f"helm chart: {checked[0] - len(failures)} passed, {len(failures)} failed")

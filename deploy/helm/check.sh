@@ -15,4 +15,17 @@ if ! "$py" -c 'import yaml, tomllib' 2>/dev/null; then
     { timeout 300 apt-get update -qq &&
       timeout 300 apt-get install -y -qq --no-install-recommends python3 python3-yaml >/dev/null; }
 fi
-exec "$py" deploy/helm/check.py "$@"
+# Go's text/template (helm's engine) as a cross-check of render.py, when a Go toolchain is here
+# (Debian's golang-go; nothing is fetched: GOPROXY=off, standard library only).
+go_bin=$(command -v go || ls /usr/lib/go-*/bin/go 2>/dev/null | sort -V | tail -n 1 || true)
+go_args=()
+if [ -n "$go_bin" ]; then
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  (cd deploy/helm/gotemplate && GOPROXY=off GOFLAGS=-mod=mod GOCACHE="$tmp/cache" \
+    "$go_bin" build -o "$tmp/gotemplate" .)
+  go_args=(--go-render "$tmp/gotemplate")
+else
+  echo "go cross-check: skipped (no Go toolchain; apt-get install golang-go to run it)"
+fi
+"$py" deploy/helm/check.py "${go_args[@]}" "$@"
