@@ -535,3 +535,27 @@ fn a_route_can_deliver_through_graph_beside_an_smtp_route() {
         relay.log_text()
     );
 }
+
+#[test]
+fn routes_with_their_own_app_deliver_when_the_top_level_has_none() {
+    let work = tempfile::tempdir().unwrap();
+    let unused = sim(work.path(), "unused", "", "");
+    let fabrikam = sim(work.path(), "fabrikam", "", FABRIKAM);
+    // The top level names a mailbox but no app: the default route waits, the route delivers.
+    let routes = fabrikam_route(&fabrikam);
+    let relay = Relay::builder()
+        .work(work.path())
+        .config(|s| {
+            let text = relay_config(s, &unused, true, &routes);
+            let (head, rest) = text.split_once("\n[oauth]\n").expect("top-level [oauth]");
+            let rest = rest.split_once("\n\n").map_or("", |(_, tail)| tail);
+            format!("{head}\n{rest}")
+        })
+        .start();
+    assert!(send(&relay, "billing@fabrikam.example", "own-app").starts_with("250"));
+    assert_eq!(sent_as(&fabrikam, "own-app"), "relay@fabrikam.example");
+    assert!(send(&relay, "app@contoso.example", "no-app").starts_with("250"));
+    let list = wait_listed(&relay, "no app configured");
+    assert!(list.contains("\tqueued\tdefault\t"), "{list}");
+    assert!(delivered(&unused).is_empty());
+}

@@ -98,6 +98,8 @@ impl UpstreamPool {
                         while running.join_next().await.is_some() {}
                         return;
                     }
+                    // The pool is gone and nothing runs: nothing left to watch.
+                    else => return,
                 }
             }
         });
@@ -150,12 +152,14 @@ impl UpstreamPool {
         })
     }
 
-    /// The token provider of the default route (or the first route): `/healthz`'s token.
+    /// The token provider of the default route (or the first route with an app): `/healthz`'s
+    /// token.
     pub fn first_tokens(&self, config: &Config) -> Option<TokenProvider> {
         let routes = config.route_table();
         let first = routes
             .get(crate::routes::DEFAULT_ROUTE)
-            .or_else(|| routes.iter().next())?;
+            .filter(|r| r.config.oauth.is_configured())
+            .or_else(|| routes.iter().find(|r| r.config.oauth.is_configured()))?;
         let apps = self.apps.lock().unwrap_or_else(|p| p.into_inner());
         apps.get(&app_key(&first.config)).map(|a| a.tokens.clone())
     }
