@@ -84,6 +84,14 @@ fn relay_config(
     )
 }
 
+/// A relay process in `work` with [`relay_config`].
+fn start(work: &Path, default: &SimProc, default_mailbox: bool, routes: &str) -> Relay {
+    Relay::builder()
+        .work(work)
+        .config(|s| relay_config(s, default, default_mailbox, routes))
+        .start()
+}
+
 fn fabrikam_route(sim: &SimProc) -> String {
     format!(
         "[[route]]\nname = \"fabrikam\"\nmatch_sender = [\"*@fabrikam.example\"]\n{}",
@@ -166,10 +174,7 @@ fn two_tenants_each_get_their_own_mail_with_their_own_app() {
     let work = tempfile::tempdir().unwrap();
     let contoso = sim(work.path(), "contoso", "", "");
     let fabrikam = sim(work.path(), "fabrikam", "", FABRIKAM);
-    let relay = Relay::builder()
-        .work(work.path())
-        .config(|s| relay_config(s, &contoso, true, &fabrikam_route(&fabrikam)))
-        .start();
+    let relay = start(work.path(), &contoso, true, &fabrikam_route(&fabrikam));
 
     assert!(send(&relay, "app@contoso.example", "to-contoso").starts_with("250"));
     assert!(send(&relay, "Billing@Fabrikam.example", "to-fabrikam").starts_with("250"));
@@ -199,10 +204,7 @@ fn a_held_route_does_not_stop_the_other() {
         "smtp_auth_disabled = true",
         FABRIKAM,
     );
-    let relay = Relay::builder()
-        .work(work.path())
-        .config(|s| relay_config(s, &contoso, true, &fabrikam_route(&fabrikam)))
-        .start();
+    let relay = start(work.path(), &contoso, true, &fabrikam_route(&fabrikam));
 
     assert!(send(&relay, "billing@fabrikam.example", "stuck").starts_with("250"));
     let list = wait_listed(&relay, "DELIVERY HELD");
@@ -260,10 +262,7 @@ fn a_template_route_sends_each_device_as_its_own_mailbox() {
     let contoso = sim(work.path(), "contoso", "", CONTOSO_DEVICES);
     let routes = "[[route]]\nname = \"scanners\"\nmatch_sender = [\"scanner1@contoso.example\", \
                   \"scanner2@contoso.example\"]\n[route.upstream]\nmail_account = \"{sender}\"\n";
-    let relay = Relay::builder()
-        .work(work.path())
-        .config(|s| relay_config(s, &contoso, true, routes))
-        .start();
+    let relay = start(work.path(), &contoso, true, routes);
 
     assert!(send(&relay, "Scanner1@contoso.example", "scan-1").starts_with("250"));
     assert!(send(&relay, "scanner2@contoso.example", "scan-2").starts_with("250"));
@@ -280,10 +279,7 @@ fn no_matching_route_and_no_default_is_refused_at_mail_from() {
     let contoso = sim(work.path(), "contoso", "", "");
     let routes = "[[route]]\nname = \"alerts\"\nmatch_sender = [\"alerts@contoso.example\"]\n\
                   [route.upstream]\nmail_account = \"relay@contoso.example\"\n";
-    let relay = Relay::builder()
-        .work(work.path())
-        .config(|s| relay_config(s, &contoso, false, routes))
-        .start();
+    let relay = start(work.path(), &contoso, false, routes);
 
     let refused = send(&relay, "other@elsewhere.example", "nope");
     assert!(refused.starts_with("550 5.7.1"), "{refused}");
@@ -307,10 +303,7 @@ fn reload_removing_a_route_holds_its_mail_and_adding_it_back_delivers() {
         FABRIKAM,
     );
     let fixed = sim(work.path(), "fabrikam-on", "", FABRIKAM);
-    let relay = Relay::builder()
-        .work(work.path())
-        .config(|s| relay_config(s, &contoso, true, &fabrikam_route(&broken)))
-        .start();
+    let relay = start(work.path(), &contoso, true, &fabrikam_route(&broken));
     let config_at = |routes: &str| {
         let text = std::fs::read_to_string(&relay.config).expect("config");
         let top = text
@@ -461,10 +454,7 @@ fn a_device_that_logs_in_over_smtps_sends_as_its_own_mailbox() {
          match_auth_user = [\"scanner1@contoso.example\"]\n\
          [route.upstream]\nmail_account = \"{{auth_user}}\"\n"
     );
-    let relay = Relay::builder()
-        .work(work.path())
-        .config(|s| relay_config(s, &contoso, true, &routes))
-        .start();
+    let relay = start(work.path(), &contoso, true, &routes);
 
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], smtps));
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
@@ -519,10 +509,7 @@ fn a_route_can_deliver_through_graph_beside_an_smtp_route() {
                 "https://graph.microsoft.com/.default"
             )
     );
-    let relay = Relay::builder()
-        .work(work.path())
-        .config(|s| relay_config(s, &contoso, true, &graph_route))
-        .start();
+    let relay = start(work.path(), &contoso, true, &graph_route);
     assert!(send(&relay, "billing@fabrikam.example", "by-graph").starts_with("250"));
     assert!(send(&relay, "app@contoso.example", "by-smtp").starts_with("250"));
     assert_eq!(sent_as(&fabrikam, "by-graph"), "relay@fabrikam.example");
