@@ -15,6 +15,16 @@ use crate::config::Config;
 /// The name of the route formed by the top-level `[upstream]` and `[oauth]`.
 pub const DEFAULT_ROUTE: &str = "default";
 
+/// `[a-z0-9-]{1,32}`: the shape of a route name (`default` included), in relay.toml, the spool
+/// and metrics labels.
+pub fn is_route_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= crate::config::ROUTE_NAME_MAX
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
 /// Which mailbox a route sends as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MailboxSpec {

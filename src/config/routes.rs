@@ -257,7 +257,7 @@ impl Config {
 /// Why `name` cannot name a `[[route]]` (`None`: it can). The one rule for relay.toml and
 /// `setup --route`.
 pub fn route_name_problem(name: &str) -> Option<String> {
-    if !well_formed(name) {
+    if !crate::routes::is_route_name(name) {
         Some(format!(
             "{name:?} is not a route name: 1 to {ROUTE_NAME_MAX} of a-z, 0-9 and - (it becomes a \
              metrics label and a queue list column)"
@@ -272,17 +272,9 @@ pub fn route_name_problem(name: &str) -> Option<String> {
     }
 }
 
-fn well_formed(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= ROUTE_NAME_MAX
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
 /// `route.billing.` (or `route[2].` for a table whose name cannot be used).
 fn route_prefix(index: usize, name: &str) -> String {
-    if well_formed(name) {
+    if crate::routes::is_route_name(name) {
         format!("route.{name}.")
     } else {
         format!("route[{}].", index + 1)

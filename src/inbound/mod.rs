@@ -304,6 +304,7 @@ impl Shared {
 pub struct RoutesHandle(Arc<Shared>);
 
 impl RoutesHandle {
+    /// The routes for the transactions that start from now on (a reload).
     pub fn set(&self, routes: crate::routes::Routes) {
         *self.0.routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routes);
     }
@@ -342,17 +343,8 @@ impl Server {
 
     /// The routes MAIL FROM chooses from (without them: every message takes the default route).
     pub fn with_routes(self, routes: crate::routes::Routes) -> Server {
-        self.set_routes(routes);
+        self.routes_handle().set(routes);
         self
-    }
-
-    /// Replaces the routes for the transactions that start from now on (a reload).
-    pub fn set_routes(&self, routes: crate::routes::Routes) {
-        *self
-            .shared
-            .routes
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = Arc::new(routes);
     }
 
     /// A handle that replaces the routes of the running server (SIGHUP).

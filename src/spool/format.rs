@@ -39,6 +39,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::error::SpoolError;
 use super::id::is_valid_id;
+use crate::routes::is_route_name;
 
 /// The format version this code writes; it also reads version 1 (before routes).
 pub const FORMAT_VERSION: u32 = 2;
@@ -291,15 +292,6 @@ pub(crate) fn length_digits(body_length: u64) -> [u8; LENGTH_WIDTH] {
     let s = body_length.to_string();
     out[LENGTH_WIDTH - s.len()..].copy_from_slice(s.as_bytes());
     out
-}
-
-/// `[a-z0-9-]{1,32}`, as `route.name` (and `default`).
-fn is_route_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= crate::config::ROUTE_NAME_MAX
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// Position of the first `\n\n` (end of the envelope header).

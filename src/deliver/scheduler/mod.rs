@@ -488,13 +488,18 @@ impl Dispatcher {
                 .map_or_else(|| format!("route {} cannot send", key.route), |u| u.reason));
         }
         let parts = self.upstreams.open(key)?;
-        Ok(Arc::new(Context {
+        Ok(self.lane_context(key, parts))
+    }
+
+    /// What one lane's attempts work with, from its route's settings and transport.
+    fn lane_context(&self, key: &LaneKey, parts: LaneParts) -> Arc<Context> {
+        Arc::new(Context {
             store: self.store.clone(),
             settings: Arc::new(parts.settings),
             transport: parts.transport,
             metrics: self.metrics.clone(),
             route: key.route.clone(),
-        }))
+        })
     }
 
     /// Reads the queue and makes every lane's schedule agree with it ([`Schedule::sync`]):
@@ -562,19 +567,15 @@ impl Dispatcher {
             if key.mailbox.is_empty() {
                 continue;
             }
-            let opened = self.upstreams.open(&key);
+            let opened = self
+                .upstreams
+                .open(&key)
+                .map(|p| self.lane_context(&key, p));
             let Some(lane) = self.lanes.get_mut(&key) else {
                 continue;
             };
             match opened {
-                Ok(parts) => {
-                    let ctx = Arc::new(Context {
-                        store: self.store.clone(),
-                        settings: Arc::new(parts.settings),
-                        transport: parts.transport,
-                        metrics: self.metrics.clone(),
-                        route: key.route.clone(),
-                    });
+                Ok(ctx) => {
                     lane.pacer.set_settings(pacer_settings(&ctx.settings));
                     lane.ctx = Some(ctx);
                     if matches!(lane.status.state, MailboxState::Unroutable { .. }) {
@@ -692,12 +693,14 @@ impl Dispatcher {
         }
     }
 
-    fn committed(&mut self, id: String, routing: &Routing) {
+    /// Schedules a committed message in its lane; returns the lane.
+    fn committed(&mut self, id: String, routing: &Routing) -> LaneKey {
         let key = self.lane_for(routing);
         self.lane_of_id.insert(id.clone(), key.clone());
         if let Some(lane) = self.lanes.get_mut(&key) {
             lane.schedule.add(id, Instant::now());
         }
+        key
     }
 
     fn done(&mut self, report: JobReport) {
@@ -853,16 +856,27 @@ impl Dispatcher {
     /// Publishes every lane's status for `/healthz` and `queue list` (best effort; the store
     /// is the record).
     async fn publish(&mut self) {
+        let keys: Vec<LaneKey> = self.lanes.keys().cloned().collect();
+        self.statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| self.lanes.contains_key(k));
+        self.publish_lanes(&keys).await;
+    }
+
+    /// Publishes the status of `keys` only: after one message came or went, the others did
+    /// not change (this runs once per message; a template route may have hundreds of lanes).
+    async fn publish_lanes(&mut self, keys: &[LaneKey]) {
         let mut changed = Vec::new();
         {
             let mut shared = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
-            shared.retain(|k, _| self.lanes.contains_key(k));
-            for (key, lane) in self.lanes.iter_mut() {
+            for key in keys {
+                let Some(lane) = self.lanes.get_mut(key) else {
+                    continue;
+                };
                 lane.status.queued = lane.schedule.queued();
-                let before = shared.get(key).map(|s| s.state.to_json());
-                let now = lane.status.state.to_json();
-                if before.as_ref() != Some(&now) {
-                    changed.push((key.status_name(), now));
+                if shared.get(key).map(|s| &s.state) != Some(&lane.status.state) {
+                    changed.push((key.status_name(), lane.status.state.to_json()));
                 }
                 shared.insert(key.clone(), lane.status.clone());
             }
@@ -991,8 +1005,8 @@ async fn dispatch(
         tokio::select! {
             change = changes.recv(), if listening => match change {
                 Ok(StoreEvent::Committed(id, routing)) => {
-                    d.committed(id, &routing);
-                    d.publish().await;
+                    let lane = d.committed(id, &routing);
+                    d.publish_lanes(&[lane]).await;
                 }
                 // An operator command (or more changes than the backlog holds): read it all.
                 Ok(StoreEvent::Changed) | Err(RecvError::Lagged(_)) => {
@@ -1017,12 +1031,18 @@ async fn dispatch(
                     d.publish().await;
                 }
                 Some(Event::Done(report)) => {
+                    let lane = report.lane.clone();
                     d.done(report);
-                    if std::mem::take(&mut d.rescan_needed) {
+                    let rescanned = std::mem::take(&mut d.rescan_needed);
+                    if rescanned {
                         d.rescan().await;
                     }
                     d.share_holds().await;
-                    d.publish().await;
+                    if rescanned {
+                        d.publish().await;
+                    } else {
+                        d.publish_lanes(&[lane]).await;
+                    }
                 }
                 Some(Event::Granted(report)) => d.granted(report),
                 None => break,
