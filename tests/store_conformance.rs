@@ -155,6 +155,11 @@ macro_rules! conformance {
                 suite::ids_are_validated(&mut $fixture).await;
             }
 
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn large_messages_are_read_in_pieces() {
+                suite::large_messages_are_read_in_pieces(&mut $fixture).await;
+            }
+
             #[tokio::test]
             async fn gauges_and_status() {
                 suite::gauges_and_status(&mut $fixture).await;
@@ -165,3 +170,44 @@ macro_rules! conformance {
 
 conformance!(files, Files::new());
 conformance!(postgres, Postgres::new());
+
+/// Unlike a spool file (open for the attempt), a message's rows go with `queue delete`: an
+/// attempt still sending it gets an error, never a message cut short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_message_deleted_while_it_is_sent_ends_its_read_with_an_error() {
+    let pg = Postgres::new();
+    let store = pg.daemon();
+    let bytes = suite::body(4 * 1024 * 1024);
+    let id = suite::put(&*store, &["a@example.org"], &bytes).await;
+    let claimed = store.claim(&id).await.expect("claim").expect("queued");
+    let mut reader = claimed.message.body.reader();
+    let mut got = 0usize;
+    for _ in 0..2 {
+        got += reader
+            .next_chunk()
+            .await
+            .expect("read")
+            .expect("a piece")
+            .len();
+    }
+    pg.operator().delete(&id).await.expect("delete");
+    let error = loop {
+        match reader.next_chunk().await {
+            Ok(Some(piece)) => got += piece.len(),
+            Ok(None) => panic!("a deleted message was read as whole ({got} bytes)"),
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(
+            error,
+            smtp_oauth_relay::spool::SpoolError::Unreadable { .. }
+        ),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains("missing") || error.to_string().contains("found"),
+        "{error}"
+    );
+    assert!(got < bytes.len());
+}

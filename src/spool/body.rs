@@ -1,20 +1,23 @@
 //! A stored message as delivery reads it, without ever holding all of it.
 //!
 //! [`MessageBody`] keeps the header section in memory (bounded by [`HEAD_LIMIT`]; the whole
-//! message when it is no longer than that) and reads the rest from the committed message file
-//! in pieces of [`CHUNK`] bytes. The file is immutable once committed, and it is opened once per
-//! attempt ([`super::Spool::load`]): an operator moving or deleting it meanwhile does not
-//! change what this attempt reads.
+//! message when it is no longer than that) and reads the rest from where the store keeps it, a
+//! [`BodySource`], in pieces of [`CHUNK`] bytes: the committed message file for the spool
+//! ([`MessageBody::open`], opened once per attempt, so an operator moving or deleting it
+//! meanwhile does not change what this attempt reads), the database's rows for the PostgreSQL
+//! store ([`MessageBody::from_source`]).
 //!
 //! The sender policy rewrites only the header section ([`MessageBody::with_head`]); the
 //! extensions a message needs are known without a second copy ([`MessageBody::eight_bit`],
-//! [`MessageBody::header_eight_bit`]: the part in the file is scanned once at load, piece by
+//! [`MessageBody::header_eight_bit`]: the part in the source is scanned once at load, piece by
 //! piece); a transport reads the whole message as a stream of pieces ([`MessageBody::reader`]).
 
 use std::fs::File;
+use std::future::Future;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -32,19 +35,32 @@ pub const HEAD_LIMIT: usize = 1 << 20;
 /// Size of the pieces the rest of a message is read in.
 pub const CHUNK: usize = 256 * 1024;
 
+/// A piece being read from a [`BodySource`].
+pub type PieceFuture = Pin<Box<dyn Future<Output = Result<Vec<u8>, SpoolError>> + Send>>;
+
+/// Where a store keeps the bytes of a committed message that delivery does not hold in memory.
+/// Offsets count from the message's first byte. The bytes never change once committed: a
+/// source that finds fewer than asked (cut short, deleted meanwhile) answers an error, never a
+/// shorter piece.
+pub trait BodySource: Send + Sync + 'static {
+    /// Exactly `n` bytes (at most [`CHUNK`]) starting at `at`.
+    fn read(self: Arc<Self>, at: u64, n: usize) -> PieceFuture;
+    /// Where the bytes are, for logs and `Debug` (a path, a table row).
+    fn describe(&self) -> String;
+}
+
 /// A message's bytes as stored (unstuffed, CRLF), for delivery. Cheap to clone: clones share
-/// the head and the open file.
+/// the head and the source.
 #[derive(Clone)]
 pub struct MessageBody {
     head: Bytes,
     tail: Option<Arc<Tail>>,
 }
 
-/// The part of the message left in the file.
+/// The part of the message left in the source.
 struct Tail {
-    file: File,
-    path: PathBuf,
-    /// Where in the file the part starts.
+    source: Arc<dyn BodySource>,
+    /// Where in the source the part starts.
     offset: u64,
     len: u64,
     /// Some byte of the part is 8-bit.
@@ -59,10 +75,7 @@ impl std::fmt::Debug for MessageBody {
         f.debug_struct("MessageBody")
             .field("len", &self.len())
             .field("in_memory", &self.head.len())
-            .field(
-                "file",
-                &self.tail.as_ref().map(|t| t.path.display().to_string()),
-            )
+            .field("source", &self.tail.as_ref().map(|t| t.source.describe()))
             .finish()
     }
 }
@@ -98,7 +111,7 @@ impl MessageBody {
     }
 
     /// The same message with another head (the header section rewritten); the rest is still
-    /// read from the file, never copied.
+    /// read from the source, never copied.
     pub fn with_head(&self, head: Vec<u8>) -> MessageBody {
         MessageBody {
             head: Bytes::from(head),
@@ -117,7 +130,7 @@ impl MessageBody {
         if !headers.section().is_ascii() {
             return true;
         }
-        // A section cut at HEAD_LIMIT continues in the file.
+        // A section cut at HEAD_LIMIT continues in the source.
         !headers.complete() && self.tail.as_ref().is_some_and(|t| t.eight_bit_header)
     }
 
@@ -127,7 +140,7 @@ impl MessageBody {
     }
 
     /// Reads bytes `start..end` of the message (clamped to its length) as a stream of pieces,
-    /// never more than [`CHUNK`] from the file at a time: what a transport needs to send one
+    /// never more than [`CHUNK`] from the source at a time: what a transport needs to send one
     /// part of a large message without the rest.
     pub fn range_reader(&self, start: u64, end: u64) -> BodyReader {
         let end = end.min(self.len());
@@ -154,39 +167,116 @@ impl MessageBody {
         let mut head = m.body_prefix;
         head.truncate(total.min(head.len() as u64) as usize);
         let file = m.file;
-        // One byte past the limit tells whether the last line read is continued (folded).
-        let want = total.min(HEAD_LIMIT as u64 + 1) as usize;
+        let want = head_wanted(total);
         if head.len() < want {
             let have = head.len();
             head.resize(want, 0);
             read_exact_at(&file, &mut head[have..], start + have as u64, path)?;
         }
-        if total as usize == head.len() {
-            return Ok((m.header, MessageBody::from_bytes(head)));
+        let (head, cut) = match split_head(head, total) {
+            Split::Whole(whole) => return Ok((m.header, MessageBody::from_bytes(whole))),
+            Split::Head { head, cut } => (head, cut),
+        };
+        let offset = start + head.len() as u64;
+        let len = total - head.len() as u64;
+        let mut scan = EightBitScan::new(cut);
+        let mut buf = vec![0u8; CHUNK.min(len as usize)];
+        let mut pos = 0u64;
+        while pos < len {
+            let n = (len - pos).min(buf.len() as u64) as usize;
+            let piece = &mut buf[..n];
+            read_exact_at(&file, piece, offset + pos, path)?;
+            if scan.feed(piece) {
+                break;
+            }
+            pos += n as u64;
         }
-        let keep = head_end(&head);
-        head.truncate(keep);
-        head.shrink_to_fit();
-        let cut = !Headers::parse(&head).complete();
-        let offset = start + keep as u64;
-        let len = total - keep as u64;
-        let (eight_bit, eight_bit_header) = scan(&file, offset, len, cut, path)?;
-        let tail = Tail {
+        let source = Arc::new(FileSource {
             file,
             path: path.to_path_buf(),
-            offset,
-            len,
-            eight_bit,
-            eight_bit_header,
-        };
+        });
         Ok((
             m.header,
-            MessageBody {
-                head: Bytes::from(head),
-                tail: Some(Arc::new(tail)),
-            },
+            MessageBody::with_tail(head, source, offset, len, scan),
         ))
     }
+
+    /// A committed message of `total` bytes kept in `source` (offset 0 is its first byte): its
+    /// head is read and kept, the rest scanned once for 8-bit bytes and read again, piece by
+    /// piece, when sent.
+    pub async fn from_source(
+        source: Arc<dyn BodySource>,
+        total: u64,
+    ) -> Result<MessageBody, SpoolError> {
+        let want = head_wanted(total);
+        let mut head = Vec::with_capacity(want);
+        while head.len() < want {
+            let n = (want - head.len()).min(CHUNK);
+            head.extend_from_slice(&source.clone().read(head.len() as u64, n).await?);
+        }
+        let (head, cut) = match split_head(head, total) {
+            Split::Whole(whole) => return Ok(MessageBody::from_bytes(whole)),
+            Split::Head { head, cut } => (head, cut),
+        };
+        let offset = head.len() as u64;
+        let len = total - offset;
+        let mut scan = EightBitScan::new(cut);
+        let mut pos = 0u64;
+        while pos < len {
+            let n = (len - pos).min(CHUNK as u64) as usize;
+            let piece = source.clone().read(offset + pos, n).await?;
+            if scan.feed(&piece) {
+                break;
+            }
+            pos += n as u64;
+        }
+        Ok(MessageBody::with_tail(head, source, offset, len, scan))
+    }
+
+    fn with_tail(
+        head: Vec<u8>,
+        source: Arc<dyn BodySource>,
+        offset: u64,
+        len: u64,
+        scan: EightBitScan,
+    ) -> MessageBody {
+        let tail = Tail {
+            source,
+            offset,
+            len,
+            eight_bit: scan.eight_bit,
+            eight_bit_header: scan.eight_bit_header,
+        };
+        MessageBody {
+            head: Bytes::from(head),
+            tail: Some(Arc::new(tail)),
+        }
+    }
+}
+
+/// How many of a message's first bytes decide its head: one byte past the limit tells whether
+/// the last line read is continued (folded).
+fn head_wanted(total: u64) -> usize {
+    total.min(HEAD_LIMIT as u64 + 1) as usize
+}
+
+/// A message's first [`head_wanted`] bytes, split.
+enum Split {
+    /// They are the whole message.
+    Whole(Vec<u8>),
+    /// The head to keep; `cut`: it is a header section cut at [`HEAD_LIMIT`].
+    Head { head: Vec<u8>, cut: bool },
+}
+
+fn split_head(mut head: Vec<u8>, total: u64) -> Split {
+    if total as usize == head.len() {
+        return Split::Whole(head);
+    }
+    let keep = head_end(&head);
+    head.truncate(keep);
+    head.shrink_to_fit();
+    let cut = !Headers::parse(&head).complete();
+    Split::Head { head, cut }
 }
 
 /// How much of `start` (the first bytes of a message longer than them) stays in memory: the
@@ -211,48 +301,47 @@ fn head_end(start: &[u8]) -> usize {
         .unwrap_or(limit)
 }
 
-/// One pass over `len` bytes at `offset`: (any 8-bit byte, any 8-bit byte before the first
-/// empty line). Stops as soon as both are known. `header` says whether the part continues a
-/// header section (cut at a line end); if not, the second answer is false.
-fn scan(
-    file: &File,
-    offset: u64,
-    len: u64,
-    header: bool,
-    path: &Path,
-) -> Result<(bool, bool), SpoolError> {
-    let mut buf = vec![0u8; CHUNK.min(len as usize)];
-    let (mut eight_bit, mut eight_bit_header) = (false, false);
-    let mut in_header = header;
-    // How much of "\r\n\r\n" the bytes just seen match; the part starts after a line end.
-    let mut matched = 2;
-    let mut pos = 0u64;
-    while pos < len {
-        let n = (len - pos).min(buf.len() as u64) as usize;
-        let piece = &mut buf[..n];
-        read_exact_at(file, piece, offset + pos, path)?;
-        if in_header {
-            for &b in piece.iter() {
-                eight_bit_header |= !b.is_ascii();
-                matched = match (matched, b) {
-                    (0 | 2, b'\r') => matched + 1,
-                    (1 | 3, b'\n') => matched + 1,
+/// One pass over the part of a message past its head, piece by piece: any 8-bit byte, and any
+/// 8-bit byte before the first empty line (only when the part continues a header section cut
+/// at a line end; otherwise that answer is false).
+struct EightBitScan {
+    in_header: bool,
+    /// How much of "\r\n\r\n" the bytes just seen match; the part starts after a line end.
+    matched: u8,
+    eight_bit: bool,
+    eight_bit_header: bool,
+}
+
+impl EightBitScan {
+    fn new(continues_header: bool) -> EightBitScan {
+        EightBitScan {
+            in_header: continues_header,
+            matched: 2,
+            eight_bit: false,
+            eight_bit_header: false,
+        }
+    }
+
+    /// Takes the next piece; true once both answers are known (the rest need not be read).
+    fn feed(&mut self, piece: &[u8]) -> bool {
+        if self.in_header {
+            for &b in piece {
+                self.eight_bit_header |= !b.is_ascii();
+                self.matched = match (self.matched, b) {
+                    (0 | 2, b'\r') => self.matched + 1,
+                    (1 | 3, b'\n') => self.matched + 1,
                     (_, b'\r') => 1,
                     _ => 0,
                 };
-                if matched == 4 {
-                    in_header = false;
+                if self.matched == 4 {
+                    self.in_header = false;
                     break;
                 }
             }
         }
-        eight_bit |= !piece.is_ascii();
-        if eight_bit && !in_header {
-            break;
-        }
-        pos += n as u64;
+        self.eight_bit |= !piece.is_ascii();
+        self.eight_bit && !self.in_header
     }
-    Ok((eight_bit, eight_bit_header))
 }
 
 fn read_exact_at(file: &File, buf: &mut [u8], at: u64, path: &Path) -> Result<(), SpoolError> {
@@ -260,9 +349,37 @@ fn read_exact_at(file: &File, buf: &mut [u8], at: u64, path: &Path) -> Result<()
         .map_err(|e| SpoolError::io("read", path, e))
 }
 
+/// A committed spool file, open for this attempt.
+struct FileSource {
+    file: File,
+    path: PathBuf,
+}
+
+impl BodySource for FileSource {
+    fn read(self: Arc<Self>, at: u64, n: usize) -> PieceFuture {
+        Box::pin(async move {
+            let path = self.path.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; n];
+                self.file.read_exact_at(&mut buf, at).map(|()| buf)
+            })
+            .await;
+            match read {
+                Ok(Ok(buf)) => Ok(buf),
+                Ok(Err(e)) => Err(SpoolError::io("read", &path, e)),
+                Err(e) => Err(SpoolError::io("read", &path, io::Error::other(e))),
+            }
+        })
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
 /// Reads a [`MessageBody`] (or a range of it) piece by piece: the part held in memory, then
-/// the file in [`CHUNK`]s, one piece read ahead on the blocking pool while the caller sends the
-/// last one.
+/// the source in [`CHUNK`]s, one piece read ahead (in a task of its own) while the caller sends
+/// the last one.
 pub struct BodyReader {
     body: MessageBody,
     /// The part of the head still to hand out (`None` once handed out).
@@ -271,7 +388,7 @@ pub struct BodyReader {
     pos: u64,
     /// Offset in the tail where the range ends.
     end: u64,
-    pending: Option<tokio::task::JoinHandle<io::Result<Vec<u8>>>>,
+    pending: Option<tokio::task::JoinHandle<Result<Vec<u8>, SpoolError>>>,
 }
 
 impl BodyReader {
@@ -286,17 +403,21 @@ impl BodyReader {
         let Some(pending) = self.pending.take() else {
             return Ok(None);
         };
-        let path = || {
-            self.body
-                .tail
-                .as_ref()
-                .map(|t| t.path.clone())
-                .unwrap_or_default()
-        };
         let piece = match pending.await {
-            Ok(Ok(piece)) => piece,
-            Ok(Err(e)) => return Err(SpoolError::io("read", &path(), e)),
-            Err(e) => return Err(SpoolError::io("read", &path(), io::Error::other(e))),
+            Ok(read) => read?,
+            Err(e) => {
+                let what = self
+                    .body
+                    .tail
+                    .as_ref()
+                    .map(|t| t.source.describe())
+                    .unwrap_or_default();
+                return Err(SpoolError::io(
+                    "read",
+                    Path::new(&what),
+                    io::Error::other(e),
+                ));
+            }
         };
         self.start_read();
         Ok(Some(Bytes::from(piece)))
@@ -314,11 +435,17 @@ impl BodyReader {
         let at = self.pos;
         let n = (end - at).min(CHUNK as u64) as usize;
         self.pos += n as u64;
-        self.pending = Some(tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; n];
-            tail.file.read_exact_at(&mut buf, tail.offset + at)?;
-            Ok(buf)
-        }));
+        let read = tail.source.clone().read(tail.offset + at, n);
+        self.pending = Some(tokio::spawn(read));
+    }
+}
+
+impl Drop for BodyReader {
+    fn drop(&mut self) {
+        // A piece read ahead that nobody will take.
+        if let Some(pending) = self.pending.take() {
+            pending.abort();
+        }
     }
 }
 

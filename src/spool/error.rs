@@ -55,6 +55,15 @@ pub enum SpoolError {
     /// The message already failed (its temporary file is gone); it cannot be written to.
     #[error("message {0} already failed and was discarded")]
     Discarded(String),
+    /// A store other than the spool (the database) could not give back the bytes of a
+    /// message being read for delivery: the attempt ends as a temporary failure.
+    #[error("reading message {id} from {store}: {source}")]
+    Unreadable {
+        id: String,
+        store: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl SpoolError {

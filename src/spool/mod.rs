@@ -54,7 +54,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
-pub use body::{BodyReader, MessageBody};
+pub use body::{BodyReader, BodySource, MessageBody, PieceFuture};
 pub use error::SpoolError;
 pub use format::{BodyType, Envelope, MailParams, Recipient};
 pub use fsutil::{Fault, FaultPoint, SpoolStats};

@@ -4,7 +4,8 @@
 //! - `relay_message`: one row per message: state (`queued`, `held`, `failed`), the envelope
 //!   (the spool's versioned envelope header, so both stores read one format), size, delivery
 //!   state (JSON with its version), and the claim: `lease_owner`, `lease_token`, `lease_until`.
-//! - `relay_body`: the message bytes as `bytea` chunks of [`CHUNK`] bytes, apart from the
+//! - `relay_body`: the message bytes as `bytea` chunks of [`CHUNK`] bytes (read back piece by
+//!   piece while a message is sent: `postgres/body.rs`), apart from the
 //!   message rows so that claims and listings stay small.
 //! - `relay_status`: the mailbox statuses for `queue list`.
 //! - `relay_budget`, `relay_session_slot`, `relay_hold`: the mailbox budget the relays share
@@ -26,6 +27,7 @@
 //! from the pool), reconnects when it is lost (and then announces `Changed`, since it may have
 //! missed something), and every [`POLL_EVERY`] sweeps expired leases as a backup.
 
+mod body;
 mod budget;
 
 use std::collections::HashMap;
@@ -415,14 +417,14 @@ async fn migrate(client: &Object) -> Result<(), PgError> {
     Ok(())
 }
 
-/// The one place a claimed message is built from what the database holds. The whole body is
-/// read into memory (not yet streamed from the database as the file spool streams its file).
-fn loaded_message(id: String, envelope: Envelope, body: Vec<u8>) -> LoadedMessage {
-    LoadedMessage {
-        id,
-        envelope,
-        body: crate::spool::MessageBody::from_bytes(body),
-    }
+/// The one place a claimed message is built from what the database holds: its head in memory,
+/// the rest read from `relay_body` while it is sent (`postgres/body.rs`).
+fn loaded_message(
+    id: String,
+    envelope: Envelope,
+    body: crate::spool::MessageBody,
+) -> LoadedMessage {
+    LoadedMessage { id, envelope, body }
 }
 
 /// A column of a row this relay's own query shaped; a mismatch is an error, never a panic.
@@ -766,14 +768,31 @@ impl PgStore {
                 return Ok(None);
             }
         };
-        let body = read_body(&client, &id, size as usize, usize::MAX).await?;
-        if body.len() as u64 != size {
+        // The rows' sizes alone (no chunk is read): a message stored short is refused before
+        // anything of it is sent.
+        let rows = client
+            .query_one(
+                "SELECT count(*), coalesce(sum(octet_length(chunk)), 0)::bigint,
+                        coalesce(max(seq), -1)::bigint
+                   FROM relay_body WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(db("read a message"))?;
+        let (count, stored, last): (i64, i64, i64) =
+            (col(&rows, 0)?, col(&rows, 1)?, col(&rows, 2)?);
+        if stored as u64 != size || count != last + 1 {
             return Err(PgError::Corrupt {
                 id,
-                problem: format!("{} bytes stored, {size} expected", body.len()),
+                problem: format!("{stored} bytes in {count} chunks stored, {size} bytes expected"),
             }
             .into());
         }
+        drop(client);
+        let source = Arc::new(body::PgBody::new(self.clone(), id.clone(), size));
+        let body = crate::spool::MessageBody::from_source(source, size)
+            .await
+            .map_err(|e| StoreError::Failed(Box::new(e)))?;
         Ok(Some(Claimed::new(
             loaded_message(id, envelope, body),
             state,

@@ -394,3 +394,54 @@ pub async fn gauges_and_status(f: &mut impl StoreFixture) {
     let seen = f.operator().statuses().await;
     assert_eq!(seen, vec![("relay@contoso.example".to_string(), status)]);
 }
+
+/// A message far larger than what delivery keeps in memory (35 MiB, the largest Exchange
+/// Online takes): a claim keeps only its header section; the rest is read from the store piece
+/// by piece, exactly, whole or by range; the 8-bit scan sees the store's part.
+pub async fn large_messages_are_read_in_pieces(f: &mut impl StoreFixture) {
+    use smtp_oauth_relay::spool::body::{CHUNK, HEAD_LIMIT};
+    let store = f.daemon();
+    let header = b"From: app@legacy.test\r\nSubject: large\r\n\r\n";
+    let mut bytes = header.to_vec();
+    bytes.extend_from_slice(&body(35 * 1024 * 1024)[header.len()..]);
+    let late = bytes.len() - 3;
+    bytes[late] = 0xe9;
+    let id = put(&*store, &["a@example.org"], &bytes).await;
+    let claimed = store.claim(&id).await.expect("claim").expect("queued");
+    let message = &claimed.message.body;
+    assert_eq!(message.len(), bytes.len() as u64);
+    assert!(!message.is_whole_in_memory(), "not held whole");
+    assert_eq!(message.head(), header, "only the header section in memory");
+    assert!(message.eight_bit(), "the 8-bit byte near the end is seen");
+    assert!(!message.header_eight_bit());
+    let mut pieces = 0usize;
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut reader = message.reader();
+    while let Some(piece) = reader.next_chunk().await.expect("read") {
+        assert!(!piece.is_empty() && piece.len() <= CHUNK.max(HEAD_LIMIT));
+        out.extend_from_slice(&piece);
+        pieces += 1;
+    }
+    assert!(out == bytes, "the exact bytes, {} read", out.len());
+    assert!(pieces > 100, "read in pieces ({pieces})");
+    let len = bytes.len() as u64;
+    let held = header.len() as u64;
+    let row = 256 * 1024u64;
+    for (start, end) in [
+        (0, 7),
+        (held - 3, held + 5),
+        (row - 1, row + 1),
+        (3 * row + 11, 5 * row + 13),
+        (len - 5, len + 100),
+    ] {
+        let mut reader = message.range_reader(start, end);
+        let mut out = Vec::new();
+        while let Some(piece) = reader.next_chunk().await.expect("read a range") {
+            out.extend_from_slice(&piece);
+        }
+        assert!(
+            out == bytes[start as usize..end.min(len) as usize],
+            "range {start}..{end}"
+        );
+    }
+}
