@@ -104,3 +104,141 @@ pub fn query_texts(url: &str, sql: &str) -> Vec<Option<String>> {
     .join()
     .expect("query")
 }
+
+/// A PostgreSQL cluster of one test's own, on a loopback port, for a test that stops and starts
+/// the server itself (the shared cluster must stay up for the others). As root it runs as the
+/// `postgres` user, as `./run-tests` runs the shared one.
+pub struct PrivateCluster {
+    dir: tempfile::TempDir,
+    bin: std::path::PathBuf,
+    port: u16,
+}
+
+impl PrivateCluster {
+    /// initdb and start (fsync off: the tests measure behaviour, not the disk).
+    pub fn start() -> PrivateCluster {
+        let bin = pg_bin_dir();
+        let dir = tempfile::tempdir().expect("tempdir");
+        if is_root() {
+            run(
+                std::process::Command::new("chown")
+                    .arg("postgres:")
+                    .arg(dir.path()),
+                "chown the cluster directory",
+            );
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let cluster = PrivateCluster { dir, bin, port };
+        run(
+            cluster
+                .command("initdb")
+                .arg("-D")
+                .arg(cluster.data())
+                .args(["-U", "postgres", "--auth=trust", "-E", "UTF8"]),
+            "initdb",
+        );
+        cluster.start_server();
+        cluster
+    }
+
+    /// The superuser URL of its `postgres` database.
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+            self.port
+        )
+    }
+
+    /// Starts the server again (after [`stop_server`](Self::stop_server)), waiting until it
+    /// accepts connections.
+    pub fn start_server(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100",
+            self.port,
+            self.dir.path().display()
+        );
+        run(
+            self.command("pg_ctl")
+                .arg("-D")
+                .arg(self.data())
+                .arg("-l")
+                .arg(self.dir.path().join("server.log"))
+                .args(["-w", "-t", "60", "-o", &options, "start"]),
+            "pg_ctl start",
+        );
+    }
+
+    /// Stops the server as an administrator does (`-m fast`: sessions are ended, their open
+    /// transactions rolled back).
+    pub fn stop_server(&self) {
+        run(
+            self.command("pg_ctl")
+                .arg("-D")
+                .arg(self.data())
+                .args(["-m", "fast", "-w", "-t", "60", "stop"]),
+            "pg_ctl stop",
+        );
+    }
+
+    fn data(&self) -> std::path::PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn command(&self, program: &str) -> std::process::Command {
+        let program = self.bin.join(program);
+        if is_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        } else {
+            std::process::Command::new(program)
+        }
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-m", "immediate", "-w", "-t", "30", "stop"])
+            .output();
+    }
+}
+
+/// Debian's newest PostgreSQL, as `./run-tests` picks it; else what `PATH` has.
+fn pg_bin_dir() -> std::path::PathBuf {
+    let mut dirs: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    dirs.sort();
+    dirs.pop()
+        .map(|(_, bin)| bin)
+        .unwrap_or_else(|| std::path::PathBuf::from("/usr/bin"))
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn run(command: &mut std::process::Command, what: &str) {
+    let out = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
