@@ -13,7 +13,8 @@
 #   PARTS (default "disk accept drain mem delivery routes postgres"): the parts to run, e.g.
 #   PARTS="accept delivery" for the accept rate and the delivery memory of one binary in one run,
 #   ACCEPT_CONFIGS (SIZE:SESSIONS:MESSAGES:LATENCY_MESSAGES ...) replaces the accept runs' counts,
-#   PG_CONFIGS (SIZE:SESSIONS:MESSAGES ...) the postgres part's accept runs, PG_DRAIN_N its drain count.
+#   PG_CONFIGS (SIZE:SESSIONS:MESSAGES ...) the postgres part's accept runs, PG_DRAIN_N its drain
+#   count, PG_DRAINS (RATE:CONNECTIONS ..., e.g. "50/s:3 1000/s:3") its drain rows (1 and 2 replicas each).
 # Needs (root): postfix 3.x (smtp-source, postfix, postsuper, postqueue), python3, openssl;
 #   the postgres part: PostgreSQL (initdb, pg_ctl, psql; Debian's postgresql) and no Postfix.
 set -euo pipefail
@@ -590,7 +591,9 @@ find "$FS_SPOOL/queue" -maxdepth 1 -type f -delete
 
 # --- drain: N queued in the database, 1 or 2 replicas deliver to the simulator
 if [ "$MODE" = smoke ]; then PDN=${PG_DRAIN_N:-100}; else PDN=${PG_DRAIN_N:-600}; fi
-if [ "$MODE" = smoke ]; then PG_RATES="50/s"; else PG_RATES="50/s 1000/s"; fi
+# RATE:CONNECTIONS of each drain row (each with 1, then 2 replicas).
+if [ "$MODE" = smoke ]; then PGD="50/s:3"; else PGD="50/s:3 1000/s:3"; fi
+PGD=${PG_DRAINS:-$PGD}
 SIM_PORT=$(sed -n 's/^SMTP port: *//p' "$W/sim.out")
 pg_drain() { # RATE CONNECTIONS REPLICAS
     local rate=$1 conns=$2 reps=$3 db t0 l r pids=() queued i port
@@ -630,9 +633,9 @@ $OAUTH"
     log "pg drain rate=$rate connections=$conns replicas=$reps: $queued queued; $r; relay CPU s $cpu"
     pg_sql postgres "DROP DATABASE $db" >/dev/null
 }
-for rate in $PG_RATES; do
+for d in $PGD; do
     for reps in 1 2; do
-        pg_drain "$rate" 3 "$reps"
+        pg_drain "${d%:*}" "${d##*:}" "$reps"
     done
 done
 fi
