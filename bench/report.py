@@ -44,7 +44,7 @@ def main():
     out = []
     p = out.append
 
-    reps = max([r.get("rep", 1) for r in by("accept")] + [1])
+    reps = max([r.get("rep", 1) for r in by("accept") + by("pg_accept")] + [1])
     p(f"Run: {machine.get('started')} → {end.get('finished')}, mode `{machine.get('mode')}`, "
       f"commit `{machine.get('commit')}`, {machine.get('nproc')} cores (shared), kernel "
       f"{machine.get('kernel')}, spool/queue filesystem {machine.get('fs')}. "
@@ -222,7 +222,7 @@ def main():
         p("Accept: bench/acklat.py (persistent sessions; rate and final dot → 250 latency from the same run), "
           "the relay with no upstream, file store and PostgreSQL store alternating; stored messages checked after every run.")
         p("")
-        p("| message | sessions | messages | file msg/s | PostgreSQL msg/s | PostgreSQL/file | file p50 / p99 ms | PostgreSQL p50 / p99 ms | runs short | load (file, PG) |")
+        p("| message | sessions | messages | file msg/s | PostgreSQL msg/s | PostgreSQL/file | file p50 / p99 ms | PostgreSQL p50 / p99 ms | runs short (file / PG) | 1-min load per run (file; PG) |")
         p("|---|---:|---:|---:|---:|---:|---|---|---|---|")
         for (size, sess) in sorted(grp):
             row = {}
