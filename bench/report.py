@@ -44,7 +44,7 @@ def main():
     out = []
     p = out.append
 
-    reps = max([r.get("rep", 1) for r in by("accept")] + [1])
+    reps = max([r.get("rep", 1) for r in by("accept") + by("pg_accept")] + [1])
     p(f"Run: {machine.get('started')} → {end.get('finished')}, mode `{machine.get('mode')}`, "
       f"commit `{machine.get('commit')}`, {machine.get('nproc')} cores (shared), kernel "
       f"{machine.get('kernel')}, spool/queue filesystem {machine.get('fs')}. "
@@ -203,6 +203,68 @@ def main():
             p(f"| {r['scenario']} | {r['mailboxes']} | {r['accept_per_s']:.0f} | {r['drain_s']:.1f} s "
               f"({r['delivered']}/{r['accepted']}) | {r['idle_rss_mib']:.1f} MiB | {r['peak_rss_mib']:.1f} MiB | "
               f"{r['rss_after_mib']:.1f} MiB |")
+        p("")
+
+    pg_acc = by("pg_accept")
+    pg_drain = by("pg_drain")
+    if pg_acc or pg_drain:
+        srv = (by("pg_server") or [{}])[0]
+        p("### PostgreSQL store beside the file store (part `postgres`)")
+        p("")
+        p(f"Throwaway PostgreSQL {srv.get('version')} on loopback, `fsync = {srv.get('fsync')}`, "
+          f"`synchronous_commit = {srv.get('synchronous_commit')}`, `wal_sync_method = {srv.get('wal_sync_method')}`, "
+          f"data on {srv.get('data_fs')} (the file spool's filesystem).")
+        p("")
+    if pg_acc:
+        grp = {}
+        for r in pg_acc:
+            grp.setdefault((r["size"], r["sessions"]), {}).setdefault(r["store"], []).append(r)
+        p("Accept: bench/acklat.py (persistent sessions; rate and final dot → 250 latency from the same run), "
+          "the relay with no upstream, file store and PostgreSQL store alternating; stored messages checked after every run.")
+        p("")
+        p("| message | sessions | messages | file msg/s | PostgreSQL msg/s | PostgreSQL/file | file p50 / p99 ms | PostgreSQL p50 / p99 ms | runs short (file / PG) | 1-min load per run (file; PG) |")
+        p("|---|---:|---:|---:|---:|---:|---|---|---|---|")
+        for (size, sess) in sorted(grp):
+            row = {}
+            for t in ("file", "postgres"):
+                rs = grp[(size, sess)].get(t, [])
+                ok = lambda r: r["stored"] == r["messages"] and r["lat"].get("messages") == r["messages"] and not r["lat"].get("errors")
+                row[t] = {
+                    "rate": med([r["lat"].get("msgs_per_s") if ok(r) else None for r in rs]),
+                    "p50": med([r["lat"].get("p50_ms") for r in rs]),
+                    "p99": med([r["lat"].get("p99_ms") for r in rs]),
+                    "bad": sum(1 for r in rs if not ok(r)),
+                    "n": rs[0]["messages"] if rs else None,
+                    "loads": [r["load"].split()[0] for r in rs],
+                }
+            f, g = row["file"], row["postgres"]
+            ratio = g["rate"] / f["rate"] if f["rate"] and g["rate"] else None
+            label = f"{size // 1024} KiB" if size < 1 << 20 else f"{size >> 20} MiB"
+            p(f"| {label} | {sess} | {f0(f['n'])} | {f0(f['rate'])} | {f0(g['rate'])} | {f2(ratio)}× | "
+              f"{f1(f['p50'])} / {f1(f['p99'])} | {f1(g['p50'])} / {f1(g['p99'])} | {f['bad']} / {g['bad']} | "
+              f"{' '.join(f['loads'])}; {' '.join(g['loads'])} |")
+        p("")
+    if pg_drain:
+        p("Drain: 10 KiB messages queued in the database (accepted with no upstream), then 1 or 2 relay processes on "
+          "the same database deliver to the simulator with the same `upstream.rate` and `connections` (a budget "
+          "for both together). Drain time from the first process start until `relay_message` is empty; "
+          "steady rate = (delivered − 1) / (last − first delivery) from the simulator's mailbox files; "
+          "max 1 s = most deliveries in any 1-second window.")
+        p("")
+        p("| rate | connections | replicas | delivered / queued | drain s | msg/s overall | steady msg/s | max in 1 s | delivered per replica | sessions seen (sampled) | relay CPU s | left / failed / duplicates | within the shared rate? | load |")
+        p("|---|---:|---:|---|---:|---:|---:|---:|---|---:|---|---|---|---|")
+        for r in pg_drain:
+            w = r["watch"]
+            rate_n, _, unit = r["rate"].partition("/")
+            per_s = float(rate_n) / {"s": 1, "min": 60}.get(unit, 1)
+            overall = w["delivered"] / w["seconds"] if w.get("seconds") else None
+            steady = w.get("steady_per_s")
+            within = "–" if steady is None else ("yes" if steady <= per_s * 1.05 and w.get("max_1s", 0) <= per_s * 1.05 + 1 else "**no**")
+            p(f"| {r['rate']} | {r['connections']} | {r['replicas']} | {w['delivered']:,} / {r['queued']:,} | "
+              f"{w['seconds']:.2f} | {f1(overall)} | {f1(steady)} | {w.get('max_1s', '–')} | "
+              f"{' + '.join(str(x) for x in r.get('per_replica', []))} | {w.get('peak_sessions_sampled')} | "
+              f"{' + '.join(f'{c:.2f}' for c in r['cpu_s'])} | {w['left']} / {w['failed']} / {r['possible_duplicates']} | "
+              f"{within} | {r['load']} |")
         p("")
 
     table = "\n".join(out)

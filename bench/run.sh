@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks: smtp-oauth-relay against a private Postfix instance on this machine (loopback only).
 #
-#   bench/run.sh            full run (about 8-12 minutes on 2 cores); writes BENCHMARKS.md
+#   bench/run.sh            full run (about 10-15 minutes on 2 cores); writes BENCHMARKS.md (with
+#                           PARTS=subset: only bench/results/last-PARTS.jsonl and the table on stdout)
 #   bench/run.sh --smoke    seconds; tiny counts, checks the harness end to end; writes nothing
 #                           outside its temporary directory (the table goes to stdout)
 #
@@ -9,10 +10,13 @@
 #   BENCH_TMP (parent of the scratch directory; default /var/tmp, same filesystem as /work here),
 #   KEEP=1 keeps the scratch directory, NO_BUILD=1 skips `cargo build --release`,
 #   RELAY_BIN=PATH measures that binary instead (e.g. another commit's build; implies NO_BUILD),
-#   PARTS (default "disk accept drain mem delivery routes"): the parts to run, e.g. PARTS="accept delivery"
-#   for the accept rate and the delivery memory of one binary in one run,
-#   ACCEPT_CONFIGS (SIZE:SESSIONS:MESSAGES:LATENCY_MESSAGES ...) replaces the accept runs' counts.
-# Needs (root): postfix 3.x (smtp-source, postfix, postsuper, postqueue), python3, openssl.
+#   PARTS (default "disk accept drain mem delivery routes postgres"): the parts to run, e.g.
+#   PARTS="accept delivery" for the accept rate and the delivery memory of one binary in one run,
+#   ACCEPT_CONFIGS (SIZE:SESSIONS:MESSAGES:LATENCY_MESSAGES ...) replaces the accept runs' counts,
+#   PG_CONFIGS (SIZE:SESSIONS:MESSAGES ...) the postgres part's accept runs, PG_DRAIN_N its drain
+#   count, PG_DRAINS (RATE:CONNECTIONS ..., e.g. "50/s:3 1000/s:3") its drain rows (1 and 2 replicas each).
+# Needs (root): postfix 3.x (smtp-source, postfix, postsuper, postqueue), python3, openssl;
+#   the postgres part: PostgreSQL (initdb, pg_ctl, psql; Debian's postgresql) and no Postfix.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,9 +30,11 @@ done
 if [ "$MODE" = smoke ]; then REPEATS=${REPEATS:-1}; else REPEATS=${REPEATS:-3}; fi
 PB=${BENCH_PORT_BASE:-23500}
 P_RELAY=$((PB + 25)) P_PF=$((PB + 26)) P_PFD=$((PB + 27)) P_SINK=$((PB + 28)) P_CLOSED=$((PB + 29))
+P_PG=$((PB + 30)) P_RELAY2=$((PB + 31))
 BIN=${RELAY_BIN:-$ROOT/target/release/smtp-oauth-relay}
 [ -n "${RELAY_BIN:-}" ] && NO_BUILD=1
-PARTS=" ${PARTS:-disk accept drain mem delivery routes} "
+ALL_PARTS="disk accept drain mem delivery routes postgres"
+PARTS=" ${PARTS:-$ALL_PARTS} "
 part() { [[ "$PARTS" == *" $1 "* ]]; }
 B=$ROOT/bench
 # shellcheck source=bench/postfix.sh
@@ -46,10 +52,16 @@ RES=$W/results.jsonl
 PIDS=()
 PF_DIRS=()
 CGROUPS=()
+PG_DIR=
+AS_PG=()
 cleanup() {
     set +e
     for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
     for d in "${PF_DIRS[@]}"; do pf_stop "$d"; done
+    if [ -n "$PG_DIR" ]; then
+        "${AS_PG[@]}" pg_ctl -D "$PG_DIR/data" -m fast -w -t 30 stop >/dev/null 2>&1
+        rm -rf "$PG_DIR"
+    fi
     sleep 0.5
     for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
     for c in "${CGROUPS[@]}"; do rmdir "$c" 2>/dev/null; done
@@ -67,7 +79,7 @@ hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 cpu_of() { awk -v t="$(getconf CLK_TCK)" '{printf "%.3f", ($14+$15)/t}' "/proc/$1/stat"; }
 load() { cut -d' ' -f1-3 /proc/loadavg; }
 
-for p in $P_RELAY $P_PF $P_PFD $P_SINK $P_CLOSED; do
+for p in $P_RELAY $P_PF $P_PFD $P_SINK $P_CLOSED $P_PG $P_RELAY2; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
         echo "port $p is in use; set BENCH_PORT_BASE" >&2
         exit 1
@@ -92,9 +104,9 @@ EOF
 }
 RELAY_PID=
 STARTUP_S=
-relay_start() { # CONFIG LOG
+relay_start() { # CONFIG LOG [PORT]
     local out
-    out=$(python3 "$B/startup.py" --port "$P_RELAY" --log "$2" --timeout 60 -- "$BIN" --config "$1" serve) || {
+    out=$(python3 "$B/startup.py" --port "${3:-$P_RELAY}" --log "$2" --timeout 60 -- "$BIN" --config "$1" serve) || {
         echo "relay did not start: $out" >&2
         tail -20 "$2" >&2
         exit 1
@@ -219,7 +231,7 @@ EOF
     SIM_UP=$(sed -n '/^\[upstream\]/,/^\[oauth\]/p' "$W/sim-fragment.toml" | grep -v '^\[oauth\]')
     SIM_MAILDIR=$(sed -n 's/^Mailbox directory: *//p' "$W/sim.out")
 }
-if part drain || part mem || part delivery; then sim_start; fi
+if part drain || part mem || part delivery || part postgres; then sim_start; fi
 
 # ---------------------------------------------------------------- 2. drain path
 if part drain; then
@@ -475,10 +487,168 @@ if part routes; then
     grep -v '^{' "$W/routes.out" >&2
 fi
 
+# ---------------------------------------------------------------- 6. PostgreSQL store
+# A throwaway PostgreSQL cluster in the scratch directory (fsync = on: a 250 means committed, as
+# the file spool's 250 means fsynced). Accept: bench/acklat.py (persistent sessions; rate and
+# final dot -> 250 latency from the same run) against the relay with no upstream, file store and
+# PostgreSQL store alternating, same counts. Drain: messages queued in the database, then 1 or 2
+# relay processes on it deliver to the simulator under one shared upstream.rate/connections.
+if part postgres; then
+PG_DIR=$W/pg
+mkdir -p "$PG_DIR"
+if [ "$(id -u)" -eq 0 ]; then
+    chown postgres: "$PG_DIR"
+    AS_PG=(runuser -u postgres --)
+fi
+log "postgres: throwaway cluster on 127.0.0.1:$P_PG (fsync on)"
+timeout 120 "${AS_PG[@]}" initdb -D "$PG_DIR/data" -U postgres --auth=trust -E UTF8 \
+    >"$PG_DIR/initdb.log" 2>&1 || { echo "initdb failed: $(tail -n 5 "$PG_DIR/initdb.log")" >&2; exit 1; }
+timeout 120 "${AS_PG[@]}" pg_ctl -D "$PG_DIR/data" -l "$PG_DIR/data/server.log" -w -t 60 \
+    -o "-p $P_PG -k $PG_DIR -c listen_addresses=127.0.0.1 -c fsync=on -c synchronous_commit=on -c max_connections=200" \
+    start >/dev/null || { echo "PostgreSQL did not start: $(tail -n 5 "$PG_DIR/data/server.log")" >&2; exit 1; }
+pg_sql() { # DB SQL
+    PGOPTIONS="-c client_min_messages=warning" psql -h 127.0.0.1 -p "$P_PG" -U postgres -d "$1" -Atq \
+        -v ON_ERROR_STOP=1 -c "$2"
+}
+pg_url() { echo "postgres://postgres@127.0.0.1:$P_PG/$1?sslmode=disable"; }
+pg_fresh() { # DB: an empty database (the relay applies its schema)
+    pg_sql postgres "DROP DATABASE IF EXISTS $1" >/dev/null
+    pg_sql postgres "CREATE DATABASE $1" >/dev/null
+}
+PG_VERSION=$(pg_sql postgres "SHOW server_version")
+PG_FSYNC=$(pg_sql postgres "SHOW fsync")
+PG_SYNC=$(pg_sql postgres "SHOW synchronous_commit")
+PG_WAL_SYNC=$(pg_sql postgres "SHOW wal_sync_method")
+record "{\"kind\":\"pg_server\",\"version\":\"$PG_VERSION\",\"fsync\":\"$PG_FSYNC\",\"synchronous_commit\":\"$PG_SYNC\",\"wal_sync_method\":\"$PG_WAL_SYNC\",\"data_fs\":\"$(df -T "$PG_DIR" | awk 'NR==2 {print $2" on "$1}')\"}"
+pg_conf() { # FILE PORT DB [extra TOML after [queue]]
+    cat >"$1" <<EOT
+[smtp]
+listen = ["127.0.0.1:$2"]
+hostname = "relay-bench.localdomain"
+max_connections = 1100
+[queue]
+backend = "postgres"
+url = "$(pg_url "$3")"
+dir = "$W/pg-relay-dir-$2"
+lease = "30s"
+[log]
+level = "info"
+${4:-}
+EOT
+}
+stop_pid() { # PID: TERM, wait (bounded), KILL
+    kill -TERM "$1" 2>/dev/null || true
+    for _ in $(seq 1 300); do
+        kill -0 "$1" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$1" 2>/dev/null || true
+}
+
+# --- accept: file store vs PostgreSQL store, alternating
+if [ "$MODE" = smoke ]; then PGC="10240:16:200"; else PGC="10240:16:2000 10240:64:2000 1048576:16:100"; fi
+PGC=${PG_CONFIGS:-$PGC}
+FS_SPOOL=$W/pgcmp-spool
+relay_conf "$W/pgcmp-file.toml" "$FS_SPOOL"
+pg_fresh accept
+pg_conf "$W/pgcmp-pg.toml" "$P_RELAY2" accept
+relay_start "$W/pgcmp-file.toml" "$W/relay-pgcmp-file.log"
+FILE_PID=$RELAY_PID
+relay_start "$W/pgcmp-pg.toml" "$W/relay-pgcmp-pg.log" "$P_RELAY2"
+PGR_PID=$RELAY_PID
+RELAY_PID=
+# Warm-up, the same for both: the PostgreSQL store connects (and applies its schema) at its
+# first message; 16 sessions x 4 messages open its pool's connections before the timed runs.
+for port in $P_RELAY $P_RELAY2; do
+    python3 "$B/acklat.py" --port "$port" --sessions 16 --messages 64 --size 10240 >/dev/null || true
+done
+for rep in $(seq 1 "$REPEATS"); do
+    for c in $PGC; do
+        IFS=: read -r size sess n <<<"$c"
+        for store in file postgres; do
+            if [ $store = file ]; then
+                port=$P_RELAY
+                find "$FS_SPOOL/queue" -maxdepth 1 -type f -delete
+                sync
+            else
+                port=$P_RELAY2
+                pg_sql accept "TRUNCATE relay_body, relay_message" >/dev/null
+                pg_sql accept "CHECKPOINT" >/dev/null
+                sync
+            fi
+            l=$(load)
+            r=$(python3 "$B/acklat.py" --port "$port" --sessions "$sess" --messages "$n" --size "$size") || true
+            [ -n "$r" ] || r='{"errors":1}'
+            if [ $store = file ]; then stored=$(count_files "$FS_SPOOL/queue"); else stored=$(pg_sql accept "SELECT count(*) FROM relay_message"); fi
+            record "{\"kind\":\"pg_accept\",\"store\":\"$store\",\"size\":$size,\"sessions\":$sess,\"rep\":$rep,\"messages\":$n,\"stored\":$stored,\"load\":\"$l\",\"lat\":$r}"
+            log "accept $store size=$size sessions=$sess rep=$rep: stored $stored of $n; $r"
+        done
+    done
+done
+stop_pid "$FILE_PID"
+stop_pid "$PGR_PID"
+find "$FS_SPOOL/queue" -maxdepth 1 -type f -delete
+
+# --- drain: N queued in the database, 1 or 2 replicas deliver to the simulator
+if [ "$MODE" = smoke ]; then PDN=${PG_DRAIN_N:-100}; else PDN=${PG_DRAIN_N:-600}; fi
+# RATE:CONNECTIONS of each drain row (each with 1, then 2 replicas).
+if [ "$MODE" = smoke ]; then PGD="50/s:3"; else PGD="50/s:3 1000/s:3"; fi
+PGD=${PG_DRAINS:-$PGD}
+SIM_PORT=$(sed -n 's/^SMTP port: *//p' "$W/sim.out")
+pg_drain() { # RATE CONNECTIONS REPLICAS
+    local rate=$1 conns=$2 reps=$3 db t0 l r pids=() queued i port
+    db=drain_$((RANDOM))
+    pg_fresh "$db"
+    pg_conf "$W/pgfill.toml" "$P_RELAY2" "$db"
+    relay_start "$W/pgfill.toml" "$W/relay-pgfill.log" "$P_RELAY2"
+    python3 "$B/acklat.py" --port "$P_RELAY2" --sessions 16 --messages "$PDN" --size 10240 >/dev/null || true
+    relay_stop
+    queued=$(pg_sql "$db" "SELECT count(*) FROM relay_message WHERE state = 'queued'")
+    pg_sql "$db" "CHECKPOINT" >/dev/null
+    sync
+    l=$(load)
+    t0=$(now)
+    for i in $(seq 1 "$reps"); do
+        port=$P_RELAY
+        [ "$i" = 2 ] && port=$P_RELAY2
+        pg_conf "$W/pgdrain-$i.toml" "$port" "$db" "$SIM_UP
+connections = $conns
+rate = \"$rate\"
+$OAUTH"
+        relay_start "$W/pgdrain-$i.toml" "$W/relay-pgdrain-$db-$i.log" "$port"
+        pids+=("$RELAY_PID")
+    done
+    RELAY_PID=
+    r=$(python3 "$B/pg_drain_watch.py" --psql "psql -h 127.0.0.1 -p $P_PG -U postgres -d $db" --t0 "$t0" \
+        --maildir "$SIM_MAILDIR" --sim-port "$SIM_PORT" --timeout 600)
+    local cpu="" p
+    for p in "${pids[@]}"; do cpu="$cpu${cpu:+,}$(cpu_of "$p")"; done
+    for p in "${pids[@]}"; do stop_pid "$p"; done
+    local dup per=""
+    dup=$(cat "$W"/relay-pgdrain-"$db"-*.log | grep -c 'possible duplicate' || true)
+    for i in $(seq 1 "$reps"); do
+        per="$per${per:+,}$(grep -c 'delivered id=' "$W/relay-pgdrain-$db-$i.log" || true)"
+    done
+    record "{\"kind\":\"pg_drain\",\"rate\":\"$rate\",\"connections\":$conns,\"replicas\":$reps,\"queued\":$queued,\"cpu_s\":[$cpu],\"possible_duplicates\":$dup,\"per_replica\":[$per],\"load\":\"$l\",\"watch\":$r}"
+    log "pg drain rate=$rate connections=$conns replicas=$reps: $queued queued; $r; relay CPU s $cpu"
+    pg_sql postgres "DROP DATABASE $db" >/dev/null
+}
+for d in $PGD; do
+    for reps in 1 2; do
+        pg_drain "${d%:*}" "${d##*:}" "$reps"
+    done
+done
+fi
+
 record "{\"kind\":\"end\",\"load_end\":\"$(load)\",\"finished\":\"$(date -u +%FT%TZ)\"}"
 cp "$RES" "$W/../relay-bench-last-results.jsonl" 2>/dev/null || true
-if [ "$MODE" = full ]; then
+if [ "$MODE" = full ] && [ "$PARTS" = " $ALL_PARTS " ]; then
     python3 "$B/report.py" "$RES" --out "$ROOT/BENCHMARKS.md" --raw "$ROOT/bench/results/last.jsonl"
+elif [ "$MODE" = full ]; then
+    # A subset of the parts: BENCHMARKS.md (every part) stays; the raw results of this run go
+    # beside it, named after the parts.
+    sub=$(echo $PARTS | tr ' ' '-')
+    python3 "$B/report.py" "$RES" --raw "$ROOT/bench/results/last-$sub.jsonl"
 else
     python3 "$B/report.py" "$RES"
 fi
