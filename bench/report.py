@@ -158,10 +158,10 @@ def main():
     if dmem:
         p("### Delivery memory (large messages delivered at once to the simulator)")
         p("")
-        p("| messages | idle RSS (MiB) | peak RSS (MiB) | peak above idle (MiB) | seconds | left / failed / simulator got | load |")
-        p("|---|---:|---:|---:|---:|---|---|")
+        p("| store | messages | idle RSS (MiB) | peak RSS (MiB) | peak above idle (MiB) | seconds | left / failed / simulator got | load |")
+        p("|---|---|---:|---:|---:|---:|---|---|")
         for r in dmem:
-            p(f"| {r['messages']} × {r['size'] / 1048576:.0f} MiB | {r['idle_rss_kb'] / 1024:.1f} | "
+            p(f"| {r.get('store', 'files')} | {r['messages']} × {r['size'] / 1048576:.0f} MiB | {r['idle_rss_kb'] / 1024:.1f} | "
               f"{r['peak_rss_kb'] / 1024:.1f} | **{r['above_idle_kb'] / 1024:.1f}** | {r['seconds']:.2f} | "
               f"{r['left']} / {r['failed']} / {r['delivered_to_sim']} | {r['load']} |")
         if not all(r.get("hwm_reset") for r in dmem):
@@ -186,7 +186,7 @@ def main():
     if mem:
         p(f"| idle RSS < 20 MB | {mem['idle_rss_kb'] * 1024 / 1e6:.1f} MB | {'yes' if mem['idle_rss_kb'] * 1024 < 20e6 else 'no'} |")
     for r in dmem:
-        p(f"| delivery of {r['messages']} × {r['size'] >> 20} MiB at once < 64 MiB above idle (issue 12) | "
+        p(f"| delivery of {r['messages']} × {r['size'] >> 20} MiB at once from the {r.get('store', 'files')} store < 64 MiB above idle (issues 12, 17) | "
           f"{r['above_idle_kb'] / 1024:.1f} MiB | {'yes' if r['above_idle_kb'] < 64 * 1024 and r['left'] == 0 else 'no'} |")
     big = [r for r in scale if r["queued"] >= 100000]
     if big:

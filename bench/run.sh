@@ -473,7 +473,7 @@ failed=$(count_files "$DS/failed")
 eml1=$(find "$SIM_MAILDIR" -name '*.eml' 2>/dev/null | wc -l)
 relay_stop
 s=$(secs "$t0" "$t1")
-record "{\"kind\":\"delivery_mem\",\"messages\":$DM_N,\"size\":$DM_SIZE,\"idle_rss_kb\":$idle,\"peak_rss_kb\":$peak,\"peak_sampled_kb\":$peak_sampled,\"hwm_reset\":$hwm_reset,\"above_idle_kb\":$((peak - idle)),\"left\":$wait_left,\"failed\":$failed,\"delivered_to_sim\":$((eml1 - eml0)),\"seconds\":$s,\"load\":\"$l\"}"
+record "{\"kind\":\"delivery_mem\",\"store\":\"files\",\"messages\":$DM_N,\"size\":$DM_SIZE,\"idle_rss_kb\":$idle,\"peak_rss_kb\":$peak,\"peak_sampled_kb\":$peak_sampled,\"hwm_reset\":$hwm_reset,\"above_idle_kb\":$((peak - idle)),\"left\":$wait_left,\"failed\":$failed,\"delivered_to_sim\":$((eml1 - eml0)),\"seconds\":$s,\"load\":\"$l\"}"
 log "delivery memory: $DM_N x $DM_SIZE bytes, idle RSS ${idle} kB, peak ${peak} kB (+$((peak - idle)) kB), ${s}s, left $wait_left, failed $failed, simulator got $((eml1 - eml0))"
 fi
 
@@ -638,6 +638,52 @@ for d in $PGD; do
         pg_drain "${d%:*}" "${d##*:}" "$reps"
     done
 done
+
+# --- delivery memory from the database: as part 4 for the file spool (4 x 34 MiB, From foreign,
+# connections = 3, released at once after the idle RSS is read and the peak reset), the messages
+# accepted into the database by a relay with no upstream and held with `queue hold`.
+PM_N=${DELIVERY_N:-4}
+if [ "$MODE" = smoke ]; then PM_SIZE=${DELIVERY_SIZE:-$((2 << 20))}; else PM_SIZE=${DELIVERY_SIZE:-$((34 << 20))}; fi
+pg_fresh deliver_mem
+pg_conf "$W/pgmem-fill.toml" "$P_RELAY2" deliver_mem
+relay_start "$W/pgmem-fill.toml" "$W/relay-pgmem-fill.log" "$P_RELAY2"
+python3 "$B/acklat.py" --port "$P_RELAY2" --sessions "$PM_N" --messages "$PM_N" --size "$PM_SIZE" >/dev/null || true
+relay_stop
+pg_conf "$W/pgmem.toml" "$P_RELAY" deliver_mem "$SIM_UP
+connections = 3
+rate = \"1000/s\"
+$OAUTH"
+PM_IDS=$(pg_sql deliver_mem "SELECT id FROM relay_message WHERE state = 'queued' ORDER BY id")
+for id in $PM_IDS; do "$BIN" --config "$W/pgmem.toml" queue hold "$id" >/dev/null; done
+eml0=$(find "$SIM_MAILDIR" -name '*.eml' 2>/dev/null | wc -l)
+relay_start "$W/pgmem.toml" "$W/relay-pgmem.log" "$P_RELAY"
+sleep 2
+idle=$(rss_kb "$RELAY_PID")
+hwm_reset=true
+echo 5 >"/proc/$RELAY_PID/clear_refs" 2>/dev/null || hwm_reset=false
+l=$(load)
+t0=$(now)
+REL_PIDS=()
+for id in $PM_IDS; do
+    "$BIN" --config "$W/pgmem.toml" queue release "$id" >/dev/null &
+    REL_PIDS+=($!)
+done
+left=$PM_N
+for _ in $(seq 1 6000); do # at most 600 s
+    left=$(pg_sql deliver_mem "SELECT count(*) FROM relay_message WHERE state <> 'failed'")
+    [ "$left" -eq 0 ] && break
+    sleep 0.1
+done
+t1=$(now)
+wait "${REL_PIDS[@]}" 2>/dev/null || true
+peak=$(hwm_kb "$RELAY_PID")
+failed=$(pg_sql deliver_mem "SELECT count(*) FROM relay_message WHERE state = 'failed'")
+eml1=$(find "$SIM_MAILDIR" -name '*.eml' 2>/dev/null | wc -l)
+relay_stop
+s=$(secs "$t0" "$t1")
+record "{\"kind\":\"delivery_mem\",\"store\":\"postgres\",\"messages\":$PM_N,\"size\":$PM_SIZE,\"idle_rss_kb\":$idle,\"peak_rss_kb\":$peak,\"hwm_reset\":$hwm_reset,\"above_idle_kb\":$((peak - idle)),\"left\":$left,\"failed\":$failed,\"delivered_to_sim\":$((eml1 - eml0)),\"seconds\":$s,\"load\":\"$l\"}"
+log "delivery memory (PostgreSQL): $PM_N x $PM_SIZE bytes, idle RSS ${idle} kB, peak ${peak} kB (+$((peak - idle)) kB), ${s}s, left $left, failed $failed, simulator got $((eml1 - eml0))"
+pg_sql postgres "DROP DATABASE deliver_mem" >/dev/null
 fi
 
 record "{\"kind\":\"end\",\"load_end\":\"$(load)\",\"finished\":\"$(date -u +%FT%TZ)\"}"
