@@ -673,6 +673,16 @@ impl Dispatcher {
             // Another relay (or this one) heard the mailbox throttled: pause here too, and show
             // it in the lane's status.
             Ok(Grant::Paused(left)) => {
+                // Its own pause this relay knows already (it wrote it): news only from another.
+                let known = lane.pacer.throttled_until(now);
+                if known.is_none_or(|t| t + Duration::from_millis(50) < now + left) {
+                    tracing::info!(
+                        route = %report.lane.route,
+                        mailbox = %report.lane.mailbox,
+                        pause_left = %humantime::format_duration(Duration::from_millis(left.as_millis() as u64)),
+                        "mailbox paused by another relay (throttled upstream)"
+                    );
+                }
                 lane.pacer.paused_elsewhere(now, now + left);
                 lane.status.throttled_until = lane
                     .pacer
