@@ -25,6 +25,12 @@
 //! recorded holds: held there means held here ([`Pacer::hold_elsewhere`], probing no sooner
 //! than a probe interval), a hold this lane follows that is gone means resumed.
 //!
+//! A throttle (432, 421) or `Retry-After` that pauses the lane's pacer pauses the mailbox in
+//! the budget too ([`SharedBudget::pause`], the length from [`PacerSettings::pause_after`]):
+//! the attempt writes it before it gives its session slot back. A lane refused with
+//! [`Grant::Paused`] pauses its pacer until then ([`Pacer::paused_elsewhere`]) and shows it as
+//! `throttled_until`.
+//!
 //! Here: the settings, the mailbox status and the dispatcher loop; `lanes.rs`: which lane a
 //! message is in; `schedule.rs`: what is due when; `attempt.rs`: one attempt from claim to the
 //! recorded outcome.
