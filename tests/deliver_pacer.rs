@@ -449,3 +449,41 @@ async fn a_hold_from_another_relay_stops_starts_until_it_is_cleared() {
     assert_eq!(pacer.try_start(now), Start::Now { probe: false });
     assert_eq!(pacer.resume_elsewhere(), Transition::None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_pause_another_relay_recorded_stops_starts_here_within_the_pacers_bounds() {
+    let settings = defaults();
+    // The one rule for a pause: a throttle earns retry_min, Retry-After its wait up to 10 min.
+    assert_eq!(settings.pause_after(false, None), None);
+    assert_eq!(
+        settings.pause_after(true, None),
+        Some(Duration::from_secs(60))
+    );
+    assert_eq!(
+        settings.pause_after(false, Some(Duration::from_secs(3600))),
+        Some(smtp_oauth_relay::deliver::pacer::MAX_RETRY_AFTER_PAUSE)
+    );
+    let mut pacer = Pacer::new(settings, Instant::now());
+    let now = Instant::now();
+    pacer.paused_elsewhere(now, now + Duration::from_secs(30));
+    assert_eq!(
+        pacer.throttled_until(now),
+        Some(now + Duration::from_secs(30))
+    );
+    assert_eq!(
+        pacer.try_start(now),
+        Start::At(now + Duration::from_secs(30))
+    );
+    // A pause named past what the pacer itself would take is cut to that.
+    pacer.paused_elsewhere(now, now + Duration::from_secs(86_400));
+    assert_eq!(
+        pacer.throttled_until(now),
+        Some(now + smtp_oauth_relay::deliver::pacer::MAX_RETRY_AFTER_PAUSE)
+    );
+    tokio::time::advance(smtp_oauth_relay::deliver::pacer::MAX_RETRY_AFTER_PAUSE).await;
+    assert!(matches!(
+        pacer.try_start(Instant::now()),
+        Start::Now { probe: false }
+    ));
+    assert_eq!(pacer.throttled_until(Instant::now()), None);
+}

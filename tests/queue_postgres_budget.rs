@@ -71,7 +71,7 @@ async fn the_bucket_grants_its_rate_exactly_to_concurrent_takers() {
                         // Ask again early (a busy taker), not at the time named.
                         tokio::time::sleep(wait / 4).await;
                     }
-                    Err(e) => panic!("acquire: {e}"),
+                    other => panic!("acquire: {other:?}"),
                 }
             }
         });
@@ -136,7 +136,7 @@ async fn at_most_connections_session_slots_are_held_across_replicas() {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                     Ok(Grant::Wait(wait)) => tokio::time::sleep(wait).await,
-                    Err(e) => panic!("acquire: {e}"),
+                    other => panic!("acquire: {other:?}"),
                 }
             }
         });
@@ -191,7 +191,79 @@ async fn a_dead_replicas_session_slot_comes_back_when_its_lease_expires() {
                 );
                 tokio::time::sleep(wait).await;
             }
-            Err(e) => panic!("acquire: {e}"),
+            other => panic!("acquire: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_one_replica_records_stops_every_replica_until_it_ends() {
+    let url = fresh_database();
+    let limits = BudgetLimits {
+        connections: 4,
+        per_second: 1000.0,
+    };
+    let lane = "default paused@x";
+    let budgets = [
+        budget(&replica(&url, Duration::from_secs(30))),
+        budget(&replica(&url, Duration::from_secs(30))),
+    ];
+    // An unpaused lane grants at once, on both.
+    for b in &budgets {
+        match b.acquire(lane, limits).await {
+            Ok(Grant::Start(slot)) => drop(slot),
+            other => panic!("before the pause: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let pause = Duration::from_secs(2);
+    let paused_at = Instant::now();
+    budgets[0].pause(lane, pause).await.expect("pause");
+    // A shorter pause recorded later does not cut the first one short.
+    budgets[1]
+        .pause(lane, Duration::from_millis(100))
+        .await
+        .expect("shorter pause");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The replica that did not record the pause is refused too, with the time left.
+    for (i, b) in budgets.iter().enumerate() {
+        match b.acquire(lane, limits).await {
+            Ok(Grant::Paused(left)) => {
+                assert!(
+                    left <= pause,
+                    "replica {i}: {left:?} left of a {pause:?} pause"
+                );
+                assert!(
+                    left + paused_at.elapsed() >= pause - Duration::from_millis(100),
+                    "replica {i}: only {left:?} left: the shorter pause cut it"
+                );
+            }
+            other => panic!("replica {i} during the pause: {other:?}"),
+        }
+    }
+    // It ends: both grant again, neither before the pause was over.
+    for (i, b) in budgets.iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match b.acquire(lane, limits).await {
+                Ok(Grant::Start(slot)) => {
+                    assert!(
+                        paused_at.elapsed() >= pause,
+                        "replica {i} granted {:?} into a {pause:?} pause",
+                        paused_at.elapsed()
+                    );
+                    drop(slot);
+                    break;
+                }
+                Ok(Grant::Paused(wait)) | Ok(Grant::Wait(wait)) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "replica {i}: the pause never ended"
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => panic!("acquire: {e}"),
+            }
         }
     }
 }

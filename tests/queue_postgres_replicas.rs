@@ -36,6 +36,17 @@ fn start(work: &std::path::Path, tag: &str, url: &str, fragment: &str) -> Relay 
 
 /// `retry`: the `queue.retry_max` line (a held mailbox probes that often, 5 min at most).
 fn start_with(work: &std::path::Path, tag: &str, url: &str, retry: &str, fragment: &str) -> Relay {
+    start_queue(
+        work,
+        tag,
+        url,
+        &format!("retry_min = \"200ms\"\n{retry}"),
+        fragment,
+    )
+}
+
+/// `retry`: the `queue.retry_min` and `retry_max` lines (a throttle pauses `retry_min`).
+fn start_queue(work: &std::path::Path, tag: &str, url: &str, retry: &str, fragment: &str) -> Relay {
     let spool = work.join(format!("spool-{tag}"));
     Relay::builder()
         .work(work)
@@ -47,7 +58,7 @@ fn start_with(work: &std::path::Path, tag: &str, url: &str, retry: &str, fragmen
                 "",
                 &format!(
                     "backend = \"postgres\"\nurl = \"{url}\"\nlease = \"5s\"\n\
-                     retry_min = \"200ms\"\n{retry}\nmin_free_space = 1"
+                     {retry}\nmin_free_space = 1"
                 ),
                 &format!("[log]\nlevel = \"info\"\n\n{fragment}"),
             )
@@ -286,5 +297,98 @@ async fn a_mailbox_one_replica_holds_is_held_by_the_other_until_it_resumes() {
             b.log_text()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttle_one_replica_hears_pauses_both_until_it_ends() {
+    let sim = common::sim::start().await;
+    let mailbox = sim.config().mailboxes[0].address.clone();
+    // The first transaction to reach the final dot is throttled.
+    sim.control().script_smtp_fault(
+        SmtpStage::DataEnd,
+        SmtpFault::Reply {
+            code: 432,
+            text: "4.3.2 STOREDRV.ClientSubmit; sender submission rate exceeded".into(),
+        },
+        1,
+    );
+    let work = tempfile::tempdir().expect("tempdir");
+    let url = fresh_database();
+    // A throttle pauses the mailbox for `retry_min`. One session across both relays: the
+    // throttled attempt holds it until its pause is recorded, so any later transaction, by
+    // either relay, started after it; alone, the other relay would send 5 a second.
+    let pause = Duration::from_secs(3);
+    let retry = "retry_min = \"3s\"\nretry_max = \"10s\"";
+    let fragment = with_upstream(
+        &sim.relay_config_fragment(),
+        "rate = \"5/s\"\nconnections = 1",
+    );
+    let a = start_queue(work.path(), "a", &url, retry, &fragment);
+    let b = start_queue(work.path(), "b", &url, retry, &fragment);
+    let total = 8;
+    for i in 0..total {
+        send(if i % 2 == 0 { &a } else { &b }, &format!("throttled-{i}")).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let delivered = sim.messages().expect("mailbox").len();
+        let left = query_texts(&url, "SELECT id FROM relay_message");
+        if delivered >= total && left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{delivered} of {total} delivered, {} left; logs:\n{}\n{}",
+            left.len(),
+            a.log_text(),
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(sim.control().smtp_faults_fired(SmtpStage::DataEnd), 1);
+    let times = sim.control().mail_times(&mailbox);
+    // One session at a time: the first transaction is the throttled one.
+    let (throttled, later) = times.split_first().expect("transactions");
+    let gaps: Vec<Duration> = later.iter().map(|t| t.duration_since(*throttled)).collect();
+    println!("transactions after the throttled one at {gaps:?}");
+    // The pause starts after the throttled transaction began, as recorded by the database
+    // clock: a little slack for two clocks counting the same seconds.
+    let earliest = pause - Duration::from_millis(100);
+    assert!(
+        gaps.iter().all(|g| *g >= earliest),
+        "a transaction started {gaps:?} after the throttled one, within its {pause:?} pause; \
+         logs:\n{}\n{}",
+        a.log_text(),
+        b.log_text()
+    );
+    assert_eq!(
+        times.len(),
+        total + 1,
+        "each message once, the throttled one twice"
+    );
+    // Both relays honoured the pause and both delivered after it.
+    let (heard, other) = if a.log_text().contains("paused for every relay") {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    assert!(
+        heard.log_text().contains("paused for every relay"),
+        "neither relay recorded the pause; logs:\n{}\n{}",
+        a.log_text(),
+        b.log_text()
+    );
+    assert!(
+        other.log_text().contains("mailbox paused by another relay"),
+        "the other relay did not see the pause:\n{}",
+        other.log_text()
+    );
+    for relay in [&a, &b] {
+        assert!(
+            relay.log_text().contains("delivered"),
+            "a relay delivered nothing after the pause:\n{}",
+            relay.log_text()
+        );
     }
 }

@@ -55,6 +55,20 @@ impl PacerSettings {
     }
 }
 
+impl PacerSettings {
+    /// The mailbox-wide pause an attempt that ended in a retry earns: `throttle` (432, 421)
+    /// or the upstream's `Retry-After`; `None`: no pause. The one rule for the local pause
+    /// and the one shared with other relays.
+    pub fn pause_after(&self, throttle: bool, retry_after: Option<Duration>) -> Option<Duration> {
+        if !throttle && retry_after.is_none() {
+            return None;
+        }
+        // Retry-After names the wait; never beyond what a throttle may pause.
+        let asked = retry_after.unwrap_or_default().min(MAX_RETRY_AFTER_PAUSE);
+        Some(self.throttle_pause.max(asked))
+    }
+}
+
 /// How far an attempt got before it ended: a failure at an earlier step than the one a hold is
 /// about proves nothing about the hold (a token endpoint hiccup during a SendAs hold does not
 /// mean SendAs was granted).
@@ -229,10 +243,8 @@ impl Pacer {
                 reached,
                 pause,
             } => {
-                if throttle || pause.is_some() {
-                    // Retry-After names the wait; never beyond what a throttle may pause.
-                    let asked = pause.unwrap_or_default().min(MAX_RETRY_AFTER_PAUSE);
-                    let until = now + self.settings.throttle_pause.max(asked);
+                if let Some(pause) = self.settings.pause_after(throttle, pause) {
+                    let until = now + pause;
                     self.throttled_until = Some(until);
                     self.next_slot = self.next_slot.max(until);
                 }
@@ -290,6 +302,15 @@ impl Pacer {
             reply,
             since,
         }
+    }
+
+    /// Another relay sharing this mailbox's budget paused it (a 432 or `Retry-After` it got)
+    /// until `until`: nothing starts here before, and the status shows it. Bounded by the
+    /// longest pause the pacer itself would take.
+    pub fn paused_elsewhere(&mut self, now: Instant, until: Instant) {
+        let until = until.min(now + MAX_RETRY_AFTER_PAUSE.max(MAX_THROTTLE_PAUSE));
+        self.throttled_until = Some(self.throttled_until.map_or(until, |t| t.max(until)));
+        self.next_slot = self.next_slot.max(until);
     }
 
     /// The relay that held this mailbox saw it work again.

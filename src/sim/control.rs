@@ -209,7 +209,13 @@ pub(crate) struct MailboxUsage {
     pub peak_sessions: usize,
     /// `432 4.3.2` answers so far (thread limit and submission rate).
     pub throttled: u64,
+    /// When each transaction began (an authenticated MAIL FROM), the latest
+    /// [`MAIL_TIMES_KEPT`] only.
+    pub mail_times: VecDeque<Instant>,
 }
+
+/// Transaction start times kept per mailbox (bounded memory in a long simulation).
+pub(crate) const MAIL_TIMES_KEPT: usize = 10_000;
 
 pub(crate) struct Shared {
     config: RwLock<SimConfig>,
@@ -716,6 +722,16 @@ impl Control {
             .get(&mailbox.to_ascii_lowercase())
             .map(|u| u.throttled)
             .unwrap_or(0)
+    }
+
+    /// When each transaction for `mailbox` began (an authenticated MAIL FROM), oldest first:
+    /// tests see when attempts started, whichever relay made them.
+    pub fn mail_times(&self, mailbox: &str) -> Vec<Instant> {
+        self.shared
+            .usage()
+            .get(&mailbox.to_ascii_lowercase())
+            .map(|u| u.mail_times.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     /// Signs an access token with the simulator's key from arbitrary claims (tests: expired, wrong audience...).

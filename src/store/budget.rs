@@ -9,6 +9,13 @@
 //! (535 5.7.139, SendAs denied, ...) is held for all: the hold is recorded here, announced as
 //! [`StoreEvent::HoldsChanged`](super::StoreEvent::HoldsChanged), and cleared by the relay
 //! whose probe got through.
+//!
+//! A mailbox Exchange throttles (`432 4.3.2`, `421`) or Graph asks to wait (`Retry-After`) is
+//! paused for all: the relay that heard it records the pause with [`SharedBudget::pause`]
+//! before it gives its session slot back, and until the pause ends every relay's
+//! [`SharedBudget::acquire`] for that mailbox answers [`Grant::Paused`]. The caller bounds the
+//! pause (the pacer's `MAX_THROTTLE_PAUSE`, `MAX_RETRY_AFTER_PAUSE`); a later, shorter pause
+//! never cuts an earlier, longer one short.
 
 use std::time::{Duration, SystemTime};
 
@@ -46,6 +53,10 @@ pub enum Grant {
     /// Every session slot is in use elsewhere, or the bucket is empty: ask again after this
     /// long.
     Wait(Duration),
+    /// A relay recorded a pause of the mailbox ([`SharedBudget::pause`]): it ends this long
+    /// from now (or later, if the pause outlasts the longest wait a refusal names). Nothing
+    /// starts before.
+    Paused(Duration),
 }
 
 /// A mailbox held by one relay, as every relay sharing the store sees it.
@@ -69,6 +80,14 @@ pub trait SharedBudget: Send + Sync + 'static {
 
     /// Every mailbox held now.
     fn holds(&self) -> StoreFuture<'_, Result<Vec<SharedHold>, StoreError>>;
+
+    /// Pauses `lane` for every relay: no attempt starts for `pause` from now (the database
+    /// clock). An existing pause that ends later stays.
+    fn pause<'a>(
+        &'a self,
+        lane: &'a str,
+        pause: Duration,
+    ) -> StoreFuture<'a, Result<(), StoreError>>;
 
     /// One attempt start for the mailbox lane `lane` (route and mailbox) with a session slot.
     /// Never waits for the budget itself: a refusal says when to ask again.

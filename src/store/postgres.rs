@@ -116,6 +116,10 @@ pub const MIGRATIONS: &[&str] = &[
         reply text NOT NULL,
         since timestamptz NOT NULL
      );",
+    // 3: a mailbox-wide pause (432 4.3.2, Retry-After) that every relay's budget honours; a
+    // time of its own rather than a debt of tokens, so that a reloaded rate neither shortens
+    // nor lengthens it.
+    "ALTER TABLE relay_budget ADD COLUMN paused_until timestamptz;",
 ];
 
 /// The schema version this relay knows.

@@ -25,6 +25,12 @@
 //! recorded holds: held there means held here ([`Pacer::hold_elsewhere`], probing no sooner
 //! than a probe interval), a hold this lane follows that is gone means resumed.
 //!
+//! A throttle (432, 421) or `Retry-After` that pauses the lane's pacer pauses the mailbox in
+//! the budget too ([`SharedBudget::pause`], the length from [`PacerSettings::pause_after`]):
+//! the attempt writes it before it gives its session slot back. A lane refused with
+//! [`Grant::Paused`] pauses its pacer until then ([`Pacer::paused_elsewhere`]) and shows it as
+//! `throttled_until`.
+//!
 //! Here: the settings, the mailbox status and the dispatcher loop; `lanes.rs`: which lane a
 //! message is in; `schedule.rs`: what is due when; `attempt.rs`: one attempt from claim to the
 //! recorded outcome.
@@ -646,7 +652,7 @@ impl Dispatcher {
                     ));
                     break;
                 }
-                spawn_job(&self.tx, key, ctx.clone(), id, None);
+                spawn_job(&self.tx, key, ctx.clone(), id, None, None);
             }
         }
         wake
@@ -662,13 +668,34 @@ impl Dispatcher {
         let refused = match report.grant {
             Ok(Grant::Start(slot)) => match lane.ctx.clone() {
                 Some(ctx) => {
-                    spawn_job(&self.tx, &report.lane, ctx, report.id, Some(slot));
+                    let budget = self.budget.clone();
+                    spawn_job(&self.tx, &report.lane, ctx, report.id, Some(slot), budget);
                     return;
                 }
                 // A reload took the lane's route away meanwhile: not sent here.
                 None => None,
             },
             Ok(Grant::Wait(wait)) => Some(wait),
+            // Another relay (or this one) heard the mailbox throttled: pause here too, and show
+            // it in the lane's status.
+            Ok(Grant::Paused(left)) => {
+                // Its own pause this relay knows already (it wrote it): news only from another.
+                let known = lane.pacer.throttled_until(now);
+                if known.is_none_or(|t| t + Duration::from_millis(50) < now + left) {
+                    tracing::info!(
+                        route = %report.lane.route,
+                        mailbox = %report.lane.mailbox,
+                        pause_left = %humantime::format_duration(Duration::from_millis(left.as_millis() as u64)),
+                        "mailbox paused by another relay (throttled upstream)"
+                    );
+                }
+                lane.pacer.paused_elsewhere(now, now + left);
+                lane.status.throttled_until = lane
+                    .pacer
+                    .throttled_until(now)
+                    .map(|until| SystemTime::now() + (until - now));
+                Some(left.min(BUDGET_MAX_PAUSED_WAIT))
+            }
             Err(error) => {
                 tracing::warn!(
                     route = %report.lane.route,
@@ -931,6 +958,12 @@ fn note_transition(
 
 /// How long a lane waits when the shared budget cannot be asked at all.
 const BUDGET_UNAVAILABLE_WAIT: Duration = Duration::from_secs(1);
+/// A lane paused by another relay asks again at least this often (its pacer's pause may be
+/// shorter after a reload; the budget answers the time left again).
+const BUDGET_MAX_PAUSED_WAIT: Duration = Duration::from_secs(60);
+/// Recording a mailbox pause in the shared budget waits no longer than this: the attempt's
+/// session slot is held meanwhile.
+const PAUSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Asks the shared budget for one start in `lane` and reports the answer.
 async fn ask(
@@ -954,6 +987,35 @@ async fn ask(
     }));
 }
 
+/// Records a mailbox-wide pause for the other relays; best effort: this relay's pacer pauses
+/// anyway, the others follow the bucket until the database answers again.
+async fn share_pause(budget: &dyn SharedBudget, lane: &LaneKey, pause: Duration) {
+    let written = tokio::time::timeout(
+        PAUSE_WRITE_TIMEOUT,
+        budget.pause(&lane.budget_name(), pause),
+    )
+    .await;
+    let error = match written {
+        Ok(Ok(())) => {
+            tracing::info!(
+                route = %lane.route,
+                mailbox = %lane.mailbox,
+                pause = %humantime::format_duration(pause),
+                "mailbox throttled upstream: paused for every relay"
+            );
+            return;
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "no answer in time".to_string(),
+    };
+    tracing::warn!(
+        route = %lane.route,
+        mailbox = %lane.mailbox,
+        %error,
+        "cannot share the mailbox's throttle pause with the other relays; it pauses here only"
+    );
+}
+
 /// The shared budget's limits from the delivery settings.
 fn budget_limits(settings: &DeliverySettings) -> BudgetLimits {
     BudgetLimits {
@@ -963,13 +1025,16 @@ fn budget_limits(settings: &DeliverySettings) -> BudgetLimits {
     }
 }
 
-/// Starts one attempt; `slot` (the shared budget's) is held until it ends.
+/// Starts one attempt; `slot` (the shared budget's) is held until it ends. An attempt that
+/// earns a mailbox-wide pause (432, 421, `Retry-After`) records it in `budget` before it gives
+/// the slot back, so that no other relay starts in between.
 fn spawn_job(
     tx: &mpsc::UnboundedSender<Event>,
     lane: &LaneKey,
     ctx: Arc<Context>,
     id: String,
     slot: Option<BudgetSlot>,
+    budget: Option<Arc<dyn SharedBudget>>,
 ) {
     let report = ReportOnDrop {
         tx: tx.clone(),
@@ -978,8 +1043,19 @@ fn spawn_job(
         retry_in: ctx.settings.retry_max,
         sent: false,
     };
+    let lane = lane.clone();
     tokio::spawn(async move {
         let result = deliver_one(&ctx, &id).await;
+        if let (
+            Some(budget),
+            JobResult::Retry {
+                throttle, pause, ..
+            },
+        ) = (&budget, &result)
+            && let Some(pause) = pacer_settings(&ctx.settings).pause_after(*throttle, *pause)
+        {
+            share_pause(budget.as_ref(), &lane, pause).await;
+        }
         drop(slot);
         report.send(result);
     });

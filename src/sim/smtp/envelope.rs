@@ -30,6 +30,14 @@ impl Session {
         if self.mail_from.is_some() {
             return self.reply(conn, "503 5.5.2 Sender already specified").await;
         }
+        {
+            let mut usage = self.ctx.shared.usage();
+            let times = &mut usage.entry(auth.mailbox.clone()).or_default().mail_times;
+            if times.len() >= crate::sim::control::MAIL_TIMES_KEPT {
+                times.pop_front();
+            }
+            times.push_back(std::time::Instant::now());
+        }
         let threshold = cfg.smtp.continuous_error_threshold;
         let throttled = threshold > 0
             && self

@@ -10,6 +10,13 @@
 //!
 //! - `relay_hold`: the lanes held, with the first cause, reply and time; a change is
 //!   `NOTIFY`ed (`h`), so the other relays read the holds again at once.
+//! - `relay_budget.paused_until` (schema step 3): a mailbox-wide pause (432 4.3.2, 421,
+//!   `Retry-After`) set from the database clock by the relay that heard it; until then no
+//!   token is taken and every relay is answered [`Grant::Paused`] with the time left. It is a
+//!   time of its own, not a debt of tokens (`tokens = 1 - pause × rate`), because each relay
+//!   refills with the rate it is configured with: after a reload, or with replicas that
+//!   disagree, a debt would end the pause early or late, and late is past what the pacer
+//!   allows. The bucket refills during the pause as usual, so one start may follow at once.
 //!
 //! A slot is taken first, then a token; without a token the slot is given back at once.
 
@@ -131,6 +138,7 @@ impl PgBudget {
                         refreshed_at = clock_timestamp()
                   WHERE lane = $1
                     AND least($3, tokens + extract(epoch FROM clock_timestamp() - refreshed_at)::float8 * $2) >= 1
+                    AND (paused_until IS NULL OR paused_until <= clock_timestamp())
                  RETURNING tokens",
                 &[&lane, &rate, &BURST],
             )
@@ -142,16 +150,23 @@ impl PgBudget {
         drop(held);
         let row = client
             .query_opt(
-                "SELECT (1 - least($3, tokens + extract(epoch FROM clock_timestamp() - refreshed_at)::float8 * $2)) / $2
+                "SELECT (1 - least($3, tokens + extract(epoch FROM clock_timestamp() - refreshed_at)::float8 * $2)) / $2,
+                        extract(epoch FROM paused_until - clock_timestamp())::float8
                    FROM relay_budget WHERE lane = $1",
                 &[&lane, &rate, &BURST],
             )
             .await
             .map_err(db("read a mailbox budget"))?;
-        let secs: f64 = match row {
-            Some(row) => col(&row, 0)?,
-            None => 1.0 / rate,
+        let (secs, paused): (f64, Option<f64>) = match row {
+            Some(row) => (col(&row, 0)?, col(&row, 1)?),
+            None => (1.0 / rate, None),
         };
+        if let Some(left) = paused.filter(|s| s.is_finite() && *s > 0.0) {
+            // The time left as recorded: pauses are bounded by whoever wrote them.
+            return Ok(Grant::Paused(
+                Duration::from_secs_f64(left).max(Duration::from_millis(1)),
+            ));
+        }
         let wait = if secs.is_finite() && secs > 0.0 {
             Duration::from_secs_f64(secs.min(MAX_WAIT.as_secs_f64()))
         } else {
@@ -168,6 +183,30 @@ impl SharedBudget for PgBudget {
         limits: BudgetLimits,
     ) -> StoreFuture<'a, Result<Grant, StoreError>> {
         Box::pin(async move { Ok(self.acquire_inner(lane, limits).await?) })
+    }
+
+    fn pause<'a>(
+        &'a self,
+        lane: &'a str,
+        pause: Duration,
+    ) -> StoreFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let client = self.store.client().await?;
+            // The row may not exist yet (a lane this relay never asked about): created full,
+            // as `ensure` creates it. `greatest` ignores a NULL, keeps the later end.
+            client
+                .execute(
+                    "INSERT INTO relay_budget (lane, tokens, refreshed_at, paused_until)
+                     VALUES ($1, $2, clock_timestamp(),
+                             clock_timestamp() + make_interval(secs => $3))
+                     ON CONFLICT (lane) DO UPDATE
+                        SET paused_until = greatest(relay_budget.paused_until, excluded.paused_until)",
+                    &[&lane, &BURST, &pause.as_secs_f64()],
+                )
+                .await
+                .map_err(db("record a mailbox pause"))?;
+            Ok(())
+        })
     }
 
     fn hold<'a>(&'a self, hold: &'a SharedHold) -> StoreFuture<'a, Result<(), StoreError>> {
