@@ -367,7 +367,7 @@ async fn a_throttle_one_replica_hears_pauses_both_until_it_ends() {
         total + 1,
         "each message once, the throttled one twice"
     );
-    // Both relays honoured the pause and both delivered after it.
+    // Both relays honoured the pause: one recorded it, the other heard of it.
     let (heard, other) = if a.log_text().contains("paused for every relay") {
         (&a, &b)
     } else {
@@ -384,11 +384,6 @@ async fn a_throttle_one_replica_hears_pauses_both_until_it_ends() {
         "the other relay did not see the pause:\n{}",
         other.log_text()
     );
-    for relay in [&a, &b] {
-        assert!(
-            relay.log_text().contains("delivered"),
-            "a relay delivered nothing after the pause:\n{}",
-            relay.log_text()
-        );
-    }
+    // Which relay delivers the rest is a race for each claim: not asserted (the delivery of
+    // every message after the pause is).
 }
