@@ -275,3 +275,50 @@ fn the_file_spool_has_no_shared_budget() {
         smtp_oauth_relay::spool::Spool::open(&work.path().join("spool")).expect("spool");
     assert!(spool.budget().is_none());
 }
+
+/// A slot released before the attempt's end is reported is free for the next start at once
+/// (no waiting for a refusal to run out), and a start its attempt never used (the claim found
+/// the message taken by another relay) goes back to the bucket: a lost race costs no rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_slot_is_free_at_once_and_an_unused_start_goes_back() {
+    let url = fresh_database();
+    let (a, b) = (
+        budget(&replica(&url, Duration::from_secs(30))),
+        budget(&replica(&url, Duration::from_secs(30))),
+    );
+    let lane = "default mbx@x";
+    // One session, one start a minute: without the start given back the next asks wait.
+    let slow = BudgetLimits {
+        connections: 1,
+        per_second: 1.0 / 60.0,
+    };
+    let Ok(Grant::Start(slot)) = a.acquire(lane, slow).await else {
+        panic!("first start");
+    };
+    assert!(
+        matches!(b.acquire(lane, slow).await, Ok(Grant::Wait(_))),
+        "the one slot is held"
+    );
+    slot.release(true).await;
+    let Ok(Grant::Start(slot)) = b.acquire(lane, slow).await else {
+        panic!("the unused start and its slot were not given back");
+    };
+    // This one was used: the bucket stays empty for a minute.
+    slot.release(false).await;
+    match a.acquire(lane, slow).await {
+        Ok(Grant::Wait(wait)) => assert!(wait > Duration::from_secs(30), "{wait:?}"),
+        other => panic!("a used start came back: {other:?}"),
+    }
+    // Rate to spare, one session: each released slot is taken by the next start at once.
+    let fast = BudgetLimits {
+        connections: 1,
+        per_second: 1_000_000.0,
+    };
+    for i in 0..20 {
+        let taker = if i % 2 == 0 { &a } else { &b };
+        match taker.acquire("default fast@x", fast).await {
+            Ok(Grant::Start(slot)) => slot.release(false).await,
+            other => panic!("start {i} after a released slot: {other:?}"),
+        }
+    }
+}

@@ -19,7 +19,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use super::{Lease, StoreError, StoreFuture};
+use super::{StoreError, StoreFuture};
 
 /// A mailbox's limits as this relay is configured (every replica should agree).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -30,12 +30,33 @@ pub struct BudgetLimits {
     pub per_second: f64,
 }
 
-/// A session slot held by one attempt. Dropping it gives the slot back.
-pub struct BudgetSlot(#[allow(dead_code)] Lease);
+/// A session slot held by one attempt, with the attempt start it came with.
+///
+/// [`release`](BudgetSlot::release) gives it back and returns once the slot is free for the
+/// next attempt (so this relay's next start finds it free instead of waiting for a refusal to
+/// expire); an attempt that never used its start (its claim found the message gone, taken by
+/// another relay) gives the start back too, so a lost race costs no part of the mailbox's rate.
+/// Dropping it without `release` (a cancelled task) gives the slot back in the background.
+pub struct BudgetSlot(Option<Box<dyn HeldSlot>>);
+
+/// A store's side of a held [`BudgetSlot`]. Its own `Drop` gives the slot back in the
+/// background when [`release`](HeldSlot::release) was never called.
+pub trait HeldSlot: Send + Sync {
+    /// Frees the slot now; with `start_unused`, also returns the start to the mailbox's bucket.
+    /// Best effort: a slot that cannot be freed is freed by its lease.
+    fn release(self: Box<Self>, start_unused: bool) -> StoreFuture<'static, ()>;
+}
 
 impl BudgetSlot {
-    pub fn new(lease: Lease) -> BudgetSlot {
-        BudgetSlot(lease)
+    pub fn new(held: impl HeldSlot + 'static) -> BudgetSlot {
+        BudgetSlot(Some(Box::new(held)))
+    }
+
+    /// Gives the slot back (and, with `start_unused`, the start) before the caller goes on.
+    pub async fn release(mut self, start_unused: bool) {
+        if let Some(held) = self.0.take() {
+            held.release(start_unused).await;
+        }
     }
 }
 

@@ -1056,7 +1056,11 @@ fn spawn_job(
         {
             share_pause(budget.as_ref(), &lane, pause).await;
         }
-        drop(slot);
+        if let Some(slot) = slot {
+            // Free before the lane hears the attempt ended, so its next start finds the slot
+            // free; a claim that found nothing to send gives its start back too.
+            slot.release(matches!(result, JobResult::Skipped)).await;
+        }
         report.send(result);
     });
 }

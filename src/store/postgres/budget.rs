@@ -26,8 +26,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use super::{Inner, PgError, PgStore, col, db};
-use crate::store::budget::{BudgetLimits, BudgetSlot, Grant, SharedBudget, SharedHold};
-use crate::store::{Lease, StoreError, StoreFuture};
+use crate::store::budget::{BudgetLimits, BudgetSlot, Grant, HeldSlot, SharedBudget, SharedHold};
+use crate::store::{StoreError, StoreFuture};
 
 /// The bucket holds at most one token: starts are evenly spaced.
 const BURST: f64 = 1.0;
@@ -145,7 +145,7 @@ impl PgBudget {
             .await
             .map_err(db("take an attempt start"))?;
         if taken.is_some() {
-            return Ok(Grant::Start(BudgetSlot::new(Lease::new(held))));
+            return Ok(Grant::Start(BudgetSlot::new(held)));
         }
         drop(held);
         let row = client
@@ -275,27 +275,56 @@ struct SlotLease {
     renew: tokio::task::JoinHandle<()>,
 }
 
+impl SlotLease {
+    /// Frees the slot (only this holder's lease: it may have expired and been taken since).
+    async fn free(inner: &Inner, lane: &str, slot: i32, token: i64) {
+        if let Ok(client) = inner.pool.get().await {
+            let _ = client
+                .execute(
+                    "UPDATE relay_session_slot SET holder = NULL, token = NULL,
+                            lease_until = NULL
+                      WHERE lane = $1 AND slot = $2 AND holder = $3 AND token = $4",
+                    &[&lane, &slot, &inner.owner, &token],
+                )
+                .await;
+        }
+    }
+}
+
+impl HeldSlot for SlotLease {
+    fn release(mut self: Box<Self>, start_unused: bool) -> StoreFuture<'static, ()> {
+        self.renew.abort();
+        let store = std::mem::take(&mut self.store);
+        let (lane, slot, token) = (std::mem::take(&mut self.lane), self.slot, self.token);
+        Box::pin(async move {
+            let Some(inner) = store.upgrade() else {
+                return;
+            };
+            if start_unused && let Ok(client) = inner.pool.get().await {
+                // The start taken for an attempt that never began: the bucket gets it back
+                // (never above its burst).
+                let _ = client
+                    .execute(
+                        "UPDATE relay_budget SET tokens = least($2, tokens + 1) WHERE lane = $1",
+                        &[&lane, &BURST],
+                    )
+                    .await;
+            }
+            SlotLease::free(&inner, &lane, slot, token).await;
+        })
+    }
+}
+
 impl Drop for SlotLease {
     fn drop(&mut self) {
         self.renew.abort();
+        // Released already (`store` taken), or the store is gone.
         let Some(inner) = self.store.upgrade() else {
             return;
         };
         let (lane, slot, token) = (self.lane.clone(), self.slot, self.token);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if let Ok(client) = inner.pool.get().await {
-                    // Only this holder's lease: the slot may have expired and been taken since.
-                    let _ = client
-                        .execute(
-                            "UPDATE relay_session_slot SET holder = NULL, token = NULL,
-                                    lease_until = NULL
-                              WHERE lane = $1 AND slot = $2 AND holder = $3 AND token = $4",
-                            &[&lane, &slot, &inner.owner, &token],
-                        )
-                        .await;
-                }
-            });
+            runtime.spawn(async move { SlotLease::free(&inner, &lane, slot, token).await });
         }
     }
 }
