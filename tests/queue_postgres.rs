@@ -12,8 +12,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::fixtures::data_block;
-use common::postgres::{fresh_database, query_texts};
-use common::process::{Relay, relay_toml, run_cli, with_upstream};
+use common::postgres::{fresh_database, query_texts, relay_on};
+use common::process::{Relay, run_cli, with_upstream};
 use common::proxy::Proxy;
 use common::smtp::Client;
 use smtp_oauth_relay::config::{Backend, DbUrl, QueueConfig};
@@ -56,37 +56,6 @@ fn queue_cli(work: &Path, url: &str, args: &[&str]) -> String {
     stdout
 }
 
-async fn readyz(relay: &Relay) -> u16 {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("http client");
-    match client
-        .get(format!("http://127.0.0.1:{}/readyz", relay.admin_port))
-        .send()
-        .await
-    {
-        Ok(r) => r.status().as_u16(),
-        Err(_) => 0,
-    }
-}
-
-/// Waits (bounded: 60 s) until `/readyz` answers `status`.
-async fn wait_readyz(relay: &Relay, status: u16) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if readyz(relay).await == status {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz never answered {status}; relay log:\n{}",
-            relay.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn send(relay: &Relay, marker: &str) -> common::smtp::Reply {
     let mut c = Client::connect(SocketAddr::from(([127, 0, 0, 1], relay.port))).await;
     c.begin_message("app@legacy.test", &["someone@example.org"])
@@ -126,25 +95,8 @@ async fn a_relay_on_postgres_delivers_survives_an_outage_and_shares_its_queue() 
     let (_, relay_url) = through(&direct, proxy.addr);
     let fragment = with_upstream(&sim.relay_config_fragment(), "rate = \"1000/s\"");
     let spool = work.path().join("spool");
-    let relay = Relay::builder()
-        .work(work.path())
-        .config(|s| {
-            relay_toml(
-                s.smtp,
-                &spool,
-                "",
-                &format!(
-                    "backend = \"postgres\"\nurl = \"{relay_url}\"\nretry_min = \"200ms\"\n\
-                     retry_max = \"1s\"\nmin_free_space = 1"
-                ),
-                &format!(
-                    "[admin]\nlisten = \"127.0.0.1:{}\"\n[log]\nlevel = \"info\"\n\n{fragment}",
-                    s.admin
-                ),
-            )
-        })
-        .start();
-    wait_readyz(&relay, 200).await;
+    let relay = relay_on(work.path(), &relay_url, "", &fragment);
+    relay.wait_readyz(200).await;
 
     // Accepted (after COMMIT), delivered, gone from the database.
     let reply = send(&relay, "pg-first").await;
@@ -201,7 +153,10 @@ async fn a_relay_on_postgres_delivers_survives_an_outage_and_shares_its_queue() 
         &format!("SELECT lease_owner FROM relay_message WHERE id = '{held}'"),
     ) != [None]
     {
-        assert!(Instant::now() < deadline, "the attempt on {held} never ended");
+        assert!(
+            Instant::now() < deadline,
+            "the attempt on {held} never ended"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     sim.control().clear_faults();
@@ -248,7 +203,7 @@ async fn a_relay_on_postgres_delivers_survives_an_outage_and_shares_its_queue() 
 
     // The database goes away: not ready, and a message gets 451 at DATA end, never 250.
     proxy.cut();
-    wait_readyz(&relay, 503).await;
+    relay.wait_readyz(503).await;
     for i in 0..3 {
         let reply = send(&relay, &format!("pg-down-{i}")).await;
         assert_eq!(reply.code, 451, "{reply:?}");
@@ -257,7 +212,7 @@ async fn a_relay_on_postgres_delivers_survives_an_outage_and_shares_its_queue() 
 
     // Back: ready again and delivering, without a restart.
     proxy.restore();
-    wait_readyz(&relay, 200).await;
+    relay.wait_readyz(200).await;
     let reply = send(&relay, "pg-after").await;
     reply.assert(250, "2.0.0");
     wait_delivered(&sim, &relay, "pg-after").await;
@@ -310,31 +265,13 @@ async fn a_relay_started_while_the_database_is_down_waits_for_it() {
 
     proxy.cut();
     let fragment = with_upstream(&sim.relay_config_fragment(), "rate = \"1000/s\"");
-    let spool = work.path().join("spool");
-    let relay = Relay::builder()
-        .work(work.path())
-        .config(|s| {
-            relay_toml(
-                s.smtp,
-                &spool,
-                "",
-                &format!(
-                    "backend = \"postgres\"\nurl = \"{relay_url}\"\nretry_min = \"200ms\"\n\
-                     retry_max = \"1s\"\nmin_free_space = 1"
-                ),
-                &format!(
-                    "[admin]\nlisten = \"127.0.0.1:{}\"\n[log]\nlevel = \"info\"\n\n{fragment}",
-                    s.admin
-                ),
-            )
-        })
-        .start();
-    wait_readyz(&relay, 503).await;
+    let relay = relay_on(work.path(), &relay_url, "", &fragment);
+    relay.wait_readyz(503).await;
     let reply = send(&relay, "pg-refused").await;
     assert_eq!(reply.code, 451, "{reply:?}");
 
     proxy.restore();
-    wait_readyz(&relay, 200).await;
+    relay.wait_readyz(200).await;
     wait_delivered(&sim, &relay, "pg-waiting").await;
 }
 

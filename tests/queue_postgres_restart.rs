@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::fixtures::data_block;
-use common::postgres::{PrivateCluster, query_texts};
-use common::process::{Relay, relay_toml, with_upstream};
+use common::postgres::{PrivateCluster, query_texts, relay_on};
+use common::process::with_upstream;
 use common::smtp::Client;
 use smtp_oauth_relay::sim::RateMode;
 
@@ -66,34 +66,6 @@ async fn send_one(addr: SocketAddr, marker: &str) -> (Option<u16>, String) {
     }
 }
 
-async fn readyz(relay: &Relay) -> u16 {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("http client");
-    match client
-        .get(format!("http://127.0.0.1:{}/readyz", relay.admin_port))
-        .send()
-        .await
-    {
-        Ok(r) => r.status().as_u16(),
-        Err(_) => 0,
-    }
-}
-
-/// Waits (bounded: 60 s) until `/readyz` answers `status`.
-async fn wait_readyz(relay: &Relay, status: u16) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while readyz(relay).await != status {
-        assert!(
-            Instant::now() < deadline,
-            "/readyz never answered {status}; relay log:\n{}",
-            relay.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_stopped_and_started_under_load_loses_no_acknowledged_mail() {
     let cluster = PrivateCluster::start();
@@ -103,27 +75,9 @@ async fn the_database_stopped_and_started_under_load_loses_no_acknowledged_mail(
     sim.control()
         .set_rate_limit(1_000_000, Duration::from_secs(1), RateMode::Reject);
     let work = tempfile::tempdir().expect("tempdir");
-    let spool = work.path().join("spool");
     let fragment = with_upstream(&sim.relay_config_fragment(), "rate = \"1000/s\"");
-    let relay = Relay::builder()
-        .work(work.path())
-        .config(|s| {
-            relay_toml(
-                s.smtp,
-                &spool,
-                "",
-                &format!(
-                    "backend = \"postgres\"\nurl = \"{url}\"\nlease = \"5s\"\n\
-                     retry_min = \"200ms\"\nretry_max = \"1s\"\nmin_free_space = 1"
-                ),
-                &format!(
-                    "[admin]\nlisten = \"127.0.0.1:{}\"\n[log]\nlevel = \"info\"\n\n{fragment}",
-                    s.admin
-                ),
-            )
-        })
-        .start();
-    wait_readyz(&relay, 200).await;
+    let relay = relay_on(work.path(), &url, "lease = \"5s\"", &fragment);
+    relay.wait_readyz(200).await;
 
     let addr = SocketAddr::from(([127, 0, 0, 1], relay.port));
     let stop = Arc::new(AtomicBool::new(false));
@@ -156,11 +110,11 @@ async fn the_database_stopped_and_started_under_load_loses_no_acknowledged_mail(
     tokio::time::sleep(Duration::from_millis(800)).await;
     let stopped_at = Instant::now();
     cluster.stop_server();
-    wait_readyz(&relay, 503).await;
+    relay.wait_readyz(503).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     cluster.start_server();
     let started_at = Instant::now();
-    wait_readyz(&relay, 200).await;
+    relay.wait_readyz(200).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.store(true, Ordering::Relaxed);
     let mut sent = Vec::new();

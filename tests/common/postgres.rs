@@ -242,3 +242,32 @@ fn run(command: &mut std::process::Command, what: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The relay process on the PostgreSQL queue at `url`, quick to retry, its admin endpoint on
+/// (for `/readyz`), delivering with `fragment` (the simulator's); `queue` adds `[queue]` lines.
+pub fn relay_on(
+    work: &std::path::Path,
+    url: &str,
+    queue: &str,
+    fragment: &str,
+) -> super::process::Relay {
+    let spool = work.join("spool");
+    super::process::Relay::builder()
+        .work(work)
+        .config(|s| {
+            super::process::relay_toml(
+                s.smtp,
+                &spool,
+                "",
+                &format!(
+                    "backend = \"postgres\"\nurl = \"{url}\"\nretry_min = \"200ms\"\n\
+                     retry_max = \"1s\"\nmin_free_space = 1\n{queue}"
+                ),
+                &format!(
+                    "[admin]\nlisten = \"127.0.0.1:{}\"\n[log]\nlevel = \"info\"\n\n{fragment}",
+                    s.admin
+                ),
+            )
+        })
+        .start()
+}

@@ -576,6 +576,35 @@ impl Relay {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// `GET /readyz`'s status (0 when the admin endpoint does not answer).
+    pub async fn readyz(&self) -> u16 {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("http client");
+        match client
+            .get(format!("http://127.0.0.1:{}/readyz", self.admin_port))
+            .send()
+            .await
+        {
+            Ok(r) => r.status().as_u16(),
+            Err(_) => 0,
+        }
+    }
+
+    /// Waits (bounded: 60 s) until `/readyz` answers `status`.
+    pub async fn wait_readyz(&self, status: u16) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.readyz().await != status {
+            assert!(
+                Instant::now() < deadline,
+                "/readyz never answered {status}; relay log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The first log line (after `skip` bytes of the log) containing `needle`, or `None`.
     pub fn log_line(&self, needle: &str, skip: usize) -> Option<String> {
         let log = self.log_text();
