@@ -322,3 +322,34 @@ async fn a_released_slot_is_free_at_once_and_an_unused_start_goes_back() {
         }
     }
 }
+
+/// A message another relay has claimed is not claimable here (so this relay asks no slot for
+/// it); it is again once that claim ends; a held one is not; this relay's own claim does not
+/// count against it (its in-process claims are kept apart by the claim itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_another_relay_claimed_is_not_claimable() {
+    let url = fresh_database();
+    let (a, b) = (
+        replica(&url, Duration::from_secs(30)),
+        replica(&url, Duration::from_secs(30)),
+    );
+    let id = common::store_suite::put(&*a, &["x@example.org"], b"Subject: c\r\n\r\nc\r\n").await;
+    assert!(budget(&b).claimable(&id).await.expect("look"), "queued");
+    let claim = a.claim(&id).await.expect("claim").expect("queued");
+    assert!(
+        !budget(&b).claimable(&id).await.expect("look"),
+        "claimed by a"
+    );
+    assert!(
+        budget(&a).claimable(&id).await.expect("look"),
+        "a's own lease"
+    );
+    drop(claim);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !budget(&b).claimable(&id).await.expect("look") {
+        assert!(Instant::now() < deadline, "the ended claim still counts");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.hold(&id).await.expect("hold");
+    assert!(!budget(&b).claimable(&id).await.expect("look"), "held");
+}

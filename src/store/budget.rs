@@ -110,6 +110,13 @@ pub trait SharedBudget: Send + Sync + 'static {
         pause: Duration,
     ) -> StoreFuture<'a, Result<(), StoreError>>;
 
+    /// Whether message `id` is free for this relay to claim now: not claimed under another
+    /// relay's live lease. A look, not a claim (the claim still decides): the deliverer asks it
+    /// before [`acquire`](Self::acquire), so a relay that would lose the claim race holds no
+    /// session slot for it. Relays deliver the same queue in the same order; without this the
+    /// slower one spends its slots on the messages the other has just claimed.
+    fn claimable<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Result<bool, StoreError>>;
+
     /// One attempt start for the mailbox lane `lane` (route and mailbox) with a session slot.
     /// Never waits for the budget itself: a refusal says when to ask again.
     fn acquire<'a>(

@@ -259,7 +259,8 @@ struct GrantReport {
     due: Instant,
     /// The start was a held mailbox's probe.
     probe: bool,
-    grant: Result<Grant, String>,
+    /// `None`: not asked, another relay has the message claimed (it is that relay's now).
+    grant: Option<Result<Grant, String>>,
 }
 
 #[derive(Debug)]
@@ -665,7 +666,19 @@ impl Dispatcher {
             return;
         };
         lane.gate.asking = false;
-        let refused = match report.grant {
+        let Some(grant) = report.grant else {
+            // Nothing asked, nothing started. The relay holding the claim delivers it or puts
+            // it back; if that relay dies, the lease sweep announces the change and the rescan
+            // brings the message back here.
+            lane.pacer.finished(now, Attempt::Skipped);
+            if report.probe {
+                lane.pacer.wake(now);
+            }
+            lane.schedule.finished(&report.id);
+            self.lane_of_id.remove(&report.id);
+            return;
+        };
+        let refused = match grant {
             Ok(Grant::Start(slot)) => match lane.ctx.clone() {
                 Some(ctx) => {
                     let budget = self.budget.clone();
@@ -973,10 +986,17 @@ async fn ask(
     (id, due, probe): (String, Instant, bool),
     limits: BudgetLimits,
 ) {
-    let grant = budget
-        .acquire(&lane.budget_name(), limits)
-        .await
-        .map_err(|e| e.to_string());
+    // A message another relay is sending costs no slot here. Unknown (the database is away):
+    // ask anyway, the budget's own answer says what to do.
+    let grant = match budget.claimable(&id).await {
+        Ok(false) => None,
+        Ok(true) | Err(_) => Some(
+            budget
+                .acquire(&lane.budget_name(), limits)
+                .await
+                .map_err(|e| e.to_string()),
+        ),
+    };
     // The dispatcher is gone (stopping): the slot, if any, is dropped with the report.
     let _ = tx.send(Event::Granted(GrantReport {
         lane,

@@ -177,6 +177,23 @@ impl PgBudget {
 }
 
 impl SharedBudget for PgBudget {
+    fn claimable<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let client = self.store.client().await?;
+            // The claim's own condition (postgres.rs, `claim_id`), without taking anything.
+            let row = client
+                .query_opt(
+                    "SELECT 1 FROM relay_message
+                      WHERE id = $1 AND state = 'queued'
+                        AND (lease_until IS NULL OR lease_until < now() OR lease_owner = $2)",
+                    &[&id, &self.store.inner.owner],
+                )
+                .await
+                .map_err(db("look at a message's claim"))?;
+            Ok(row.is_some())
+        })
+    }
+
     fn acquire<'a>(
         &'a self,
         lane: &'a str,
