@@ -977,6 +977,9 @@ const BUDGET_MAX_PAUSED_WAIT: Duration = Duration::from_secs(60);
 /// Recording a mailbox pause in the shared budget waits no longer than this: the attempt's
 /// session slot is held meanwhile.
 const PAUSE_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Giving a session slot back waits no longer than this before the lane hears the attempt
+/// ended (the database away: the slot's lease frees it).
+const SLOT_RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Asks the shared budget for one start in `lane` and reports the answer.
 async fn ask(
@@ -1078,8 +1081,10 @@ fn spawn_job(
         }
         if let Some(slot) = slot {
             // Free before the lane hears the attempt ended, so its next start finds the slot
-            // free; a claim that found nothing to send gives its start back too.
-            slot.release(matches!(result, JobResult::Skipped)).await;
+            // free; a claim that found nothing to send gives its start back too. Bounded: a
+            // slot the database does not take back in time is freed by its lease.
+            let release = slot.release(matches!(result, JobResult::Skipped));
+            let _ = tokio::time::timeout(SLOT_RELEASE_TIMEOUT, release).await;
         }
         report.send(result);
     });
